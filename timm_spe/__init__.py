@@ -1,0 +1,17 @@
+""" timm-spe: SPE attention (arXiv 2208.10322) for timm
+
+``import timm_spe`` registers the CIFAR ResNet family (``resnet164_spe`` ...) and ImageNet-style
+SPE ResNets with timm, and makes ``attn_layer='spe'`` resolvable by timm's attention factory.
+"""
+from .version import __version__
+from .spe import FORMULATIONS, SpeModule, set_auto_penalty, spe_penalty
+from .create_attn import SPE_ATTN_LAYERS, get_attn, register_attn_layers
+
+register_attn_layers()
+
+from .resnet import CIFAR_DEPTHS, CIFAR_MEAN, CIFAR_STD, HF_HUB_ORG, CifarResNet  # noqa: E402 (registers models)
+
+__all__ = [
+    '__version__', 'SpeModule', 'FORMULATIONS', 'spe_penalty', 'set_auto_penalty', 'SPE_ATTN_LAYERS',
+    'get_attn', 'register_attn_layers', 'CifarResNet', 'CIFAR_DEPTHS', 'CIFAR_MEAN', 'CIFAR_STD', 'HF_HUB_ORG',
+]

@@ -1,0 +1,348 @@
+""" CIFAR ResNets (the SPE paper's backbones) and ImageNet ResNets with SPE attention
+
+CIFAR models follow the authors' code (github.com/Qrange-group/SPEM, itself a CIFAR adaptation of
+the original post-activation ResNet, "v1"): 3x3 stem with 16 channels and no max-pool, three stages
+of bottleneck blocks (widths 16/32/64, expansion 4, strides 1/2/2), ``depth = 9n + 2``, projection
+shortcut on each stage's first block, attention on the last BN's output before the residual add.
+The block is timm's own ``Bottleneck``, so any timm attention layer (``se``, ``eca``, ``cbam``...)
+drops in for the paper's baselines.
+
+Paper: `SPEM: Self-adaptive Pooling Enhanced Attention Module for Image Recognition`
+    - https://arxiv.org/abs/2208.10322
+ResNet: `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
+"""
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import DropPath, LayerType, create_classifier
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
+
+from .create_attn import get_attn
+from .spe import SpeModule
+
+__all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
+
+HF_HUB_ORG = 'timm-spe'  # Hub organisation holding every pretrained tag: <org>/<model>.<tag>
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+# The variant table: depths of the paper (Table 2) x attention kinds (Table 1 baselines) as
+# (attn_layer, attn_kwargs). SE uses the exact C/16 reduction and CBAM a biased MLP with C/16
+# rounded up to 8: with these, parameter counts equal the paper's Table 1.
+CIFAR_DEPTHS = (83, 164, 245, 326)
+CIFAR_ATTN_LAYERS: Dict[str, Tuple[Optional[str], Dict[str, Any]]] = {
+    '': (None, {}),
+    'spe': ('spe', {}),
+    'se': ('se', dict(rd_divisor=1)),
+    'eca': ('eca', {}),
+    'cbam': ('cbam', dict(rd_divisor=8, mlp_bias=True)),
+}
+
+
+def _stage_blocks(depth: int) -> int:
+    if not isinstance(depth, int) or depth < 11 or (depth - 2) % 9:
+        raise ValueError(
+            f'CIFAR bottleneck ResNet depth must be 9n + 2 with n >= 1 (e.g. 83, 164, 245, 326), got {depth!r}.')
+    return (depth - 2) // 9
+
+
+class CifarResNet(nn.Module):
+    """CIFAR bottleneck ResNet (v1, post-activation) with optional channel attention per block.
+
+    Args:
+        depth: Network depth, ``9n + 2`` (n bottleneck blocks per stage).
+        num_classes: Number of classifier outputs (0 removes the classifier).
+        in_chans: Number of input image channels.
+        channels: Bottleneck widths of the three stages (outputs are 4x).
+        stem_width: Channels of the 3x3 stem convolution.
+        global_pool: Global pooling type (timm's ``SelectAdaptivePool2d`` names).
+        drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth rate (linearly increasing over blocks).
+        attn_layer: Attention layer name or class (``'spe'``, ``'se'``, ``'eca'``, ``'cbam'``...).
+        attn_kwargs: Extra arguments for the attention layer (e.g. ``formulation='paper'``).
+        block_args: Extra arguments for timm's ``Bottleneck`` (``attn_layer`` may be given here too).
+        act_layer: Activation layer.
+        norm_layer: Normalization layer.
+    """
+
+    def __init__(
+            self,
+            depth: int = 164,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            channels: Tuple[int, ...] = (16, 32, 64),
+            stem_width: int = 16,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            attn_layer: LayerType = None,
+            attn_kwargs: Optional[Dict[str, Any]] = None,
+            block_args: Optional[Dict[str, Any]] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_blocks = _stage_blocks(depth)
+        block_args = dict(block_args or {})
+        attn_layer = block_args.pop('attn_layer', attn_layer)
+        attn_layer = get_attn(attn_layer)
+        if attn_kwargs:
+            if attn_layer is None:
+                raise ValueError(f'attn_kwargs={attn_kwargs} given but the model has no attn_layer.')
+            attn_layer = partial(attn_layer, **attn_kwargs)
+        self.depth = depth
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        self.conv1 = nn.Conv2d(in_chans, stem_width, kernel_size=3, padding=1, bias=False, **dd)
+        self.bn1 = norm_layer(stem_width, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.feature_info = [dict(num_chs=stem_width, reduction=1, module='act1')]
+
+        inplanes = stem_width
+        net_stride = 1
+        total_blocks = num_blocks * len(channels)
+        block_idx = 0
+        for stage_idx, planes in enumerate(channels):
+            stride = 1 if stage_idx == 0 else 2
+            net_stride *= stride
+            outplanes = planes * Bottleneck.expansion
+            blocks = []
+            for i in range(num_blocks):
+                dpr = drop_path_rate * block_idx / max(total_blocks - 1, 1)
+                downsample = None
+                if i == 0 and (stride != 1 or inplanes != outplanes):
+                    downsample = downsample_conv(inplanes, outplanes, 1, stride=stride, norm_layer=norm_layer, **dd)
+                blocks.append(Bottleneck(
+                    inplanes,
+                    planes,
+                    stride=stride if i == 0 else 1,
+                    downsample=downsample,
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    attn_layer=attn_layer,
+                    drop_path=DropPath(dpr) if dpr > 0. else None,
+                    **block_args,
+                    **dd,
+                ))
+                inplanes = outplanes
+                block_idx += 1
+            stage_name = f'layer{stage_idx + 1}'
+            self.add_module(stage_name, nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=outplanes, reduction=net_stride, module=stage_name))
+
+        self.num_features = self.head_hidden_size = inplanes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """Authors' init: conv ~ N(0, sqrt(2 / (k * k * out))); BN weight 1, bias 0; SPE per its own reset."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
+        return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates (index 0: stem, 1-3: stages).
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n features if int, all if None, select matching indices if sequence.
+            norm: Unused (no final norm), kept for timm API compatibility.
+            stop_early: Stop iterating over stages when last desired intermediate hit.
+            output_fmt: Shape of intermediate feature outputs (only 'NCHW').
+            intermediates_only: Only return intermediate features.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(4, indices)
+
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+
+        stages = [self.layer1, self.layer2, self.layer3]
+        if stop_early:
+            stages = stages[:max_index]
+        for feat_idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Prune stages (and the head) not required for the given intermediates."""
+        take_indices, max_index = feature_take_indices(4, indices)
+        for name in ('layer1', 'layer2', 'layer3')[max_index:]:
+            setattr(self, name, nn.Identity())
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
+        else:
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
+    from .hub import pretrained_errors  # deferred: hub helpers import this module's constants
+    with pretrained_errors(variant, kwargs.get('pretrained_cfg'), pretrained):
+        return build_model_with_cfg(
+            CifarResNet,
+            variant,
+            pretrained,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+            **kwargs,
+        )
+
+
+def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
+    return build_model_with_cfg(ResNet, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """CIFAR pretrained config: 32x32 input, CIFAR mean/std, no resize or crop."""
+    return {
+        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear', 'fixed_input_size': False,
+        'mean': CIFAR_MEAN, 'std': CIFAR_STD, 'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:2208.10322',
+        **kwargs,
+    }
+
+
+def _inet_cfg(**kwargs) -> Dict[str, Any]:
+    """ImageNet config for SPE variants of timm's ResNet (no weights)."""
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406),
+        'std': (0.229, 0.224, 0.225), 'first_conv': 'conv1', 'classifier': 'fc', 'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+def cifar_model_name(depth: int, attn: str = '') -> str:
+    return f'resnet{depth}' + (f'_{attn}' if attn else '')
+
+
+def _hub_cfg(model_name: str, tag: str, **kwargs) -> Dict[str, Any]:
+    return _cfg(hf_hub_id=f'{HF_HUB_ORG}/{model_name}.{tag}', **kwargs)
+
+
+def _cifar_cfgs(model_name: str) -> Dict[str, Dict[str, Any]]:
+    cfgs = {
+        f'{model_name}.cifar10': _hub_cfg(model_name, 'cifar10'),
+        f'{model_name}.cifar100': _hub_cfg(model_name, 'cifar100', num_classes=100),
+    }
+    return cfgs
+
+
+_CIFAR_VARIANTS: Dict[str, Dict[str, Any]] = {
+    cifar_model_name(depth, attn): dict(depth=depth, attn_layer=attn_layer, attn_kwargs=attn_kwargs)
+    for depth in CIFAR_DEPTHS for attn, (attn_layer, attn_kwargs) in CIFAR_ATTN_LAYERS.items()
+}
+
+# ImageNet-style SPE variants of timm's own ResNet (architecture only, no weights).
+_IMAGENET_VARIANTS: Dict[str, Dict[str, Any]] = {
+    'resnet18_spe': dict(block=BasicBlock, layers=(2, 2, 2, 2)),
+    'resnet50_spe': dict(block=Bottleneck, layers=(3, 4, 6, 3)),
+    'resnet101_spe': dict(block=Bottleneck, layers=(3, 4, 23, 3)),
+}
+
+default_cfgs = generate_default_cfgs({
+    **{k: v for name in _CIFAR_VARIANTS for k, v in _cifar_cfgs(name).items()},
+    **{f'{name}.untrained': _inet_cfg() for name in _IMAGENET_VARIANTS},
+})
+
+
+def _register_cifar(name: str, model_args: Dict[str, Any]) -> None:
+    def _entrypoint(pretrained: bool = False, **kwargs) -> CifarResNet:
+        return _create_cifar_resnet(name, pretrained, **dict(model_args, **kwargs))
+
+    attn = model_args['attn_layer']
+    _entrypoint.__name__ = _entrypoint.__qualname__ = name
+    _entrypoint.__doc__ = (
+        f"ResNet-{model_args['depth']} (CIFAR, bottleneck)" + (f' with {attn.upper()} attention.' if attn else '.'))
+    register_model(_entrypoint)
+    globals()[name] = _entrypoint
+
+
+def _register_imagenet(name: str, model_args: Dict[str, Any]) -> None:
+    def _entrypoint(pretrained: bool = False, **kwargs) -> ResNet:
+        return _create_resnet(name, pretrained, **dict(model_args, block_args=dict(attn_layer=SpeModule), **kwargs))
+
+    _entrypoint.__name__ = _entrypoint.__qualname__ = name
+    _entrypoint.__doc__ = f'timm ResNet ({name[:-4]}) with SPE attention in every block.'
+    register_model(_entrypoint)
+    globals()[name] = _entrypoint
+
+
+for _name, _args in _CIFAR_VARIANTS.items():
+    _register_cifar(_name, _args)
+for _name, _args in _IMAGENET_VARIANTS.items():
+    _register_imagenet(_name, _args)

@@ -1,0 +1,183 @@
+""" SPE: Self-adaptive Pooling Enhanced attention
+
+A channel attention module that pools each channel with a learned mix of global max and global
+min pooling, excites it with a per-channel linear map, and reweights the result with a second
+gate driven by the same two pools.
+
+Paper: `SPEM: Self-adaptive Pooling Enhanced Attention Module for Image Recognition`
+    (also `Mix-Pooling Strategy for Attention Mechanism`) - https://arxiv.org/abs/2208.10322
+Official code: https://github.com/Qrange-group/SPEM
+
+Two formulations are offered:
+  * ``'official'`` (default) - what the authors' released code computes, which produced the
+    paper's tables: the reweighting map is applied to each pool *before* the mix.
+  * ``'paper'`` - Eq. 2-7 of the paper read literally.
+
+The Eq. 8 penalty ``eta * (p0^2 + p1^2)`` is applied automatically in training mode by adding its
+exact gradient to ``p`` during backward, so it works in unmodified training loops (timm's
+``train.py``). See :func:`spe_penalty` and :func:`set_auto_penalty` for custom loops.
+"""
+from typing import Optional
+
+import torch
+from torch import nn as nn
+from timm.layers import register_notrace_function
+
+__all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'FORMULATIONS']
+
+FORMULATIONS = ('official', 'paper')
+
+
+class _PenaltyGrad(torch.autograd.Function):
+    """Identity in forward; adds ``2 * eta * p`` (the gradient of ``eta * sum(p^2)``) in backward."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, eta: float) -> torch.Tensor:
+        ctx.save_for_backward(p)
+        ctx.eta = eta
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, = ctx.saved_tensors
+        return grad + (2. * ctx.eta) * p, None
+
+
+@register_notrace_function
+def with_penalty_grad(p: torch.Tensor, eta: float) -> torch.Tensor:
+    """Return ``p`` unchanged, so that backward adds the gradient of ``eta * sum(p^2)`` to it."""
+    return _PenaltyGrad.apply(p, eta)
+
+
+def mix_weights(p: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: ``(lambda, 1 - lambda) = p^2 / sum(p^2)``, finite (0.5, 0.5) when all ``p`` are 0.
+
+    The ``tiny`` offset is the dtype's smallest normal number: it leaves the result bit-identical
+    to ``p^2 / sum(p^2)`` for any ``p^2`` above ~1e-31 (fp32) and only matters at exactly zero.
+    """
+    tiny = torch.finfo(p.dtype).tiny
+    p_sq = p * p
+    return (p_sq + tiny) / (p_sq.sum() + 2 * tiny)
+
+
+class SpeModule(nn.Module):
+    """ SPE channel attention: ``out = x * v_exc * v_rew``.
+
+    Args:
+        channels: Number of input (and output) channels C.
+        formulation: ``'official'`` (authors' code, default) or ``'paper'`` (Eq. 2-7).
+        eta: Penalty coefficient of Eq. 8 (0.1 in the paper).
+        auto_penalty: Add the penalty's gradient to ``p`` in every training-mode backward.
+    """
+    def __init__(
+            self,
+            channels: int,
+            formulation: str = 'official',
+            eta: float = 0.1,
+            auto_penalty: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"SpeModule formulation must be one of {FORMULATIONS}, got {formulation!r}.")
+        if channels <= 0:
+            raise ValueError(f'SpeModule channels must be a positive int, got {channels!r}.')
+        if eta < 0:
+            raise ValueError(f'SpeModule eta (penalty coefficient) must be >= 0, got {eta!r}.')
+        self.channels = channels
+        self.formulation = formulation
+        self.paper = formulation == 'paper'
+        self.eta = float(eta)
+        self.auto_penalty = auto_penalty
+        self.p = nn.Parameter(torch.empty(2, **dd))
+        self.w_exc = nn.Parameter(torch.empty(channels, **dd))
+        self.b_exc = nn.Parameter(torch.empty(channels, **dd))
+        self.w_rew = nn.Parameter(torch.empty(channels, **dd))
+        self.b_rew = nn.Parameter(torch.empty(channels, **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.p, 0.5)
+        nn.init.zeros_(self.w_exc)
+        nn.init.constant_(self.b_exc, -1.)
+        nn.init.zeros_(self.w_rew)
+        nn.init.constant_(self.b_rew, -1.)
+
+    def mix_weights(self) -> torch.Tensor:
+        """``(lambda, 1 - lambda)`` of the self-adaptive pooling (Eq. 3)."""
+        p = self.p
+        if not torch.jit.is_scripting() and self.training and self.auto_penalty and self.eta > 0:
+            p = with_penalty_grad(p, self.eta)
+        return mix_weights(p)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention map ``v_exc * v_rew`` of shape ``N x C x 1 x 1``."""
+        torch._assert(x.ndim == 4, 'SpeModule expects a 4-D N x C x H x W input')
+        f_max = x.amax((2, 3))
+        f_min = x.amin((2, 3))
+        lam = self.mix_weights()
+        if self.paper:
+            u = lam[0] * f_max + lam[1] * f_min
+            v_rew = torch.sigmoid(torch.addcmul(self.b_rew, self.w_rew, f_max + f_min))
+        else:
+            r_max = torch.addcmul(self.b_rew, self.w_rew, f_max)
+            r_min = torch.addcmul(self.b_rew, self.w_rew, f_min)
+            u = lam[0] * r_max + lam[1] * r_min
+            v_rew = torch.sigmoid(r_max + r_min)
+        v_exc = torch.sigmoid(torch.addcmul(self.b_exc, self.w_exc, u))
+        return (v_exc * v_rew).unsqueeze(-1).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x).to(x.dtype)
+
+    def penalty(self) -> torch.Tensor:
+        """Eq. 8 term of this layer: ``eta * (p0^2 + p1^2)``."""
+        return self.eta * (self.p * self.p).sum()
+
+    def extra_repr(self) -> str:
+        return f'{self.channels}, formulation={self.formulation!r}, eta={self.eta}, auto_penalty={self.auto_penalty}'
+
+
+def set_auto_penalty(model: nn.Module, enabled: bool = True, eta: Optional[float] = None) -> int:
+    """Switch the automatic (gradient-hook) penalty of every SPE layer in ``model`` on or off.
+
+    Args:
+        model: Any module containing :class:`SpeModule` layers.
+        enabled: Apply the Eq. 8 gradient automatically in training-mode backward.
+        eta: Optionally set a new penalty coefficient on every layer (e.g. ``0.1 / k`` for
+            gradient accumulation over ``k`` micro-batches).
+
+    Returns:
+        The number of SPE layers changed.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, SpeModule):
+            m.auto_penalty = enabled
+            if eta is not None:
+                if eta < 0:
+                    raise ValueError(f'eta must be >= 0, got {eta!r}.')
+                m.eta = float(eta)
+            n += 1
+    return n
+
+
+def spe_penalty(model: nn.Module) -> torch.Tensor:
+    """Explicit Eq. 8 term ``sum over SPE layers of eta * (p0^2 + p1^2)`` for custom training loops.
+
+    Add it to your loss: ``loss = criterion(model(x), y) + spe_penalty(model)``. Calling it hands the
+    penalty over to you: it switches the automatic penalty of those layers off (as
+    ``set_auto_penalty(model, False)`` does) so the term is never counted twice.
+    Returns a 0-dim tensor (0. when the model has no SPE layer).
+    """
+    layers = [m for m in model.modules() if isinstance(m, SpeModule)]
+    if not layers:
+        return torch.zeros(())
+    total = layers[0].penalty()
+    for m in layers:
+        m.auto_penalty = False
+    for m in layers[1:]:
+        total = total + m.penalty()
+    return total
