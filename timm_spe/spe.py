@@ -29,24 +29,32 @@ FORMULATIONS = ('official', 'paper')
 
 
 class _PenaltyGrad(torch.autograd.Function):
-    """Identity in forward; adds ``2 * eta * p`` (the gradient of ``eta * sum(p^2)``) in backward."""
+    """Identity in forward; in backward adds ``2 * eta * p``, the gradient of ``eta * sum(p^2)``.
+
+    ``eta`` and the on/off switch are read from the owning layer at backward time, so that
+    ``loss = task_loss + spe_penalty(model)`` (which switches the automatic penalty off after the
+    forward already ran) still counts the penalty exactly once.
+    """
 
     @staticmethod
-    def forward(ctx, p: torch.Tensor, eta: float) -> torch.Tensor:
+    def forward(ctx, p: torch.Tensor, owner: nn.Module) -> torch.Tensor:
         ctx.save_for_backward(p)
-        ctx.eta = eta
+        ctx.owner = owner
         return p.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         p, = ctx.saved_tensors
-        return grad + (2. * ctx.eta) * p, None
+        owner = ctx.owner
+        if owner.auto_penalty and owner.eta > 0:
+            grad = grad + (2. * owner.eta) * p
+        return grad, None
 
 
 @register_notrace_function
-def with_penalty_grad(p: torch.Tensor, eta: float) -> torch.Tensor:
-    """Return ``p`` unchanged, so that backward adds the gradient of ``eta * sum(p^2)`` to it."""
-    return _PenaltyGrad.apply(p, eta)
+def with_penalty_grad(p: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    """Return ``p`` unchanged; backward adds ``owner``'s Eq. 8 penalty gradient if it is switched on."""
+    return _PenaltyGrad.apply(p, owner)
 
 
 def mix_weights(p: torch.Tensor) -> torch.Tensor:
@@ -108,8 +116,8 @@ class SpeModule(nn.Module):
     def mix_weights(self) -> torch.Tensor:
         """``(lambda, 1 - lambda)`` of the self-adaptive pooling (Eq. 3)."""
         p = self.p
-        if not torch.jit.is_scripting() and self.training and self.auto_penalty and self.eta > 0:
-            p = with_penalty_grad(p, self.eta)
+        if not torch.jit.is_scripting() and self.training:
+            p = with_penalty_grad(p, self)
         return mix_weights(p)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:

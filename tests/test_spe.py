@@ -1,0 +1,177 @@
+"""SpeModule: both formulations against a straightforward reference, the Eq. 8 penalty, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_spe import SpeModule, set_auto_penalty, spe_penalty
+from timm_spe.spe import mix_weights
+
+
+def reference_spe(x, p, w_exc, b_exc, w_rew, b_rew, formulation):
+    """The formulas written out plainly, on N x C x H x W tensors (authors' code style for 'official')."""
+    view = lambda t: t.view(1, -1, 1, 1)
+    f_max = F.adaptive_max_pool2d(x, 1)
+    f_min = x.min(dim=-1, keepdim=True).values.min(dim=-2, keepdim=True).values
+    lam = p[0] ** 2 / (p[0] ** 2 + p[1] ** 2)
+    if formulation == 'official':
+        r_max = f_max * view(w_rew) + view(b_rew)
+        r_min = f_min * view(w_rew) + view(b_rew)
+        u = lam * r_max + (1 - lam) * r_min
+        v_rew = torch.sigmoid(r_max + r_min)
+    else:
+        u = lam * f_max + (1 - lam) * f_min
+        v_rew = torch.sigmoid(f_min * view(w_rew) + f_max * view(w_rew) + view(b_rew))
+    v_exc = torch.sigmoid(view(w_exc) * u + view(b_exc))
+    return x * v_exc * v_rew
+
+
+def _randomized(channels=6, formulation='official', seed=0, **kwargs):
+    torch.manual_seed(seed)
+    m = SpeModule(channels, formulation=formulation, **kwargs)
+    with torch.no_grad():
+        for t in (m.w_exc, m.b_exc, m.w_rew, m.b_rew):
+            t.normal_()
+        m.p.uniform_(0.2, 1.5)
+    return m
+
+
+def _params(m):
+    return m.p, m.w_exc, m.b_exc, m.w_rew, m.b_rew
+
+
+def test_init_matches_paper():
+    m = SpeModule(5)
+    assert torch.equal(m.p, torch.full((2,), 0.5))
+    for w in (m.w_exc, m.w_rew):
+        assert torch.equal(w, torch.zeros(5))
+    for b in (m.b_exc, m.b_rew):
+        assert torch.equal(b, torch.full((5,), -1.))
+    assert sum(t.numel() for t in m.parameters()) == 4 * 5 + 2
+
+
+@pytest.mark.parametrize('formulation', ['official', 'paper'])
+@pytest.mark.parametrize('train', [False, True])
+def test_forward_and_grads_match_reference(formulation, train):
+    m = _randomized(formulation=formulation)
+    m.train(train)
+    set_auto_penalty(m, False)
+    x = torch.randn(4, 6, 5, 7, requires_grad=True)
+    out = m(x)
+    x_ref = x.detach().clone().requires_grad_()
+    params_ref = [t.detach().clone().requires_grad_() for t in _params(m)]
+    ref = reference_spe(x_ref, *params_ref, formulation)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for t, t_ref in zip(_params(m), params_ref):
+        torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_formulations_differ():
+    x = torch.randn(2, 6, 4, 4)
+    a, b = _randomized(formulation='official'), _randomized(formulation='paper')
+    b.load_state_dict(a.state_dict())
+    assert not torch.allclose(a(x), b(x))
+
+
+def test_official_matches_authors_expression_order():
+    """The authors mix with p^2 / sum(p^2) for both weights; ours is bit-identical for normal p."""
+    p = torch.tensor([0.3, 1.7])
+    w = mix_weights(p)
+    assert torch.equal(w, p ** 2 / (p ** 2).sum())
+
+
+@pytest.mark.parametrize('p', [(0., 0.), (0., 1.), (1e-30, 0.), (3., 0.)])
+def test_lambda_finite_at_zero(p):
+    m = _randomized()
+    m.train()
+    with torch.no_grad():
+        m.p.copy_(torch.tensor(p))
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    out = m(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(m.p.grad).all() and torch.isfinite(x.grad).all()
+    lam = m.mix_weights()
+    assert torch.isfinite(lam).all() and abs(float(lam.detach().sum()) - 1) < 1e-6
+    if p == (0., 0.):
+        assert torch.equal(lam, torch.tensor([0.5, 0.5]))
+
+
+@pytest.mark.parametrize('formulation', ['official', 'paper'])
+def test_auto_penalty_gradient_equals_explicit_term(formulation):
+    x = torch.randn(3, 6, 4, 4)
+    auto = _randomized(formulation=formulation, eta=0.1).train()
+    explicit = _randomized(formulation=formulation, eta=0.1).train()
+
+    auto(x).square().mean().backward()
+    loss = explicit(x).square().mean() + spe_penalty(explicit)  # spe_penalty switches the hook off
+    assert explicit.auto_penalty is False
+    loss.backward()
+    for a, e in zip(_params(auto), _params(explicit)):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-6, atol=1e-7)
+    # and the penalty's share is exactly 2 * eta * p
+    plain = _randomized(formulation=formulation, eta=0.1).train()
+    set_auto_penalty(plain, False)
+    plain(x).square().mean().backward()
+    torch.testing.assert_close(auto.p.grad - plain.p.grad, 2 * 0.1 * auto.p.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_auto_penalty_only_in_training_and_switchable():
+    x = torch.randn(2, 6, 4, 4)
+    m = _randomized(eta=0.5).eval()
+    m(x).sum().backward()
+    g_eval = m.p.grad.clone()
+    m.p.grad = None
+    set_auto_penalty(m, False)
+    m.train()
+    m(x).sum().backward()
+    torch.testing.assert_close(m.p.grad, g_eval)  # no penalty either way
+    m.p.grad = None
+    assert set_auto_penalty(m, True, eta=0.25) == 1
+    m(x).sum().backward()
+    torch.testing.assert_close(m.p.grad - g_eval, 0.5 * m.p.detach())
+
+
+def test_spe_penalty_sums_layers():
+    model = torch.nn.Sequential(SpeModule(4, eta=0.1), torch.nn.ReLU(), SpeModule(8, eta=0.2))
+    with torch.no_grad():
+        model[0].p.copy_(torch.tensor([1., 2.]))
+        model[2].p.copy_(torch.tensor([3., 0.]))
+    torch.testing.assert_close(spe_penalty(model), torch.tensor(0.1 * 5 + 0.2 * 9))
+    assert not any(m.auto_penalty for m in model if isinstance(m, SpeModule))
+    assert float(spe_penalty(torch.nn.Linear(2, 2))) == 0.
+
+
+def test_timm_factory_kwargs():
+    m = SpeModule(3, device='cpu', dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in m.parameters())
+    x = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+    assert m(x).dtype == torch.float64
+
+
+def test_output_shape_and_channels_last():
+    m = _randomized()
+    x = torch.randn(2, 6, 5, 5)
+    out = m(x)
+    assert out.shape == x.shape
+    out_cl = m(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out_cl, out)
+
+
+@pytest.mark.parametrize('shape', [(6, 4, 4), (2, 6, 4), (2, 6, 4, 4, 1)])
+def test_non_4d_input_is_rejected(shape):
+    with pytest.raises(Exception, match='N x C x H x W'):
+        SpeModule(6)(torch.randn(*shape))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="formulation must be one of"):
+        SpeModule(4, formulation='eq7')
+    with pytest.raises(ValueError, match='positive'):
+        SpeModule(0)
+    with pytest.raises(ValueError, match='eta'):
+        SpeModule(4, eta=-1)
