@@ -1,0 +1,132 @@
+"""CIFAR ResNet family: architecture, parameter counts vs the paper, timm model contract."""
+import pytest
+import torch
+
+import timm
+import timm_spe
+from timm_spe import SpeModule
+
+# Parameter counts (millions, as printed) from the paper's Tables 1 and 2.
+PAPER_PARAMS_M = {
+    ('resnet83', 10): 0.87, ('resnet83_spe', 10): 0.89, ('resnet83', 100): 0.89, ('resnet83_spe', 100): 0.91,
+    ('resnet164', 10): 1.70, ('resnet164_spe', 10): 1.74, ('resnet164', 100): 1.73, ('resnet164_spe', 100): 1.76,
+    ('resnet245', 10): 2.54, ('resnet245_spe', 10): 2.59, ('resnet245', 100): 2.56, ('resnet245_spe', 100): 2.61,
+    ('resnet326', 10): 3.37, ('resnet326_spe', 10): 3.44, ('resnet326', 100): 3.40, ('resnet326_spe', 100): 3.46,
+    ('resnet164_se', 10): 1.91, ('resnet164_se', 100): 1.93,
+    ('resnet164_cbam', 10): 1.92, ('resnet164_cbam', 100): 1.94,
+    ('resnet164_eca', 10): 1.70,
+    # Table 1 lists ResNet164 + ECA on CIFAR-100 as 1.72M, fewer than the plain ResNet164 (1.73M) it
+    # adds parameters to: a typo in the paper, so that one entry is not checked.
+}
+
+
+@pytest.mark.parametrize('name,num_classes', sorted(PAPER_PARAMS_M))
+def test_param_count_matches_paper(name, num_classes):
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=num_classes)
+    n = sum(p.numel() for p in model.parameters())
+    assert round(n / 1e6, 2) == PAPER_PARAMS_M[(name, num_classes)], n
+
+
+def test_list_models():
+    names = set(timm.list_models('resnet*'))
+    for depth in timm_spe.CIFAR_DEPTHS:
+        for suffix in ('', '_spe', '_se', '_eca', '_cbam'):
+            assert f'resnet{depth}{suffix}' in names
+    assert {'resnet50_spe', 'resnet83_spe', 'resnet164_spe'} <= set(timm.list_models('*spe*'))
+    assert 'resnet164_spe.cifar100' in timm.list_pretrained('resnet164_spe*')
+
+
+def test_architecture_follows_authors_code():
+    m = timm.create_model('resnet83_spe')  # n = 9
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and m.conv1.out_channels == 16
+    assert not hasattr(m, 'maxpool')
+    for stage, (width, stride) in enumerate([(16, 1), (32, 2), (64, 2)], start=1):
+        blocks = getattr(m, f'layer{stage}')
+        assert len(blocks) == 9
+        first = blocks[0]
+        assert first.conv1.kernel_size == (1, 1) and first.conv2.kernel_size == (3, 3)
+        assert first.conv2.stride == (stride, stride) and first.conv3.out_channels == 4 * width
+        assert first.downsample is not None and first.downsample[0].stride == (stride, stride)
+        assert all(b.downsample is None for b in blocks[1:])
+        assert all(isinstance(b.se, SpeModule) and b.se.channels == 4 * width for b in blocks)
+    assert m.fc.in_features == 256
+    assert [f['num_chs'] for f in m.feature_info] == [16, 64, 128, 256]
+    assert [f['reduction'] for f in m.feature_info] == [1, 1, 2, 4]
+
+
+def test_init_as_authors():
+    torch.manual_seed(0)
+    m = timm.create_model('resnet164')
+    conv = m.layer3[5].conv2
+    std = (2. / (3 * 3 * conv.out_channels)) ** 0.5
+    assert abs(conv.weight.std().item() - std) / std < 0.05
+    assert torch.equal(m.layer2[0].bn3.weight, torch.ones(512 // 4))
+    assert torch.equal(m.layer2[0].bn3.bias, torch.zeros(512 // 4))
+
+
+@pytest.mark.parametrize('depth', [21, 164.0, 2, 0, 165])
+def test_bad_depth(depth):
+    with pytest.raises(ValueError, match=r'9n \+ 2'):
+        timm_spe.CifarResNet(depth=depth)
+
+
+def test_attn_kwargs_reach_layer():
+    m = timm.create_model('resnet83_spe', attn_kwargs=dict(formulation='paper', eta=0.2))
+    se = m.layer1[0].se
+    assert se.formulation == 'paper' and se.eta == 0.2
+    with pytest.raises(ValueError, match='no attn_layer'):
+        timm.create_model('resnet83', attn_kwargs=dict(eta=0.2))
+
+
+def test_forward_api():
+    m = timm.create_model('resnet83_spe', num_classes=100, drop_rate=0.1, drop_path_rate=0.1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = m.forward_features(x)
+    assert feats.shape == (2, 256, 8, 8)
+    assert m.forward_head(feats, pre_logits=True).shape == (2, 256)
+    assert m(x).shape == (2, 100)
+    final, inter = m.forward_intermediates(x)
+    torch.testing.assert_close(final, feats)
+    assert [t.shape[1:] for t in inter] == [(16, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]
+    assert len(m.forward_intermediates(x, indices=[1, 3], intermediates_only=True)) == 2
+    m.set_grad_checkpointing()
+    torch.testing.assert_close(m(x), m.eval()(x))
+    assert m.get_classifier() is m.fc and m.get_classifier(name_only=True) == 'fc'
+    m.reset_classifier(7)
+    assert m(x).shape == (2, 7)
+    assert set(m.group_matcher()) == {'stem', 'blocks'}
+
+
+def test_in_chans_and_features_only():
+    m = timm.create_model('resnet83_spe', in_chans=1)
+    assert m(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+    f = timm.create_model('resnet164_spe', features_only=True, out_indices=(1, 2, 3))
+    outs = f(torch.randn(1, 3, 32, 32))
+    assert [o.shape[1] for o in outs] == f.feature_info.channels() == [64, 128, 256]
+
+
+def test_pretrained_cfgs():
+    for tag, classes in (('cifar10', 10), ('cifar100', 100)):
+        m = timm.create_model(f'resnet164_spe.{tag}')
+        cfg = m.pretrained_cfg
+        assert cfg['num_classes'] == classes and m.num_classes == classes
+        assert cfg['input_size'] == (3, 32, 32) and cfg['crop_pct'] == 1.0
+        assert cfg['mean'] == (0.4914, 0.4822, 0.4465) and cfg['std'] == (0.2023, 0.1994, 0.2010)
+        assert cfg['first_conv'] == 'conv1' and cfg['classifier'] == 'fc'
+        assert cfg['hf_hub_id'] == f'{timm_spe.HF_HUB_ORG}/resnet164_spe.{tag}'
+
+
+def test_penalty_reaches_every_block():
+    m = timm.create_model('resnet83_spe').train()
+    x = torch.randn(2, 3, 32, 32)
+    m(x).sum().backward()
+    auto = [b.se.p.grad.clone() for s in (m.layer1, m.layer2, m.layer3) for b in s]
+    m.zero_grad()
+    m(x).sum().backward()  # same input, same BN batch stats: same grads
+    m.zero_grad()
+    (m(x).sum() + timm_spe.spe_penalty(m)).backward()
+    explicit = [b.se.p.grad for s in (m.layer1, m.layer2, m.layer3) for b in s]
+    assert len(auto) == 27
+    for a, e in zip(auto, explicit):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,65 @@
+"""Run timm's own model tests (tests/test_models.py of the timm sdist on PyPI) against our models.
+
+The sdist matching the installed timm is downloaded once with pip (PyPI is reachable in CI) into
+``$TIMM_SPE_CACHE`` (default ``~/.cache/timm-spe``). A conftest placed beside it imports timm_spe so
+our models are registered before timm's tests parametrize over ``list_models()``; ``-k`` then
+selects our models. Skipped by design: timm's ``*_pretrained`` tests (they download weights from
+the Hub; our loading is covered against a local Hub in test_hub.py).
+"""
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+
+import timm_spe  # noqa: F401
+
+OUR_MODELS = sorted(timm.list_models(['resnet83*', 'resnet164*', 'resnet245*', 'resnet326*', '*_spe']))
+TEST_KINDS = (
+    'test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_torchscript',
+    'test_model_forward_features', 'test_model_forward_intermediates_features', 'test_model_forward_intermediates',
+    'test_model_forward_fx', 'test_model_backward_fx', 'test_model_forward_fx_torchscript',
+)
+
+
+def _timm_tests_dir() -> Path:
+    cache = Path(os.environ.get('TIMM_SPE_CACHE', Path.home() / '.cache' / 'timm-spe'))
+    target = cache / f'timm-{timm.__version__}-tests'
+    if (target / 'test_models.py').exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f'timm-{timm.__version__}.tar.gz'
+    if not sdist.exists():
+        subprocess.run(
+            [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:', '-q',
+             f'timm=={timm.__version__}', '-d', str(cache)],
+            check=True)
+    target.mkdir(exist_ok=True)
+    with tarfile.open(sdist) as tar:
+        member = tar.getmember(f'timm-{timm.__version__}/tests/test_models.py')
+        (target / 'test_models.py').write_bytes(tar.extractfile(member).read())
+    return target
+
+
+@pytest.mark.slow
+def test_timm_model_suite(tmp_path):
+    src = _timm_tests_dir()
+    (tmp_path / 'test_models.py').write_bytes((src / 'test_models.py').read_bytes())
+    (tmp_path / 'conftest.py').write_text('import timm_spe  # register SPE models before collection\n')
+    expr = f"({' or '.join(OUR_MODELS)}) and not pretrained"
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-v', '-p', 'no:cacheprovider', '-k', expr,
+         '-W', 'ignore::pytest.PytestUnknownMarkWarning', str(tmp_path / 'test_models.py')],
+        cwd=tmp_path, capture_output=True, text=True, timeout=3600)
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    results = {}
+    for kind, model, outcome in re.findall(r'::(test_\w+)\[([\w.]+)-\d+\] (PASSED|FAILED|SKIPPED|ERROR)', proc.stdout):
+        results[(kind, model.split('.')[0])] = outcome
+    assert len(OUR_MODELS) == 23
+    missing = [(k, m) for k in TEST_KINDS for m in OUR_MODELS if results.get((k, m)) != 'PASSED']
+    assert not missing, f'not passed: {missing[:20]}\n{tail}'
