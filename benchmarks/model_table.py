@@ -1,0 +1,68 @@
+"""The README's model table: parameters and GMACs (32x32, batch 1) of every registered CIFAR model.
+
+    python benchmarks/model_table.py            # print the markdown table
+    python benchmarks/model_table.py --readme   # rewrite the table between the README's markers
+
+MACs are counted with torch.utils.flop_counter (convolutions and matmuls; elementwise work such as
+BN, ReLU and the attention gates is not counted) as FLOPs / 2.
+"""
+import argparse
+import re
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+import timm_spe
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = '<!-- model-table:begin -->', '<!-- model-table:end -->'
+
+
+def model_stats(name: str, num_classes: int = 10) -> Dict[str, float]:
+    with torch.device('meta'):  # shapes only: no memory, no compute
+        model = timm.create_model(name, num_classes=num_classes).eval()
+    params = sum(p.numel() for p in model.parameters())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32, device='meta'))
+    return {'params': params, 'gmacs': counter.get_total_flops() / 2 / 1e9}
+
+
+def table() -> str:
+    rows: List[str] = [
+        '| model | attention | params (CIFAR-10) | params (CIFAR-100) | GMACs @ 32x32 |',
+        '|---|---|---:|---:|---:|',
+    ]
+    for depth in timm_spe.CIFAR_DEPTHS:
+        for attn in timm_spe.resnet.CIFAR_ATTN_LAYERS:
+            name = timm_spe.resnet.cifar_model_name(depth, attn)
+            s10, s100 = model_stats(name, 10), model_stats(name, 100)
+            rows.append(
+                f"| `{name}` | {attn.upper() or '-'} | {s10['params'] / 1e6:.3f}M | {s100['params'] / 1e6:.3f}M "
+                f"| {s10['gmacs']:.3f} |")
+    return '\n'.join(rows)
+
+
+def update_readme(text: str, new_table: str) -> str:
+    pattern = re.compile(re.escape(BEGIN) + '.*?' + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f'README.md has no {BEGIN} ... {END} block')
+    return pattern.sub(f'{BEGIN}\n{new_table}\n{END}', text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--readme', action='store_true', help='write the table into README.md')
+    args = parser.parse_args()
+    t = table()
+    if args.readme:
+        readme = ROOT / 'README.md'
+        readme.write_text(update_readme(readme.read_text(), t))
+    print(t)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# timm-spe: one entry point for a fresh machine (each command sets up what it needs first).
+#   ./run.sh test                 set up .venv and run the whole test suite (what CI runs)
+#   ./run.sh train [RECIPE.yaml]  set up, train with timm's train.py, evaluate, stage the Hub folder
+#   ./run.sh setup                only create/update .venv
+# Environment: VENV (default .venv); TIMM_TRAIN_PY (an existing train.py of timm v1.0.28; else the
+# pytorch-image-models repo is cloned at that tag into .cache/); CIFAR10_JPEG_TAR (the CIFAR-10 JPEG
+# copy, default ../shared/data/cifar10-jpeg.tar.gz) for the CPU recipe.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+TIMM_VERSION=1.0.28   # train.py / validate.py and tests/data/train_args.txt match this release
+
+setup() {
+    [ -x "$PY" ] || python3 -m venv "$VENV"
+    "$PY" -m pip install -q --disable-pip-version-check \
+        torch==2.14.1 torchvision==0.29.1 "timm==$TIMM_VERSION" -e '.[dev]'
+}
+
+train_py() {
+    if [ -n "${TIMM_TRAIN_PY:-}" ]; then echo "$TIMM_TRAIN_PY"; return; fi
+    local src=.cache/pytorch-image-models
+    if [ ! -f "$src/train.py" ]; then
+        git clone -q --depth 1 --branch "v$TIMM_VERSION" https://github.com/huggingface/pytorch-image-models "$src" >&2
+    fi
+    echo "$src/train.py"
+}
+
+case "${1:-}" in
+    setup)
+        setup ;;
+    test)
+        setup
+        exec "$PY" -m pytest -q -p no:cacheprovider tests ;;
+    train)
+        setup
+        recipe=${2:-train_recipes/resnet164_spe-cifar10_cpu2h.yaml}
+        shift $(( $# > 1 ? 2 : 1 ))
+        if grep -q '^data_dir: data/cifar10-jpeg' "$recipe" && [ ! -d data/cifar10-jpeg ]; then
+            mkdir -p data && tar xzf "${CIFAR10_JPEG_TAR:-../shared/data/cifar10-jpeg.tar.gz}" -C data
+        fi
+        "$PY" "$(train_py)" --config "$recipe" "$@"
+        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" ;;
+    *)
+        sed -n '2,9p' "$0"; exit 2 ;;
+esac

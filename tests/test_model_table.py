@@ -1,0 +1,29 @@
+"""benchmarks/model_table.py: the README's model table is what the script computes."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import model_table  # noqa: E402
+
+
+def test_stats_of_one_model():
+    s = model_table.model_stats('resnet164_spe')
+    assert s['params'] == 1736518
+    assert 0.2 < s['gmacs'] < 0.3
+
+
+def test_update_readme_replaces_only_the_block():
+    text = f'a\n{model_table.BEGIN}\nold\n{model_table.END}\nb\n'
+    assert model_table.update_readme(text, 'new') == f'a\n{model_table.BEGIN}\nnew\n{model_table.END}\nb\n'
+    with pytest.raises(SystemExit, match='no'):
+        model_table.update_readme('no markers', 'new')
+
+
+@pytest.mark.slow
+def test_readme_table_is_current():
+    readme = (ROOT / 'README.md').read_text()
+    assert model_table.update_readme(readme, model_table.table()) == readme, \
+        'README model table is stale: run python benchmarks/model_table.py --readme'
