@@ -130,3 +130,11 @@ def test_penalty_reaches_every_block():
     assert len(auto) == 27
     for a, e in zip(auto, explicit):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_default_tags():
+    """resnet164_spe defaults to the weights trained here; the paper-schedule tags stay listed."""
+    assert timm.create_model('resnet164_spe').pretrained_cfg['tag'] == 'cifar10_cpu2h'
+    assert timm.create_model('resnet164').pretrained_cfg['tag'] == 'cifar10'
+    assert {'resnet164_spe.cifar10', 'resnet164_spe.cifar100', 'resnet164_spe.cifar10_cpu2h'} <= set(
+        timm.list_pretrained('resnet164_spe*'))

@@ -294,12 +294,17 @@ def _hub_cfg(model_name: str, tag: str, **kwargs) -> Dict[str, Any]:
     return _cfg(hf_hub_id=f'{HF_HUB_ORG}/{model_name}.{tag}', **kwargs)
 
 
+# Tags with weights trained by this project, listed before the paper-schedule tags so that the first
+# one is the model's default tag. (`.cifar10` / `.cifar100` stay listed until trained and published.)
+_TRAINED_TAGS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    'resnet164_spe': {'cifar10_cpu2h': dict(num_classes=10)},
+}
+
+
 def _cifar_cfgs(model_name: str) -> Dict[str, Dict[str, Any]]:
-    cfgs = {
-        f'{model_name}.cifar10': _hub_cfg(model_name, 'cifar10'),
-        f'{model_name}.cifar100': _hub_cfg(model_name, 'cifar100', num_classes=100),
-    }
-    return cfgs
+    tags = dict(_TRAINED_TAGS.get(model_name, {}))
+    tags.update(cifar10=dict(num_classes=10), cifar100=dict(num_classes=100))
+    return {f'{model_name}.{tag}': _hub_cfg(model_name, tag, **cfg) for tag, cfg in tags.items()}
 
 
 _CIFAR_VARIANTS: Dict[str, Dict[str, Any]] = {
