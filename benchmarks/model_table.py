@@ -11,24 +11,15 @@ import re
 from pathlib import Path
 from typing import Dict, List
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-import timm
 import timm_spe
+from timm_spe.card import model_complexity
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = '<!-- model-table:begin -->', '<!-- model-table:end -->'
 
 
 def model_stats(name: str, num_classes: int = 10) -> Dict[str, float]:
-    with torch.device('meta'):  # shapes only: no memory, no compute
-        model = timm.create_model(name, num_classes=num_classes).eval()
-    params = sum(p.numel() for p in model.parameters())
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32, device='meta'))
-    return {'params': params, 'gmacs': counter.get_total_flops() / 2 / 1e9}
+    return model_complexity(name, num_classes)
 
 
 def table() -> str:

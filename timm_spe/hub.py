@@ -1,27 +1,198 @@
-""" Hugging Face Hub helpers: clear errors for pretrained tags whose weights are not published """
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+""" Hugging Face Hub: safetensors-only pretrained loading with actionable errors, and publishing
 
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+Loading: our models resolve their pretrained config as timm does, then fetch ``model.safetensors``
+(and nothing else) through huggingface_hub's normal download and cache, and hand timm the local
+file. timm's own loader then applies the usual head reset (``num_classes``) and input-conv
+adaptation (``in_chans``). A repository without ``model.safetensors`` is refused, never unpickled.
 
-__all__ = ['PretrainedWeightsNotFound', 'pretrained_errors']
+Publishing: :func:`stage_hub_folder` writes ``model.safetensors`` + ``config.json`` (timm's
+``save_for_hf``) + a model card; :func:`upload_hub_folder` uploads it without silently replacing
+weights already on the Hub.
+"""
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from timm.models import resolve_pretrained_cfg
+from timm.models._hub import hf_split, save_for_hf
+
+__all__ = [
+    'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt', 'SAFE_WEIGHTS_NAME', 'resolve_pretrained_weights',
+    'download_safetensors', 'stage_hub_folder', 'upload_hub_folder', 'sha256_file',
+]
+
+_logger = logging.getLogger(__name__)
+SAFE_WEIGHTS_NAME = 'model.safetensors'
+PathLike = Union[str, Path]
 
 
 class PretrainedWeightsNotFound(RuntimeError):
-    """Raised when a pretrained tag's Hub repository or weight file does not exist (yet)."""
+    """A pretrained tag's weights are not on the Hub (yet), or not in the cache while offline."""
 
 
-@contextmanager
-def pretrained_errors(variant: str, pretrained_cfg: Any, pretrained: bool) -> Iterator[None]:
-    """Turn a Hub 404 while loading ``variant``'s pretrained weights into an actionable error."""
+class PretrainedWeightsCorrupt(RuntimeError):
+    """A downloaded or local safetensors file cannot be read."""
+
+
+def _how_to_publish(variant: str, tag: str) -> str:
+    return (
+        f"Train them with timm's train.py and the recipe train_recipes/{variant}-{tag.split('_')[0]}.yaml "
+        f"(if there is one), then stage and upload with `timm-spe publish CHECKPOINT --model {variant} --tag {tag}`. "
+        f"To use a local file instead: timm.create_model('{variant}', pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors')).")
+
+
+def download_safetensors(hf_hub_id: str, variant: str, tag: str) -> str:
+    """Download (or find in the cache) ``model.safetensors`` of ``hf_hub_id``; clear errors otherwise."""
+    repo_id, revision = hf_split(hf_hub_id)
+    name = f'{variant}.{tag}' if tag else variant
     try:
-        yield
-    except (RepositoryNotFoundError, EntryNotFoundError, RevisionNotFoundError) as e:
-        if not pretrained:
-            raise
-        name = variant if not isinstance(pretrained_cfg, str) else f'{variant}.{pretrained_cfg}'
+        return hf_hub_download(repo_id, SAFE_WEIGHTS_NAME, revision=revision)
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: catch the offline/unreachable case first
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise PretrainedWeightsNotFound(
-            f"No published weights for '{name}' on the Hugging Face Hub ({e.__class__.__name__}). "
-            f"Train them with timm's train.py and a recipe from train_recipes/, then publish with "
-            f"`timm-spe publish CHECKPOINT --model {variant} --tag TAG`; or load a local file with "
-            f"pretrained_cfg_overlay=dict(file='model.safetensors').") from e
+            f"Weights for '{name}' ({hf_hub_id}/{SAFE_WEIGHTS_NAME}) are not in the Hugging Face cache and the "
+            f"Hub cannot be reached (no connection, or offline mode HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). "
+            f"Load them once while online (same HF_HOME / cache), or pass "
+            f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors').") from e
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        raise PretrainedWeightsNotFound(
+            f"No published weights for '{name}': the Hub has no {SAFE_WEIGHTS_NAME} in '{hf_hub_id}' "
+            f"({e.__class__.__name__}). timm-spe loads only safetensors from the Hub. "
+            + _how_to_publish(variant, tag)) from e
+
+
+def _check_safetensors(path: str, source: str) -> None:
+    try:
+        load_file(path, device='cpu')
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PretrainedWeightsCorrupt(
+            f"'{path}' (from {source}) is not a readable safetensors file ({e}). It may be truncated or corrupt: "
+            f"delete it (for a Hub download, re-download with huggingface_hub's force_download=True) and retry.") from e
+
+
+def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained: bool) -> Dict[str, Any]:
+    """Make a pretrained load of ``variant`` read a local safetensors file (downloaded from the Hub if needed).
+
+    Called by our model builders before timm's ``build_model_with_cfg``; returns the kwargs with a
+    resolved ``pretrained_cfg`` whose ``file`` points at the weights.
+    """
+    if not pretrained:
+        return kwargs
+    kwargs = dict(kwargs)
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.pop('pretrained_cfg', None),
+        pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None),
+    ).to_dict()
+    tag = cfg.get('tag') or ''
+    if cfg.get('state_dict') is None:
+        if cfg.get('file'):
+            source = 'pretrained_cfg file'
+            if not os.path.isfile(cfg['file']):
+                raise FileNotFoundError(f"pretrained_cfg file '{cfg['file']}' for '{variant}' does not exist.")
+        elif cfg.get('hf_hub_id'):
+            source = f"the Hub repo {cfg['hf_hub_id']}"
+            cfg['file'] = download_safetensors(cfg['hf_hub_id'], variant, tag)
+        else:
+            raise PretrainedWeightsNotFound(
+                f"'{variant}' has no pretrained weights configured. " + _how_to_publish(variant, tag or 'TAG'))
+        if str(cfg['file']).endswith('.safetensors'):
+            _check_safetensors(cfg['file'], source)
+        cfg['source'] = ''  # load from the local file, not through timm's (pickle-capable) Hub fallback
+    kwargs['pretrained_cfg'] = cfg
+    return kwargs
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_hub_folder(
+        model,
+        out_dir: PathLike,
+        card: str,
+        figures: Optional[Dict[str, PathLike]] = None,
+        extra_files: Optional[Dict[str, PathLike]] = None,
+        force: bool = False,
+) -> Path:
+    """Write a Hub-ready folder: ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) + ``README.md``.
+
+    Args:
+        model: The timm model with its final weights and ``pretrained_cfg``.
+        out_dir: Target folder; must be empty or absent unless ``force``.
+        card: Rendered model card (markdown with YAML front matter).
+        figures: ``{name_in_folder: source_path}`` images to copy next to the card.
+        extra_files: ``{name_in_folder: source_path}`` other files (e.g. the eval JSON).
+        force: Replace the folder's previous contents.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(
+                f"Output folder '{out}' is not empty; choose another --out or pass --force to replace its contents.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, out, safe_serialization=True)
+    for name, src in {**(figures or {}), **(extra_files or {})}.items():
+        shutil.copyfile(src, out / name)
+    (out / 'README.md').write_text(card)
+    return out
+
+
+def upload_hub_folder(
+        folder: PathLike,
+        repo_id: str,
+        overwrite: bool = False,
+        create_pr: bool = False,
+        private: bool = False,
+        commit_message: Optional[str] = None,
+        api: Optional[HfApi] = None,
+) -> Any:
+    """Upload a staged folder with huggingface_hub, refusing to replace existing weights silently.
+
+    The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``huggingface-cli login``) and is
+    never read, printed or written here.
+    """
+    folder = Path(folder)
+    if not (folder / SAFE_WEIGHTS_NAME).is_file() or not (folder / 'config.json').is_file():
+        raise FileNotFoundError(f"'{folder}' is not a staged Hub folder (needs {SAFE_WEIGHTS_NAME} and config.json).")
+    if any(p.suffix in ('.bin', '.pth', '.pt', '.pkl') or p.name.endswith('.pth.tar') for p in folder.iterdir()):
+        raise ValueError(f"'{folder}' contains pickle weight files; only safetensors are published.")
+    api = api or HfApi()
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    if not create_pr and not overwrite and api.file_exists(repo_id, SAFE_WEIGHTS_NAME):
+        raise FileExistsError(
+            f"'{repo_id}' already has {SAFE_WEIGHTS_NAME}. Pass --create-pr to propose the new weights as a pull "
+            f"request, or --overwrite to replace them.")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message or f'Add {folder.name} (timm-spe publish)',
+        create_pr=create_pr,
+    )
+
+
+def read_eval_json(path: Optional[PathLike]) -> Optional[Dict[str, Any]]:
+    if path is None:
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    for key in ('top1', 'top5', 'num_images', 'data'):
+        if key not in result:
+            raise ValueError(f"'{path}' is not a `timm-spe eval` result (missing '{key}').")
+    return result

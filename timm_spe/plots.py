@@ -1,10 +1,10 @@
-""" Plots for training runs: the curve from timm train.py's summary.csv (and, optionally, its log) """
+""" Plots and inspection: training curves from train.py's summary.csv / log, learned SPE lambdas """
 import csv
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-__all__ = ['read_summary', 'read_train_log', 'plot_training_curve']
+__all__ = ['read_summary', 'read_train_log', 'plot_training_curve', 'spe_lambdas', 'plot_lambdas']
 
 PathLike = Union[str, Path]
 _LOG_LINE = re.compile(r'Train: (\d+) \[\s*(\d+)/(\d+)[^\]]*\]\s+Loss:\s+([\d.]+)')
@@ -60,6 +60,52 @@ def plot_training_curve(summary_csv: PathLike, out_png: PathLike, log: Optional[
     ax_acc.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def spe_lambdas(model) -> List[Dict[str, object]]:
+    """Learned mixing weight ``lambda = p0^2 / (p0^2 + p1^2)`` (weight of max pooling) of every SPE layer."""
+    import torch
+    from .spe import SpeModule, mix_weights
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, SpeModule):
+            with torch.no_grad():
+                lam = mix_weights(m.p.detach().float())
+            rows.append({'block': name.rsplit('.se', 1)[0] if name.endswith('.se') else name,
+                         'lambda': float(lam[0]), 'p0': float(m.p[0].detach()), 'p1': float(m.p[1].detach())})
+    return rows
+
+
+def plot_lambdas(rows: List[Dict[str, object]], out_png: PathLike, title: str = '') -> Path:
+    """Bar plot of lambda per SPE block, stage boundaries marked (block names ``layerS.I``)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError('the model has no SPE layers: nothing to plot')
+    stages = [str(r['block']).split('.')[0] for r in rows]
+    colors = {s: f'C{i}' for i, s in enumerate(dict.fromkeys(stages))}
+    fig, ax = plt.subplots(figsize=(max(6., 0.12 * len(rows) + 2), 3.5))
+    ax.bar(range(len(rows)), [r['lambda'] for r in rows], color=[colors[s] for s in stages])
+    for i in range(1, len(rows)):
+        if stages[i] != stages[i - 1]:
+            ax.axvline(i - 0.5, color='k', lw=0.8, ls='--')
+    for s, c in colors.items():
+        ax.bar([], [], color=c, label=s)
+    ax.axhline(0.5, color='grey', lw=0.8, ls=':', label='init (0.5)')
+    ax.set_xlabel('SPE block (network order)')
+    ax.set_ylabel('lambda (weight of max pool)')
+    ax.set_ylim(0, 1)
+    ax.legend(ncol=4, fontsize=8)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

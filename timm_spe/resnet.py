@@ -24,6 +24,7 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
 from .create_attn import get_attn
+from .hub import resolve_pretrained_weights
 from .spe import SpeModule
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
@@ -250,19 +251,17 @@ class CifarResNet(nn.Module):
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
-    from .hub import pretrained_errors  # deferred: hub helpers import this module's constants
-    with pretrained_errors(variant, kwargs.get('pretrained_cfg'), pretrained):
-        return build_model_with_cfg(
-            CifarResNet,
-            variant,
-            pretrained,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-            **kwargs,
-        )
+    return build_model_with_cfg(
+        CifarResNet,
+        variant,
+        pretrained,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+        **resolve_pretrained_weights(variant, kwargs, pretrained),
+    )
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    return build_model_with_cfg(ResNet, variant, pretrained, **kwargs)
+    return build_model_with_cfg(ResNet, variant, pretrained, **resolve_pretrained_weights(variant, kwargs, pretrained))
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -1,0 +1,106 @@
+""" Model cards for the Hub: complexity, the paper's reference numbers, and rendering the template """
+import string
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+
+__all__ = ['PAPER_TOP1', 'DEFAULT_TEMPLATE', 'model_complexity', 'paper_top1', 'render_card']
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / 'hub_cards' / 'template.md'
+
+# Top-1 (%) from the paper's Tables 1 and 2 (ResNet backbones, 164-epoch schedule, original CIFAR).
+PAPER_TOP1: Dict[Tuple[str, str], float] = {
+    ('resnet83', 'cifar10'): 93.62, ('resnet83_spe', 'cifar10'): 94.03,
+    ('resnet83', 'cifar100'): 73.55, ('resnet83_spe', 'cifar100'): 73.87,
+    ('resnet164', 'cifar10'): 93.39, ('resnet164_spe', 'cifar10'): 94.80,
+    ('resnet164', 'cifar100'): 74.30, ('resnet164_spe', 'cifar100'): 76.31,
+    ('resnet245', 'cifar10'): 94.16, ('resnet245_spe', 'cifar10'): 95.08,
+    ('resnet245', 'cifar100'): 73.88, ('resnet245_spe', 'cifar100'): 76.75,
+    ('resnet326', 'cifar10'): 93.45, ('resnet326_spe', 'cifar10'): 95.13,
+    ('resnet326', 'cifar100'): 72.08, ('resnet326_spe', 'cifar100'): 77.54,
+    ('resnet164_se', 'cifar10'): 94.24, ('resnet164_se', 'cifar100'): 75.23,
+    ('resnet164_cbam', 'cifar10'): 93.88, ('resnet164_cbam', 'cifar100'): 74.68,
+    ('resnet164_eca', 'cifar10'): 94.47, ('resnet164_eca', 'cifar100'): 75.81,
+}
+
+
+def dataset_of_tag(tag: str) -> str:
+    """'cifar10_cpu2h' -> 'cifar10'."""
+    return tag.split('_')[0]
+
+
+def paper_top1(model_name: str, tag: str) -> Optional[float]:
+    return PAPER_TOP1.get((model_name, dataset_of_tag(tag)))
+
+
+def model_complexity(model_name: str, num_classes: int = 10, img_size: int = 32) -> Dict[str, float]:
+    """Parameters and GMACs (batch 1; conv/matmul MACs from torch's FlopCounterMode, FLOPs / 2)."""
+    with torch.device('meta'):  # shapes only
+        model = timm.create_model(model_name, num_classes=num_classes).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, img_size, img_size, device='meta'))
+    return {'params': sum(p.numel() for p in model.parameters()), 'gmacs': counter.get_total_flops() / 2e9}
+
+
+def _results_section(model_name: str, tag: str, eval_result: Optional[Dict[str, Any]]) -> str:
+    if not eval_result:
+        return 'Not evaluated yet: run `timm-spe eval` and publish again with `--eval-json`.'
+    subset = ''
+    if eval_result['num_images'] != eval_result.get('num_images_in_split', eval_result['num_images']):
+        subset = f" (a class-balanced subset of {eval_result['num_images_in_split']})"
+    return '\n'.join([
+        '| data | images | top-1 (%) | top-5 (%) | loss |',
+        '|---|---:|---:|---:|---:|',
+        f"| {eval_result.get('data_label') or eval_result['data']} | {eval_result['num_images']}{subset} "
+        f"| {eval_result['top1']:.2f} | {eval_result['top5']:.2f} | {eval_result['loss']:.4f} |",
+        '',
+        f"Measured {eval_result['date']} with `{eval_result['command']}`.",
+    ])
+
+
+def render_card(
+        model_name: str,
+        tag: str,
+        weights_sha256: str,
+        eval_result: Optional[Dict[str, Any]] = None,
+        recipe: str = '',
+        budget: str = '',
+        figures: Optional[List[Tuple[str, str]]] = None,
+        num_classes: int = 10,
+        template: Union[str, Path] = DEFAULT_TEMPLATE,
+) -> str:
+    """Fill ``hub_cards/template.md`` (``$name`` placeholders) for ``<model_name>.<tag>``."""
+    template = Path(template)
+    if not template.is_file():
+        raise FileNotFoundError(f"card template '{template}' not found (run from a clone of timm-spe, or pass --template).")
+    c = model_complexity(model_name, num_classes)
+    dataset = dataset_of_tag(tag)
+    paper = paper_top1(model_name, tag)
+    paper_line = (
+        f'The paper reports **{paper:.2f}%** top-1 for this architecture on {dataset.upper()} (Tables 1-2, the '
+        f'authors\' 164-epoch schedule on the original CIFAR binaries). That is the paper\'s number, not a '
+        f'measurement of these weights.' if paper is not None else 'The paper reports no number for this model.')
+    figs = '\n\n'.join(f'![{caption}]({name})\n\n*{caption}*' for name, caption in (figures or [])) or '(none)'
+    values = {
+        'model_name': model_name,
+        'tag': tag,
+        'repo_id': f'{timm.models.get_pretrained_cfg(f"{model_name}.{tag}").hf_hub_id}'
+        if timm.models.get_pretrained_cfg(f'{model_name}.{tag}') else f'<org>/{model_name}.{tag}',
+        'dataset': dataset,
+        'dataset_upper': {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}.get(dataset, dataset.upper()),
+        'num_classes': num_classes,
+        'params_m': f"{c['params'] / 1e6:.3f}",
+        'gmacs': f"{c['gmacs']:.3f}",
+        'results': _results_section(model_name, tag, eval_result),
+        'paper_line': paper_line,
+        'recipe': recipe or '(not given)',
+        'budget': budget or '(not given)',
+        'sha256': weights_sha256,
+        'figures': figs,
+    }
+    return string.Template(template.read_text()).substitute(values)

@@ -1,0 +1,258 @@
+""" ``timm-spe``: evaluate, inspect, convert and publish SPE models
+
+    timm-spe eval MODEL[.TAG] [--checkpoint FILE] --data-dir DIR [--limit N] [--out JSON]
+    timm-spe inspect MODEL[.TAG] [--checkpoint FILE] [--plot PNG]
+    timm-spe convert SRC --model NAME --out FILE.safetensors
+    timm-spe publish SRC --model NAME --tag TAG [--eval-json J] [--recipe R] [--budget B] [--figure PNG:CAPTION]
+                     [--out DIR] [--dry-run] [--create-pr | --overwrite]
+    timm-spe finish-run --recipe RECIPE.yaml      # eval + plots + staged Hub folder for a train.py run
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import yaml
+
+import timm
+from timm.models import split_model_name_tag
+
+import timm_spe  # noqa: F401  (registers the models)
+from .card import DEFAULT_TEMPLATE, dataset_of_tag, render_card
+from .convert import load_checkpoint_file, load_weights
+from .evaluate import evaluate
+from .hub import SAFE_WEIGHTS_NAME, read_eval_json, sha256_file, stage_hub_folder, upload_hub_folder
+from .plots import plot_lambdas, plot_training_curve, spe_lambdas
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _create(model: str, checkpoint: Optional[str], use_ema: bool = False) -> torch.nn.Module:
+    """A model from ``MODEL[.TAG]``: weights from ``checkpoint`` if given, else the tag's pretrained weights."""
+    name, tag = split_model_name_tag(model)
+    if not timm.is_model(name):
+        raise SystemExit(f"unknown model '{name}'; see timm.list_models('*spe*') / timm.list_models('resnet*').")
+    if checkpoint:
+        state_dict, _ = load_checkpoint_file(checkpoint, use_ema=use_ema)
+        num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else None
+        kwargs = {'num_classes': num_classes} if num_classes else {}
+        m = timm.create_model(model, **kwargs)
+        load_weights(m, checkpoint, use_ema=use_ema)
+        return m
+    return timm.create_model(model, pretrained=True)
+
+
+def cmd_eval(args) -> dict:
+    model = _create(args.model, args.checkpoint, args.ema)
+    result = evaluate(model, args.data_dir, batch_size=args.batch_size, limit=args.limit, workers=args.workers)
+    name, tag = split_model_name_tag(args.model)
+    result = {'model': name, 'tag': tag or model.pretrained_cfg.get('tag'), 'checkpoint': args.checkpoint,
+              'checkpoint_sha256': sha256_file(args.checkpoint) if args.checkpoint else None,
+              'data_label': args.data_label, **result}
+    print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+          f"({result['num_images']} images of {args.data_dir})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f'wrote {args.out}')
+    return result
+
+
+def cmd_inspect(args) -> List[dict]:
+    model = _create(args.model, args.checkpoint, args.ema)
+    rows = spe_lambdas(model)
+    if not rows:
+        raise SystemExit(f"'{args.model}' has no SPE layers.")
+    print(f"{'block':<12} {'lambda':>8} {'p0':>9} {'p1':>9}")
+    for r in rows:
+        print(f"{r['block']:<12} {r['lambda']:8.4f} {r['p0']:9.4f} {r['p1']:9.4f}")
+    lams = [r['lambda'] for r in rows]
+    print(f'{len(rows)} SPE blocks; lambda mean {sum(lams) / len(lams):.4f}, min {min(lams):.4f}, max {max(lams):.4f}')
+    if args.plot:
+        plot_lambdas(rows, args.plot, title=f'{args.model}: learned lambda per SPE block')
+        print(f'wrote {args.plot}')
+    return rows
+
+
+def cmd_convert(args) -> Path:
+    out = Path(args.out)
+    if out.suffix != '.safetensors':
+        out = out / SAFE_WEIGHTS_NAME
+    if out.exists() and not args.force:
+        raise SystemExit(f"'{out}' exists; pass --force to replace it.")
+    model = _create(args.model, args.src, args.ema)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    print(f'wrote {out} ({args.model}, from {args.src})')
+    return out
+
+
+def _parse_figure(spec: str) -> Tuple[Path, str]:
+    path, _, caption = spec.partition(':')
+    if not Path(path).is_file():
+        raise SystemExit(f"--figure '{path}' does not exist.")
+    return Path(path), caption or Path(path).stem.replace('_', ' ')
+
+
+def cmd_publish(args) -> Path:
+    if not timm.is_model(args.model):
+        raise SystemExit(f"unknown model '{args.model}'.")
+    model_tag = f'{args.model}.{args.tag}'
+    state_dict, info = load_checkpoint_file(args.src, use_ema=args.ema)
+    num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else 10
+    cfg = timm.models.get_pretrained_cfg(model_tag)
+    overlay = {} if cfg else {'tag': args.tag, 'num_classes': num_classes}
+    model = timm.create_model(model_tag if cfg else args.model, num_classes=num_classes,
+                              pretrained_cfg_overlay=overlay or None)
+    load_weights(model, args.src, use_ema=args.ema)
+    recipe = args.recipe
+    if not recipe and info.get('args') is not None:
+        a = info['args']
+        recipe = (f"timm train.py: model {a.model}, opt {a.opt}, lr {a.lr}, weight decay {a.weight_decay}, "
+                  f"sched {a.sched}, epochs {a.epochs}, batch {a.batch_size}, crop {a.train_crop_mode}")
+    eval_result = read_eval_json(args.eval_json)
+    figures = [_parse_figure(f) for f in args.figure]
+    out = Path(args.out or ROOT / 'hub_cards' / model_tag)
+    # stage weights + config first, then render the card with the sha256 of the staged weights
+    staged = stage_hub_folder(model, out, card='', figures={p.name: p for p, _ in figures},
+                              extra_files={'eval.json': args.eval_json} if args.eval_json else None, force=args.force)
+    sha = sha256_file(staged / SAFE_WEIGHTS_NAME)
+    card = render_card(args.model, args.tag, sha, eval_result=eval_result, recipe=recipe, budget=args.budget,
+                       figures=[(p.name, c) for p, c in figures], num_classes=num_classes, template=args.template)
+    (staged / 'README.md').write_text(card)
+    print(f'staged {staged}: {", ".join(sorted(p.name for p in staged.iterdir()))} (sha256 {sha[:16]}...)')
+    if args.dry_run:
+        return staged
+    repo_id = args.repo_id or (cfg.hf_hub_id if cfg and cfg.hf_hub_id else None)
+    if not repo_id:
+        raise SystemExit(f"no Hub repo for '{model_tag}': pass --repo-id ORG/NAME.")
+    upload_hub_folder(staged, repo_id, overwrite=args.overwrite, create_pr=args.create_pr, private=args.private)
+    print(f'uploaded to {repo_id}' + (' (pull request)' if args.create_pr else ''))
+    return staged
+
+
+def cmd_finish_run(args) -> Path:
+    """After a train.py run of a recipe: eval the best checkpoint, plot, and stage the Hub folder."""
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    run_dir = Path(args.run_dir or Path(recipe.get('output') or 'output/train') / recipe['experiment'])
+    checkpoint = run_dir / 'model_best.pth.tar'
+    if not checkpoint.is_file():
+        raise SystemExit(f"no {checkpoint}: did the train.py run of {args.recipe} finish an epoch?")
+    model_name = recipe['model']
+    tag = args.tag or recipe['experiment'].split('-', 1)[1]
+    data_dir = args.data_dir or str(Path(recipe['data_dir']) / recipe.get('val_split', 'test'))
+    work = run_dir / 'publish'
+    work.mkdir(exist_ok=True)
+    eval_json = work / 'eval.json'
+    label = args.data_label or (f"{dataset_of_tag(tag).upper()} test split (JPEG q75 copy)"
+                                if 'jpeg' in data_dir.lower() else f'{dataset_of_tag(tag).upper()} test split')
+    cmd_eval(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
+                                data_dir=data_dir, batch_size=100, limit=None, workers=args.workers,
+                                out=str(eval_json), data_label=label))
+    summary = run_dir / 'summary.csv'
+    curve = plot_training_curve(summary, work / 'training_curve.png', log=args.log,
+                                title=f'{model_name}.{tag} (timm train.py, {args.recipe})')
+    lambdas = work / 'spe_lambda.png'
+    cmd_inspect(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
+                                   plot=str(lambdas)))
+    budget = args.budget or _budget_from_run(run_dir, recipe)
+    return cmd_publish(argparse.Namespace(
+        src=str(checkpoint), model=model_name, tag=tag, ema=False, recipe=str(args.recipe), budget=budget,
+        eval_json=str(eval_json), figure=[f'{curve}:training curve (train.py summary.csv and log)',
+                                          f'{lambdas}:learned lambda of every SPE block'],
+        out=args.out, force=args.force, template=args.template, dry_run=True, repo_id=None,
+        overwrite=False, create_pr=False, private=False))
+
+
+def _budget_from_run(run_dir: Path, recipe: dict) -> str:
+    rows = (run_dir / 'summary.csv').read_text().strip().splitlines()[1:]
+    start, end = (run_dir / 'args.yaml').stat().st_mtime, (run_dir / 'summary.csv').stat().st_mtime
+    return (f"{len(rows)} of {recipe['epochs']} epochs of batch {recipe['batch_size']}, "
+            f"{(end - start) / 3600:.2f} h wall clock on {recipe.get('device', 'cuda')} "
+            f"(from args.yaml to the last summary.csv row)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='timm-spe', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    def model_args(p, checkpoint_flag='--checkpoint'):
+        p.add_argument('model', help='model name, optionally with a pretrained tag (resnet164_spe.cifar10)')
+        p.add_argument(checkpoint_flag, default=None,
+                       help='weights: safetensors, train.py checkpoint or official SPEM checkpoint '
+                            '(default: the tag\'s pretrained weights from the Hub)')
+        p.add_argument('--ema', action='store_true', help="use a train.py checkpoint's state_dict_ema")
+
+    p = sub.add_parser('eval', help='top-1/top-5/loss on a CIFAR test split')
+    model_args(p)
+    p.add_argument('--data-dir', required=True, help='test split: <dir>/<class>/* or a folder with cifar-10-batches-py')
+    p.add_argument('--data-label', default=None, help='how the card names the data (e.g. "CIFAR-10 (JPEG q75 copy)")')
+    p.add_argument('--limit', type=int, default=None, help='evaluate a fixed class-balanced subset of N images')
+    p.add_argument('--batch-size', type=int, default=100)
+    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--out', default=None, help='write the result as JSON here')
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser('inspect', help='print (and plot) the learned lambda of every SPE block')
+    model_args(p)
+    p.add_argument('--plot', default=None, help='write a PNG plot here')
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser('convert', help='convert a checkpoint (e.g. the authors\' official one) to safetensors')
+    p.add_argument('src')
+    p.add_argument('--model', required=True)
+    p.add_argument('--out', required=True, help='output .safetensors file or folder')
+    p.add_argument('--ema', action='store_true')
+    p.add_argument('--force', action='store_true', help='replace an existing output file')
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser('publish', help='stage a Hub folder (safetensors + config.json + card) and upload it')
+    p.add_argument('src', help='train.py checkpoint, safetensors file or official SPEM checkpoint')
+    p.add_argument('--model', required=True)
+    p.add_argument('--tag', required=True, help='pretrained tag, e.g. cifar10 or cifar10_cpu2h')
+    p.add_argument('--ema', action='store_true')
+    p.add_argument('--eval-json', default=None, help='result of `timm-spe eval --out` for the card')
+    p.add_argument('--recipe', default='', help='recipe used (default: from the train.py checkpoint)')
+    p.add_argument('--budget', default='', help='training budget actually used, free text')
+    p.add_argument('--figure', action='append', default=[], help='PNG[:caption] to include in the card')
+    p.add_argument('--template', default=str(DEFAULT_TEMPLATE))
+    p.add_argument('--out', default=None, help='staging folder (default hub_cards/<model>.<tag>)')
+    p.add_argument('--force', action='store_true', help='replace a non-empty staging folder')
+    p.add_argument('--dry-run', action='store_true', help='stage only, do not upload')
+    p.add_argument('--repo-id', default=None, help='Hub repo (default: the tag\'s hf_hub_id)')
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--create-pr', action='store_true', help='upload as a pull request')
+    g.add_argument('--overwrite', action='store_true', help='replace weights already on the Hub')
+    p.add_argument('--private', action='store_true')
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser('finish-run', help='eval + plots + staged Hub folder for a finished train.py run')
+    p.add_argument('--recipe', required=True)
+    p.add_argument('--run-dir', default=None, help='default: <output>/<experiment> of the recipe')
+    p.add_argument('--data-dir', default=None, help="default: the recipe's data_dir/val_split")
+    p.add_argument('--data-label', default=None)
+    p.add_argument('--tag', default=None, help='default: the part of the experiment name after "-"')
+    p.add_argument('--log', default=None, help="train.py's console log, for per-step loss in the curve")
+    p.add_argument('--budget', default='')
+    p.add_argument('--template', default=str(DEFAULT_TEMPLATE))
+    p.add_argument('--out', default=None)
+    p.add_argument('--force', action='store_true')
+    p.add_argument('--workers', type=int, default=0)
+    p.set_defaults(func=cmd_finish_run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:
+        raise SystemExit(f'timm-spe {args.command}: {e}') from e
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,114 @@
+""" Checkpoint loading and conversion
+
+* the authors' official SPEM code (github.com/Qrange-group/SPEM, ``models/spem.py``): DataParallel
+  state dicts (``module.`` prefix) with per-block SPE parameters ``w1``/``b1`` (excitation),
+  ``w2``/``b2`` (reweighting), each 1 x C x 1 x 1, and ``p`` (2,);
+* timm ``train.py`` checkpoints (``model_best.pth.tar`` / ``last.pth.tar``), which pickle an
+  ``argparse.Namespace`` under ``args``: loaded with ``weights_only=True`` and exactly that class
+  allow-listed, never with an unrestricted unpickler;
+* safetensors files.
+"""
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file
+
+__all__ = [
+    'OFFICIAL_SPE_KEYS', 'is_official_state_dict', 'convert_official_state_dict', 'official_depth',
+    'load_checkpoint_file', 'load_weights',
+]
+
+PathLike = Union[str, Path]
+# official per-block parameter name -> ours (under the block's ``se`` attention module)
+OFFICIAL_SPE_KEYS = {'w1': 'w_exc', 'b1': 'b_exc', 'w2': 'w_rew', 'b2': 'b_rew', 'p': 'p'}
+_OFFICIAL_SPE = re.compile(r'^(layer\d+\.\d+)\.(w1|b1|w2|b2|p)$')
+
+
+def _strip_module(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def is_official_state_dict(state_dict: Dict[str, Any]) -> bool:
+    """True for a state dict in the authors' SPEM layout (``layerX.Y.w1`` ..., optional ``module.``)."""
+    return any(_OFFICIAL_SPE.match(k) for k in _strip_module(state_dict))
+
+
+def official_depth(state_dict: Dict[str, Any]) -> int:
+    """Depth (9n + 2) of an official bottleneck checkpoint, from its number of blocks per stage."""
+    blocks = {int(m.group(1)) for k in _strip_module(state_dict) if (m := re.match(r'^layer1\.(\d+)\.', k))}
+    if not blocks:
+        raise ValueError('not a CIFAR ResNet state dict: no layer1.<i>.* keys')
+    return 9 * (max(blocks) + 1) + 2
+
+
+def convert_official_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map the authors' SPEM keys and shapes onto ``timm_spe``'s CIFAR ResNets (logits are identical)."""
+    out = {}
+    for key, value in _strip_module(state_dict).items():
+        m = _OFFICIAL_SPE.match(key)
+        if m:
+            block, name = m.groups()
+            out[f'{block}.se.{OFFICIAL_SPE_KEYS[name]}'] = value.reshape(-1).clone()
+        else:
+            out[key] = value
+    return out
+
+
+def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Load weights from a safetensors file, a train.py checkpoint or an official SPEM checkpoint, safely.
+
+    Returns:
+        ``(state_dict, info)`` where ``info`` has ``format`` ('safetensors', 'timm-train', 'official',
+        'state_dict') and, for train.py checkpoints, ``args`` (the run's argparse Namespace) and ``epoch``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist.")
+    if path.suffix == '.safetensors':
+        return load_file(str(path)), {'format': 'safetensors'}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the reason and the fix
+        raise ValueError(
+            f"'{path}' cannot be loaded safely (weights_only=True, argparse.Namespace allowed): {e}. "
+            f"timm-spe never unpickles arbitrary objects; re-save the weights as safetensors.") from e
+    info: Dict[str, Any] = {'format': 'state_dict'}
+    if isinstance(ckpt, dict) and 'state_dict' in ckpt:
+        info.update({k: ckpt[k] for k in ('epoch', 'arch', 'args', 'metric', 'best_acc') if k in ckpt})
+        info['format'] = 'timm-train' if 'args' in ckpt or 'arch' in ckpt else 'official'
+        if use_ema:
+            if ckpt.get('state_dict_ema') is None:
+                raise KeyError(f"'{path}' has no state_dict_ema (train with --model-ema, or drop --ema).")
+            state_dict = ckpt['state_dict_ema']
+            info['ema'] = True
+        else:
+            state_dict = ckpt['state_dict']
+    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state_dict = ckpt
+    else:
+        raise ValueError(f"'{path}' holds no state dict (expected a dict of tensors or a dict with 'state_dict').")
+    if is_official_state_dict(state_dict):
+        info['format'] = 'official'
+        info['depth'] = official_depth(state_dict)
+        state_dict = convert_official_state_dict(state_dict)
+    else:
+        state_dict = _strip_module(state_dict)
+    return state_dict, info
+
+
+def load_weights(model: torch.nn.Module, path: PathLike, use_ema: bool = False) -> Dict[str, Any]:
+    """Load ``path`` into ``model`` strictly; a mismatch names the missing and unexpected keys."""
+    state_dict, info = load_checkpoint_file(path, use_ema=use_ema)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        depth = f" (checkpoint depth {info['depth']})" if 'depth' in info else ''
+        raise ValueError(
+            f"'{path}'{depth} does not match {type(model).__name__} "
+            f"'{getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}': "
+            f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}. Check --model (depth, attention).")
+    return info
