@@ -28,6 +28,13 @@ PAPER_TOP1: Dict[Tuple[str, str], float] = {
 }
 
 
+def registered_cfg(model_tag: str):
+    """timm's pretrained cfg of ``<model>.<tag>``, or None if that tag is not registered."""
+    if model_tag not in timm.list_pretrained(model_tag):
+        return None
+    return timm.models.get_pretrained_cfg(model_tag)
+
+
 def dataset_of_tag(tag: str) -> str:
     """'cifar10_cpu2h' -> 'cifar10'."""
     return tag.split('_')[0]
@@ -89,8 +96,7 @@ def render_card(
     values = {
         'model_name': model_name,
         'tag': tag,
-        'repo_id': f'{timm.models.get_pretrained_cfg(f"{model_name}.{tag}").hf_hub_id}'
-        if timm.models.get_pretrained_cfg(f'{model_name}.{tag}') else f'<org>/{model_name}.{tag}',
+        'repo_id': getattr(registered_cfg(f'{model_name}.{tag}'), 'hf_hub_id', None) or f'<org>/{model_name}.{tag}',
         'dataset': dataset,
         'dataset_upper': {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}.get(dataset, dataset.upper()),
         'num_classes': num_classes,

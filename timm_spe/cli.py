@@ -20,7 +20,7 @@ import timm
 from timm.models import split_model_name_tag
 
 import timm_spe  # noqa: F401  (registers the models)
-from .card import DEFAULT_TEMPLATE, dataset_of_tag, render_card
+from .card import DEFAULT_TEMPLATE, dataset_of_tag, registered_cfg, render_card
 from .convert import load_checkpoint_file, load_weights
 from .evaluate import evaluate
 from .hub import SAFE_WEIGHTS_NAME, read_eval_json, sha256_file, stage_hub_folder, upload_hub_folder
@@ -34,10 +34,15 @@ def _create(model: str, checkpoint: Optional[str], use_ema: bool = False) -> tor
     name, tag = split_model_name_tag(model)
     if not timm.is_model(name):
         raise SystemExit(f"unknown model '{name}'; see timm.list_models('*spe*') / timm.list_models('resnet*').")
+    known_tag = not tag or registered_cfg(model) is not None
+    if not known_tag and not checkpoint:
+        tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{name}.*')]
+        raise SystemExit(f"'{name}' has no pretrained tag '{tag}' (known: {tags}); give --checkpoint for new weights.")
     if checkpoint:
         state_dict, _ = load_checkpoint_file(checkpoint, use_ema=use_ema)
-        num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else None
-        kwargs = {'num_classes': num_classes} if num_classes else {}
+        kwargs = {'num_classes': state_dict['fc.weight'].shape[0]} if 'fc.weight' in state_dict else {}
+        if not known_tag:  # weights for a tag not registered yet (e.g. a new training budget)
+            model, kwargs['pretrained_cfg_overlay'] = name, {'tag': tag}
         m = timm.create_model(model, **kwargs)
         load_weights(m, checkpoint, use_ema=use_ema)
         return m
@@ -103,7 +108,7 @@ def cmd_publish(args) -> Path:
     model_tag = f'{args.model}.{args.tag}'
     state_dict, info = load_checkpoint_file(args.src, use_ema=args.ema)
     num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else 10
-    cfg = timm.models.get_pretrained_cfg(model_tag)
+    cfg = registered_cfg(model_tag)
     overlay = {} if cfg else {'tag': args.tag, 'num_classes': num_classes}
     model = timm.create_model(model_tag if cfg else args.model, num_classes=num_classes,
                               pretrained_cfg_overlay=overlay or None)

@@ -1,0 +1,163 @@
+"""timm_spe.convert: the authors' SPEM checkpoints map onto our models with identical logits."""
+import argparse
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import timm
+import timm_spe  # noqa: F401
+from timm_spe.convert import (
+    convert_official_state_dict, is_official_state_dict, load_checkpoint_file, load_weights, official_depth)
+
+
+class OfficialBottleneck(nn.Module):
+    """A re-implementation of the authors' models/spem.py Bottleneck (same names, shapes and forward)."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        c = planes * 4
+        self.w1, self.b1 = nn.Parameter(torch.randn(1, c, 1, 1)), nn.Parameter(torch.randn(1, c, 1, 1))
+        self.w2, self.b2 = nn.Parameter(torch.randn(1, c, 1, 1)), nn.Parameter(torch.randn(1, c, 1, 1))
+        self.p = nn.Parameter(torch.rand(2) + 0.1)
+        self.global_max = nn.AdaptiveMaxPool2d((1, 1))
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        mx = self.global_max(out)
+        mn = out.min(dim=-1, keepdim=True).values.min(dim=-2, keepdim=True).values
+        mx = mx * self.w2 + self.b2
+        mn = mn * self.w2 + self.b2
+        p_pow = self.p ** 2
+        p = p_pow / p_pow.sum()
+        mix = (p[0] * mx + p[1] * mn) * self.w1 + self.b1
+        out = torch.sigmoid(mn + mx) * torch.sigmoid(mix) * out
+        return self.relu(out + residual)
+
+
+class OfficialSPEM(nn.Module):
+    def __init__(self, depth=20, num_classes=10):
+        super().__init__()
+        n = (depth - 2) // 9
+        self.inplanes = 16
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(16, n)
+        self.layer2 = self._make_layer(32, n, 2)
+        self.layer3 = self._make_layer(64, n, 2)
+        self.avgpool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(256, num_classes)
+
+    def _make_layer(self, planes, blocks, stride=1):
+        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(planes * 4))
+        layers = [OfficialBottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * 4
+        layers += [OfficialBottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+class Payload:
+    """Stands for any object outside the allow-list: it must never be unpickled."""
+
+
+@pytest.fixture(scope='module')
+def official():
+    torch.manual_seed(0)
+    model = OfficialSPEM(depth=20, num_classes=10)
+    with torch.no_grad():  # non-trivial BN statistics so that a wrong mapping shows
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+def _dataparallel_checkpoint(model, path):
+    state_dict = {f'module.{k}': v for k, v in model.state_dict().items()}
+    torch.save({'epoch': 164, 'state_dict': state_dict, 'best_acc': 94.8, 'optimizer': {}}, path)
+
+
+def test_convert_gives_identical_logits(official, tmp_path):
+    path = tmp_path / 'model_best.pth.tar'
+    _dataparallel_checkpoint(official, path)
+    state_dict, info = load_checkpoint_file(path)
+    assert info['format'] == 'official' and info['depth'] == 20 and info['best_acc'] == 94.8
+    ours = timm_spe.CifarResNet(depth=20, attn_layer='spe').eval()
+    ours.load_state_dict(state_dict)  # strict: every key maps
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-5)
+
+
+def test_key_mapping(official):
+    sd = {f'module.{k}': v for k, v in official.state_dict().items()}
+    assert is_official_state_dict(sd) and official_depth(sd) == 20
+    converted = convert_official_state_dict(sd)
+    assert converted['layer2.1.se.w_exc'].shape == (128,)
+    torch.testing.assert_close(converted['layer2.1.se.b_rew'], official.layer2[1].b2.reshape(-1))
+    assert torch.equal(converted['layer1.0.se.p'], official.layer1[0].p)
+    assert not any(k.startswith('module.') for k in converted)
+
+
+def test_cli_convert_and_model_check(official, tmp_path):
+    from timm_spe.cli import main
+    src = tmp_path / 'model_best.pth.tar'
+    _dataparallel_checkpoint(official, src)
+    with pytest.raises(SystemExit, match='does not match'):  # wrong depth names the mismatch
+        main(['convert', str(src), '--model', 'resnet83_spe', '--out', str(tmp_path / 'bad.safetensors')])
+
+
+def test_train_py_checkpoint_is_loaded_safely(tmp_path):
+    model = timm.create_model('resnet83_spe')
+    path = tmp_path / 'last.pth.tar'
+    ns = argparse.Namespace(model='resnet83_spe', epochs=3, lr=0.1)
+    torch.save({'epoch': 2, 'arch': 'resnet83_spe', 'state_dict': model.state_dict(), 'args': ns,
+                'state_dict_ema': model.state_dict()}, path)
+    state_dict, info = load_checkpoint_file(path)
+    assert info['format'] == 'timm-train' and info['args'].epochs == 3
+    assert set(state_dict) == set(model.state_dict())
+    assert load_checkpoint_file(path, use_ema=True)[1]['ema'] is True
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    path = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'args': Payload()}, path)
+    with pytest.raises(ValueError, match='cannot be loaded safely'):
+        load_checkpoint_file(path)
+
+
+def test_safetensors_and_mismatch(tmp_path):
+    model = timm.create_model('resnet83_spe')
+    path = tmp_path / 'w.safetensors'
+    save_file(model.state_dict(), str(path))
+    other = timm.create_model('resnet83_spe')
+    assert load_weights(other, path)['format'] == 'safetensors'
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(ValueError, match='missing keys'):
+        load_weights(timm.create_model('resnet83'), path)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint_file(tmp_path / 'nope.pth')

@@ -1,0 +1,215 @@
+"""Pretrained weights end to end against a real (local) Hub server: publish -> serve -> load.
+
+A small model is staged with `timm-spe publish --dry-run`, committed as a git repo and served by
+olah on 127.0.0.1 with HF_ENDPOINT pointing at it and a fresh HF cache. Loading runs in
+subprocesses, since huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE at import.
+"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import timm
+import timm_spe
+from timm_spe.cli import main as cli
+from timm_spe.hub import PretrainedWeightsNotFound, upload_hub_folder
+
+from hub_server import add_repo, local_hub
+
+ORG = timm_spe.HF_HUB_ORG
+MARKER = 'unpickled-marker'
+
+
+class _MakeDir:
+    """Pickles to ``os.makedirs(path)``: if anything ever unpickled it, the folder would appear."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+@pytest.fixture(scope='module')
+def hub(tmp_path_factory):
+    work = tmp_path_factory.mktemp('hub')
+    mirrors = work / 'mirrors'
+    torch.manual_seed(0)
+    model = timm.create_model('resnet83_spe.cifar10')
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # not the init: a real copy must be bit-exact
+    src = work / 'trained.safetensors'
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), str(src))
+    staged = work / 'staged'
+    cli(['publish', str(src), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(staged), '--dry-run',
+         '--budget', 'test fixture'])
+    good = add_repo(mirrors, f'{ORG}/resnet83_spe.cifar10', {p.name: p for p in staged.iterdir()})
+    # a truncated safetensors file
+    weights = (staged / 'model.safetensors').read_bytes()
+    add_repo(mirrors, f'{ORG}/resnet83.cifar10', {
+        'config.json': (staged / 'config.json').read_bytes(), 'model.safetensors': weights[:len(weights) // 2]})
+    # a pickle-only repo whose weights would create a folder if anything unpickled them
+    add_repo(mirrors, f'{ORG}/resnet83.cifar100', {
+        'config.json': (staged / 'config.json').read_bytes(),
+        'pytorch_model.bin': pickle.dumps(_MakeDir(str(work / MARKER)))})
+    with local_hub(mirrors, f'{ORG}/resnet83_spe.cifar10', work) as endpoint:
+        yield {'endpoint': endpoint, 'work': work, 'repo': good, 'staged': staged}
+    assert not (work / MARKER).exists()
+
+
+def _run(hub, code, hf_home, offline=False, endpoint=True):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    env.update(HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_ETAG_TIMEOUT='5',
+               HF_HUB_DOWNLOAD_TIMEOUT='10', PYTHONPATH=os.pathsep.join(sys.path))
+    if endpoint:
+        env['HF_ENDPOINT'] = hub['endpoint']
+    if offline:
+        env['HF_HUB_OFFLINE'] = '1'
+    prelude = textwrap.dedent(f'''
+        import json, torch, timm, timm_spe
+        from safetensors.torch import load_file
+        ref = load_file({str(hub['repo'] / 'model.safetensors')!r})
+        def same(model, skip=()):
+            sd = model.state_dict()
+            return all(torch.equal(sd[k], v) for k, v in ref.items() if k not in skip)
+        def attempt(fn):
+            try:
+                fn()
+                return 'ok'
+            except Exception as e:
+                return type(e).__name__ + ': ' + str(e)
+    ''')
+    proc = subprocess.run([sys.executable, '-c', prelude + textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_load_from_hub(hub, tmp_path):
+    out = _run(hub, '''
+        m1 = timm.create_model('resnet83_spe.cifar10', pretrained=True)
+        m2 = timm.create_model('hf-hub:timm-spe/resnet83_spe.cifar10', pretrained=True)
+        m3 = timm.create_model('resnet83_spe.cifar10', pretrained=True, num_classes=5, in_chans=1)
+        conv_ok = torch.allclose(m3.conv1.weight, ref['conv1.weight'].sum(1, keepdim=True))
+        print(json.dumps({'tag': same(m1), 'hf_hub': same(m2), 'hf_hub_type': type(m2).__name__,
+                          'head': list(m3.fc.weight.shape), 'conv1': conv_ok,
+                          'rest': same(m3, skip=('conv1.weight', 'fc.weight', 'fc.bias'))}))
+    ''', tmp_path / 'hf')
+    assert out == {'tag': True, 'hf_hub': True, 'hf_hub_type': 'CifarResNet', 'head': [5, 256], 'conv1': True,
+                   'rest': True}
+    # offline from the cache the first run filled
+    out = _run(hub, '''
+        m = timm.create_model('resnet83_spe.cifar10', pretrained=True)
+        print(json.dumps({'offline': same(m)}))
+    ''', tmp_path / 'hf', offline=True)
+    assert out == {'offline': True}
+
+
+def test_offline_without_cache(hub, tmp_path):
+    out = _run(hub, '''
+        print(json.dumps({'err': attempt(lambda: timm.create_model('resnet83_spe.cifar10', pretrained=True))}))
+    ''', tmp_path / 'empty-hf', offline=True)
+    assert out['err'].startswith('PretrainedWeightsNotFound') and 'not in the Hugging Face cache' in out['err']
+
+
+def test_unpublished_corrupt_and_pickle_only(hub, tmp_path):
+    out = _run(hub, '''
+        print(json.dumps({
+            'unpublished': attempt(lambda: timm.create_model('resnet83_spe.cifar100', pretrained=True)),
+            'corrupt': attempt(lambda: timm.create_model('resnet83.cifar10', pretrained=True)),
+            'pickle_only': attempt(lambda: timm.create_model('resnet83.cifar100', pretrained=True)),
+        }))
+    ''', tmp_path / 'hf')
+    assert out['unpublished'].startswith('PretrainedWeightsNotFound')
+    assert "'resnet83_spe.cifar100'" in out['unpublished'] and 'timm-spe publish' in out['unpublished']
+    assert out['corrupt'].startswith('PretrainedWeightsCorrupt') and 'truncated' in out['corrupt']
+    assert out['pickle_only'].startswith('PretrainedWeightsNotFound') and 'only safetensors' in out['pickle_only']
+    assert not (hub['work'] / MARKER).exists()
+
+
+def test_staged_folder(hub):
+    staged = hub['staged']
+    assert sorted(p.name for p in staged.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((staged / 'config.json').read_text())
+    assert config['architecture'] == 'resnet83_spe' and config['num_classes'] == 10 and config['num_features'] == 256
+    assert config['pretrained_cfg']['mean'] == list(timm_spe.CIFAR_MEAN)
+    card = (staged / 'README.md').read_text()
+    assert card.startswith('---\n') and 'library_name: timm' in card and 'license: apache-2.0' in card
+    assert timm_spe.hub.sha256_file(staged / 'model.safetensors') in card
+    assert 'Not evaluated yet' in card and '94.03%' in card and "paper's number" in card
+
+
+def test_local_file_and_list_pretrained(hub):
+    m = timm.create_model('resnet83_spe', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(hub['repo'] / 'model.safetensors')))
+    ref = load_file(str(hub['repo'] / 'model.safetensors'))
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.items())
+    assert {'resnet83_spe.cifar10', 'resnet164_spe.cifar10', 'resnet164_spe.cifar10_cpu2h'} <= set(
+        timm.list_pretrained('*spe*'))
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        timm.create_model('resnet83_spe', pretrained=True, pretrained_cfg_overlay=dict(file='/nonexistent.safetensors'))
+    with pytest.raises(PretrainedWeightsNotFound, match='no pretrained weights configured'):
+        timm.create_model('resnet50_spe', pretrained=True)
+
+
+def test_publish_refuses_non_empty_out(hub, tmp_path):
+    src = hub['repo'] / 'model.safetensors'
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'keep.txt').write_text('x')
+    with pytest.raises(SystemExit, match='not empty'):
+        cli(['publish', str(src), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(out), '--dry-run'])
+    assert (out / 'keep.txt').read_text() == 'x'
+
+
+class TestUpload:
+    """The upload is a thin call into huggingface_hub: check the arguments it gets."""
+
+    def _api(self, has_weights):
+        api = mock.MagicMock()
+        api.file_exists.return_value = has_weights
+        return api
+
+    def test_new_repo(self, hub):
+        api = self._api(False)
+        upload_hub_folder(hub['staged'], 'org/m.t', api=api)
+        api.create_repo.assert_called_once_with('org/m.t', exist_ok=True, private=False)
+        assert api.upload_folder.call_args.kwargs['create_pr'] is False
+        assert api.upload_folder.call_args.kwargs['folder_path'] == str(hub['staged'])
+
+    def test_existing_weights_need_a_flag(self, hub):
+        api = self._api(True)
+        with pytest.raises(FileExistsError, match='--create-pr'):
+            upload_hub_folder(hub['staged'], 'org/m.t', api=api)
+        api.upload_folder.assert_not_called()
+        upload_hub_folder(hub['staged'], 'org/m.t', api=api, create_pr=True)
+        assert api.upload_folder.call_args.kwargs['create_pr'] is True
+        upload_hub_folder(hub['staged'], 'org/m.t', api=api, overwrite=True)
+        assert api.upload_folder.call_args.kwargs['create_pr'] is False
+
+    def test_refuses_pickles(self, hub, tmp_path):
+        folder = tmp_path / 'f'
+        folder.mkdir()
+        for p in hub['staged'].iterdir():
+            (folder / p.name).write_bytes(p.read_bytes())
+        (folder / 'pytorch_model.bin').write_bytes(b'x')
+        with pytest.raises(ValueError, match='pickle'):
+            upload_hub_folder(folder, 'org/m.t', api=self._api(False))
+
+    def test_cli_upload_path(self, hub, tmp_path):
+        api = self._api(False)
+        with mock.patch('timm_spe.hub.HfApi', return_value=api):
+            cli(['publish', str(hub['repo'] / 'model.safetensors'), '--model', 'resnet83_spe', '--tag', 'cifar10',
+                 '--out', str(tmp_path / 'o'), '--create-pr'])
+        assert api.upload_folder.call_args.kwargs['repo_id'] == f'{ORG}/resnet83_spe.cifar10'
+        assert api.upload_folder.call_args.kwargs['create_pr'] is True
