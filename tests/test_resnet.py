@@ -138,3 +138,66 @@ def test_default_tags():
     assert timm.create_model('resnet164').pretrained_cfg['tag'] == 'cifar10'
     assert {'resnet164_spe.cifar10', 'resnet164_spe.cifar100', 'resnet164_spe.cifar10_cpu2h'} <= set(
         timm.list_pretrained('resnet164_spe*'))
+
+
+def _unfused_copy(model):
+    """The same weights run through timm's own Bottleneck.forward (x * gate, then += shortcut, ReLU)."""
+    import copy
+    from timm.models.resnet import Bottleneck
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, timm_spe.resnet.SpeBottleneck):
+            m.__class__ = Bottleneck
+    return ref
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_fused_spe_block_matches_timm_block(train):
+    torch.manual_seed(0)
+    m = timm.create_model('resnet83_spe')
+    assert isinstance(m.layer2[1], timm_spe.resnet.SpeBottleneck)
+    assert type(timm.create_model('resnet83_se').layer2[1]).__name__ == 'Bottleneck'
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref = _unfused_copy(m)
+    m.train(train)
+    ref.train(train)
+    x = torch.randn(4, 3, 32, 32)
+    out, out_ref = m(x), ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    if train:
+        out.square().mean().backward()
+        out_ref.square().mean().backward()
+        for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_drop_path_uses_unfused_path():
+    m = timm.create_model('resnet83_spe', drop_path_rate=0.2).eval()
+    ref = _unfused_copy(m)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(m(x), ref(x))
+
+
+def test_torchscript_fx_export_compile():
+    import warnings
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    m = timm.create_model('resnet83_spe').eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.testing.assert_close(torch.jit.script(m)(x), ref)
+    kw = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, eval_nodes = get_graph_node_names(m, tracer_kwargs=kw)
+    fx = create_feature_extractor(m, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                  tracer_kwargs=kw)
+    torch.testing.assert_close(list(fx.eval()(x).values())[0], ref)
+    torch.testing.assert_close(torch.export.export(m, (x,)).module()(x), ref)
+    list(fx.train()(x).values())[0].mean().backward()  # the penalty function is an FX leaf
+    assert all(p.grad is not None for p in fx.parameters())
+    from torch import _dynamo
+    for mode in (True, False):
+        assert _dynamo.explain(m.train(mode))(x).graph_break_count == 0

@@ -53,6 +53,32 @@ def _stage_blocks(depth: int) -> int:
     return (depth - 2) // 9
 
 
+class SpeBottleneck(Bottleneck):
+    """timm's ``Bottleneck`` with an SPE layer: the gate multiply, residual add and ReLU run as one
+    ``addcmul`` + in-place ReLU, saving a full pass over the activation (same parameters and keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.drop_block(x)
+        x = self.act2(x)
+        x = self.aa(x)
+        x = self.bn3(self.conv3(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        if self.drop_path is not None:
+            x = self.drop_path(self.se(x))
+            return self.act3(x + shortcut)
+        return torch.relu_(torch.addcmul(shortcut, x, self.se.gate(x)))
+
+
+def _is_spe(attn_layer: Any) -> bool:
+    cls = getattr(attn_layer, 'func', attn_layer)  # functools.partial
+    return isinstance(cls, type) and issubclass(cls, SpeModule)
+
+
 class CifarResNet(nn.Module):
     """CIFAR bottleneck ResNet (v1, post-activation) with optional channel attention per block.
 
@@ -100,6 +126,7 @@ class CifarResNet(nn.Module):
             if attn_layer is None:
                 raise ValueError(f'attn_kwargs={attn_kwargs} given but the model has no attn_layer.')
             attn_layer = partial(attn_layer, **attn_kwargs)
+        block_cls = SpeBottleneck if _is_spe(attn_layer) and act_layer is nn.ReLU else Bottleneck
         self.depth = depth
         self.num_classes = num_classes
         self.drop_rate = drop_rate
@@ -124,7 +151,7 @@ class CifarResNet(nn.Module):
                 downsample = None
                 if i == 0 and (stride != 1 or inplanes != outplanes):
                     downsample = downsample_conv(inplanes, outplanes, 1, stride=stride, norm_layer=norm_layer, **dd)
-                blocks.append(Bottleneck(
+                blocks.append(block_cls(
                     inplanes,
                     planes,
                     stride=stride if i == 0 else 1,

@@ -57,15 +57,23 @@ def with_penalty_grad(p: torch.Tensor, owner: nn.Module) -> torch.Tensor:
     return _PenaltyGrad.apply(p, owner)
 
 
+@register_notrace_function  # dtype branch: an FX leaf
 def mix_weights(p: torch.Tensor) -> torch.Tensor:
     """Eq. 3: ``(lambda, 1 - lambda) = p^2 / sum(p^2)``, finite (0.5, 0.5) when all ``p`` are 0.
 
-    The ``tiny`` offset is the dtype's smallest normal number: it leaves the result bit-identical
-    to ``p^2 / sum(p^2)`` for any ``p^2`` above ~1e-31 (fp32) and only matters at exactly zero.
+    Computed in float32 (float64 stays float64). The ``tiny`` offset, float32's smallest normal number,
+    leaves the result bit-identical to ``p^2 / sum(p^2)`` for any ``p^2`` above ~1e-31 and only matters
+    at exactly zero.
     """
-    tiny = torch.finfo(p.dtype).tiny
-    p_sq = p * p
-    return (p_sq + tiny) / (p_sq.sum() + 2 * tiny)
+    tiny = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny; a literal for TorchScript
+    acc = p if p.dtype == torch.float64 else p.float()
+    p_sq = acc * acc
+    return ((p_sq + tiny) / (p_sq.sum() + 2 * tiny)).to(p.dtype)
+
+
+# FX leaves wherever they are called from (also via SpeModule.gate, which is not a module call)
+torch.fx.wrap('with_penalty_grad')
+torch.fx.wrap('mix_weights')
 
 
 class SpeModule(nn.Module):

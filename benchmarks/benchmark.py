@@ -1,0 +1,260 @@
+"""Benchmark SPE against no attention, SE, ECA and an unfused reference of the authors' formulation.
+
+    python benchmarks/benchmark.py [--out benchmarks/results.json] [--plot benchmarks/results.png] [--quick]
+
+In one run on one machine, with warm-up and repeated timed runs (median, min-max):
+  * eval forward (no grad) and train step (forward + backward + SGD step), batch 128, 32x32, for
+    resnet164, resnet164_spe, resnet164_se, resnet164_eca and resnet164 with `UnfusedSpeReference`;
+  * the SPE module alone vs timm's SEModule on 128x256x8x8 and 128x64x32x32 (forward; forward+backward);
+  * memory of a train step: the bytes autograd saves for backward (exact, from saved-tensor hooks) and
+    the peak RSS growth of one train step in a fresh subprocess (what the OS sees).
+Prints a table with ratios to resnet164 and writes JSON (and a plot).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import timm
+from timm.layers import SEModule
+
+import timm_spe
+from timm_spe import SpeModule
+
+MODELS = ('resnet164', 'resnet164_spe', 'resnet164_se', 'resnet164_eca', 'resnet164_spe_unfused')
+
+
+class UnfusedSpeReference(nn.Module):
+    """The authors' formulation written as they wrote it: AdaptiveMaxPool2d, two chained min
+    reductions, separate elementwise ops, 1 x C x 1 x 1 parameters (no fusion, no custom autograd)."""
+
+    def __init__(self, channels: int, **_):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.b1 = nn.Parameter(torch.full((1, channels, 1, 1), -1.))
+        self.w2 = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.b2 = nn.Parameter(torch.full((1, channels, 1, 1), -1.))
+        self.p = nn.Parameter(torch.full((2,), 0.5))
+        self.global_max = nn.AdaptiveMaxPool2d((1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mx = self.global_max(x)
+        mn = x.min(dim=-1, keepdim=True).values.min(dim=-2, keepdim=True).values
+        mx = mx * self.w2 + self.b2
+        mn = mn * self.w2 + self.b2
+        p_pow = torch.pow(self.p, 2)
+        p = p_pow / torch.sum(p_pow)
+        mix = p[0] * mx + p[1] * mn
+        mix = mix * self.w1 + self.b1
+        return torch.sigmoid(mn + mx) * torch.sigmoid(mix) * x
+
+
+def create(name: str) -> nn.Module:
+    if name == 'resnet164_spe_unfused':
+        return timm.create_model('resnet164', attn_layer=UnfusedSpeReference)
+    return timm.create_model(name)
+
+
+def timed(fn: Callable[[], None], warmup: int, repeats: int) -> Dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times), 'max_ms': 1e3 * max(times)}
+
+
+def bench_model(name: str, batch: int, warmup: int, repeats: int) -> Dict[str, Dict[str, float]]:
+    torch.manual_seed(0)
+    model = create(name)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    model.eval()
+
+    def eval_fwd():
+        with torch.no_grad():
+            model(x)
+
+    result = {'eval_forward': timed(eval_fwd, warmup, repeats)}
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    result['train_step'] = timed(train_step, warmup, repeats)
+    return result
+
+
+def bench_modules(warmup: int, repeats: int, quick: bool) -> List[Dict[str, object]]:
+    rows = []
+    shapes = [(8, 256, 8, 8), (8, 64, 32, 32)] if quick else [(128, 256, 8, 8), (128, 64, 32, 32)]
+    for shape in shapes:
+        x = torch.randn(*shape)
+        for label, module in (('SpeModule', SpeModule(shape[1])), ('SEModule', SEModule(shape[1]))):
+            module.train()
+
+            def fwd():
+                with torch.no_grad():
+                    module(x)
+
+            xg = x.clone().requires_grad_()
+
+            def fwd_bwd():
+                module.zero_grad(set_to_none=True)
+                xg.grad = None
+                module(xg).sum().backward()
+
+            rows.append({'module': label, 'shape': 'x'.join(map(str, shape)),
+                         'forward': timed(fwd, warmup, repeats), 'forward_backward': timed(fwd_bwd, warmup, repeats)})
+    return rows
+
+
+def saved_for_backward_mib(name: str, batch: int) -> float:
+    """Unique storage bytes autograd holds for backward after one training forward (exact, allocator-independent)."""
+    model = create(name).train()
+    storages: Dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(batch, 3, 32, 32))
+    return sum(storages.values()) / 2 ** 20
+
+
+def peak_rss_growth_mib(name: str, batch: int) -> float:
+    """Peak RSS growth of one train step (after a warm-up step), measured in a fresh subprocess."""
+    code = f'''
+import resource, sys, torch, torch.nn.functional as F
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import benchmark
+m = benchmark.create({name!r}).train()
+x = torch.randn({batch}, 3, 32, 32); y = torch.randint(0, 10, ({batch},))
+opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+def step():
+    opt.zero_grad(set_to_none=True); F.cross_entropy(m(x), y).backward(); opt.step()
+step()  # warm-up: optimizer state, allocator pools
+import gc; gc.collect()
+before = open('/proc/self/statm').read().split()[1]
+base = int(before) * resource.getpagesize()
+step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(max(peak - base, 0) / 2**20)
+'''
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def fmt(t: Dict[str, float]) -> str:
+    return f"{t['median_ms']:9.1f} ({t['min_ms']:.1f}-{t['max_ms']:.1f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default='benchmarks/results.json')
+    parser.add_argument('--plot', default=None, help='write a PNG of the ratios to resnet164')
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--quick', action='store_true', help='tiny smoke run (batch 8, 1 warm-up, 2 repeats)')
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.warmup, args.repeats = 8, 1, 2
+
+    meta = {
+        'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'machine': f'{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}',
+        'cpu_count': os.cpu_count(),
+        'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'timm': timm.__version__,
+        'timm_spe': timm_spe.__version__, 'batch': args.batch, 'warmup': args.warmup, 'repeats': args.repeats,
+    }
+    results = {'meta': meta, 'models': {}, 'modules': [], 'memory': {}}
+    for name in tqdm(MODELS, desc='models (time)'):
+        results['models'][name] = bench_model(name, args.batch, args.warmup, args.repeats)
+    results['modules'] = bench_modules(args.warmup, args.repeats + 3, args.quick)
+    for name in tqdm(MODELS, desc='models (memory)'):
+        results['memory'][name] = {'saved_for_backward_mib': saved_for_backward_mib(name, args.batch),
+                                   'peak_rss_growth_mib': peak_rss_growth_mib(name, args.batch)}
+
+    base = results['models']['resnet164']
+    base_mem = results['memory']['resnet164']
+    ratios = {}
+    for name in MODELS:
+        r, m = results['models'][name], results['memory'][name]
+        ratios[name] = {
+            'eval_forward': r['eval_forward']['median_ms'] / base['eval_forward']['median_ms'],
+            'train_step': r['train_step']['median_ms'] / base['train_step']['median_ms'],
+            'saved_for_backward': m['saved_for_backward_mib'] / base_mem['saved_for_backward_mib'],
+            'peak_rss_growth': m['peak_rss_growth_mib'] / max(base_mem['peak_rss_growth_mib'], 1e-9),
+        }
+    results['ratios'] = ratios
+    spe, ref = results['models']['resnet164_spe'], results['models']['resnet164_spe_unfused']
+    results['speedup_vs_unfused'] = {k: ref[k]['median_ms'] / spe[k]['median_ms'] for k in ('eval_forward', 'train_step')}
+
+    lines = [
+        f"machine: {meta['machine']}; torch {meta['torch']} ({meta['torch_threads']} threads); timm {meta['timm']}; "
+        f"{meta['date']}; batch {meta['batch']}, 32x32; median (min-max) of {meta['repeats']} after {meta['warmup']} warm-up",
+        '',
+        '| model | eval forward ms | train step ms | saved for backward MiB | peak RSS growth MiB | eval / r164 | train / r164 | saved / r164 | RSS / r164 |',
+        '|---|---|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for name in MODELS:
+        r, m, q = results['models'][name], results['memory'][name], ratios[name]
+        lines.append(
+            f"| {name} | {fmt(r['eval_forward'])} | {fmt(r['train_step'])} | {m['saved_for_backward_mib']:.0f} "
+            f"| {m['peak_rss_growth_mib']:.0f} | {q['eval_forward']:.3f} | {q['train_step']:.3f} "
+            f"| {q['saved_for_backward']:.3f} | {q['peak_rss_growth']:.3f} |")
+    lines += ['', f"resnet164_spe vs unfused reference: {results['speedup_vs_unfused']['eval_forward']:.2f}x faster "
+                  f"(eval forward), {results['speedup_vs_unfused']['train_step']:.2f}x (train step)", '',
+              '| module | input | forward ms | forward+backward ms |', '|---|---|---|---|']
+    for row in results['modules']:
+        lines.append(f"| {row['module']} | {row['shape']} | {fmt(row['forward'])} | {fmt(row['forward_backward'])} |")
+    table = '\n'.join(lines)
+    print(table)
+    results['table'] = table
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(ratios, args.plot, meta)
+
+
+def plot(ratios: Dict[str, Dict[str, float]], path: str, meta: Dict[str, object]) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    keys = ['eval_forward', 'train_step', 'saved_for_backward', 'peak_rss_growth']
+    names = [n for n in MODELS if n != 'resnet164']
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar([k + i * width for k in range(len(keys))], [ratios[n][k] for k in keys], width, label=n)
+    ax.axhline(1.0, color='k', lw=0.8)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys)
+    ax.set_ylabel('ratio to resnet164')
+    ax.set_title(f"batch {meta['batch']}, {meta['torch_threads']} threads, torch {meta['torch']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == '__main__':
+    main()
