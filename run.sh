@@ -40,8 +40,12 @@ case "${1:-}" in
         if grep -q '^data_dir: data/cifar10-jpeg' "$recipe" && [ ! -d data/cifar10-jpeg ]; then
             mkdir -p data && tar xzf "${CIFAR10_JPEG_TAR:-../shared/data/cifar10-jpeg.tar.gz}" -C data
         fi
-        "$PY" "$(train_py)" --config "$recipe" "$@"
-        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" ;;
+        log="output/$(basename "$recipe" .yaml).log"
+        mkdir -p output
+        set -o pipefail
+        "$PY" "$(train_py)" --config "$recipe" "$@" 2>&1 | tee "$log"
+        # evaluate the best checkpoint, plot, and stage hub_cards/<model>.<tag>/ (never overwrites)
+        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --log "$log" ;;
     *)
         sed -n '2,9p' "$0"; exit 2 ;;
 esac

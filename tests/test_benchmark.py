@@ -1,0 +1,46 @@
+"""benchmarks/benchmark.py runs end to end (quick mode) and reports every measurement it promises."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import benchmark  # noqa: E402
+
+
+def test_unfused_reference_matches_spe():
+    """The benchmark's unfused reference computes the same function as SpeModule (same init)."""
+    import torch
+    from timm_spe import SpeModule
+    torch.manual_seed(0)
+    ref, spe = benchmark.UnfusedSpeReference(8), SpeModule(8)
+    with torch.no_grad():
+        for name_ref, name in (('w1', 'w_exc'), ('b1', 'b_exc'), ('w2', 'w_rew'), ('b2', 'b_rew')):
+            v = torch.randn(8)
+            getattr(ref, name_ref).copy_(v.view(1, -1, 1, 1))
+            getattr(spe, name).copy_(v)
+        ref.p.copy_(torch.tensor([0.3, 0.9]))
+        spe.p.copy_(torch.tensor([0.3, 0.9]))
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(spe(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_quick_run(tmp_path):
+    out = tmp_path / 'r.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--quick', '--out', str(out),
+                           '--plot', str(tmp_path / 'r.png')], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r['models']) == set(benchmark.MODELS)
+    for name in benchmark.MODELS:
+        for kind in ('eval_forward', 'train_step'):
+            t = r['models'][name][kind]
+            assert 0 < t['min_ms'] <= t['median_ms'] <= t['max_ms']
+        assert r['memory'][name]['saved_for_backward_mib'] > 0
+    assert r['ratios']['resnet164']['train_step'] == 1.0
+    assert {m['module'] for m in r['modules']} == {'SpeModule', 'SEModule'} and len(r['modules']) == 4
+    assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
