@@ -7,6 +7,22 @@ from typing import Dict, List, Optional, Union
 __all__ = ['read_summary', 'read_train_log', 'plot_training_curve', 'spe_lambdas', 'plot_lambdas']
 
 PathLike = Union[str, Path]
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out_png: PathLike) -> Path:
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    _pyplot().close(fig)
+    return out_png
+
+
 _LOG_LINE = re.compile(r'Train: (\d+) \[\s*(\d+)/(\d+)[^\]]*\]\s+Loss:\s+([\d.]+)')
 
 
@@ -33,9 +49,7 @@ def read_train_log(path: PathLike) -> List[Dict[str, float]]:
 def plot_training_curve(summary_csv: PathLike, out_png: PathLike, log: Optional[PathLike] = None,
                         title: str = '') -> Path:
     """Loss (train per step if ``log`` is given, train/eval per epoch) and eval top-1 vs epoch."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = read_summary(summary_csv)
     epochs = [r['epoch'] + 1 for r in rows]  # summary rows are written at the end of each epoch
@@ -60,12 +74,7 @@ def plot_training_curve(summary_csv: PathLike, out_png: PathLike, log: Optional[
     ax_acc.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def spe_lambdas(model) -> List[Dict[str, object]]:
@@ -84,9 +93,7 @@ def spe_lambdas(model) -> List[Dict[str, object]]:
 
 def plot_lambdas(rows: List[Dict[str, object]], out_png: PathLike, title: str = '') -> Path:
     """Bar plot of lambda per SPE block, stage boundaries marked (block names ``layerS.I``)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if not rows:
         raise ValueError('the model has no SPE layers: nothing to plot')
@@ -106,9 +113,4 @@ def plot_lambdas(rows: List[Dict[str, object]], out_png: PathLike, title: str = 
     ax.legend(ncol=4, fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
