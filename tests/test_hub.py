@@ -87,7 +87,8 @@ def _run(hub, code, hf_home, offline=False, endpoint=True):
                 fn()
                 return 'ok'
             except Exception as e:
-                return type(e).__name__ + ': ' + str(e)
+                cause = ' [cause: ' + type(e.__cause__).__name__ + ']' if e.__cause__ is not None else ''
+                return type(e).__name__ + ': ' + str(e) + cause
     ''')
     proc = subprocess.run([sys.executable, '-c', prelude + textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -113,6 +114,45 @@ def test_load_from_hub(hub, tmp_path):
         print(json.dumps({'offline': same(m)}))
     ''', tmp_path / 'hf', offline=True)
     assert out == {'offline': True}
+    out = _run(hub, '''
+        m = timm.create_model('hf-hub:timm-spe/resnet83_spe.cifar10', pretrained=True)
+        print(json.dumps({'offline_hf_hub': same(m)}))
+    ''', tmp_path / 'hf', offline=True)
+    assert out == {'offline_hf_hub': True}
+
+
+def test_local_dir_and_cache_dir(hub, tmp_path):
+    pickle_dir = tmp_path / 'pickle-only'
+    pickle_dir.mkdir()
+    (pickle_dir / 'config.json').write_bytes((hub['staged'] / 'config.json').read_bytes())
+    (pickle_dir / 'pytorch_model.bin').write_bytes(pickle.dumps(_MakeDir(str(hub['work'] / MARKER))))
+    out = _run(hub, f'''
+        import pathlib
+        m = timm.create_model('local-dir:{hub['staged']}', pretrained=True)
+        c = timm.create_model('resnet83_spe.cifar10', pretrained=True, cache_dir={str(tmp_path / 'cache')!r})
+        cached = sorted(str(p.relative_to({str(tmp_path / 'cache')!r})) for p in
+                        pathlib.Path({str(tmp_path / 'cache')!r}).rglob('model.safetensors'))
+        print(json.dumps({{'local_dir': same(m), 'cache_dir': same(c), 'cached': cached,
+                          'default_cache_used': pathlib.Path({str(tmp_path / 'hf')!r}).exists(),
+                          'pickle_dir': attempt(lambda: timm.create_model('local-dir:{pickle_dir}', pretrained=True))}}))
+    ''', tmp_path / 'hf')
+    assert out['local_dir'] is True and out['cache_dir'] is True
+    assert out['cached'] == ['models--timm-spe--resnet83_spe.cifar10/snapshots/' + out['cached'][0].split('/')[2]
+                             + '/model.safetensors'] and not out['default_cache_used']
+    assert out['pickle_dir'].startswith('PretrainedWeightsNotFound') and 'only safetensors' in out['pickle_dir']
+    assert not (hub['work'] / MARKER).exists()
+
+
+def test_unreachable_hub(hub, tmp_path):
+    """Server down (not offline mode) and nothing cached: a clear message, not a connection trace."""
+    from hub_server import _free_port
+    out = _run({**hub, 'endpoint': f'http://127.0.0.1:{_free_port()}'}, '''
+        import time, types, huggingface_hub.utils._http as http  # skip the ~25 s of retry back-off sleeps
+        http.time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith('_')})
+        http.time.sleep = lambda s: None
+        print(json.dumps({'err': attempt(lambda: timm.create_model('resnet83_spe.cifar10', pretrained=True))}))
+    ''', tmp_path / 'hf')
+    assert out['err'].startswith('PretrainedWeightsNotFound') and 'cannot be reached' in out['err']
 
 
 def test_offline_without_cache(hub, tmp_path):
@@ -120,6 +160,7 @@ def test_offline_without_cache(hub, tmp_path):
         print(json.dumps({'err': attempt(lambda: timm.create_model('resnet83_spe.cifar10', pretrained=True))}))
     ''', tmp_path / 'empty-hf', offline=True)
     assert out['err'].startswith('PretrainedWeightsNotFound') and 'not in the Hugging Face cache' in out['err']
+    assert 'HF_HUB_OFFLINE=1' in out['err'] and 'resnet83_spe.cifar10' in out['err']
 
 
 def test_unpublished_corrupt_and_pickle_only(hub, tmp_path):
@@ -135,6 +176,21 @@ def test_unpublished_corrupt_and_pickle_only(hub, tmp_path):
     assert out['corrupt'].startswith('PretrainedWeightsCorrupt') and 'truncated' in out['corrupt']
     assert out['pickle_only'].startswith('PretrainedWeightsNotFound') and 'only safetensors' in out['pickle_only']
     assert not (hub['work'] / MARKER).exists()
+    # olah 0.5.4 reports a missing file like a missing repo (the real Hub: EntryNotFoundError); both are handled
+    assert out['unpublished'].endswith('[cause: RepositoryNotFoundError]')
+    assert out['pickle_only'].endswith('[cause: RepositoryNotFoundError]')
+
+
+def test_timm_alone_would_unpickle_a_pickle_only_repo(hub, tmp_path):
+    """Why the guard exists: timm's own Hub loader falls back to pytorch_model.bin (restricted torch.load)."""
+    out = _run(hub, '''
+        from timm.models._hub import load_state_dict_from_hf
+        print(json.dumps({'timm': attempt(lambda: load_state_dict_from_hf('timm-spe/resnet83.cifar100'))}))
+    ''', tmp_path / 'hf')
+    # olah answers the missing model.safetensors with 404 "repo not found", which timm does not catch; on the real
+    # Hub (EntryNotFoundError) timm goes on to torch.load(pytorch_model.bin, weights_only=True)
+    assert out['timm'].startswith('RepositoryNotFoundError')
+    assert not (hub['work'] / MARKER).exists()
 
 
 def test_staged_folder(hub):
@@ -146,7 +202,9 @@ def test_staged_folder(hub):
     card = (staged / 'README.md').read_text()
     assert card.startswith('---\n') and 'library_name: timm' in card and 'license: apache-2.0' in card
     assert timm_spe.hub.sha256_file(staged / 'model.safetensors') in card
-    assert 'Not evaluated yet' in card and '94.03%' in card and "paper's number" in card
+    assert 'Not evaluated' in card and '94.03%' in card and "paper's number" in card
+    assert 'ResNet-83 with SPE' in card and 'Params (M): 0.' in card and 'GMACs: 0.1' in card
+    assert "hf-hub:timm-spe/resnet83_spe.cifar10" in card
 
 
 def test_local_file_and_list_pretrained(hub):
@@ -183,7 +241,7 @@ class TestUpload:
     def test_new_repo(self, hub):
         api = self._api(False)
         upload_hub_folder(hub['staged'], 'org/m.t', api=api)
-        api.create_repo.assert_called_once_with('org/m.t', exist_ok=True, private=False)
+        api.create_repo.assert_called_once_with('org/m.t', exist_ok=True, private=None)
         assert api.upload_folder.call_args.kwargs['create_pr'] is False
         assert api.upload_folder.call_args.kwargs['folder_path'] == str(hub['staged'])
 
@@ -213,3 +271,98 @@ class TestUpload:
                  '--out', str(tmp_path / 'o'), '--create-pr'])
         assert api.upload_folder.call_args.kwargs['repo_id'] == f'{ORG}/resnet83_spe.cifar10'
         assert api.upload_folder.call_args.kwargs['create_pr'] is True
+
+
+@pytest.fixture(scope='module')
+def evaluated(hub, tmp_path_factory):
+    """`timm-spe eval` of the published weights on ten images: the eval JSON a card quotes."""
+    from PIL import Image
+    work = tmp_path_factory.mktemp('publish')
+    for c in range(10):
+        (work / 'test' / f'class{c}').mkdir(parents=True)
+        Image.new('RGB', (32, 32), (25 * c, 100, 0)).save(work / 'test' / f'class{c}' / '0.png')
+    src = hub['repo'] / 'model.safetensors'
+    cli(['eval', 'resnet83_spe.cifar10', '--checkpoint', str(src), '--data-dir', str(work / 'test'),
+         '--data-label', 'ten test images', '--out', str(work / 'eval.json')])
+    return {'src': src, 'eval_json': work / 'eval.json', 'data': work / 'test'}
+
+
+class TestPublish:
+    """`timm-spe publish`: the card's numbers come from the eval JSON of these very weights."""
+
+    def test_card_quotes_the_eval_json(self, evaluated, tmp_path):
+        figure = tmp_path / 'spe_lambda.png'
+        figure.write_bytes(b'\x89PNG fake')
+        out = tmp_path / 'staged'
+        with mock.patch('timm_spe.hub.HfApi') as api:
+            cli(['publish', str(evaluated['src']), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(out),
+                 '--dry-run', '--eval-json', str(evaluated['eval_json']), '--recipe', 'test recipe',
+                 '--budget', '0 epochs', '--figure', f'{figure}:learned lambda'])
+        api.assert_not_called()  # a dry run never talks to the Hub
+        result = json.loads(evaluated['eval_json'].read_text())
+        assert result['command'].startswith('timm-spe eval resnet83_spe.cifar10')
+        assert result['num_images'] == 10 and result['data'] == str(evaluated['data'])
+        assert result['checkpoint_sha256'] == timm_spe.hub.sha256_file(evaluated['src'])
+        assert sorted(p.name for p in out.iterdir()) == [
+            'README.md', 'config.json', 'eval.json', 'model.safetensors', 'spe_lambda.png']
+        card = (out / 'README.md').read_text()
+        sha = timm_spe.hub.sha256_file(out / 'model.safetensors')
+        assert result['weights_sha256'] == sha and 'on exactly these weights (same sha256)' in card
+        assert f"| ten test images | 10 | {result['top1']:.2f} | {result['top5']:.2f} | {result['loss']:.4f} |" in card
+        assert '**Recipe:** test recipe' in card and '**Budget actually used:** 0 epochs' in card
+        assert '![learned lambda](spe_lambda.png)' in card and 'Not evaluated' not in card
+
+    def test_eval_json_of_other_weights_or_model_is_refused(self, evaluated, tmp_path):
+        other = tmp_path / 'other.safetensors'
+        from safetensors.torch import save_file
+        save_file(timm.create_model('resnet83_spe').state_dict(), str(other))
+        with pytest.raises(SystemExit, match='measured on other weights'):
+            cli(['publish', str(other), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(tmp_path / 'a'),
+                 '--dry-run', '--eval-json', str(evaluated['eval_json'])])
+        save_file(timm.create_model('resnet83').state_dict(), str(other))
+        with pytest.raises(SystemExit, match="result of 'resnet83_spe', not 'resnet83'"):
+            cli(['publish', str(other), '--model', 'resnet83', '--tag', 'cifar10', '--out', str(tmp_path / 'b'),
+                 '--dry-run', '--eval-json', str(evaluated['eval_json'])])
+        assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+
+    def test_train_py_checkpoint_recipe_budget_and_ema(self, tmp_path):
+        import argparse
+        torch.manual_seed(1)
+        model, ema = timm.create_model('resnet83_spe', num_classes=100), timm.create_model('resnet83_spe', num_classes=100)
+        ns = argparse.Namespace(model='resnet83_spe', opt='sgd', lr=0.1, weight_decay=1e-4, sched='multistep',
+                                epochs=164, batch_size=128, train_crop_mode='pad4')
+        ckpt = tmp_path / 'model_best.pth.tar'
+        torch.save({'epoch': 99, 'arch': 'resnet83_spe', 'state_dict': model.state_dict(),
+                    'state_dict_ema': ema.state_dict(), 'args': ns, 'optimizer': {}}, ckpt)
+        with pytest.raises(SystemExit, match='100-class classifier but .resnet83_spe.cifar10. is a 10-class tag'):
+            cli(['publish', str(ckpt), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(tmp_path / 'x'),
+                 '--dry-run'])
+        out = tmp_path / 'o'
+        cli(['publish', str(ckpt), '--model', 'resnet83_spe', '--tag', 'cifar100', '--out', str(out), '--dry-run',
+             '--ema'])
+        card = (out / 'README.md').read_text()
+        assert 'opt sgd, lr 0.1' in card and 'epochs 164, batch 128, crop pad4' in card
+        assert 'checkpoint of epoch 100 of 164 scheduled, batch 128' in card and '73.87%' in card
+        assert 'datasets:\n- cifar100' in card and 'Classes: 100' in card
+        staged = load_file(str(out / 'model.safetensors'))
+        assert all(torch.equal(staged[k], v) for k, v in ema.state_dict().items())
+        assert json.loads((out / 'config.json').read_text())['num_classes'] == 100
+
+    def test_failed_staging_leaves_nothing(self, evaluated, tmp_path):
+        out = tmp_path / 'staged'
+        with pytest.raises(SystemExit, match='does not exist'):
+            cli(['publish', str(evaluated['src']), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(out),
+                 '--dry-run', '--eval-json', str(tmp_path / 'missing.json')])
+        with pytest.raises(SystemExit, match='template'):
+            cli(['publish', str(evaluated['src']), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(out),
+                 '--dry-run', '--template', str(tmp_path / 'no-template.md')])
+        assert list(tmp_path.iterdir()) == []
+
+    def test_new_tag_needs_a_repo_id(self, evaluated, tmp_path):
+        with pytest.raises(SystemExit, match='--repo-id'):
+            cli(['publish', str(evaluated['src']), '--model', 'resnet83_spe', '--tag', 'cifar10_new',
+                 '--out', str(tmp_path / 'o')])
+        cli(['publish', str(evaluated['src']), '--model', 'resnet83_spe', '--tag', 'cifar10_new',
+             '--out', str(tmp_path / 'o'), '--dry-run'])
+        config = json.loads((tmp_path / 'o' / 'config.json').read_text())
+        assert config['pretrained_cfg']['tag'] == 'cifar10_new'

@@ -1,4 +1,11 @@
-""" Model cards for the Hub: complexity, the paper's reference numbers, and rendering the template """
+""" Model cards for the Hub: complexity, the paper's reference numbers, and rendering the template
+
+Every number on a card comes from somewhere checkable: accuracy from the JSON ``timm-spe eval``
+wrote (never typed in), params / GMACs counted on the model, the sha256 of the staged weights, the
+recipe and budget from the arguments or the train.py checkpoint. The paper's number is shown
+separately and labelled as the paper's.
+"""
+
 import string
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -8,7 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
-__all__ = ['PAPER_TOP1', 'DEFAULT_TEMPLATE', 'model_complexity', 'paper_top1', 'render_card']
+__all__ = [
+    'PAPER_TOP1', 'DEFAULT_TEMPLATE', 'model_complexity', 'paper_top1', 'render_card', 'registered_cfg',
+    'dataset_of_tag', 'dataset_title', 'describe_model',
+]
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / 'hub_cards' / 'template.md'
 
@@ -40,6 +50,28 @@ def dataset_of_tag(tag: str) -> str:
     return tag.split('_')[0]
 
 
+def dataset_title(dataset: str) -> str:
+    """'cifar10' -> 'CIFAR-10'."""
+    return {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}.get(dataset, dataset.upper())
+
+
+_ATTN_TITLES = {
+    'spe': 'SPE (Self-adaptive Pooling Enhanced) attention',
+    'se': 'SE (squeeze-and-excitation) attention',
+    'eca': 'ECA (efficient channel attention)',
+    'cbam': 'CBAM attention',
+}
+
+
+def describe_model(model_name: str) -> str:
+    """One line naming the architecture: 'A CIFAR bottleneck ResNet-164 with SPE ... attention'."""
+    depth, _, attn = model_name[len('resnet'):].partition('_')
+    what = f'A CIFAR bottleneck ResNet-{depth}' if depth.isdigit() else f'A {model_name}'
+    if attn:
+        return f'{what} with {_ATTN_TITLES.get(attn, attn.upper() + " attention")} in every block'
+    return f'{what} without attention (the paper\'s baseline)'
+
+
 def paper_top1(model_name: str, tag: str) -> Optional[float]:
     return PAPER_TOP1.get((model_name, dataset_of_tag(tag)))
 
@@ -54,19 +86,22 @@ def model_complexity(model_name: str, num_classes: int = 10, img_size: int = 32)
     return {'params': sum(p.numel() for p in model.parameters()), 'gmacs': counter.get_total_flops() / 2e9}
 
 
-def _results_section(model_name: str, tag: str, eval_result: Optional[Dict[str, Any]]) -> str:
+def _results_section(eval_result: Optional[Dict[str, Any]], weights_sha256: str) -> str:
     if not eval_result:
-        return 'Not evaluated yet: run `timm-spe eval` and publish again with `--eval-json`.'
+        return 'Not evaluated: no `timm-spe eval` result was given (`timm-spe publish ... --eval-json FILE`).'
     subset = ''
     if eval_result['num_images'] != eval_result.get('num_images_in_split', eval_result['num_images']):
         subset = f" (a class-balanced subset of {eval_result['num_images_in_split']})"
+    loss = f"{eval_result['loss']:.4f}" if eval_result.get('loss') is not None else 'n/a'
+    same = eval_result.get('weights_sha256') == weights_sha256
     return '\n'.join([
         '| data | images | top-1 (%) | top-5 (%) | loss |',
         '|---|---:|---:|---:|---:|',
         f"| {eval_result.get('data_label') or eval_result['data']} | {eval_result['num_images']}{subset} "
-        f"| {eval_result['top1']:.2f} | {eval_result['top5']:.2f} | {eval_result['loss']:.4f} |",
+        f"| {eval_result['top1']:.2f} | {eval_result['top5']:.2f} | {loss} |",
         '',
-        f"Measured {eval_result['date']} with `{eval_result['command']}`.",
+        f"Measured {eval_result.get('date', '(date not recorded)')} with `{eval_result.get('command', 'timm-spe eval')}`"
+        + (' on exactly these weights (same sha256).' if same else '.'),
     ])
 
 
@@ -89,7 +124,7 @@ def render_card(
     dataset = dataset_of_tag(tag)
     paper = paper_top1(model_name, tag)
     paper_line = (
-        f'The paper reports **{paper:.2f}%** top-1 for this architecture on {dataset.upper()} (Tables 1-2, the '
+        f'The paper reports **{paper:.2f}%** top-1 for this architecture on {dataset_title(dataset)} (Tables 1-2, the '
         f'authors\' 164-epoch schedule on the original CIFAR binaries). That is the paper\'s number, not a '
         f'measurement of these weights.' if paper is not None else 'The paper reports no number for this model.')
     figs = '\n\n'.join(f'![{caption}]({name})\n\n*{caption}*' for name, caption in (figures or [])) or '(none)'
@@ -98,11 +133,12 @@ def render_card(
         'tag': tag,
         'repo_id': getattr(registered_cfg(f'{model_name}.{tag}'), 'hf_hub_id', None) or f'<org>/{model_name}.{tag}',
         'dataset': dataset,
-        'dataset_upper': {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}.get(dataset, dataset.upper()),
+        'dataset_upper': dataset_title(dataset),
+        'description': describe_model(model_name),
         'num_classes': num_classes,
         'params_m': f"{c['params'] / 1e6:.3f}",
         'gmacs': f"{c['gmacs']:.3f}",
-        'results': _results_section(model_name, tag, eval_result),
+        'results': _results_section(eval_result, weights_sha256),
         'paper_line': paper_line,
         'recipe': recipe or '(not given)',
         'budget': budget or '(not given)',

@@ -2,7 +2,7 @@
 
     timm-spe eval MODEL[.TAG] [--checkpoint FILE] --data-dir DIR [--limit N] [--out JSON]
     timm-spe inspect MODEL[.TAG] [--checkpoint FILE] [--plot PNG]
-    timm-spe convert SRC --model NAME --out FILE.safetensors
+    timm-spe convert SRC --model NAME[.TAG] --out FILE.safetensors|DIR
     timm-spe publish SRC --model NAME --tag TAG [--eval-json J] [--recipe R] [--budget B] [--figure PNG:CAPTION]
                      [--out DIR] [--dry-run] [--create-pr | --overwrite]
     timm-spe finish-run --recipe RECIPE.yaml      # eval + plots + staged Hub folder for a train.py run
@@ -17,13 +17,16 @@ import torch
 import yaml
 
 import timm
+from safetensors.torch import save_file
 from timm.models import split_model_name_tag
+from timm.models._hub import save_for_hf
 
 import timm_spe  # noqa: F401  (registers the models)
 from .card import DEFAULT_TEMPLATE, dataset_of_tag, registered_cfg, render_card
 from .convert import load_checkpoint_file, load_weights
 from .evaluate import evaluate
-from .hub import SAFE_WEIGHTS_NAME, read_eval_json, sha256_file, stage_hub_folder, upload_hub_folder
+from .hub import (
+    SAFE_WEIGHTS_NAME, read_eval_json, sha256_file, stage_hub_folder, upload_hub_folder, weights_sha256)
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +44,7 @@ def _create(model: str, checkpoint: Optional[str], use_ema: bool = False) -> tor
     if checkpoint:
         state_dict, _ = load_checkpoint_file(checkpoint, use_ema=use_ema)
         kwargs = {'num_classes': state_dict['fc.weight'].shape[0]} if 'fc.weight' in state_dict else {}
+        _check_classes(model, kwargs.get('num_classes'), checkpoint)
         if not known_tag:  # weights for a tag not registered yet (e.g. a new training budget)
             model, kwargs['pretrained_cfg_overlay'] = name, {'tag': tag}
         m = timm.create_model(model, **kwargs)
@@ -49,13 +53,30 @@ def _create(model: str, checkpoint: Optional[str], use_ema: bool = False) -> tor
     return timm.create_model(model, pretrained=True)
 
 
+def _check_classes(model_tag: str, num_classes: Optional[int], checkpoint: str) -> None:
+    """A checkpoint's classifier must fit the tag it is used as (no CIFAR-100 weights as '.cifar10')."""
+    cfg = registered_cfg(model_tag) if '.' in model_tag else None
+    if cfg is not None and num_classes is not None and cfg.num_classes != num_classes:
+        raise SystemExit(
+            f"'{checkpoint}' has a {num_classes}-class classifier but '{model_tag}' is a {cfg.num_classes}-class "
+            f"tag: check --model/--tag (e.g. .cifar100 for 100 classes).")
+
+
+def _command(args) -> str:
+    return ' '.join(['timm-spe', *(getattr(args, 'argv', None) or [])])
+
+
 def cmd_eval(args) -> dict:
     model = _create(args.model, args.checkpoint, args.ema)
     result = evaluate(model, args.data_dir, batch_size=args.batch_size, limit=args.limit, workers=args.workers)
     name, tag = split_model_name_tag(args.model)
+    weights_file = args.checkpoint or model.pretrained_cfg.get('file')  # the Hub download (HF cache) if no checkpoint
     result = {'model': name, 'tag': tag or model.pretrained_cfg.get('tag'), 'checkpoint': args.checkpoint,
-              'checkpoint_sha256': sha256_file(args.checkpoint) if args.checkpoint else None,
+              'checkpoint_sha256': sha256_file(weights_file) if weights_file else None,
+              'weights_sha256': weights_sha256(model), 'ema': bool(args.ema),
               'data_label': args.data_label, **result}
+    if getattr(args, 'argv', None):
+        result['command'] = _command(args)
     print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
           f"({result['num_images']} images of {args.data_dir})")
     if args.out:
@@ -82,15 +103,18 @@ def cmd_inspect(args) -> List[dict]:
 
 
 def cmd_convert(args) -> Path:
+    """Any supported checkpoint -> ``FILE.safetensors``, or a folder (``model.safetensors`` + ``config.json``)."""
     out = Path(args.out)
-    if out.suffix != '.safetensors':
-        out = out / SAFE_WEIGHTS_NAME
-    if out.exists() and not args.force:
-        raise SystemExit(f"'{out}' exists; pass --force to replace it.")
     model = _create(args.model, args.src, args.ema)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    if out.suffix == '.safetensors':
+        if out.exists() and not args.force:
+            raise SystemExit(f"'{out}' exists; pass --force to replace it.")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    else:
+        if out.exists() and any(out.iterdir()) and not args.force:
+            raise SystemExit(f"output folder '{out}' is not empty; choose another --out or pass --force.")
+        save_for_hf(model, out, safe_serialization=True)  # loadable with timm.create_model('local-dir:OUT')
     print(f'wrote {out} ({args.model}, from {args.src})')
     return out
 
@@ -102,38 +126,75 @@ def _parse_figure(spec: str) -> Tuple[Path, str]:
     return Path(path), caption or Path(path).stem.replace('_', ' ')
 
 
+def _recipe_and_budget(args, info: dict) -> Tuple[str, str]:
+    """``--recipe`` / ``--budget`` if given, else what the train.py checkpoint's ``args`` and ``epoch`` record."""
+    recipe, budget = args.recipe, args.budget
+    a = info.get('args')
+    if a is not None:
+        if not recipe:
+            recipe = (f"timm train.py: model {a.model}, opt {a.opt}, lr {a.lr}, weight decay {a.weight_decay}, "
+                      f"sched {a.sched}, epochs {a.epochs}, batch {a.batch_size}, crop "
+                      f"{getattr(a, 'train_crop_mode', None) or 'timm default'}")
+        if not budget and info.get('epoch') is not None:
+            budget = (f"checkpoint of epoch {info['epoch'] + 1} of {a.epochs} scheduled, batch {a.batch_size} "
+                      f"(from the checkpoint's train.py args)")
+    return recipe, budget
+
+
+def _check_eval_result(result: Optional[dict], model_name: str, sha: str, path: str) -> None:
+    """The eval JSON must be of this model and, if it records them, of exactly these weights."""
+    if result is None:
+        return
+    if result.get('model') not in (None, model_name):
+        raise SystemExit(f"--eval-json '{path}' is a result of '{result['model']}', not '{model_name}'.")
+    if result.get('weights_sha256') not in (None, sha):
+        raise SystemExit(
+            f"--eval-json '{path}' was measured on other weights (sha256 {result['weights_sha256'][:16]}... vs "
+            f"{sha[:16]}... here): run `timm-spe eval` on this checkpoint (same --ema) and publish again.")
+
+
+def default_out(model_tag: str) -> Path:
+    """``hub_cards/<model>.<tag>`` in a clone of timm-spe, else ``./<model>.<tag>``."""
+    cards = ROOT / 'hub_cards'
+    return cards / model_tag if cards.is_dir() else Path(model_tag)
+
+
 def cmd_publish(args) -> Path:
     if not timm.is_model(args.model):
-        raise SystemExit(f"unknown model '{args.model}'.")
+        raise SystemExit(f"unknown model '{args.model}'; see timm.list_models('resnet*').")
     model_tag = f'{args.model}.{args.tag}'
+    cfg = registered_cfg(model_tag)
+    repo_id = args.repo_id or (cfg.hf_hub_id if cfg and cfg.hf_hub_id else None)
+    if not args.dry_run and not repo_id:
+        raise SystemExit(f"no Hub repo for '{model_tag}' (tag not registered in timm_spe): pass --repo-id ORG/NAME.")
     state_dict, info = load_checkpoint_file(args.src, use_ema=args.ema)
     num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else 10
-    cfg = registered_cfg(model_tag)
-    overlay = {} if cfg else {'tag': args.tag, 'num_classes': num_classes}
-    model = timm.create_model(model_tag if cfg else args.model, num_classes=num_classes,
-                              pretrained_cfg_overlay=overlay or None)
+    _check_classes(model_tag, num_classes, args.src)
+    overlay = None if cfg else {'tag': args.tag, 'num_classes': num_classes}
+    model = timm.create_model(model_tag if cfg else args.model, num_classes=num_classes, pretrained_cfg_overlay=overlay)
     load_weights(model, args.src, use_ema=args.ema)
-    recipe = args.recipe
-    if not recipe and info.get('args') is not None:
-        a = info['args']
-        recipe = (f"timm train.py: model {a.model}, opt {a.opt}, lr {a.lr}, weight decay {a.weight_decay}, "
-                  f"sched {a.sched}, epochs {a.epochs}, batch {a.batch_size}, crop {a.train_crop_mode}")
+    sha = weights_sha256(model)  # = sha256 of the model.safetensors about to be staged
     eval_result = read_eval_json(args.eval_json)
+    _check_eval_result(eval_result, args.model, sha, args.eval_json)
+    recipe, budget = _recipe_and_budget(args, info)
     figures = [_parse_figure(f) for f in args.figure]
-    out = Path(args.out or ROOT / 'hub_cards' / model_tag)
-    # stage weights + config first, then render the card with the sha256 of the staged weights
-    staged = stage_hub_folder(model, out, card='', figures={p.name: p for p, _ in figures},
+    if args.template and not Path(args.template).is_file():
+        raise SystemExit(f"card template '{args.template}' not found (pass --template hub_cards/template.md).")
+
+    def card(staged_sha: str) -> str:
+        return render_card(args.model, args.tag, staged_sha, eval_result=eval_result, recipe=recipe, budget=budget,
+                           figures=[(p.name, c) for p, c in figures], num_classes=num_classes, template=args.template)
+
+    out = Path(args.out) if args.out else default_out(model_tag)
+    staged = stage_hub_folder(model, out, card=card, figures={p.name: p for p, _ in figures},
                               extra_files={'eval.json': args.eval_json} if args.eval_json else None, force=args.force)
-    sha = sha256_file(staged / SAFE_WEIGHTS_NAME)
-    card = render_card(args.model, args.tag, sha, eval_result=eval_result, recipe=recipe, budget=args.budget,
-                       figures=[(p.name, c) for p, c in figures], num_classes=num_classes, template=args.template)
-    (staged / 'README.md').write_text(card)
+    staged_sha = sha256_file(staged / SAFE_WEIGHTS_NAME)
+    if staged_sha != sha:
+        raise RuntimeError(f'staged {SAFE_WEIGHTS_NAME} sha256 {staged_sha} differs from the weights ({sha}).')
     print(f'staged {staged}: {", ".join(sorted(p.name for p in staged.iterdir()))} (sha256 {sha[:16]}...)')
     if args.dry_run:
+        print(f'dry run: nothing uploaded. Upload with the same command without --dry-run (repo {repo_id}).')
         return staged
-    repo_id = args.repo_id or (cfg.hf_hub_id if cfg and cfg.hf_hub_id else None)
-    if not repo_id:
-        raise SystemExit(f"no Hub repo for '{model_tag}': pass --repo-id ORG/NAME.")
     upload_hub_folder(staged, repo_id, overwrite=args.overwrite, create_pr=args.create_pr, private=args.private)
     print(f'uploaded to {repo_id}' + (' (pull request)' if args.create_pr else ''))
     return staged
@@ -156,7 +217,7 @@ def cmd_finish_run(args) -> Path:
                                 if 'jpeg' in data_dir.lower() else f'{dataset_of_tag(tag).upper()} test split')
     cmd_eval(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
                                 data_dir=data_dir, batch_size=100, limit=None, workers=args.workers,
-                                out=str(eval_json), data_label=label))
+                                out=str(eval_json), data_label=label, argv=getattr(args, 'argv', None)))
     summary = run_dir / 'summary.csv'
     curve = plot_training_curve(summary, work / 'training_curve.png', log=args.log,
                                 title=f'{model_name}.{tag} (timm train.py, {args.recipe})')
@@ -208,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser('convert', help='convert a checkpoint (e.g. the authors\' official one) to safetensors')
-    p.add_argument('src')
-    p.add_argument('--model', required=True)
-    p.add_argument('--out', required=True, help='output .safetensors file or folder')
+    p.add_argument('src', help='official SPEM checkpoint (model_best.pth.tar), train.py checkpoint or safetensors')
+    p.add_argument('--model', required=True, help='target model, optionally MODEL.TAG (recorded in config.json)')
+    p.add_argument('--out', required=True,
+                   help='FILE.safetensors, or a folder: model.safetensors + config.json (timm local-dir: format)')
     p.add_argument('--ema', action='store_true')
-    p.add_argument('--force', action='store_true', help='replace an existing output file')
+    p.add_argument('--force', action='store_true', help='replace an existing output file / non-empty folder')
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser('publish', help='stage a Hub folder (safetensors + config.json + card) and upload it')
@@ -252,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:

@@ -15,20 +15,21 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from timm.models import resolve_pretrained_cfg
 from timm.models._hub import hf_split, save_for_hf
 
 __all__ = [
     'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt', 'SAFE_WEIGHTS_NAME', 'resolve_pretrained_weights',
-    'download_safetensors', 'stage_hub_folder', 'upload_hub_folder', 'sha256_file',
+    'download_safetensors', 'stage_hub_folder', 'upload_hub_folder', 'sha256_file', 'weights_sha256',
+    'read_eval_json',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -46,18 +47,28 @@ class PretrainedWeightsCorrupt(RuntimeError):
 
 def _how_to_publish(variant: str, tag: str) -> str:
     return (
-        f"Train them with timm's train.py and the recipe train_recipes/{variant}-{tag.split('_')[0]}.yaml "
-        f"(if there is one), then stage and upload with `timm-spe publish CHECKPOINT --model {variant} --tag {tag}`. "
+        f"Train them with timm's train.py (recipe train_recipes/{variant}-{tag}.yaml if there is one: "
+        f"`./run.sh train train_recipes/{variant}-{tag}.yaml`), evaluate with `timm-spe eval`, then stage and "
+        f"upload with `timm-spe publish CHECKPOINT --model {variant} --tag {tag} --eval-json EVAL.json`. "
         f"To use a local file instead: timm.create_model('{variant}', pretrained=True, "
         f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors')).")
 
 
-def download_safetensors(hf_hub_id: str, variant: str, tag: str) -> str:
-    """Download (or find in the cache) ``model.safetensors`` of ``hf_hub_id``; clear errors otherwise."""
+def download_safetensors(
+        hf_hub_id: str,
+        variant: str,
+        tag: str,
+        cache_dir: Optional[PathLike] = None,
+) -> str:
+    """Download (or find in the cache) ``model.safetensors`` of ``hf_hub_id``; clear errors otherwise.
+
+    Only that one file is requested: a repository holding only pickled weights (``pytorch_model.bin``)
+    is reported as having no published weights, and nothing is unpickled.
+    """
     repo_id, revision = hf_split(hf_hub_id)
     name = f'{variant}.{tag}' if tag else variant
     try:
-        return hf_hub_download(repo_id, SAFE_WEIGHTS_NAME, revision=revision)
+        return hf_hub_download(repo_id, SAFE_WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
     # LocalEntryNotFoundError subclasses EntryNotFoundError: catch the offline/unreachable case first
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise PretrainedWeightsNotFound(
@@ -68,7 +79,8 @@ def download_safetensors(hf_hub_id: str, variant: str, tag: str) -> str:
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise PretrainedWeightsNotFound(
             f"No published weights for '{name}': the Hub has no {SAFE_WEIGHTS_NAME} in '{hf_hub_id}' "
-            f"({e.__class__.__name__}). timm-spe loads only safetensors from the Hub. "
+            f"({e.__class__.__name__}; for a private repo, log in with `hf auth login` or set HF_TOKEN). "
+            f"timm-spe loads only safetensors from the Hub, never pickled pytorch_model.bin. "
             + _how_to_publish(variant, tag)) from e
 
 
@@ -97,13 +109,21 @@ def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained:
     ).to_dict()
     tag = cfg.get('tag') or ''
     if cfg.get('state_dict') is None:
-        if cfg.get('file'):
+        if cfg.get('source') == 'local-dir':  # timm.create_model('local-dir:FOLDER'): its safetensors only
+            folder = Path(cfg['file'])
+            cfg['file'] = str(folder / SAFE_WEIGHTS_NAME)
+            if not os.path.isfile(cfg['file']):
+                raise PretrainedWeightsNotFound(
+                    f"'{folder}' has no {SAFE_WEIGHTS_NAME}; timm-spe loads only safetensors weights. Stage the "
+                    f"folder with `timm-spe publish ... --dry-run --out {folder}` or `timm-spe convert`.")
+            source = f'local folder {folder}'
+        elif cfg.get('file'):
             source = 'pretrained_cfg file'
             if not os.path.isfile(cfg['file']):
                 raise FileNotFoundError(f"pretrained_cfg file '{cfg['file']}' for '{variant}' does not exist.")
         elif cfg.get('hf_hub_id'):
             source = f"the Hub repo {cfg['hf_hub_id']}"
-            cfg['file'] = download_safetensors(cfg['hf_hub_id'], variant, tag)
+            cfg['file'] = download_safetensors(cfg['hf_hub_id'], variant, tag, cache_dir=kwargs.get('cache_dir'))
         else:
             raise PretrainedWeightsNotFound(
                 f"'{variant}' has no pretrained weights configured. " + _how_to_publish(variant, tag or 'TAG'))
@@ -115,6 +135,7 @@ def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained:
 
 
 def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -122,35 +143,64 @@ def sha256_file(path: PathLike) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model) -> str:
+    """sha256 of ``model``'s weights serialized as :func:`stage_hub_folder` writes them (``model.safetensors``).
+
+    Lets an eval result be matched to the exact published file without writing it first.
+    """
+    return hashlib.sha256(safetensors_bytes(model.state_dict())).hexdigest()
+
+
 def stage_hub_folder(
         model,
         out_dir: PathLike,
-        card: str,
+        card: Union[str, Callable[[str], str]],
         figures: Optional[Dict[str, PathLike]] = None,
         extra_files: Optional[Dict[str, PathLike]] = None,
         force: bool = False,
 ) -> Path:
     """Write a Hub-ready folder: ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) + ``README.md``.
 
+    Everything is written to a temporary sibling folder first and moved into place at the end, so a
+    failure never leaves a half-staged folder behind.
+
     Args:
         model: The timm model with its final weights and ``pretrained_cfg``.
         out_dir: Target folder; must be empty or absent unless ``force``.
-        card: Rendered model card (markdown with YAML front matter).
+        card: Rendered model card (markdown with YAML front matter), or a function of the sha256 of the
+            written ``model.safetensors`` returning it.
         figures: ``{name_in_folder: source_path}`` images to copy next to the card.
         extra_files: ``{name_in_folder: source_path}`` other files (e.g. the eval JSON).
         force: Replace the folder's previous contents.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not force:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force or not out.is_dir():
             raise FileExistsError(
                 f"Output folder '{out}' is not empty; choose another --out or pass --force to replace its contents.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_for_hf(model, out, safe_serialization=True)
-    for name, src in {**(figures or {}), **(extra_files or {})}.items():
-        shutil.copyfile(src, out / name)
-    (out / 'README.md').write_text(card)
+    files = {**(figures or {}), **(extra_files or {})}
+    for name, src in files.items():
+        if not Path(src).is_file():
+            raise FileNotFoundError(f"'{src}' (to be staged as {name}) does not exist.")
+        if name in (SAFE_WEIGHTS_NAME, 'config.json', 'README.md') or Path(name).name != name:
+            raise ValueError(f"cannot stage '{src}' as '{name}': a plain file name other than the model files is needed.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f'.{out.name}.staging-{os.getpid()}'
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_for_hf(model, tmp, safe_serialization=True)
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+        text = card(sha256_file(tmp / SAFE_WEIGHTS_NAME)) if callable(card) else card
+        (tmp / 'README.md').write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
 
 
@@ -165,16 +215,27 @@ def upload_hub_folder(
 ) -> Any:
     """Upload a staged folder with huggingface_hub, refusing to replace existing weights silently.
 
-    The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``huggingface-cli login``) and is
+    Args:
+        folder: A folder staged by :func:`stage_hub_folder`.
+        repo_id: ``<org>/<model>.<tag>``; created if absent (``exist_ok``).
+        overwrite: Replace a ``model.safetensors`` already in the repo.
+        create_pr: Open a pull request instead of committing to ``main`` (never replaces anything).
+        private: Create the repo private (otherwise the account's / organisation's default).
+        commit_message: Commit (or pull request) title.
+        api: An ``HfApi`` (tests pass a mock).
+
+    The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``hf auth login``) and is
     never read, printed or written here.
     """
     folder = Path(folder)
     if not (folder / SAFE_WEIGHTS_NAME).is_file() or not (folder / 'config.json').is_file():
         raise FileNotFoundError(f"'{folder}' is not a staged Hub folder (needs {SAFE_WEIGHTS_NAME} and config.json).")
-    if any(p.suffix in ('.bin', '.pth', '.pt', '.pkl') or p.name.endswith('.pth.tar') for p in folder.iterdir()):
+    if any(p.suffix in ('.bin', '.pth', '.pt', '.pkl', '.ckpt') or p.name.endswith('.pth.tar') for p in folder.iterdir()):
         raise ValueError(f"'{folder}' contains pickle weight files; only safetensors are published.")
-    api = api or HfApi()
-    api.create_repo(repo_id, exist_ok=True, private=private)
+    if api is None:
+        from .version import __version__
+        api = HfApi(library_name='timm-spe', library_version=__version__)
+    api.create_repo(repo_id, exist_ok=True, private=True if private else None)
     if not create_pr and not overwrite and api.file_exists(repo_id, SAFE_WEIGHTS_NAME):
         raise FileExistsError(
             f"'{repo_id}' already has {SAFE_WEIGHTS_NAME}. Pass --create-pr to propose the new weights as a pull "
@@ -188,10 +249,16 @@ def upload_hub_folder(
 
 
 def read_eval_json(path: Optional[PathLike]) -> Optional[Dict[str, Any]]:
+    """The result file of ``timm-spe eval --out`` (None if ``path`` is None); checks it is one."""
     if path is None:
         return None
-    with open(path) as f:
-        result = json.load(f)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--eval-json '{path}' does not exist (write it with `timm-spe eval ... --out FILE`).")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--eval-json '{path}' is not JSON ({e}); write it with `timm-spe eval ... --out FILE`.") from e
     for key in ('top1', 'top5', 'num_images', 'data'):
         if key not in result:
             raise ValueError(f"'{path}' is not a `timm-spe eval` result (missing '{key}').")
