@@ -161,3 +161,31 @@ def test_safetensors_and_mismatch(tmp_path):
         load_weights(timm.create_model('resnet83'), path)
     with pytest.raises(FileNotFoundError):
         load_checkpoint_file(tmp_path / 'nope.pth')
+
+
+def test_cli_convert_folder_loads_with_local_dir_and_publishes(tmp_path):
+    """An official ResNet-83 SPEM checkpoint -> `timm-spe convert --out DIR` -> timm 'local-dir:' -> same logits."""
+    from timm_spe.cli import main
+    torch.manual_seed(3)
+    official = OfficialSPEM(depth=83, num_classes=100).eval()
+    src = tmp_path / 'model_best.pth.tar'
+    _dataparallel_checkpoint(official, src)
+    out = tmp_path / 'converted'
+    main(['convert', str(src), '--model', 'resnet83_spe.cifar100', '--out', str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    ours = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert ours.pretrained_cfg['tag'] == 'cifar100'
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit, match='not empty'):
+        main(['convert', str(src), '--model', 'resnet83_spe.cifar100', '--out', str(out)])
+    # publishing straight from the official checkpoint: recipe / budget say where the weights come from
+    main(['publish', str(src), '--model', 'resnet83_spe', '--tag', 'cifar100', '--out', str(tmp_path / 'pub'),
+          '--dry-run'])
+    card = (tmp_path / 'pub' / 'README.md').read_text()
+    assert "official SPEM code" in card and '164 epochs' in card and '73.87%' in card
+    m = timm.create_model('resnet83_spe.cifar100', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'pub' / 'model.safetensors'))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), official(x), rtol=1e-5, atol=1e-5)

@@ -366,3 +366,18 @@ class TestPublish:
              '--out', str(tmp_path / 'o'), '--dry-run'])
         config = json.loads((tmp_path / 'o' / 'config.json').read_text())
         assert config['pretrained_cfg']['tag'] == 'cifar10_new'
+
+
+def test_eval_of_hub_weights_records_their_sha(hub, evaluated, tmp_path):
+    out = tmp_path / 'eval.json'
+    _run(hub, f'''
+        from timm_spe.cli import main
+        main(['eval', 'resnet83_spe.cifar10', '--data-dir', {str(evaluated['data'])!r}, '--limit', '5',
+              '--out', {str(out)!r}])
+        print(json.dumps({{}}))
+    ''', tmp_path / 'hf')
+    result = json.loads(out.read_text())
+    sha = timm_spe.hub.sha256_file(hub['repo'] / 'model.safetensors')
+    assert result['checkpoint'] is None and result['checkpoint_sha256'] == sha == result['weights_sha256']
+    assert result['tag'] == 'cifar10' and result['num_images'] == 5 and result['num_images_in_split'] == 10
+    assert result['command'] == f"timm-spe eval resnet83_spe.cifar10 --data-dir {evaluated['data']} --limit 5 --out {out}"

@@ -130,7 +130,12 @@ def _recipe_and_budget(args, info: dict) -> Tuple[str, str]:
     """``--recipe`` / ``--budget`` if given, else what the train.py checkpoint's ``args`` and ``epoch`` record."""
     recipe, budget = args.recipe, args.budget
     a = info.get('args')
-    if a is not None:
+    if info.get('format') == 'official':
+        recipe = recipe or ("the authors' official SPEM code (github.com/Qrange-group/SPEM, run.py), "
+                            "converted with timm-spe")
+        if not budget and info.get('epoch') is not None:
+            budget = f"{info['epoch']} epochs (the official checkpoint's epoch counter)"
+    elif a is not None:
         if not recipe:
             recipe = (f"timm train.py: model {a.model}, opt {a.opt}, lr {a.lr}, weight decay {a.weight_decay}, "
                       f"sched {a.sched}, epochs {a.epochs}, batch {a.batch_size}, crop "

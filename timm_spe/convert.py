@@ -78,7 +78,7 @@ def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[st
             f"timm-spe never unpickles arbitrary objects; re-save the weights as safetensors.") from e
     info: Dict[str, Any] = {'format': 'state_dict'}
     if isinstance(ckpt, dict) and 'state_dict' in ckpt:
-        info.update({k: ckpt[k] for k in ('epoch', 'arch', 'args', 'metric', 'best_acc') if k in ckpt})
+        info.update({k: ckpt[k] for k in ('epoch', 'arch', 'args', 'metric', 'acc', 'best_acc') if k in ckpt})
         info['format'] = 'timm-train' if 'args' in ckpt or 'arch' in ckpt else 'official'
         if use_ema:
             if ckpt.get('state_dict_ema') is None:
