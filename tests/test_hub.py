@@ -193,6 +193,29 @@ def test_timm_alone_would_unpickle_a_pickle_only_repo(hub, tmp_path):
     assert not (hub['work'] / MARKER).exists()
 
 
+@pytest.mark.parametrize('error, expected', [
+    ('RemoteEntryNotFoundError', 'No published weights'),  # the real Hub: repo exists, no model.safetensors
+    ('RepositoryNotFoundError', 'No published weights'),
+    ('GatedRepoError', 'No published weights'),
+    ('RevisionNotFoundError', 'No published weights'),
+    ('LocalEntryNotFoundError', 'not in the Hugging Face cache'),
+    ('OfflineModeIsEnabled', 'not in the Hugging Face cache'),
+    ('HfHubHTTPError', 'the Hub answered'),
+])
+def test_download_errors_are_explained(error, expected, monkeypatch):
+    """Every huggingface_hub failure of the one download becomes a message naming the model, tag and a fix."""
+    import huggingface_hub.errors as hf_errors
+    cls = getattr(hf_errors, error)
+    exc = cls(f'{error} raised') if error in ('LocalEntryNotFoundError', 'OfflineModeIsEnabled') else cls(
+        f'{error} raised', response=mock.MagicMock())
+    monkeypatch.setattr(timm_spe.hub, 'hf_hub_download', mock.MagicMock(side_effect=exc))
+    with pytest.raises(PretrainedWeightsNotFound, match=expected) as info:
+        timm.create_model('resnet83_spe.cifar100', pretrained=True)
+    assert "'resnet83_spe.cifar100'" in str(info.value) and info.value.__cause__ is exc
+    timm_spe.hub.hf_hub_download.assert_called_once_with(
+        'timm-spe/resnet83_spe.cifar100', 'model.safetensors', revision=None, cache_dir=None)
+
+
 def test_staged_folder(hub):
     staged = hub['staged']
     assert sorted(p.name for p in staged.iterdir()) == ['README.md', 'config.json', 'model.safetensors']

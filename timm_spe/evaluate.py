@@ -102,7 +102,7 @@ def evaluate(
         'loss': round(loss_sum / n, 5),
         'num_images': n,
         'num_images_in_split': n_total,
-        'data': str(data_dir),
+        'data': str(Path(data_dir).resolve()),
         'data_config': {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         'command': ' '.join(sys.argv),

@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, Optional, Union
 
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
-    EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+    RevisionNotFoundError)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save as safetensors_bytes
 
@@ -82,6 +83,11 @@ def download_safetensors(
             f"({e.__class__.__name__}; for a private repo, log in with `hf auth login` or set HF_TOKEN). "
             f"timm-spe loads only safetensors from the Hub, never pickled pytorch_model.bin. "
             + _how_to_publish(variant, tag)) from e
+    except HfHubHTTPError as e:  # any other answer (server error, rate limit, forbidden...)
+        raise PretrainedWeightsNotFound(
+            f"Could not download weights for '{name}' ({hf_hub_id}/{SAFE_WEIGHTS_NAME}): the Hub answered "
+            f"'{e}'. Retry later, check HF_ENDPOINT / your token, or pass "
+            f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors').") from e
 
 
 def _check_safetensors(path: str, source: str) -> None:
