@@ -287,6 +287,37 @@ class TestUpload:
         with pytest.raises(ValueError, match='pickle'):
             upload_hub_folder(folder, 'org/m.t', api=self._api(False))
 
+    def test_refusal_comes_before_staging(self, hub, tmp_path):
+        api = self._api(True)
+        with mock.patch('timm_spe.hub.HfApi', return_value=api), pytest.raises(SystemExit, match='--overwrite'):
+            cli(['publish', str(hub['repo'] / 'model.safetensors'), '--model', 'resnet83_spe', '--tag', 'cifar10',
+                 '--out', str(tmp_path / 'o')])
+        assert not (tmp_path / 'o').exists()
+        api.upload_folder.assert_not_called()
+        api.file_exists.assert_called_with(f'{ORG}/resnet83_spe.cifar10', 'model.safetensors')
+
+    def test_upload_a_staged_folder(self, hub, tmp_path):
+        api = self._api(True)
+        with mock.patch('timm_spe.hub.HfApi', return_value=api):
+            with pytest.raises(SystemExit, match='already has model.safetensors'):
+                cli(['upload', str(hub['staged'])])
+            cli(['upload', str(hub['staged']), '--overwrite'])
+        assert api.upload_folder.call_args.kwargs['repo_id'] == f'{ORG}/resnet83_spe.cifar10'
+        assert api.upload_folder.call_args.kwargs['folder_path'] == str(hub['staged'])
+        # a folder whose card is not of its weights, or that is incomplete, is never uploaded
+        folder = tmp_path / 'f'
+        folder.mkdir()
+        for p in hub['staged'].iterdir():
+            (folder / p.name).write_bytes(p.read_bytes())
+        (folder / 'README.md').write_text('a card of other weights')
+        with mock.patch('timm_spe.hub.HfApi', return_value=self._api(False)) as api_cls:
+            with pytest.raises(SystemExit, match='does not quote the sha256'):
+                cli(['upload', str(folder)])
+            (folder / 'README.md').unlink()
+            with pytest.raises(SystemExit, match='not a staged Hub folder'):
+                cli(['upload', str(folder)])
+        api_cls.return_value.upload_folder.assert_not_called()
+
     def test_cli_upload_path(self, hub, tmp_path):
         api = self._api(False)
         with mock.patch('timm_spe.hub.HfApi', return_value=api):

@@ -5,6 +5,7 @@
     timm-spe convert SRC --model NAME[.TAG] --out FILE.safetensors|DIR
     timm-spe publish SRC --model NAME --tag TAG [--eval-json J] [--recipe R] [--budget B] [--figure PNG:CAPTION]
                      [--out DIR] [--dry-run] [--create-pr | --overwrite]
+    timm-spe upload DIR [--create-pr | --overwrite]   # upload a folder staged with --dry-run / finish-run
     timm-spe finish-run --recipe RECIPE.yaml      # eval + plots + staged Hub folder for a train.py run
 """
 import argparse
@@ -26,7 +27,8 @@ from .card import DEFAULT_TEMPLATE, dataset_of_tag, registered_cfg, render_card
 from .convert import load_checkpoint_file, load_weights
 from .evaluate import evaluate
 from .hub import (
-    SAFE_WEIGHTS_NAME, read_eval_json, sha256_file, stage_hub_folder, upload_hub_folder, weights_sha256)
+    SAFE_WEIGHTS_NAME, check_staged_folder, check_upload_allowed, hub_api, read_eval_json, sha256_file,
+    stage_hub_folder, upload_hub_folder, weights_sha256)
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +174,10 @@ def cmd_publish(args) -> Path:
     repo_id = args.repo_id or (cfg.hf_hub_id if cfg and cfg.hf_hub_id else None)
     if not args.dry_run and not repo_id:
         raise SystemExit(f"no Hub repo for '{model_tag}' (tag not registered in timm_spe): pass --repo-id ORG/NAME.")
+    api = None
+    if not args.dry_run:  # refuse before staging anything if the upload would be refused anyway
+        api = hub_api()
+        check_upload_allowed(repo_id, overwrite=args.overwrite, create_pr=args.create_pr, api=api)
     state_dict, info = load_checkpoint_file(args.src, use_ema=args.ema)
     num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else 10
     _check_classes(model_tag, num_classes, args.src)
@@ -200,9 +206,28 @@ def cmd_publish(args) -> Path:
     if args.dry_run:
         print(f'dry run: nothing uploaded. Upload with the same command without --dry-run (repo {repo_id}).')
         return staged
-    upload_hub_folder(staged, repo_id, overwrite=args.overwrite, create_pr=args.create_pr, private=args.private)
-    print(f'uploaded to {repo_id}' + (' (pull request)' if args.create_pr else ''))
+    _upload(staged, repo_id, args, api)
     return staged
+
+
+def _upload(folder: Path, repo_id: str, args, api=None) -> None:
+    result = upload_hub_folder(folder, repo_id, overwrite=args.overwrite, create_pr=args.create_pr,
+                               private=args.private, api=api)
+    url = getattr(result, 'pr_url', None) if args.create_pr else None
+    print(f'uploaded {folder} to {repo_id}' + (f' as a pull request: {url}' if args.create_pr else ''))
+
+
+def cmd_upload(args) -> Path:
+    """Upload a folder staged earlier (``publish --dry-run`` / ``finish-run``) after checking it is complete."""
+    folder = Path(args.folder)
+    config = check_staged_folder(folder)
+    model_tag = f"{config['architecture']}.{config.get('pretrained_cfg', {}).get('tag', '')}"
+    cfg = registered_cfg(model_tag)
+    repo_id = args.repo_id or (cfg.hf_hub_id if cfg and cfg.hf_hub_id else None)
+    if not repo_id:
+        raise SystemExit(f"no Hub repo for '{model_tag}' (tag not registered in timm_spe): pass --repo-id ORG/NAME.")
+    _upload(folder, repo_id, args)
+    return folder
 
 
 def cmd_finish_run(args) -> Path:
@@ -301,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--overwrite', action='store_true', help='replace weights already on the Hub')
     p.add_argument('--private', action='store_true')
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser('upload', help='upload a folder staged by `publish --dry-run` or `finish-run`')
+    p.add_argument('folder')
+    p.add_argument('--repo-id', default=None, help="Hub repo (default: the hf_hub_id of config.json's model.tag)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--create-pr', action='store_true', help='upload as a pull request')
+    g.add_argument('--overwrite', action='store_true', help='replace weights already on the Hub')
+    p.add_argument('--private', action='store_true')
+    p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser('finish-run', help='eval + plots + staged Hub folder for a finished train.py run')
     p.add_argument('--recipe', required=True)

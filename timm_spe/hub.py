@@ -30,7 +30,7 @@ from timm.models._hub import hf_split, save_for_hf
 __all__ = [
     'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt', 'SAFE_WEIGHTS_NAME', 'resolve_pretrained_weights',
     'download_safetensors', 'stage_hub_folder', 'upload_hub_folder', 'sha256_file', 'weights_sha256',
-    'read_eval_json',
+    'read_eval_json', 'hub_api', 'check_upload_allowed', 'check_staged_folder',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -210,6 +210,50 @@ def stage_hub_folder(
     return out
 
 
+def check_staged_folder(folder: PathLike) -> Dict[str, Any]:
+    """A staged folder must hold readable safetensors weights, timm's config.json and a card quoting their sha256.
+
+    Returns the folder's ``config.json``.
+    """
+    folder = Path(folder)
+    names = ('config.json', SAFE_WEIGHTS_NAME, 'README.md')
+    if not folder.is_dir() or not all((folder / n).is_file() for n in names):
+        raise FileNotFoundError(
+            f"'{folder}' is not a staged Hub folder (needs {', '.join(names)}); stage one with "
+            f"`timm-spe publish ... --dry-run --out {folder}`.")
+    pickles = [p.name for p in folder.iterdir()
+               if p.suffix in ('.bin', '.pth', '.pt', '.pkl', '.ckpt') or p.name.endswith('.pth.tar')]
+    if pickles:
+        raise ValueError(f"'{folder}' contains pickle weight files {pickles}; only safetensors are published.")
+    _check_safetensors(str(folder / SAFE_WEIGHTS_NAME), 'the staged folder')
+    if sha256_file(folder / SAFE_WEIGHTS_NAME) not in (folder / 'README.md').read_text():
+        raise ValueError(
+            f"'{folder}/README.md' does not quote the sha256 of {SAFE_WEIGHTS_NAME}: the card is not of these "
+            f"weights. Stage the folder again with `timm-spe publish`.")
+    config = json.loads((folder / 'config.json').read_text())
+    if 'architecture' not in config:
+        raise ValueError(f"'{folder}/config.json' is not timm's Hub config (no 'architecture').")
+    return config
+
+
+def hub_api() -> HfApi:
+    """An ``HfApi`` identifying timm-spe; the token is huggingface_hub's own business."""
+    from .version import __version__
+    return HfApi(library_name='timm-spe', library_version=__version__)
+
+
+def check_upload_allowed(repo_id: str, overwrite: bool = False, create_pr: bool = False,
+                         api: Optional[HfApi] = None) -> None:
+    """Refuse (before anything is staged or sent) to replace weights already in ``repo_id`` by accident."""
+    if create_pr or overwrite:
+        return
+    api = api or hub_api()
+    if api.file_exists(repo_id, SAFE_WEIGHTS_NAME):  # False for a repo that does not exist yet
+        raise FileExistsError(
+            f"'{repo_id}' already has {SAFE_WEIGHTS_NAME}. Pass --create-pr to propose the new weights as a pull "
+            f"request, or --overwrite to replace them.")
+
+
 def upload_hub_folder(
         folder: PathLike,
         repo_id: str,
@@ -234,18 +278,10 @@ def upload_hub_folder(
     never read, printed or written here.
     """
     folder = Path(folder)
-    if not (folder / SAFE_WEIGHTS_NAME).is_file() or not (folder / 'config.json').is_file():
-        raise FileNotFoundError(f"'{folder}' is not a staged Hub folder (needs {SAFE_WEIGHTS_NAME} and config.json).")
-    if any(p.suffix in ('.bin', '.pth', '.pt', '.pkl', '.ckpt') or p.name.endswith('.pth.tar') for p in folder.iterdir()):
-        raise ValueError(f"'{folder}' contains pickle weight files; only safetensors are published.")
-    if api is None:
-        from .version import __version__
-        api = HfApi(library_name='timm-spe', library_version=__version__)
+    check_staged_folder(folder)
+    api = api or hub_api()
     api.create_repo(repo_id, exist_ok=True, private=True if private else None)
-    if not create_pr and not overwrite and api.file_exists(repo_id, SAFE_WEIGHTS_NAME):
-        raise FileExistsError(
-            f"'{repo_id}' already has {SAFE_WEIGHTS_NAME}. Pass --create-pr to propose the new weights as a pull "
-            f"request, or --overwrite to replace them.")
+    check_upload_allowed(repo_id, overwrite=overwrite, create_pr=create_pr, api=api)
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
