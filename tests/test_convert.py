@@ -180,6 +180,8 @@ def test_cli_convert_folder_loads_with_local_dir_and_publishes(tmp_path):
         torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(SystemExit, match='not empty'):
         main(['convert', str(src), '--model', 'resnet83_spe.cifar100', '--out', str(out)])
+    with pytest.raises(SystemExit, match=r'give --model resnet83_spe\.TAG'):
+        main(['convert', str(src), '--model', 'resnet83_spe', '--out', str(tmp_path / 'untagged')])
     # publishing straight from the official checkpoint: recipe / budget say where the weights come from
     main(['publish', str(src), '--model', 'resnet83_spe', '--tag', 'cifar100', '--out', str(tmp_path / 'pub'),
           '--dry-run'])

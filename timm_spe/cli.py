@@ -107,6 +107,9 @@ def cmd_inspect(args) -> List[dict]:
 def cmd_convert(args) -> Path:
     """Any supported checkpoint -> ``FILE.safetensors``, or a folder (``model.safetensors`` + ``config.json``)."""
     out = Path(args.out)
+    if out.suffix != '.safetensors' and not split_model_name_tag(args.model)[1]:
+        raise SystemExit(f"a folder's config.json names the weights' tag: give --model {args.model}.TAG "
+                         f"(e.g. {args.model}.cifar10), or --out FILE.safetensors.")
     model = _create(args.model, args.src, args.ema)
     if out.suffix == '.safetensors':
         if out.exists() and not args.force:
