@@ -58,6 +58,13 @@ def test_spe_in_other_timm_families():
     assert block(torch.randn(1, 32, 8, 8)).shape == (1, 32, 8, 8)
 
 
+def test_spe_in_efficientnet():
+    """EfficientNet builds its SE layer through get_attn and passes rd_ratio/act_layer: SPE accepts them."""
+    m = timm.create_model('efficientnet_b0', se_layer='spe', num_classes=3)
+    assert sum(isinstance(x, SpeModule) for x in m.modules()) == 16
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
 def test_registered_imagenet_variant():
     m = timm.create_model('resnet50_spe')
     assert sum(isinstance(x, SpeModule) for x in m.modules()) == 16

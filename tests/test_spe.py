@@ -175,3 +175,10 @@ def test_bad_arguments():
         SpeModule(0)
     with pytest.raises(ValueError, match='eta'):
         SpeModule(4, eta=-1)
+
+
+def test_timm_attention_kwargs_are_accepted_others_rejected():
+    m = SpeModule(8, act_layer=torch.nn.ReLU, rd_ratio=0.25)
+    assert m(torch.randn(1, 8, 2, 2)).shape == (1, 8, 2, 2)
+    with pytest.raises(TypeError, match="formulaton"):
+        SpeModule(8, formulaton='paper')

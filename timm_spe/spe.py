@@ -76,6 +76,11 @@ torch.fx.wrap('with_penalty_grad')
 torch.fx.wrap('mix_weights')
 
 
+# kwargs timm models pass to attention layers in general (e.g. cspnet: act_layer; efficientnet: rd_ratio)
+_IGNORED_TIMM_ATTN_KWARGS = frozenset(
+    {'act_layer', 'gate_layer', 'norm_layer', 'rd_ratio', 'rd_channels', 'rd_divisor', 'round_chs_fn'})
+
+
 class SpeModule(nn.Module):
     """ SPE channel attention: ``out = x * v_exc * v_rew``.
 
@@ -84,6 +89,8 @@ class SpeModule(nn.Module):
         formulation: ``'official'`` (authors' code, default) or ``'paper'`` (Eq. 2-7).
         eta: Penalty coefficient of Eq. 8 (0.1 in the paper).
         auto_penalty: Add the penalty's gradient to ``p`` in every training-mode backward.
+        **timm_attn_kwargs: Arguments timm's models pass to any attention layer (``act_layer``,
+            ``rd_ratio``...); SPE has no MLP, so they are accepted and ignored. Others raise.
     """
     def __init__(
             self,
@@ -93,8 +100,13 @@ class SpeModule(nn.Module):
             auto_penalty: bool = True,
             device=None,
             dtype=None,
+            **timm_attn_kwargs,
     ):
         dd = {'device': device, 'dtype': dtype}
+        unknown = set(timm_attn_kwargs) - _IGNORED_TIMM_ATTN_KWARGS
+        if unknown:
+            raise TypeError(f'SpeModule got unexpected arguments {sorted(unknown)}; it accepts formulation, eta, '
+                            f'auto_penalty and (ignored) timm attention kwargs {sorted(_IGNORED_TIMM_ATTN_KWARGS)}.')
         super().__init__()
         if formulation not in FORMULATIONS:
             raise ValueError(f"SpeModule formulation must be one of {FORMULATIONS}, got {formulation!r}.")
