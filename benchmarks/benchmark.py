@@ -2,12 +2,13 @@
 
     python benchmarks/benchmark.py [--out benchmarks/results.json] [--plot benchmarks/results.png] [--quick]
 
-In one run on one machine, with warm-up and repeated timed runs (median, min-max):
+In one run on one machine, with warm-up and repeated timed runs interleaved across models (median, min-max):
   * eval forward (no grad) and train step (forward + backward + SGD step), batch 128, 32x32, for
     resnet164, resnet164_spe, resnet164_se, resnet164_eca and resnet164 with `UnfusedSpeReference`;
   * the SPE module alone vs timm's SEModule on 128x256x8x8 and 128x64x32x32 (forward; forward+backward);
-  * memory of a train step: the bytes autograd saves for backward (exact, from saved-tensor hooks) and
-    the peak RSS growth of one train step in a fresh subprocess (what the OS sees).
+  * memory of a train step, per model in a fresh subprocess: the bytes autograd saves for backward
+    (exact, from saved-tensor hooks) and the peak RSS of two train steps above the RSS with the model
+    and batch loaded (what the OS sees; includes gradients, optimizer state and allocator slack).
 Prints a table with ratios to resnet164 and writes JSON (and a plot).
 """
 import argparse
@@ -75,31 +76,50 @@ def timed(fn: Callable[[], None], warmup: int, repeats: int) -> Dict[str, float]
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return summarize(times)
+
+
+def summarize(times: List[float]) -> Dict[str, float]:
     return {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times), 'max_ms': 1e3 * max(times)}
 
 
-def bench_model(name: str, batch: int, warmup: int, repeats: int) -> Dict[str, Dict[str, float]]:
+def model_workloads(name: str, batch: int) -> Dict[str, Callable[[], None]]:
+    """``{'eval_forward': fn, 'train_step': fn}`` for one model on a fixed random batch."""
     torch.manual_seed(0)
     model = create(name)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
-    model.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    def eval_fwd():
+    def eval_forward():
+        model.eval()
         with torch.no_grad():
             model(x)
 
-    result = {'eval_forward': timed(eval_fwd, warmup, repeats)}
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
     def train_step():
+        model.train()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    result['train_step'] = timed(train_step, warmup, repeats)
-    return result
+    return {'eval_forward': eval_forward, 'train_step': train_step}
+
+
+def bench_models(batch: int, warmup: int, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Time every model, interleaved (round-robin per repeat) so that drift in machine state (other load,
+    frequency, allocator warm-up) falls on all models alike instead of on whichever runs first."""
+    work = {name: model_workloads(name, batch) for name in MODELS}
+    times = {name: {kind: [] for kind in ('eval_forward', 'train_step')} for name in MODELS}
+    for kind in ('eval_forward', 'train_step'):
+        for name in MODELS:
+            for _ in range(warmup):
+                work[name][kind]()
+        for _ in tqdm(range(repeats), desc=kind):
+            for name in MODELS:
+                t0 = time.perf_counter()
+                work[name][kind]()
+                times[name][kind].append(time.perf_counter() - t0)
+    return {name: {kind: summarize(t) for kind, t in kinds.items()} for name, kinds in times.items()}
 
 
 def bench_modules(warmup: int, repeats: int, quick: bool) -> List[Dict[str, object]]:
@@ -126,9 +146,8 @@ def bench_modules(warmup: int, repeats: int, quick: bool) -> List[Dict[str, obje
     return rows
 
 
-def saved_for_backward_mib(name: str, batch: int) -> float:
+def saved_for_backward_mib(model: nn.Module, batch: int) -> float:
     """Unique storage bytes autograd holds for backward after one training forward (exact, allocator-independent)."""
-    model = create(name).train()
     storages: Dict[int, int] = {}
 
     def pack(t):
@@ -141,27 +160,25 @@ def saved_for_backward_mib(name: str, batch: int) -> float:
     return sum(storages.values()) / 2 ** 20
 
 
-def peak_rss_growth_mib(name: str, batch: int) -> float:
-    """Peak RSS growth of one train step (after a warm-up step), measured in a fresh subprocess."""
+def memory(name: str, batch: int) -> Dict[str, float]:
+    """In a fresh subprocess: bytes saved for backward, and the peak RSS of two train steps above the RSS
+    with the model and batch already in memory (activations, gradients, optimizer state, allocator)."""
     code = f'''
-import resource, sys, torch, torch.nn.functional as F
+import json, resource, sys, torch, torch.nn.functional as F
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import benchmark
 m = benchmark.create({name!r}).train()
 x = torch.randn({batch}, 3, 32, 32); y = torch.randint(0, 10, ({batch},))
 opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-def step():
+base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
+for _ in range(2):
     opt.zero_grad(set_to_none=True); F.cross_entropy(m(x), y).backward(); opt.step()
-step()  # warm-up: optimizer state, allocator pools
-import gc; gc.collect()
-before = open('/proc/self/statm').read().split()[1]
-base = int(before) * resource.getpagesize()
-step()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(max(peak - base, 0) / 2**20)
+saved = benchmark.saved_for_backward_mib(m, {batch})
+print(json.dumps({{'saved_for_backward_mib': saved, 'peak_rss_growth_mib': max(peak - base, 0) / 2**20}}))
 '''
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def fmt(t: Dict[str, float]) -> str:
@@ -188,12 +205,10 @@ def main() -> None:
         'timm_spe': timm_spe.__version__, 'batch': args.batch, 'warmup': args.warmup, 'repeats': args.repeats,
     }
     results = {'meta': meta, 'models': {}, 'modules': [], 'memory': {}}
-    for name in tqdm(MODELS, desc='models (time)'):
-        results['models'][name] = bench_model(name, args.batch, args.warmup, args.repeats)
+    for name in tqdm(MODELS, desc='models (memory, subprocesses)'):  # first, while this process is small
+        results['memory'][name] = memory(name, args.batch)
+    results['models'] = bench_models(args.batch, args.warmup, args.repeats)
     results['modules'] = bench_modules(args.warmup, args.repeats + 3, args.quick)
-    for name in tqdm(MODELS, desc='models (memory)'):
-        results['memory'][name] = {'saved_for_backward_mib': saved_for_backward_mib(name, args.batch),
-                                   'peak_rss_growth_mib': peak_rss_growth_mib(name, args.batch)}
 
     base = results['models']['resnet164']
     base_mem = results['memory']['resnet164']

@@ -182,3 +182,21 @@ def test_timm_attention_kwargs_are_accepted_others_rejected():
     assert m(torch.randn(1, 8, 2, 2)).shape == (1, 8, 2, 2)
     with pytest.raises(TypeError, match="formulaton"):
         SpeModule(8, formulaton='paper')
+
+
+def test_global_max_min_gradient_and_ties():
+    from timm_spe.spe import global_max_min
+    x = torch.tensor([[[[1., 3.], [3., -2.]]]], requires_grad=True)  # max 3 appears twice
+    f_max, f_min = global_max_min(x)
+    assert f_max.item() == 3. and f_min.item() == -2.
+    (2 * f_max + 5 * f_min).sum().backward()
+    # the first maximal element takes the whole gradient (amax would split it 1 / 1)
+    assert x.grad.tolist() == [[[[0., 2.], [0., 5.]]]]
+    y = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    a, b = global_max_min(y)
+    torch.testing.assert_close(a, y.amax((2, 3)))
+    torch.testing.assert_close(b, y.amin((2, 3)))
+    (a.sum() + b.sum()).backward()
+    ref = y.detach().clone().requires_grad_()
+    (ref.amax((2, 3)).sum() + ref.amin((2, 3)).sum()).backward()
+    torch.testing.assert_close(y.grad, ref.grad)

@@ -104,13 +104,13 @@ def plot_lambdas(rows: List[Dict[str, object]], out_png: PathLike, title: str = 
     for i in range(1, len(rows)):
         if stages[i] != stages[i - 1]:
             ax.axvline(i - 0.5, color='k', lw=0.8, ls='--')
-    for s, c in colors.items():
-        ax.bar([], [], color=c, label=s)
-    ax.axhline(0.5, color='grey', lw=0.8, ls=':', label='init (0.5)')
+    from matplotlib.patches import Patch
+    handles = [Patch(color=c, label=s) for s, c in colors.items()]
+    handles.append(ax.axhline(0.5, color='grey', lw=0.8, ls=':', label='init (0.5)'))
     ax.set_xlabel('SPE block (network order)')
     ax.set_ylabel('lambda (weight of max pool)')
     ax.set_ylim(0, 1)
-    ax.legend(ncol=4, fontsize=8)
+    ax.legend(handles=handles, ncol=4, fontsize=8)
     if title:
         ax.set_title(title)
     return _save(fig, out_png)

@@ -17,7 +17,7 @@ The Eq. 8 penalty ``eta * (p0^2 + p1^2)`` is applied automatically in training m
 exact gradient to ``p`` during backward, so it works in unmodified training loops (timm's
 ``train.py``). See :func:`spe_penalty` and :func:`set_auto_penalty` for custom loops.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn as nn
@@ -71,9 +71,43 @@ def mix_weights(p: torch.Tensor) -> torch.Tensor:
     return ((p_sq + tiny) / (p_sq.sum() + 2 * tiny)).to(p.dtype)
 
 
+class _GlobalMaxMin(torch.autograd.Function):
+    """Per-channel global max and min over H x W that saves only the two N x C index tensors.
+
+    autograd's ``amax``/``amin`` keep the whole input and spend several full-size passes in backward
+    (mask, count, cast, multiply); here backward is one zero-fill and two N x C scatters. With ties
+    the gradient goes to the first maximal (minimal) element, where ``amax`` would split it evenly.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        flat = x.reshape(x.shape[0], x.shape[1], -1)  # a view for NCHW-contiguous input
+        f_max, i_max = flat.max(dim=-1)
+        f_min, i_min = flat.min(dim=-1)
+        ctx.save_for_backward(i_max, i_min)
+        ctx.shape = x.shape
+        return f_max, f_min
+
+    @staticmethod
+    def backward(ctx, g_max: torch.Tensor, g_min: torch.Tensor):
+        i_max, i_min = ctx.saved_tensors
+        n, c = ctx.shape[0], ctx.shape[1]
+        grad = g_max.new_zeros(n, c, ctx.shape[2] * ctx.shape[3])
+        grad.scatter_(-1, i_max.unsqueeze(-1), g_max.unsqueeze(-1))
+        grad.scatter_add_(-1, i_min.unsqueeze(-1), g_min.unsqueeze(-1))
+        return grad.view(ctx.shape)
+
+
+@register_notrace_function
+def global_max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x.amax((2, 3)), x.amin((2, 3)))`` with a lean backward (see :class:`_GlobalMaxMin`)."""
+    return _GlobalMaxMin.apply(x)
+
+
 # FX leaves wherever they are called from (also via SpeModule.gate, which is not a module call)
 torch.fx.wrap('with_penalty_grad')
 torch.fx.wrap('mix_weights')
+torch.fx.wrap('global_max_min')
 
 
 # kwargs timm models pass to attention layers in general (e.g. cspnet: act_layer; efficientnet: rd_ratio)
@@ -143,8 +177,10 @@ class SpeModule(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map ``v_exc * v_rew`` of shape ``N x C x 1 x 1``."""
         torch._assert(x.ndim == 4, 'SpeModule expects a 4-D N x C x H x W input')
-        f_max = x.amax((2, 3))
-        f_min = x.amin((2, 3))
+        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
+            f_max, f_min = global_max_min(x)
+        else:
+            f_max, f_min = x.amax((2, 3)), x.amin((2, 3))
         lam = self.mix_weights()
         if self.paper:
             u = lam[0] * f_max + lam[1] * f_min
