@@ -13,6 +13,7 @@ import timm
 import timm_spe
 from timm_spe.evaluate import evaluate
 from timm_spe.hub import sha256_file
+from timm_spe.plots import spe_lambdas
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / 'hub_cards' / 'resnet164_spe.cifar10_cpu2h'
@@ -46,7 +47,7 @@ def test_is_default_tag_and_loads_from_file():
     m = timm.create_model('resnet164_spe', pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(FOLDER / 'model.safetensors')))
     assert m.pretrained_cfg['tag'] == 'cifar10_cpu2h'
-    assert len(timm_spe.plots.spe_lambdas(m)) == 54
+    assert len(spe_lambdas(m)) == 54
 
 
 @pytest.mark.slow
