@@ -200,3 +200,19 @@ def test_global_max_min_gradient_and_ties():
     ref = y.detach().clone().requires_grad_()
     (ref.amax((2, 3)).sum() + ref.amin((2, 3)).sum()).backward()
     torch.testing.assert_close(y.grad, ref.grad)
+
+
+def test_scale_add_relu_matches_autograd():
+    from timm_spe.spe import scale_add_relu
+    torch.manual_seed(0)
+    x, s = torch.randn(3, 4, 5, 6, requires_grad=True), torch.randn(3, 4, 5, 6, requires_grad=True)
+    g = torch.rand(3, 4, 1, 1, requires_grad=True)
+    out = scale_add_relu(x, s, g)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, s, g)]
+    ref = torch.relu(leaves[0] * leaves[2] + leaves[1])
+    torch.testing.assert_close(out, ref)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, b in zip((x, s, g), leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)

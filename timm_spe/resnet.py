@@ -25,7 +25,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
 from .create_attn import get_attn
 from .hub import resolve_pretrained_weights
-from .spe import SpeModule
+from .spe import SpeModule, scale_add_relu
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
 
@@ -55,7 +55,8 @@ def _stage_blocks(depth: int) -> int:
 
 class SpeBottleneck(Bottleneck):
     """timm's ``Bottleneck`` with an SPE layer: the gate multiply, residual add and ReLU run as one
-    ``addcmul`` + in-place ReLU, saving a full pass over the activation (same parameters and keys)."""
+    ``addcmul`` + in-place ReLU when training, and in place on the block's own BN output in inference
+    (no new activation tensor, like the plain block's ``x += shortcut``). Same parameters and keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -71,7 +72,12 @@ class SpeBottleneck(Bottleneck):
         if self.drop_path is not None:
             x = self.drop_path(self.se(x))
             return self.act3(x + shortcut)
-        return torch.relu_(torch.addcmul(shortcut, x, self.se.gate(x)))
+        gate = self.se.gate(x)
+        if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
+            return x.mul_(gate).add_(shortcut).relu_()
+        if torch.jit.is_scripting():
+            return torch.relu_(torch.addcmul(shortcut, x, gate))
+        return scale_add_relu(x, shortcut, gate)
 
 
 def _is_spe(attn_layer: Any) -> bool:

@@ -104,10 +104,42 @@ def global_max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return _GlobalMaxMin.apply(x)
 
 
+class _ScaleAddReLU(torch.autograd.Function):
+    """``relu(x * gate + shortcut)`` with ``gate`` of shape N x C x 1 x 1, and a lean backward: one
+    threshold pass, one multiply for ``x``'s gradient and a batched matrix product that multiplies and
+    reduces over H x W in one pass for ``gate``'s (autograd's ``addcmul`` backward materialises both
+    full-size products and then reduces)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        out = torch.addcmul(shortcut, x, gate).relu_()
+        ctx.save_for_backward(x, gate, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, gate, out = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        n, c = x.shape[0], x.shape[1]
+        grad_gate = None
+        if ctx.needs_input_grad[2]:
+            grad_gate = torch.matmul(
+                grad.reshape(n, c, 1, -1), x.reshape(n, c, -1, 1)).view(n, c, 1, 1).to(gate.dtype)
+        grad_x = grad * gate if ctx.needs_input_grad[0] else None
+        return grad_x, grad, grad_gate
+
+
+@register_notrace_function
+def scale_add_relu(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``relu(x * gate + shortcut)``, the tail of a bottleneck block with SPE (see :class:`_ScaleAddReLU`)."""
+    return _ScaleAddReLU.apply(x, shortcut, gate)
+
+
 # FX leaves wherever they are called from (also via SpeModule.gate, which is not a module call)
 torch.fx.wrap('with_penalty_grad')
 torch.fx.wrap('mix_weights')
 torch.fx.wrap('global_max_min')
+torch.fx.wrap('scale_add_relu')
 
 
 # kwargs timm models pass to attention layers in general (e.g. cspnet: act_layer; efficientnet: rd_ratio)
