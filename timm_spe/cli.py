@@ -279,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
 
+    def upload_args(p, repo_default):
+        p.add_argument('--repo-id', default=None, help=f'Hub repo (default: {repo_default})')
+        g = p.add_mutually_exclusive_group()
+        g.add_argument('--create-pr', action='store_true', help='upload as a pull request')
+        g.add_argument('--overwrite', action='store_true', help='replace weights already on the Hub')
+        p.add_argument('--private', action='store_true')
+
     def model_args(p, checkpoint_flag='--checkpoint'):
         p.add_argument('model', help='model name, optionally with a pretrained tag (resnet164_spe.cifar10)')
         p.add_argument(checkpoint_flag, default=None,
@@ -323,20 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default=None, help='staging folder (default hub_cards/<model>.<tag>)')
     p.add_argument('--force', action='store_true', help='replace a non-empty staging folder')
     p.add_argument('--dry-run', action='store_true', help='stage only, do not upload')
-    p.add_argument('--repo-id', default=None, help='Hub repo (default: the tag\'s hf_hub_id)')
-    g = p.add_mutually_exclusive_group()
-    g.add_argument('--create-pr', action='store_true', help='upload as a pull request')
-    g.add_argument('--overwrite', action='store_true', help='replace weights already on the Hub')
-    p.add_argument('--private', action='store_true')
+    upload_args(p, repo_default="the tag's hf_hub_id")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser('upload', help='upload a folder staged by `publish --dry-run` or `finish-run`')
     p.add_argument('folder')
-    p.add_argument('--repo-id', default=None, help="Hub repo (default: the hf_hub_id of config.json's model.tag)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument('--create-pr', action='store_true', help='upload as a pull request')
-    g.add_argument('--overwrite', action='store_true', help='replace weights already on the Hub')
-    p.add_argument('--private', action='store_true')
+    upload_args(p, repo_default="the hf_hub_id of config.json's model.tag")
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser('finish-run', help='eval + plots + staged Hub folder for a finished train.py run')

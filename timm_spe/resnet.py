@@ -73,11 +73,11 @@ class SpeBottleneck(Bottleneck):
             x = self.drop_path(self.se(x))
             return self.act3(x + shortcut)
         gate = self.se.gate(x)
+        if self.training and not torch.jit.is_scripting():
+            return scale_add_relu(x, shortcut, gate)
         if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
             return x.mul_(gate).add_(shortcut).relu_()
-        if torch.jit.is_scripting():
-            return torch.relu_(torch.addcmul(shortcut, x, gate))
-        return scale_add_relu(x, shortcut, gate)
+        return torch.relu_(torch.addcmul(shortcut, x, gate))
 
 
 def _is_spe(attn_layer: Any) -> bool:
