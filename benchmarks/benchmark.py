@@ -68,15 +68,19 @@ def create(name: str) -> nn.Module:
     return timm.create_model(name)
 
 
-def timed(fn: Callable[[], None], warmup: int, repeats: int) -> Dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed_interleaved(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Time several workloads round-robin (one run of each per repeat), so that drift in machine state
+    (other load, frequency, the allocator's state) falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {key: [] for key in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return summarize(times)
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {key: summarize(t) for key, t in times.items()}
 
 
 def summarize(times: List[float]) -> Dict[str, float]:
@@ -106,43 +110,43 @@ def model_workloads(name: str, batch: int) -> Dict[str, Callable[[], None]]:
 
 
 def bench_models(batch: int, warmup: int, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Time every model, interleaved (round-robin per repeat) so that drift in machine state (other load,
-    frequency, allocator warm-up) falls on all models alike instead of on whichever runs first."""
+    """Time every model, interleaved (see :func:`timed_interleaved`) instead of whichever runs first getting
+    a different machine."""
     work = {name: model_workloads(name, batch) for name in MODELS}
-    times = {name: {kind: [] for kind in ('eval_forward', 'train_step')} for name in MODELS}
-    for kind in ('eval_forward', 'train_step'):
-        for name in MODELS:
-            for _ in range(warmup):
-                work[name][kind]()
-        for _ in tqdm(range(repeats), desc=kind):
-            for name in MODELS:
-                t0 = time.perf_counter()
-                work[name][kind]()
-                times[name][kind].append(time.perf_counter() - t0)
-    return {name: {kind: summarize(t) for kind, t in kinds.items()} for name, kinds in times.items()}
+    results: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in MODELS}
+    for kind in tqdm(('eval_forward', 'train_step'), desc='models'):
+        for name, t in timed_interleaved({name: work[name][kind] for name in MODELS}, warmup, repeats).items():
+            results[name][kind] = t
+    return results
 
 
 def bench_modules(warmup: int, repeats: int, quick: bool) -> List[Dict[str, object]]:
+    """SpeModule vs SEModule (training mode) per input shape, forward (no grad) and forward+backward, interleaved."""
     rows = []
     shapes = [(8, 256, 8, 8), (8, 64, 32, 32)] if quick else [(128, 256, 8, 8), (128, 64, 32, 32)]
     for shape in shapes:
         x = torch.randn(*shape)
-        for label, module in (('SpeModule', SpeModule(shape[1])), ('SEModule', SEModule(shape[1]))):
-            module.train()
+        xg = x.clone().requires_grad_()
+        modules = {'SpeModule': SpeModule(shape[1]).train(), 'SEModule': SEModule(shape[1]).train()}
 
-            def fwd():
+        def forward(module: nn.Module) -> Callable[[], None]:
+            def fn():
                 with torch.no_grad():
                     module(x)
+            return fn
 
-            xg = x.clone().requires_grad_()
-
-            def fwd_bwd():
+        def forward_backward(module: nn.Module) -> Callable[[], None]:
+            def fn():
                 module.zero_grad(set_to_none=True)
                 xg.grad = None
                 module(xg).sum().backward()
+            return fn
 
+        fwd = timed_interleaved({k: forward(m) for k, m in modules.items()}, warmup, repeats)
+        fwd_bwd = timed_interleaved({k: forward_backward(m) for k, m in modules.items()}, warmup, repeats)
+        for label in modules:
             rows.append({'module': label, 'shape': 'x'.join(map(str, shape)),
-                         'forward': timed(fwd, warmup, repeats), 'forward_backward': timed(fwd_bwd, warmup, repeats)})
+                         'forward': fwd[label], 'forward_backward': fwd_bwd[label]})
     return rows
 
 

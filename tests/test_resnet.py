@@ -160,17 +160,19 @@ def test_fused_spe_block_matches_timm_block(train):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ref = _unfused_copy(m)
+    ref = _unfused_copy(m).double()  # timm's Bottleneck.forward in float64: the ground truth
     m.train(train)
     ref.train(train)
     x = torch.randn(4, 3, 32, 32)
-    out, out_ref = m(x), ref(x)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    out, out_ref = m(x), ref(x.double())
+    torch.testing.assert_close(out, out_ref.float(), rtol=1e-5, atol=1e-5)
     if train:
         out.square().mean().backward()
         out_ref.square().mean().backward()
         for (name, p), q in zip(m.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(p.grad, q.grad.float(), rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), c in zip(m.named_buffers(), ref.buffers()):  # running statistics, num_batches_tracked
+        torch.testing.assert_close(b, c.to(b.dtype), msg=name)
 
 
 def test_drop_path_uses_unfused_path():

@@ -1,4 +1,6 @@
 """SpeModule: both formulations against a straightforward reference, the Eq. 8 penalty, bad input."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,6 +204,20 @@ def test_global_max_min_gradient_and_ties():
     torch.testing.assert_close(y.grad, ref.grad)
 
 
+@pytest.mark.parametrize('length', [20, 1024, 2048])
+def test_max_min_with_indices_is_first_extremum(length):
+    from timm_spe.spe import max_min_with_indices
+    torch.manual_seed(0)
+    flat = torch.randint(-3, 4, (4, 5, length)).float()  # many ties
+    flat[0, 0] = 7.  # all equal
+    f_max, i_max, f_min, i_min = max_min_with_indices(flat)
+    first = lambda hits: hits.float().argmax(-1)  # index of the first True
+    torch.testing.assert_close(f_max, flat.amax(-1))
+    torch.testing.assert_close(f_min, flat.amin(-1))
+    torch.testing.assert_close(i_max, first(flat == flat.amax(-1, keepdim=True)))
+    torch.testing.assert_close(i_min, first(flat == flat.amin(-1, keepdim=True)))
+
+
 def test_scale_add_relu_matches_autograd():
     from timm_spe.spe import scale_add_relu
     torch.manual_seed(0)
@@ -216,3 +232,69 @@ def test_scale_add_relu_matches_autograd():
     (ref * w).sum().backward()
     for a, b in zip((x, s, g), leaves):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+class _SubclassedBN(torch.nn.BatchNorm2d):
+    """Not exactly nn.BatchNorm2d: must take the unfused path."""
+
+
+@pytest.mark.parametrize('formulation', ['official', 'paper'])
+@pytest.mark.parametrize('momentum', [0.1, None])
+@pytest.mark.parametrize('bn_cls', [torch.nn.BatchNorm2d, _SubclassedBN])
+def test_batch_norm_spe_add_relu_matches_reference(formulation, momentum, bn_cls):
+    from timm_spe.spe import _fusable, batch_norm_spe_add_relu
+    spe = _randomized(5, formulation=formulation).double()
+    bn = bn_cls(5, momentum=momentum).double()
+    with torch.no_grad():
+        bn.weight.normal_()
+        bn.bias.normal_()
+    spe_ref, bn_ref = copy.deepcopy(spe), copy.deepcopy(bn)
+    c = torch.randn(3, 5, 6, 7, dtype=torch.float64) * 2 + 0.5
+    s = torch.randn_like(c)
+    assert _fusable(c, s, bn, spe) == (bn_cls is torch.nn.BatchNorm2d)
+    leaves = [t.clone().requires_grad_() for t in (c, s, c, s)]
+    for step in range(2):  # twice: running statistics and num_batches_tracked as BatchNorm2d keeps them
+        out = batch_norm_spe_add_relu(leaves[0], leaves[1], bn, spe)
+        ref = torch.relu(reference_spe(bn_ref(leaves[2]), *_params(spe_ref), formulation) + leaves[3])
+        torch.testing.assert_close(out, ref)
+        w = torch.randn_like(out)
+        (out * w).sum().backward()
+        ((ref * w).sum() + spe_ref.penalty()).backward()  # the fused path adds the penalty automatically
+    for a, b in zip(leaves[:2], leaves[2:]):
+        torch.testing.assert_close(a.grad, b.grad)
+    for (name, a), b in zip([*bn.named_parameters(), *spe.named_parameters()], [*bn_ref.parameters(), *spe_ref.parameters()]):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(bn.named_buffers(), bn_ref.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_batch_norm_spe_add_relu_falls_back_under_autocast():
+    from timm_spe.spe import _fusable
+    spe, bn = _randomized(4), torch.nn.BatchNorm2d(4)
+    c = torch.randn(2, 4, 5, 5)
+    assert _fusable(c, c, bn, spe)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not _fusable(c, c, bn, spe)
+    assert not _fusable(c.to(memory_format=torch.channels_last), c, bn, spe)
+    assert not _fusable(c, c, bn.eval(), spe)
+
+
+def test_batch_norm_spe_add_relu_float32_precision_with_large_channel_means():
+    """The fused backward works from sums of grad * c: check float32 against float64 when mean(c) = 20 std(c)."""
+    from timm_spe.spe import _fusable, batch_norm_spe_add_relu
+    torch.manual_seed(0)
+    spe, bn = _randomized(6), torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.normal_()
+        bn.bias.normal_()
+    c, s = torch.randn(8, 6, 10, 10) * 0.5 + 10, torch.randn(8, 6, 10, 10)
+    w = torch.randn_like(c)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        spe_d, bn_d = copy.deepcopy(spe).to(dtype), copy.deepcopy(bn).to(dtype)
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (c, s)]
+        assert _fusable(*leaves, bn_d, spe_d)
+        (batch_norm_spe_add_relu(*leaves, bn_d, spe_d) * w.to(dtype)).sum().backward()
+        grads[dtype] = [t.grad for t in leaves] + [p.grad for p in (*bn_d.parameters(), *spe_d.parameters())]
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        assert (g32.double() - g64).abs().max() <= 1e-5 * g64.abs().max()

@@ -25,7 +25,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
 from .create_attn import get_attn
 from .hub import resolve_pretrained_weights
-from .spe import SpeModule, scale_add_relu
+from .spe import SpeModule, batch_norm_spe_add_relu
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
 
@@ -54,9 +54,10 @@ def _stage_blocks(depth: int) -> int:
 
 
 class SpeBottleneck(Bottleneck):
-    """timm's ``Bottleneck`` with an SPE layer: the gate multiply, residual add and ReLU run as one
-    ``addcmul`` + in-place ReLU when training, and in place on the block's own BN output in inference
-    (no new activation tensor, like the plain block's ``x += shortcut``). Same parameters and keys."""
+    """timm's ``Bottleneck`` with an SPE layer and a fused tail. Training: last BN, SPE, residual add and
+    ReLU as one autograd function (:func:`~timm_spe.spe.batch_norm_spe_add_relu`) that keeps no extra
+    full-size activation for backward. Inference: one in-place ``addcmul`` into the block's own BN output
+    and an in-place ReLU, as the plain block's ``x += shortcut``. Same parameters and keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -66,17 +67,18 @@ class SpeBottleneck(Bottleneck):
         x = self.drop_block(x)
         x = self.act2(x)
         x = self.aa(x)
-        x = self.bn3(self.conv3(x))
+        x = self.conv3(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         if self.drop_path is not None:
-            x = self.drop_path(self.se(x))
+            x = self.drop_path(self.se(self.bn3(x)))
             return self.act3(x + shortcut)
-        gate = self.se.gate(x)
         if self.training and not torch.jit.is_scripting():
-            return scale_add_relu(x, shortcut, gate)
+            return batch_norm_spe_add_relu(x, shortcut, self.bn3, self.se)
+        x = self.bn3(x)
+        gate = self.se.gate(x)
         if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
-            return x.mul_(gate).add_(shortcut).relu_()
+            return torch.addcmul(shortcut, x, gate, out=x).relu_()
         return torch.relu_(torch.addcmul(shortcut, x, gate))
 
 
