@@ -9,7 +9,9 @@ In one run on one machine, with warm-up and repeated timed runs interleaved acro
   * memory of a train step, per model in a fresh subprocess: the bytes autograd saves for backward
     (exact, from saved-tensor hooks) and the peak RSS of two train steps above the RSS with the model
     and batch loaded (what the OS sees; includes gradients, optimizer state and allocator slack).
-Prints a table with ratios to resnet164 and writes JSON (and a plot).
+The last two rows repeat resnet164 and resnet164_spe in channels_last (model and batch), as the train recipes
+run them; their ratios are to resnet164 in channels_last. Prints a table with ratios to resnet164 and writes
+JSON (and a plot).
 """
 import argparse
 import datetime
@@ -34,7 +36,9 @@ from timm.layers import SEModule
 import timm_spe
 from timm_spe import SpeModule
 
-MODELS = ('resnet164', 'resnet164_spe', 'resnet164_se', 'resnet164_eca', 'resnet164_spe_unfused')
+CHANNELS_LAST = ' (channels_last)'  # suffix: model and batch in channels_last, as the train recipes run them
+MODELS = ('resnet164', 'resnet164_spe', 'resnet164_se', 'resnet164_eca', 'resnet164_spe_unfused',
+          'resnet164' + CHANNELS_LAST, 'resnet164_spe' + CHANNELS_LAST)
 
 
 class UnfusedSpeReference(nn.Module):
@@ -62,10 +66,26 @@ class UnfusedSpeReference(nn.Module):
         return torch.sigmoid(mn + mx) * torch.sigmoid(mix) * x
 
 
+def _memory_format(name: str) -> torch.memory_format:
+    return torch.channels_last if name.endswith(CHANNELS_LAST) else torch.contiguous_format
+
+
+def baseline(name: str) -> str:
+    """The resnet164 entry a model's ratios are taken against (same memory format)."""
+    return 'resnet164' + CHANNELS_LAST if name.endswith(CHANNELS_LAST) else 'resnet164'
+
+
 def create(name: str) -> nn.Module:
-    if name == 'resnet164_spe_unfused':
-        return timm.create_model('resnet164', attn_layer=UnfusedSpeReference)
-    return timm.create_model(name)
+    arch = name.removesuffix(CHANNELS_LAST)
+    if arch == 'resnet164_spe_unfused':
+        model = timm.create_model('resnet164', attn_layer=UnfusedSpeReference)
+    else:
+        model = timm.create_model(arch)
+    return model.to(memory_format=_memory_format(name))
+
+
+def input_batch(name: str, batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32).contiguous(memory_format=_memory_format(name))
 
 
 def timed_interleaved(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int) -> Dict[str, Dict[str, float]]:
@@ -91,7 +111,7 @@ def model_workloads(name: str, batch: int) -> Dict[str, Callable[[], None]]:
     """``{'eval_forward': fn, 'train_step': fn}`` for one model on a fixed random batch."""
     torch.manual_seed(0)
     model = create(name)
-    x = torch.randn(batch, 3, 32, 32)
+    x = input_batch(name, batch)
     y = torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -150,7 +170,7 @@ def bench_modules(warmup: int, repeats: int, quick: bool) -> List[Dict[str, obje
     return rows
 
 
-def saved_for_backward_mib(model: nn.Module, batch: int) -> float:
+def saved_for_backward_mib(model: nn.Module, x: torch.Tensor) -> float:
     """Unique storage bytes autograd holds for backward after one training forward (exact, allocator-independent)."""
     storages: Dict[int, int] = {}
 
@@ -160,7 +180,7 @@ def saved_for_backward_mib(model: nn.Module, batch: int) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.randn(batch, 3, 32, 32))
+        model(x)
     return sum(storages.values()) / 2 ** 20
 
 
@@ -172,13 +192,13 @@ import json, resource, sys, torch, torch.nn.functional as F
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import benchmark
 m = benchmark.create({name!r}).train()
-x = torch.randn({batch}, 3, 32, 32); y = torch.randint(0, 10, ({batch},))
+x = benchmark.input_batch({name!r}, {batch}); y = torch.randint(0, 10, ({batch},))
 opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
 for _ in range(2):
     opt.zero_grad(set_to_none=True); F.cross_entropy(m(x), y).backward(); opt.step()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-saved = benchmark.saved_for_backward_mib(m, {batch})
+saved = benchmark.saved_for_backward_mib(m, x)
 print(json.dumps({{'saved_for_backward_mib': saved, 'peak_rss_growth_mib': max(peak - base, 0) / 2**20}}))
 '''
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
@@ -214,11 +234,10 @@ def main() -> None:
     results['models'] = bench_models(args.batch, args.warmup, args.repeats)
     results['modules'] = bench_modules(args.warmup, args.repeats + 3, args.quick)
 
-    base = results['models']['resnet164']
-    base_mem = results['memory']['resnet164']
     ratios = {}
     for name in MODELS:
         r, m = results['models'][name], results['memory'][name]
+        base, base_mem = results['models'][baseline(name)], results['memory'][baseline(name)]
         ratios[name] = {
             'eval_forward': r['eval_forward']['median_ms'] / base['eval_forward']['median_ms'],
             'train_step': r['train_step']['median_ms'] / base['train_step']['median_ms'],
@@ -261,14 +280,14 @@ def plot(ratios: Dict[str, Dict[str, float]], path: str, meta: Dict[str, object]
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     keys = ['eval_forward', 'train_step', 'saved_for_backward', 'peak_rss_growth']
-    names = [n for n in MODELS if n != 'resnet164']
+    names = [n for n in MODELS if n != baseline(n)]
     fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
         ax.bar([k + i * width for k in range(len(keys))], [ratios[n][k] for k in keys], width, label=n)
     ax.axhline(1.0, color='k', lw=0.8)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys)
-    ax.set_ylabel('ratio to resnet164')
+    ax.set_ylabel('ratio to resnet164 (same memory format)')
     ax.set_title(f"batch {meta['batch']}, {meta['torch_threads']} threads, torch {meta['torch']}")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -42,5 +42,6 @@ def test_quick_run(tmp_path):
             assert 0 < t['min_ms'] <= t['median_ms'] <= t['max_ms']
         assert r['memory'][name]['saved_for_backward_mib'] > 0
     assert r['ratios']['resnet164']['train_step'] == 1.0
+    assert r['ratios']['resnet164' + benchmark.CHANNELS_LAST]['train_step'] == 1.0  # its own baseline
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SEModule'} and len(r['modules']) == 4
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()

@@ -53,11 +53,12 @@ def test_init_matches_paper():
 
 @pytest.mark.parametrize('formulation', ['official', 'paper'])
 @pytest.mark.parametrize('train', [False, True])
-def test_forward_and_grads_match_reference(formulation, train):
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_forward_and_grads_match_reference(formulation, train, memory_format):
     m = _randomized(formulation=formulation)
     m.train(train)
     set_auto_penalty(m, False)
-    x = torch.randn(4, 6, 5, 7, requires_grad=True)
+    x = torch.randn(4, 6, 5, 7).contiguous(memory_format=memory_format).requires_grad_()
     out = m(x)
     x_ref = x.detach().clone().requires_grad_()
     params_ref = [t.detach().clone().requires_grad_() for t in _params(m)]
@@ -204,13 +205,15 @@ def test_global_max_min_gradient_and_ties():
     torch.testing.assert_close(y.grad, ref.grad)
 
 
-@pytest.mark.parametrize('length', [20, 1024, 2048])
-def test_max_min_with_indices_is_first_extremum(length):
+@pytest.mark.parametrize('hw', [(4, 5), (32, 32), (32, 64)])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_max_min_with_indices_is_first_extremum(hw, memory_format):
     from timm_spe.spe import max_min_with_indices
     torch.manual_seed(0)
-    flat = torch.randint(-3, 4, (4, 5, length)).float()  # many ties
-    flat[0, 0] = 7.  # all equal
-    f_max, i_max, f_min, i_min = max_min_with_indices(flat)
+    x = torch.randint(-3, 4, (4, 5, *hw)).float()  # many ties
+    x[0, 0] = 7.  # all equal
+    flat = x.flatten(2)
+    f_max, i_max, f_min, i_min = max_min_with_indices(x.contiguous(memory_format=memory_format))
     first = lambda hits: hits.float().argmax(-1)  # index of the first True
     torch.testing.assert_close(f_max, flat.amax(-1))
     torch.testing.assert_close(f_min, flat.amin(-1))
@@ -241,7 +244,8 @@ class _SubclassedBN(torch.nn.BatchNorm2d):
 @pytest.mark.parametrize('formulation', ['official', 'paper'])
 @pytest.mark.parametrize('momentum', [0.1, None])
 @pytest.mark.parametrize('bn_cls', [torch.nn.BatchNorm2d, _SubclassedBN])
-def test_batch_norm_spe_add_relu_matches_reference(formulation, momentum, bn_cls):
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_batch_norm_spe_add_relu_matches_reference(formulation, momentum, bn_cls, memory_format):
     from timm_spe.spe import _fusable, batch_norm_spe_add_relu
     spe = _randomized(5, formulation=formulation).double()
     bn = bn_cls(5, momentum=momentum).double()
@@ -249,7 +253,7 @@ def test_batch_norm_spe_add_relu_matches_reference(formulation, momentum, bn_cls
         bn.weight.normal_()
         bn.bias.normal_()
     spe_ref, bn_ref = copy.deepcopy(spe), copy.deepcopy(bn)
-    c = torch.randn(3, 5, 6, 7, dtype=torch.float64) * 2 + 0.5
+    c = (torch.randn(3, 5, 6, 7, dtype=torch.float64) * 2 + 0.5).contiguous(memory_format=memory_format)
     s = torch.randn_like(c)
     assert _fusable(c, s, bn, spe) == (bn_cls is torch.nn.BatchNorm2d)
     leaves = [t.clone().requires_grad_() for t in (c, s, c, s)]
@@ -275,7 +279,8 @@ def test_batch_norm_spe_add_relu_falls_back_under_autocast():
     assert _fusable(c, c, bn, spe)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not _fusable(c, c, bn, spe)
-    assert not _fusable(c.to(memory_format=torch.channels_last), c, bn, spe)
+    assert _fusable(c.contiguous(memory_format=torch.channels_last), c, bn, spe)
+    assert not _fusable(c.transpose(2, 3), c, bn, spe)
     assert not _fusable(c, c, bn.eval(), spe)
 
 
