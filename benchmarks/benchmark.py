@@ -6,6 +6,8 @@ In one run on one machine, with warm-up and repeated timed runs interleaved acro
   * eval forward (no grad) and train step (forward + backward + SGD step), batch 128, 32x32, for
     resnet164, resnet164_spe, resnet164_se, resnet164_eca and resnet164 with `UnfusedSpeReference`;
   * the SPE module alone vs timm's SEModule on 128x256x8x8 and 128x64x32x32 (forward; forward+backward);
+  * the primitives behind the differences (mean vs max/min, with and without indices; a fresh tensor vs
+    in place) on each stage's block output;
   * memory of a train step, per model in a fresh subprocess: the bytes autograd saves for backward
     (exact, from saved-tensor hooks) and the peak RSS of two train steps above the RSS with the model
     and batch loaded (what the OS sees; includes gradients, optimizer state and allocator slack).
@@ -170,6 +172,29 @@ def bench_modules(warmup: int, repeats: int, quick: bool) -> List[Dict[str, obje
     return rows
 
 
+def bench_reductions(warmup: int, repeats: int, quick: bool) -> List[Dict[str, object]]:
+    """The primitives SPE's cost comes down to, on each stage's block output: SE's mean, SPE's amax + amin
+    (inference), max(dim) with indices (what autograd-free exact pooling gradients need) and the blocked
+    search SPE trains with; and a multiply into a fresh tensor vs in place (the allocation's cost)."""
+    from timm_spe.spe import max_min_with_indices
+    shapes = [(8, 64, 32, 32), (8, 256, 8, 8)] if quick else [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
+    rows = []
+    for shape in shapes:
+        x = torch.randn(*shape)
+        flat = x.flatten(2)
+        ops = {
+            'mean (SE)': lambda: x.mean((2, 3)),
+            'amax + amin (SPE inference)': lambda: (x.amax((2, 3)), x.amin((2, 3))),
+            'max(dim) + min(dim) with indices': lambda: (flat.max(-1), flat.min(-1)),
+            'max_min_with_indices (SPE training)': lambda: max_min_with_indices(x),
+            'x * 2 into a new tensor': lambda: x * 2,
+            'x.mul_(1) in place': lambda: x.mul_(1),
+        }
+        for op, t in timed_interleaved(ops, warmup, repeats).items():
+            rows.append({'op': op, 'shape': 'x'.join(map(str, shape)), 'time': t})
+    return rows
+
+
 def saved_for_backward_mib(model: nn.Module, x: torch.Tensor) -> float:
     """Unique storage bytes autograd holds for backward after one training forward (exact, allocator-independent)."""
     storages: Dict[int, int] = {}
@@ -228,11 +253,12 @@ def main() -> None:
         'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'timm': timm.__version__,
         'timm_spe': timm_spe.__version__, 'batch': args.batch, 'warmup': args.warmup, 'repeats': args.repeats,
     }
-    results = {'meta': meta, 'models': {}, 'modules': [], 'memory': {}}
+    results = {'meta': meta, 'models': {}, 'modules': [], 'reductions': [], 'memory': {}}
     for name in tqdm(MODELS, desc='models (memory, subprocesses)'):  # first, while this process is small
         results['memory'][name] = memory(name, args.batch)
     results['models'] = bench_models(args.batch, args.warmup, args.repeats)
     results['modules'] = bench_modules(args.warmup, args.repeats + 3, args.quick)
+    results['reductions'] = bench_reductions(args.warmup, args.repeats + 3, args.quick)
 
     ratios = {}
     for name in MODELS:
@@ -266,6 +292,11 @@ def main() -> None:
               '| module | input | forward ms | forward+backward ms |', '|---|---|---|---|']
     for row in results['modules']:
         lines.append(f"| {row['module']} | {row['shape']} | {fmt(row['forward'])} | {fmt(row['forward_backward'])} |")
+    shapes = list(dict.fromkeys(row['shape'] for row in results['reductions']))
+    lines += ['', '| op, ms | ' + ' | '.join(shapes) + ' |', '|---|' + '---|' * len(shapes)]
+    for op in dict.fromkeys(row['op'] for row in results['reductions']):
+        cells = {row['shape']: fmt(row['time']).strip() for row in results['reductions'] if row['op'] == op}
+        lines.append(f'| {op} | ' + ' | '.join(cells[sh] for sh in shapes) + ' |')
     table = '\n'.join(lines)
     print(table)
     results['table'] = table

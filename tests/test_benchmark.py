@@ -44,4 +44,12 @@ def test_quick_run(tmp_path):
     assert r['ratios']['resnet164']['train_step'] == 1.0
     assert r['ratios']['resnet164' + benchmark.CHANNELS_LAST]['train_step'] == 1.0  # its own baseline
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SEModule'} and len(r['modules']) == 4
+    assert len(r['reductions']) == 12 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
+
+
+def test_readme_shows_committed_results():
+    """The README's performance table is the one benchmarks/results.json was written with."""
+    results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
+    readme = (ROOT / 'README.md').read_text()
+    assert results['table'] in readme, 'README performance table is stale: paste benchmarks/results.json["table"]'

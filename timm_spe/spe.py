@@ -193,68 +193,53 @@ def scale_add_relu(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) 
     return _ScaleAddReLU.apply(x, shortcut, gate)
 
 
-def spe_gate(
-        f_max: torch.Tensor,
-        f_min: torch.Tensor,
-        lam: torch.Tensor,
-        w_exc: torch.Tensor,
-        b_exc: torch.Tensor,
-        w_rew: torch.Tensor,
-        b_rew: torch.Tensor,
-        paper: bool,
-) -> torch.Tensor:
-    """The N x C gate ``v_exc * v_rew`` from the pools ``f_max``, ``f_min`` (N x C) and ``lam = (lambda, 1 - lambda)``.
-
-    ``paper=False``: the authors' code, ``r = w_rew * f + b_rew`` for each pool, ``u = lambda * r_max +
-    (1 - lambda) * r_min``, ``v_rew = sigmoid(r_max + r_min)``. ``paper=True``: Eq. 2-7, ``u = lambda * f_max +
-    (1 - lambda) * f_min``, ``v_rew = sigmoid(w_rew * (f_max + f_min) + b_rew)``. Both: ``v_exc = sigmoid(w_exc * u + b_exc)``.
-    """
+def _gate_terms(
+        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
+        w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m_max, m_min, u, v_exc, v_rew)``: the two terms the pooling mix ``u = lambda * m_max + (1 - lambda) * m_min``
+    mixes (the reweighted pools ``w_rew * f + b_rew`` in the authors' code, the raw pools in the paper), ``u``, and the
+    two gates ``v_exc = sigmoid(w_exc * u + b_exc)`` and ``v_rew`` (``sigmoid(r_max + r_min)`` in the authors' code,
+    ``sigmoid(w_rew * (f_max + f_min) + b_rew)`` in the paper)."""
     if paper:
-        u = lam[0] * f_max + lam[1] * f_min
+        m_max, m_min = f_max, f_min
         v_rew = torch.sigmoid(torch.addcmul(b_rew, w_rew, f_max + f_min))
     else:
-        r_max = torch.addcmul(b_rew, w_rew, f_max)
-        r_min = torch.addcmul(b_rew, w_rew, f_min)
-        u = lam[0] * r_max + lam[1] * r_min
-        v_rew = torch.sigmoid(r_max + r_min)
+        m_max = torch.addcmul(b_rew, w_rew, f_max)
+        m_min = torch.addcmul(b_rew, w_rew, f_min)
+        v_rew = torch.sigmoid(m_max + m_min)
+    u = lam[0] * m_max + lam[1] * m_min
     v_exc = torch.sigmoid(torch.addcmul(b_exc, w_exc, u))
+    return m_max, m_min, u, v_exc, v_rew
+
+
+def spe_gate(
+        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
+        w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+) -> torch.Tensor:
+    """The N x C gate ``v_exc * v_rew`` from the pools ``f_max``, ``f_min`` (N x C) and ``lam = (lambda, 1 - lambda)``;
+    ``paper`` selects Eq. 2-7 over the authors' code (see :func:`_gate_terms`)."""
+    _, _, _, v_exc, v_rew = _gate_terms(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
     return v_exc * v_rew
 
 
 def _spe_gate_backward(
-        grad: torch.Tensor,
-        f_max: torch.Tensor,
-        f_min: torch.Tensor,
-        lam: torch.Tensor,
-        w_exc: torch.Tensor,
-        b_exc: torch.Tensor,
-        w_rew: torch.Tensor,
-        b_rew: torch.Tensor,
-        paper: bool,
-):
+        grad: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor,
+        w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+) -> Tuple[torch.Tensor, ...]:
     """Closed-form vector-Jacobian product of :func:`spe_gate` (N x C sized work only): the gradients
     of ``f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew`` for ``grad``, the gradient of the gate."""
-    if paper:
-        pooled = f_max + f_min
-        u = lam[0] * f_max + lam[1] * f_min
-        v_rew = torch.sigmoid(torch.addcmul(b_rew, w_rew, pooled))
-    else:
-        r_max = torch.addcmul(b_rew, w_rew, f_max)
-        r_min = torch.addcmul(b_rew, w_rew, f_min)
-        u = lam[0] * r_max + lam[1] * r_min
-        v_rew = torch.sigmoid(r_max + r_min)
-    v_exc = torch.sigmoid(torch.addcmul(b_exc, w_exc, u))
+    m_max, m_min, u, v_exc, v_rew = _gate_terms(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
     d_exc = grad * v_rew * v_exc * (1 - v_exc)  # through sigmoid(w_exc * u + b_exc)
     d_rew = grad * v_exc * v_rew * (1 - v_rew)  # through v_rew's sigmoid
     d_u = d_exc * w_exc
     g_w_exc, g_b_exc = (d_exc * u).sum(0), d_exc.sum(0)
+    g_lam = torch.stack(((d_u * m_max).sum(), (d_u * m_min).sum()))
     if paper:
-        g_lam = torch.stack(((d_u * f_max).sum(), (d_u * f_min).sum()))
         d_pooled = d_rew * w_rew
         g_max, g_min = d_u * lam[0] + d_pooled, d_u * lam[1] + d_pooled
-        g_w_rew, g_b_rew = (d_rew * pooled).sum(0), d_rew.sum(0)
+        g_w_rew, g_b_rew = (d_rew * (f_max + f_min)).sum(0), d_rew.sum(0)
     else:
-        g_lam = torch.stack(((d_u * r_max).sum(), (d_u * r_min).sum()))
         d_max, d_min = d_u * lam[0] + d_rew, d_u * lam[1] + d_rew
         g_max, g_min = d_max * w_rew, d_min * w_rew
         g_w_rew, g_b_rew = (d_max * f_max + d_min * f_min).sum(0), (d_max + d_min).sum(0)
