@@ -312,7 +312,7 @@ def plot(ratios: Dict[str, Dict[str, float]], path: str, meta: Dict[str, object]
     import matplotlib.pyplot as plt
     keys = ['eval_forward', 'train_step', 'saved_for_backward', 'peak_rss_growth']
     names = [n for n in MODELS if n != baseline(n)]
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(11, 3.6))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
         ax.bar([k + i * width for k in range(len(keys))], [ratios[n][k] for k in keys], width, label=n)
@@ -320,7 +320,7 @@ def plot(ratios: Dict[str, Dict[str, float]], path: str, meta: Dict[str, object]
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys)
     ax.set_ylabel('ratio to resnet164 (same memory format)')
     ax.set_title(f"batch {meta['batch']}, {meta['torch_threads']} threads, torch {meta['torch']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
