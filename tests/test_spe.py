@@ -303,3 +303,14 @@ def test_batch_norm_spe_add_relu_float32_precision_with_large_channel_means():
         grads[dtype] = [t.grad for t in leaves] + [p.grad for p in (*bn_d.parameters(), *spe_d.parameters())]
     for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
         assert (g32.double() - g64).abs().max() <= 1e-5 * g64.abs().max()
+
+
+def test_double_backward_through_fused_paths_raises():
+    """The custom backward passes are first-order only: asking for a gradient of a gradient must fail loudly."""
+    from timm_spe.spe import batch_norm_spe_add_relu
+    spe, bn = _randomized(4), torch.nn.BatchNorm2d(4)
+    for fn in (lambda t: spe(t), lambda t: batch_norm_spe_add_relu(t, t.detach(), bn, spe)):
+        x = torch.randn(2, 4, 5, 5, requires_grad=True)
+        g, = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match='once_differentiable|does not require grad|not differentiable'):
+            g.sum().backward()

@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn as nn
+from torch.autograd.function import once_differentiable
 from timm.layers import register_notrace_function
 
 __all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'spe_gate', 'FORMULATIONS']
@@ -147,6 +148,7 @@ class _GlobalMaxMin(torch.autograd.Function):
         return f_max, f_min
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_max: torch.Tensor, g_min: torch.Tensor):
         i_max, i_min = ctx.saved_tensors
         grad = torch.empty(
@@ -175,6 +177,7 @@ class _ScaleAddReLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, gate, out = ctx.saved_tensors
         grad = torch.ops.aten.threshold_backward(grad, out, 0)
@@ -265,6 +268,7 @@ class _SpeScale(torch.autograd.Function):
         return x * gate.view(n, ch, 1, 1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, gate, f_max, f_min, i_max, i_min, lam, w_exc, b_exc, w_rew, b_rew = ctx.saved_tensors
         n, ch = x.shape[0], x.shape[1]
@@ -326,6 +330,7 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (c, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate,
          lam, w_exc, b_exc, w_rew, b_rew) = ctx.saved_tensors
