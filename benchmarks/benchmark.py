@@ -1,6 +1,7 @@
 """Benchmark SPE against no attention, SE, ECA and an unfused reference of the authors' formulation.
 
     python benchmarks/benchmark.py [--out benchmarks/results.json] [--plot benchmarks/results.png] [--quick]
+    python benchmarks/benchmark.py --compile resnet164,resnet164_spe --out benchmarks/results_compile.json
 
 In one run on one machine, with warm-up and repeated timed runs interleaved across models (median, min-max):
   * eval forward (no grad) and train step (forward + backward + SGD step), batch 128, 32x32, for
@@ -109,13 +110,15 @@ def summarize(times: List[float]) -> Dict[str, float]:
     return {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times), 'max_ms': 1e3 * max(times)}
 
 
-def model_workloads(name: str, batch: int) -> Dict[str, Callable[[], None]]:
-    """``{'eval_forward': fn, 'train_step': fn}`` for one model on a fixed random batch."""
+def model_workloads(name: str, batch: int, compile: bool = False) -> Dict[str, Callable[[], None]]:
+    """``{'eval_forward': fn, 'train_step': fn}`` for one model on a fixed random batch (optionally the model
+    wrapped in ``torch.compile``, default inductor backend; the first calls compile)."""
     torch.manual_seed(0)
-    model = create(name)
+    module = create(name)
+    model = torch.compile(module) if compile else module
     x = input_batch(name, batch)
     y = torch.randint(0, 10, (batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
 
     def eval_forward():
         model.eval()
@@ -230,6 +233,20 @@ print(json.dumps({{'saved_for_backward_mib': saved, 'peak_rss_growth_mib': max(p
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def compiled_train_steps(names: List[str], batch: int, warmup: int, repeats: int) -> Dict[str, object]:
+    """Train steps of ``torch.compile``d models (inductor), interleaved; compilation happens in the first
+    warm-up call of each and is timed separately."""
+    work, compile_s = {}, {}
+    for name in tqdm(names, desc='compiling'):
+        work[name] = model_workloads(name, batch, compile=True)['train_step']
+        t0 = time.perf_counter()
+        work[name]()
+        compile_s[name] = time.perf_counter() - t0
+    times = timed_interleaved(work, max(warmup - 1, 0), repeats)
+    base = times[names[0]]['median_ms']
+    return {'train_step': times, 'first_call_s': compile_s, 'ratios': {n: t['median_ms'] / base for n, t in times.items()}}
+
+
 def fmt(t: Dict[str, float]) -> str:
     return f"{t['median_ms']:9.1f} ({t['min_ms']:.1f}-{t['max_ms']:.1f})"
 
@@ -242,9 +259,27 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--quick', action='store_true', help='tiny smoke run (batch 8, 1 warm-up, 2 repeats)')
+    parser.add_argument('--compile', default=None, metavar='MODELS',
+                        help="only this: train steps of these comma-separated models under torch.compile (inductor), "
+                             "e.g. 'resnet164,resnet164_spe' (ratios to the first)")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.warmup, args.repeats = 8, 1, 2
+    if args.compile:
+        names = args.compile.split(',')
+        unknown = [n for n in names if n not in MODELS]
+        if unknown:
+            parser.error(f'--compile: unknown model(s) {unknown}; choose from {list(MODELS)}')
+        result = compiled_train_steps(names, args.batch, args.warmup, args.repeats)
+        result['meta'] = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                          'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'batch': args.batch,
+                          'warmup': args.warmup, 'repeats': args.repeats}
+        for n in names:
+            print(f"{n}: first call (compile) {result['first_call_s'][n]:.0f} s, train step "
+                  f"{fmt(result['train_step'][n])} ms, ratio to {names[0]} {result['ratios'][n]:.3f}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return
 
     meta = {
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

@@ -53,3 +53,9 @@ def test_readme_shows_committed_results():
     results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
     readme = (ROOT / 'README.md').read_text()
     assert results['table'] in readme, 'README performance table is stale: paste benchmarks/results.json["table"]'
+
+
+def test_compile_option_rejects_unknown_models():
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--compile', 'resnet164,resnet9000'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown model(s) ['resnet9000']" in proc.stderr
