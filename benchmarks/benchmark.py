@@ -110,12 +110,12 @@ def summarize(times: List[float]) -> Dict[str, float]:
     return {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times), 'max_ms': 1e3 * max(times)}
 
 
-def model_workloads(name: str, batch: int, compile: bool = False) -> Dict[str, Callable[[], None]]:
+def model_workloads(name: str, batch: int, compiled: bool = False) -> Dict[str, Callable[[], None]]:
     """``{'eval_forward': fn, 'train_step': fn}`` for one model on a fixed random batch (optionally the model
     wrapped in ``torch.compile``, default inductor backend; the first calls compile)."""
     torch.manual_seed(0)
     module = create(name)
-    model = torch.compile(module) if compile else module
+    model = torch.compile(module) if compiled else module
     x = input_batch(name, batch)
     y = torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
@@ -238,7 +238,7 @@ def compiled_train_steps(names: List[str], batch: int, warmup: int, repeats: int
     warm-up call of each and is timed separately."""
     work, compile_s = {}, {}
     for name in tqdm(names, desc='compiling'):
-        work[name] = model_workloads(name, batch, compile=True)['train_step']
+        work[name] = model_workloads(name, batch, compiled=True)['train_step']
         t0 = time.perf_counter()
         work[name]()
         compile_s[name] = time.perf_counter() - t0

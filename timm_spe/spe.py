@@ -368,13 +368,9 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
 
 
 def _fusable(c: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, spe: 'SpeModule') -> bool:
-    dtype = c.dtype
     return (
-        type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats and spe.training
-        and _dense_layout(c) and shortcut.shape == c.shape
-        and shortcut.dtype == dtype and bn.weight.dtype == dtype and spe.p.dtype == dtype and spe.w_exc.dtype == dtype
-        and not torch.is_autocast_enabled(c.device.type)
-        and torch.is_grad_enabled()
+        _spe_fusable(c, spe) and type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+        and shortcut.shape == c.shape and shortcut.dtype == c.dtype and bn.weight.dtype == c.dtype
     )
 
 
@@ -384,9 +380,9 @@ def batch_norm_spe_add_relu(
     """``relu(spe(bn(c)) + shortcut)``: the tail of a bottleneck block with SPE, for training.
 
     With a training-mode ``nn.BatchNorm2d``, NCHW-contiguous or channels_last input and one dtype (no
-    autocast) it runs as
-    one autograd function (see :class:`_BatchNormSpeAddReLU`) that saves no more full-size activations for
-    backward than the block without SPE; otherwise as ``bn``, the SPE gate and :func:`scale_add_relu`.
+    autocast) it runs as one autograd function (see :class:`_BatchNormSpeAddReLU`) that saves no more
+    full-size activations for backward than the block without SPE; otherwise as ``bn``, the SPE gate and
+    :func:`scale_add_relu`.
     Same results either way, running statistics and ``num_batches_tracked`` included.
     """
     if not _fusable(c, shortcut, bn, spe):
