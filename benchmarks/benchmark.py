@@ -177,19 +177,23 @@ def bench_modules(warmup: int, repeats: int, quick: bool) -> List[Dict[str, obje
 
 def bench_reductions(warmup: int, repeats: int, quick: bool) -> List[Dict[str, object]]:
     """The primitives SPE's cost comes down to, on each stage's block output: SE's mean, SPE's amax + amin
-    (inference), max(dim) with indices (what autograd-free exact pooling gradients need) and the blocked
-    search SPE trains with; and a multiply into a fresh tensor vs in place (the allocation's cost)."""
+    (inference), max(dim) with indices (what autograd-free exact pooling gradients need) and the vectorised
+    search SPE trains with (NCHW and channels_last); and a multiply into a fresh tensor vs in place (the
+    allocation's cost)."""
     from timm_spe.spe import max_min_with_indices
     shapes = [(8, 64, 32, 32), (8, 256, 8, 8)] if quick else [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
     rows = []
     for shape in shapes:
         x = torch.randn(*shape)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
         flat = x.flatten(2)
         ops = {
             'mean (SE)': lambda: x.mean((2, 3)),
             'amax + amin (SPE inference)': lambda: (x.amax((2, 3)), x.amin((2, 3))),
             'max(dim) + min(dim) with indices': lambda: (flat.max(-1), flat.min(-1)),
             'max_min_with_indices (SPE training)': lambda: max_min_with_indices(x),
+            'amax + amin, channels_last': lambda: (x_cl.amax((2, 3)), x_cl.amin((2, 3))),
+            'max_min_with_indices, channels_last': lambda: max_min_with_indices(x_cl),
             'x * 2 into a new tensor': lambda: x * 2,
             'x.mul_(1) in place': lambda: x.mul_(1),
         }

@@ -44,7 +44,7 @@ def test_quick_run(tmp_path):
     assert r['ratios']['resnet164']['train_step'] == 1.0
     assert r['ratios']['resnet164' + benchmark.CHANNELS_LAST]['train_step'] == 1.0  # its own baseline
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SEModule'} and len(r['modules']) == 4
-    assert len(r['reductions']) == 12 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
+    assert len(r['reductions']) == 16 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
 
 

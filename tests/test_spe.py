@@ -205,20 +205,28 @@ def test_global_max_min_gradient_and_ties():
     torch.testing.assert_close(y.grad, ref.grad)
 
 
-@pytest.mark.parametrize('hw', [(4, 5), (32, 32), (32, 64)])
+@pytest.mark.parametrize('hw', [(1, 1), (1, 7), (4, 5), (8, 8), (16, 16), (32, 32), (32, 64)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
-def test_max_min_with_indices_is_first_extremum(hw, memory_format):
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize('values', ['ties', 'distinct'])
+def test_max_min_with_indices_is_first_extremum(hw, memory_format, dtype, values):
     from timm_spe.spe import max_min_with_indices
     torch.manual_seed(0)
-    x = torch.randint(-3, 4, (4, 5, *hw)).float()  # many ties
-    x[0, 0] = 7.  # all equal
+    if values == 'ties':
+        x = torch.randint(-3, 4, (4, 5, *hw)).to(dtype)
+        x[0, 0] = 7.  # all equal
+        x[1, 1] = 0.
+        x[1, 1, 0, -1] = -0.  # -0. == 0.: still the first zero for both
+    else:
+        x = torch.randn(4, 5, *hw, dtype=torch.float64).to(dtype)
     flat = x.flatten(2)
     f_max, i_max, f_min, i_min = max_min_with_indices(x.contiguous(memory_format=memory_format))
     first = lambda hits: hits.float().argmax(-1)  # index of the first True
-    torch.testing.assert_close(f_max, flat.amax(-1))
-    torch.testing.assert_close(f_min, flat.amin(-1))
-    torch.testing.assert_close(i_max, first(flat == flat.amax(-1, keepdim=True)))
-    torch.testing.assert_close(i_min, first(flat == flat.amin(-1, keepdim=True)))
+    torch.testing.assert_close(f_max, flat.amax(-1), rtol=0, atol=0)
+    torch.testing.assert_close(f_min, flat.amin(-1), rtol=0, atol=0)
+    torch.testing.assert_close(i_max, first(flat == flat.amax(-1, keepdim=True)), rtol=0, atol=0)
+    torch.testing.assert_close(i_min, first(flat == flat.amin(-1, keepdim=True)), rtol=0, atol=0)
+    assert i_max.dtype == i_min.dtype == torch.int64
 
 
 def test_scale_add_relu_matches_autograd():
