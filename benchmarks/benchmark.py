@@ -14,7 +14,8 @@ In one run on one machine, with warm-up and repeated timed runs interleaved acro
     and batch loaded (what the OS sees; includes gradients, optimizer state and allocator slack).
 The last two rows repeat resnet164 and resnet164_spe in channels_last (model and batch), as the train recipes
 run them; their ratios are to resnet164 in channels_last. Prints a table with ratios to resnet164 and writes
-JSON (and a plot).
+JSON (and a plot). Ratios are given twice: of the medians, and per round (each timed run of a model over
+the same round's run of its resnet164, median and spread), which cancels drift between rounds.
 """
 import argparse
 import datetime
@@ -106,8 +107,17 @@ def timed_interleaved(fns: Dict[str, Callable[[], None]], warmup: int, repeats: 
     return {key: summarize(t) for key, t in times.items()}
 
 
-def summarize(times: List[float]) -> Dict[str, float]:
-    return {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times), 'max_ms': 1e3 * max(times)}
+def summarize(times: List[float]) -> Dict[str, object]:
+    """Median, min and max in ms, and every timing in run order (``times_ms``, for per-round ratios)."""
+    return {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times), 'max_ms': 1e3 * max(times),
+            'times_ms': [1e3 * t for t in times]}
+
+
+def per_round_ratios(times: Dict[str, object], base: Dict[str, object]) -> Dict[str, float]:
+    """Median (min, max) over rounds of ``time / base time`` in the same round of :func:`timed_interleaved`:
+    drift between rounds cancels in each pair, which the ratio of the two medians does not do."""
+    ratios = [t / b for t, b in zip(times['times_ms'], base['times_ms'])]
+    return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios)}
 
 
 def model_workloads(name: str, batch: int, compiled: bool = False) -> Dict[str, Callable[[], None]]:
@@ -255,6 +265,10 @@ def fmt(t: Dict[str, float]) -> str:
     return f"{t['median_ms']:9.1f} ({t['min_ms']:.1f}-{t['max_ms']:.1f})"
 
 
+def fmt_ratio(q: Dict[str, float]) -> str:
+    return f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='benchmarks/results.json')
@@ -308,6 +322,8 @@ def main() -> None:
             'train_step': r['train_step']['median_ms'] / base['train_step']['median_ms'],
             'saved_for_backward': m['saved_for_backward_mib'] / base_mem['saved_for_backward_mib'],
             'peak_rss_growth': m['peak_rss_growth_mib'] / max(base_mem['peak_rss_growth_mib'], 1e-9),
+            'eval_forward_per_round': per_round_ratios(r['eval_forward'], base['eval_forward']),
+            'train_step_per_round': per_round_ratios(r['train_step'], base['train_step']),
         }
     results['ratios'] = ratios
     spe, ref = results['models']['resnet164_spe'], results['models']['resnet164_spe_unfused']
@@ -326,6 +342,11 @@ def main() -> None:
             f"| {name} | {fmt(r['eval_forward'])} | {fmt(r['train_step'])} | {m['saved_for_backward_mib']:.0f} "
             f"| {m['peak_rss_growth_mib']:.0f} | {q['eval_forward']:.3f} | {q['train_step']:.3f} "
             f"| {q['saved_for_backward']:.3f} | {q['peak_rss_growth']:.3f} |")
+    lines += ['', f'Per-round ratios (each timed round of a model over the same round of its resnet164), median (min-max) '
+                  f'of {meta["repeats"]}:', '', '| model | eval / r164 per round | train / r164 per round |', '|---|---|---|']
+    for name in MODELS:
+        q = ratios[name]
+        lines.append(f"| {name} | {fmt_ratio(q['eval_forward_per_round'])} | {fmt_ratio(q['train_step_per_round'])} |")
     lines += ['', f"resnet164_spe vs unfused reference: {results['speedup_vs_unfused']['eval_forward']:.2f}x faster "
                   f"(eval forward), {results['speedup_vs_unfused']['train_step']:.2f}x (train step)", '',
               '| module | input | forward ms | forward+backward ms |', '|---|---|---|---|']

@@ -43,9 +43,23 @@ def test_quick_run(tmp_path):
         assert r['memory'][name]['saved_for_backward_mib'] > 0
     assert r['ratios']['resnet164']['train_step'] == 1.0
     assert r['ratios']['resnet164' + benchmark.CHANNELS_LAST]['train_step'] == 1.0  # its own baseline
+    assert r['ratios']['resnet164']['train_step_per_round'] == {'median': 1.0, 'min': 1.0, 'max': 1.0}
+    q = r['ratios']['resnet164_spe']['eval_forward_per_round']
+    assert 0 < q['min'] <= q['median'] <= q['max']
+    assert '| resnet164_spe | ' + benchmark.fmt_ratio(q) in proc.stdout
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SEModule'} and len(r['modules']) == 4
     assert len(r['reductions']) == 16 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
+
+
+def test_per_round_ratios_pair_rounds():
+    # round 2 is slow for both (drift): paired ratios stay 1.5; the ratio of medians would not see the pairing
+    model = benchmark.summarize([0.003, 0.030, 0.0045])
+    base = benchmark.summarize([0.002, 0.020, 0.003])
+    assert benchmark.per_round_ratios(model, base) == pytest.approx({'median': 1.5, 'min': 1.5, 'max': 1.5})
+    assert model['median_ms'] / base['median_ms'] == pytest.approx(1.5)  # same here; differs when rounds cross
+    crossed = benchmark.per_round_ratios(benchmark.summarize([0.030, 0.003]), benchmark.summarize([0.002, 0.020]))
+    assert crossed == pytest.approx({'median': 7.575, 'min': 0.15, 'max': 15.0})
 
 
 def test_readme_shows_committed_results():
