@@ -94,15 +94,19 @@ def input_batch(name: str, batch: int) -> torch.Tensor:
 
 def timed_interleaved(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int) -> Dict[str, Dict[str, float]]:
     """Time several workloads round-robin (one run of each per repeat), so that drift in machine state
-    (other load, frequency, the allocator's state) falls on all of them alike."""
+    (other load, frequency, the allocator's state) falls on all of them alike. The order rotates by one
+    each round, so no workload always runs after the same one (whose leftover cache and heap state it
+    would otherwise always inherit)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: Dict[str, List[float]] = {key: [] for key in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
+    keys = list(fns)
+    times: Dict[str, List[float]] = {key: [] for key in keys}
+    for round_index in range(repeats):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
             t0 = time.perf_counter()
-            fn()
+            fns[key]()
             times[key].append(time.perf_counter() - t0)
     return {key: summarize(t) for key, t in times.items()}
 

@@ -52,6 +52,15 @@ def test_quick_run(tmp_path):
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
 
 
+def test_timed_interleaved_rotates_order_and_keeps_rounds():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in 'abc'}
+    r = benchmark.timed_interleaved(fns, warmup=1, repeats=4)
+    assert calls[:3] == list('abc')  # warm-up
+    assert calls[3:] == list('abc' 'bca' 'cab' 'abc')  # each round starts one later
+    assert all(len(t['times_ms']) == 4 for t in r.values())
+
+
 def test_per_round_ratios_pair_rounds():
     # round 2 is slow for both (drift): paired ratios stay 1.5; the ratio of medians would not see the pairing
     model = benchmark.summarize([0.003, 0.030, 0.0045])
