@@ -2,6 +2,8 @@
 # timm-spe: one entry point for a fresh machine (each command sets up what it needs first).
 #   ./run.sh test                 set up .venv and run the whole test suite (what CI runs)
 #   ./run.sh train [RECIPE.yaml]  set up, train with timm's train.py, evaluate, stage the Hub folder
+#   ./run.sh bench [ARGS]         set up and run benchmarks/benchmark.py (default: the README's run) with the
+#                                 allocator settings train uses
 #   ./run.sh setup                only create/update .venv
 # Environment: VENV (default .venv); TIMM_TRAIN_PY (an existing train.py of timm v1.0.28; else the
 # pytorch-image-models repo is cloned at that tag into .cache/); CIFAR10_JPEG_TAR (the CIFAR-10 JPEG
@@ -16,6 +18,14 @@ setup() {
     [ -x "$PY" ] || python3 -m venv "$VENV"
     "$PY" -m pip install -q --disable-pip-version-check \
         torch==2.14.1 torchvision==0.29.1 "timm==$TIMM_VERSION" -e '.[dev]'
+}
+
+# glibc malloc hands freed blocks above its mmap threshold (128 KiB rising to at most 32 MiB) back to the OS
+# and faults fresh pages in for the next one: CPU training allocates such activations every layer, so train and
+# bench keep freed memory in the process instead (README, "CPU memory allocator"). Values already set are kept.
+keep_freed_memory() {
+    export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-2147483647}"
+    export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-2147483647}"
 }
 
 train_py() {
@@ -33,8 +43,15 @@ case "${1:-}" in
     test)
         setup
         exec "$PY" -m pytest -q -p no:cacheprovider tests ;;
+    bench)
+        setup
+        keep_freed_memory
+        shift
+        [ $# -gt 0 ] || set -- --repeats 15 --out benchmarks/results.json --plot benchmarks/results.png
+        exec "$PY" benchmarks/benchmark.py "$@" ;;
     train)
         setup
+        keep_freed_memory
         recipe=${2:-train_recipes/resnet164_spe-cifar10_cpu2h.yaml}
         shift $(( $# > 1 ? 2 : 1 ))
         if grep -q '^data_dir: data/cifar10-jpeg' "$recipe" && [ ! -d data/cifar10-jpeg ]; then
@@ -47,5 +64,5 @@ case "${1:-}" in
         # evaluate the best checkpoint, plot, and stage hub_cards/<model>.<tag>/ (never overwrites)
         exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --log "$log" ;;
     *)
-        sed -n '2,9p' "$0"; exit 2 ;;
+        sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; exit 2 ;;
 esac

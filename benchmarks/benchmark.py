@@ -273,6 +273,17 @@ def fmt_ratio(q: Dict[str, float]) -> str:
     return f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f})"
 
 
+def allocator_settings() -> Dict[str, str]:
+    """The environment variables that change how this process allocates memory (glibc malloc tunables, a
+    preloaded allocator): on CPU they change train-step times a lot (README, "CPU memory allocator")."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith('MALLOC_') or k in ('GLIBC_TUNABLES', 'LD_PRELOAD')}
+
+
+def fmt_allocator(settings: Dict[str, str]) -> str:
+    return ' '.join(f'{k}={v}' for k, v in settings.items()) if settings else 'glibc malloc defaults'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='benchmarks/results.json')
@@ -295,7 +306,7 @@ def main() -> None:
         result = compiled_train_steps(names, args.batch, args.warmup, args.repeats)
         result['meta'] = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                           'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'batch': args.batch,
-                          'warmup': args.warmup, 'repeats': args.repeats}
+                          'warmup': args.warmup, 'repeats': args.repeats, 'allocator': allocator_settings()}
         for n in names:
             print(f"{n}: first call (compile) {result['first_call_s'][n]:.0f} s, train step "
                   f"{fmt(result['train_step'][n])} ms, ratio to {names[0]} {result['ratios'][n]:.3f}")
@@ -309,6 +320,7 @@ def main() -> None:
         'cpu_count': os.cpu_count(),
         'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'timm': timm.__version__,
         'timm_spe': timm_spe.__version__, 'batch': args.batch, 'warmup': args.warmup, 'repeats': args.repeats,
+        'allocator': allocator_settings(),
     }
     results = {'meta': meta, 'models': {}, 'modules': [], 'reductions': [], 'memory': {}}
     for name in tqdm(MODELS, desc='models (memory, subprocesses)'):  # first, while this process is small
@@ -335,7 +347,8 @@ def main() -> None:
 
     lines = [
         f"machine: {meta['machine']}; torch {meta['torch']} ({meta['torch_threads']} threads); timm {meta['timm']}; "
-        f"{meta['date']}; batch {meta['batch']}, 32x32; median (min-max) of {meta['repeats']} after {meta['warmup']} warm-up",
+        f"{meta['date']}; {fmt_allocator(meta['allocator'])}; batch {meta['batch']}, 32x32; "
+        f"median (min-max) of {meta['repeats']} after {meta['warmup']} warm-up",
         '',
         '| model | eval forward ms | train step ms | saved for backward MiB | peak RSS growth MiB | eval / r164 | train / r164 | saved / r164 | RSS / r164 |',
         '|---|---|---|---:|---:|---:|---:|---:|---:|',

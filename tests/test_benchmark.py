@@ -1,5 +1,6 @@
 """benchmarks/benchmark.py runs end to end (quick mode) and reports every measurement it promises."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,13 +29,50 @@ def test_unfused_reference_matches_spe():
     torch.testing.assert_close(spe(x), ref(x), rtol=1e-5, atol=1e-6)
 
 
+RUN_SH_ALLOCATOR = {'MALLOC_MMAP_THRESHOLD_': '2147483647', 'MALLOC_TRIM_THRESHOLD_': '2147483647'}
+
+
+def _run_sh_allocator(env: dict) -> dict:
+    """The MALLOC_* variables after run.sh's keep_freed_memory, starting from ``env``."""
+    script = (f'eval "$(sed -n \'/^keep_freed_memory()/,/^}}/p\' {ROOT / "run.sh"})"; keep_freed_memory; env -0')
+    proc = subprocess.run(['bash', '-c', script], capture_output=True, text=True, env=env, check=True)
+    pairs = (item.split('=', 1) for item in proc.stdout.split('\0') if item.startswith('MALLOC_'))
+    return dict(pairs)
+
+
+def test_run_sh_keeps_freed_memory_for_train_and_bench():
+    base = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    assert _run_sh_allocator(base) == RUN_SH_ALLOCATOR
+    assert _run_sh_allocator({**base, 'MALLOC_TRIM_THRESHOLD_': '0'})['MALLOC_TRIM_THRESHOLD_'] == '0'  # user's wins
+    run_sh = (ROOT / 'run.sh').read_text()
+    for command in ('bench)', 'train)'):
+        branch = run_sh.split(f'    {command}\n', 1)[1].split(';;', 1)[0]
+        assert 'keep_freed_memory' in branch, command
+
+
+def test_allocator_settings_are_recorded(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith('MALLOC_') or k in ('GLIBC_TUNABLES', 'LD_PRELOAD'):
+            monkeypatch.delenv(k)
+    assert benchmark.fmt_allocator(benchmark.allocator_settings()) == 'glibc malloc defaults'
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '7')
+    monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.mmap_threshold=9')
+    monkeypatch.setenv('MALLOCX', 'unrelated')  # not a MALLOC_* name: not recorded
+    assert benchmark.allocator_settings() == {
+        'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=9', 'MALLOC_TRIM_THRESHOLD_': '7'}
+
+
 @pytest.mark.slow
 def test_quick_run(tmp_path):
     out = tmp_path / 'r.json'
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    env.update(RUN_SH_ALLOCATOR)  # as `./run.sh bench` runs it
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--quick', '--out', str(out),
-                           '--plot', str(tmp_path / 'r.png')], capture_output=True, text=True, timeout=900)
+                           '--plot', str(tmp_path / 'r.png')], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
+    assert {k: v for k, v in r['meta']['allocator'].items() if k.startswith('MALLOC_')} == RUN_SH_ALLOCATOR
+    assert 'MALLOC_MMAP_THRESHOLD_=2147483647' in r['table'].splitlines()[0]
     assert set(r['models']) == set(benchmark.MODELS)
     for name in benchmark.MODELS:
         for kind in ('eval_forward', 'train_step'):
