@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark.py [--out benchmarks/results.json] [--plot benchmarks/results.png] [--quick]
     python benchmarks/benchmark.py --compile resnet164,resnet164_spe --out benchmarks/results_compile.json
+    python benchmarks/benchmark.py --compare benchmarks/results_malloc_default.json benchmarks/results.json
 
 In one run on one machine, with warm-up and repeated timed runs interleaved across models (median, min-max):
   * eval forward (no grad) and train step (forward + backward + SGD step), batch 128, 32x32, for
@@ -284,6 +285,18 @@ def fmt_allocator(settings: Dict[str, str]) -> str:
     return ' '.join(f'{k}={v}' for k, v in settings.items()) if settings else 'glibc malloc defaults'
 
 
+def compare_table(before: Dict, after: Dict) -> str:
+    """Markdown table of two runs' median times for resnet164 and resnet164_spe (both memory formats) and the
+    speed-up from the first to the second; columns are named by each run's allocator settings."""
+    lines = [f"| ms, median | {fmt_allocator(before['meta']['allocator'])} ({before['meta']['date']}) "
+             f"| {fmt_allocator(after['meta']['allocator'])} ({after['meta']['date']}) | speed-up |", '|---|---:|---:|---:|']
+    for name in ('resnet164', 'resnet164_spe', 'resnet164' + CHANNELS_LAST, 'resnet164_spe' + CHANNELS_LAST):
+        for kind in ('eval_forward', 'train_step'):
+            a, b = before['models'][name][kind]['median_ms'], after['models'][name][kind]['median_ms']
+            lines.append(f"| {name}, {kind.replace('_', ' ')} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
+    return '\n'.join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='benchmarks/results.json')
@@ -295,7 +308,13 @@ def main() -> None:
     parser.add_argument('--compile', default=None, metavar='MODELS',
                         help="only this: train steps of these comma-separated models under torch.compile (inductor), "
                              "e.g. 'resnet164,resnet164_spe' (ratios to the first)")
+    parser.add_argument('--compare', nargs=2, default=None, metavar=('BEFORE.json', 'AFTER.json'),
+                        help='only this: print the medians of two result files side by side (e.g. allocator settings)')
     args = parser.parse_args()
+    if args.compare:
+        before, after = (json.loads(Path(f).read_text()) for f in args.compare)
+        print(compare_table(before, after))
+        return
     if args.quick:
         args.batch, args.warmup, args.repeats = 8, 1, 2
     if args.compile:

@@ -120,3 +120,18 @@ def test_compile_option_rejects_unknown_models():
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--compile', 'resnet164,resnet9000'],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown model(s) ['resnet9000']" in proc.stderr
+
+
+def test_readme_shows_allocator_comparison_of_committed_runs():
+    """The README's allocator table is `--compare` of the committed glibc-defaults run and the main run."""
+    default = json.loads((ROOT / 'benchmarks' / 'results_malloc_default.json').read_text())
+    kept = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
+    assert default['meta']['allocator'] == {} and kept['meta']['allocator'] == RUN_SH_ALLOCATOR
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--compare',
+                           str(ROOT / 'benchmarks' / 'results_malloc_default.json'), str(ROOT / 'benchmarks' / 'results.json')],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.strip()
+    assert table == benchmark.compare_table(default, kept)
+    assert len(table.splitlines()) == 2 + 8 and 'glibc malloc defaults' in table.splitlines()[0]
+    assert table in (ROOT / 'README.md').read_text(), 'README allocator table is stale: paste the --compare output'
