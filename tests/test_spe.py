@@ -292,8 +292,28 @@ def test_batch_norm_spe_add_relu_falls_back_under_autocast():
     assert not _fusable(c, c, bn.eval(), spe)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_per_map_sums(memory_format, dtype):
+    """Per-(n, c) sum_hw(grad) and sum_hw(grad * xhat): BN's backward kernel (NCHW) or multiply + sum (channels_last)."""
+    from timm_spe.spe import _per_map_sums
+    torch.manual_seed(0)
+    c = (torch.randn(4, 3, 5, 6, dtype=torch.float64) * 2 + 3)
+    g = torch.randn_like(c)
+    xc, xg = (t.to(dtype).contiguous(memory_format=memory_format) for t in (c, g))
+    x, mean, invstd = torch.native_batch_norm(xc, None, None, None, None, True, 0.1, 1e-5)
+    sum_grad, sum_grad_xhat = _per_map_sums(xg, xc, mean, invstd, torch.empty_like(xg))
+    assert sum_grad.shape == sum_grad_xhat.shape == (4, 3)
+    cd, gd = xc.double(), xg.double()
+    tol = {'rtol': 0, 'atol': 0.1} if dtype == torch.bfloat16 else {'rtol': 1e-5, 'atol': 1e-5}
+    torch.testing.assert_close(sum_grad.double(), gd.sum((2, 3)), **tol)
+    ref = (gd * (cd - mean.double().view(1, -1, 1, 1))).sum((2, 3)) * invstd.double()
+    torch.testing.assert_close(sum_grad_xhat.double(), ref, **tol)
+
+
 def test_batch_norm_spe_add_relu_float32_precision_with_large_channel_means():
-    """The fused backward works from sums of grad * c: check float32 against float64 when mean(c) = 20 std(c)."""
+    """The fused backward works from per-map sums of grad * (c - mean) (NCHW): check float32 against float64
+    when mean(c) = 20 std(c)."""
     from timm_spe.spe import _fusable, batch_norm_spe_add_relu
     torch.manual_seed(0)
     spe, bn = _randomized(6), torch.nn.BatchNorm2d(6)

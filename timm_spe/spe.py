@@ -332,6 +332,28 @@ def spe_scale(x: torch.Tensor, spe: 'SpeModule') -> torch.Tensor:
     return _SpeScale.apply(x, spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)
 
 
+def _per_map_sums(
+        grad: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, buf: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, c) ``sum_hw(grad)`` and ``sum_hw(grad * (c - mean) * invstd)`` (N x C each) of two N x C x H x W
+    tensors of one layout, ``mean`` and ``invstd`` per channel.
+
+    NCHW: BatchNorm's own backward kernel on the 1 x NC x H x W views, i.e. with every (n, c) map as a channel,
+    returns exactly these two as its bias and weight gradients, from one read of both tensors. channels_last
+    (no such view): ``sum_hw(grad * c)`` through ``buf`` (scratch of ``grad``'s shape), which loses relative
+    precision ~``|mean| / std`` of ``c`` against the ``(c - mean)`` form.
+    """
+    n, ch, h, w = c.shape
+    if c.is_contiguous():
+        _, sum_grad_xhat, sum_grad = torch.ops.aten.native_batch_norm_backward(
+            grad.view(1, n * ch, h, w), c.view(1, n * ch, h, w), None, None, None,
+            mean.repeat(n), invstd.repeat(n), True, 0., [False, True, True])
+        return sum_grad.view(n, ch), sum_grad_xhat.view(n, ch)
+    sum_grad = grad.sum((2, 3))
+    sum_grad_c = torch.mul(grad, c, out=buf).sum((2, 3))
+    return sum_grad, invstd * (sum_grad_c - mean * sum_grad)
+
+
 class _BatchNormSpeAddReLU(torch.autograd.Function):
     """``relu(x * spe_gate(x) + shortcut)`` with ``x = batch_norm(c)`` in training mode, as one function.
 
@@ -340,11 +362,10 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
     kept, its buffer becomes the output. Backward works from per-(n, c) sums: with
     ``xhat = (c - mean) * invstd``, the gate's gradient is ``w * sum_hw(g * xhat) + b * sum_hw(g)`` and BN's
     backward of ``dx = g * gate + (pooling gradient at the argmax / argmin)`` needs only the per-channel
-    sums of ``dx`` and ``dx * xhat``, which follow from the same N x C sums. Full-size work: one threshold
-    pass, one multiply + sum and one sum for the sums, two multiply-add passes for ``c``'s gradient (written
-    into the same buffer), as many new full-size tensors as the plain block's backward allocates.
-    Sums of ``g * c`` lose relative precision ~``|mean| / std`` of ``c`` against sums of ``g * (c - mean)``;
-    tested against float64 with channel means 20x their std.
+    sums of ``dx`` and ``dx * xhat``, which follow from the same N x C sums (:func:`_per_map_sums`). Full-size
+    work: one threshold pass, one read of ``g`` and ``c`` for the sums (NCHW), two multiply-add passes for
+    ``c``'s gradient (written into one buffer), as many new full-size tensors as the plain block's backward
+    allocates.
     """
 
     @staticmethod
@@ -371,12 +392,9 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         count = n * c.shape[2] * c.shape[3]
         # through ReLU: the shortcut's gradient, in c's layout
         grad = torch.ops.aten.threshold_backward(grad, out, 0).contiguous(memory_format=_memory_format(c))
-        # per (n, c) sums of grad, grad * xhat and grad * x, with xhat = (c - mean) * invstd and x = w * xhat + b;
-        # grad * c goes through the buffer that becomes c's gradient (a fresh full-size tensor is costly on CPU)
+        # per (n, c) sums of grad, grad * xhat and grad * x, with xhat = (c - mean) * invstd and x = w * xhat + b
         buf = torch.empty_like(grad)
-        sum_grad = grad.sum((2, 3))
-        sum_grad_c = torch.mul(grad, c, out=buf).sum((2, 3))
-        sum_grad_xhat = invstd * (sum_grad_c - mean * sum_grad)
+        sum_grad, sum_grad_xhat = _per_map_sums(grad, c, mean, invstd, buf)
         grad_gate = bn_weight * sum_grad_xhat + bn_bias * sum_grad
         g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
             grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
