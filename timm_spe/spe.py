@@ -25,6 +25,8 @@ from torch import nn as nn
 from torch.autograd.function import once_differentiable
 from timm.layers import register_notrace_function
 
+from .cpu_kernels import kernels_apply
+
 __all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'spe_gate', 'FORMULATIONS']
 
 FORMULATIONS = ('official', 'paper')
@@ -135,8 +137,11 @@ def max_min_with_indices(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, t
     ``amax``/``amin``, the first winning block is found with :func:`_first_at` and only that block is
     searched (no full-size temporary); other rows are searched whole. channels_last: the max and its index
     come from one ``max_pool2d`` over H x W; the min from the row minima over W (vectorised over C) and
-    :func:`_max_over_rows` on their negation, then the winning row.
+    :func:`_max_over_rows` on their negation, then the winning row. With the CPU kernels on
+    (:mod:`timm_spe.cpu_kernels`), float32/float64 CPU input takes one pass instead.
     """
+    if kernels_apply(x):  # one pass (see timm_spe.cpu_kernels)
+        return torch.ops.timm_spe.max_min_with_indices(x)
     n, c, h, w = x.shape
     if not x.is_contiguous():
         f_max, i_max = F.max_pool2d(x, (h, w), return_indices=True)
@@ -189,6 +194,15 @@ class _GlobalMaxMin(torch.autograd.Function):
         _scatter_add_(grad, i_max, g_max)
         _scatter_add_(grad, i_min, g_min)
         return grad
+
+
+@register_notrace_function
+def max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x.amax((2, 3)), x.amin((2, 3)))``; one pass with the CPU kernels (:mod:`timm_spe.cpu_kernels`) where
+    they apply and no gradient is needed."""
+    if kernels_apply(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.ops.timm_spe.max_min(x)
+    return x.amax((2, 3)), x.amin((2, 3))
 
 
 @register_notrace_function
@@ -452,6 +466,7 @@ def batch_norm_spe_add_relu(
 # FX leaves wherever they are called from (also via SpeModule.gate, which is not a module call)
 torch.fx.wrap('with_penalty_grad')
 torch.fx.wrap('mix_weights')
+torch.fx.wrap('max_min')
 torch.fx.wrap('global_max_min')
 torch.fx.wrap('scale_add_relu')
 torch.fx.wrap('batch_norm_spe_add_relu')
@@ -525,10 +540,12 @@ class SpeModule(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map ``v_exc * v_rew`` of shape ``N x C x 1 x 1``."""
         torch._assert(x.ndim == 4, 'SpeModule expects a 4-D N x C x H x W input')
-        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
+        if torch.jit.is_scripting():
+            f_max, f_min = x.amax((2, 3)), x.amin((2, 3))
+        elif self.training and torch.is_grad_enabled():
             f_max, f_min = global_max_min(x)
         else:
-            f_max, f_min = x.amax((2, 3)), x.amin((2, 3))
+            f_max, f_min = max_min(x)
         v = spe_gate(f_max, f_min, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
         return v.unsqueeze(-1).unsqueeze(-1)
 

@@ -1,0 +1,136 @@
+"""The optional one-pass CPU kernels: same values and first-extremum indices as PyTorch's ops, same model
+results with them on and off, traceable by torch.compile, and a clear error when they cannot be built."""
+import copy
+
+import pytest
+import torch
+
+import timm
+import timm_spe
+from timm_spe import cpu_kernels
+from timm_spe.spe import max_min, max_min_with_indices
+
+
+@pytest.fixture
+def kernels():
+    """The kernels switched on for one test (built on first use), and back to the previous setting after."""
+    previous = timm_spe.set_cpu_kernels(True)
+    yield
+    timm_spe.set_cpu_kernels(previous)
+
+
+def _inputs(shape, dtype, values):
+    torch.manual_seed(0)
+    if values == 'distinct':
+        return torch.randn(*shape, dtype=torch.float64).to(dtype)
+    x = torch.randint(-3, 4, shape).to(dtype)  # many ties
+    x[0, 0] = 7.
+    if values == 'nan':
+        x[1, 1].view(-1)[-1] = float('nan')
+        x[0, -1].view(-1)[x[0, -1].numel() // 2] = float('nan')
+    return x
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 3, 1, 7), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16), (2, 3, 32, 64)])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('values', ['distinct', 'ties', 'nan'])
+def test_ops_match_torch(kernels, shape, memory_format, dtype, values):
+    x = _inputs(shape, dtype, values).contiguous(memory_format=memory_format)
+    flat = x.flatten(2)
+    f_max, i_max = flat.max(-1)  # first maximum; NaN wins, at its first position
+    f_min, i_min = flat.min(-1)
+    got = torch.ops.timm_spe.max_min_with_indices(x)
+    for a, b in zip(got, (f_max, i_max, f_min, i_min)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(torch.ops.timm_spe.max_min(x), (flat.amax(-1), flat.amin(-1))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_spe_functions_use_kernels_only_where_they_apply(kernels, memory_format):
+    x = torch.randn(4, 6, 8, 8).contiguous(memory_format=memory_format)
+    assert cpu_kernels.kernels_apply(x)
+    for t in (x.bfloat16(), x.transpose(2, 3) if memory_format == torch.contiguous_format else x.permute(0, 1, 3, 2),
+              x[:, :, :0], x.flatten(2)):
+        assert not cpu_kernels.kernels_apply(t)
+    with torch.no_grad():
+        torch.testing.assert_close(max_min(x), (x.amax((2, 3)), x.amin((2, 3))), rtol=0, atol=0)
+    xg = x.clone().requires_grad_()
+    f_max, f_min = max_min(xg)  # needs a gradient: the differentiable ops
+    assert f_max.grad_fn is not None and f_min.grad_fn is not None
+    timm_spe.set_cpu_kernels(False)
+    assert not cpu_kernels.kernels_apply(x)
+    expected = max_min_with_indices(x)
+    timm_spe.set_cpu_kernels(True)
+    for a, b in zip(max_min_with_indices(x), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_model_results_equal_with_and_without_kernels(memory_format):
+    torch.manual_seed(0)
+    m = timm.create_model('resnet83_spe', num_classes=10).to(memory_format=memory_format)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref = copy.deepcopy(m)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=memory_format)
+    previous = timm_spe.set_cpu_kernels(False)
+    try:
+        out_ref = ref.train()(x)
+        out_ref.square().mean().backward()
+        with torch.no_grad():
+            eval_ref = ref.eval()(x)
+        timm_spe.set_cpu_kernels(True)
+        out = m.train()(x)
+        out.square().mean().backward()
+        with torch.no_grad():
+            eval_out = m.eval()(x)
+    finally:
+        timm_spe.set_cpu_kernels(previous)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(eval_out, eval_ref, rtol=0, atol=0)
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+def test_compile_traces_kernels_without_graph_breaks(kernels):
+    from torch import _dynamo
+    torch.manual_seed(0)
+    m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe')
+    x = torch.randn(4, 3, 32, 32)
+    for mode in (True, False):
+        with torch.no_grad():
+            m.train(mode)
+            explained = _dynamo.explain(m)(x)
+            assert explained.graph_break_count == 0
+            assert any('timm_spe' in str(node.target) for g in explained.graphs for node in g.graph.nodes)
+    ref = copy.deepcopy(m).train()
+    out = torch.compile(m.train(), backend='aot_eager', fullgraph=True)(x)
+    out_ref = ref(x)
+    torch.testing.assert_close(out, out_ref)
+    out.square().mean().backward()
+    out_ref.square().mean().backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_build_failure_names_cause_and_fix(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise OSError('g++: command not found')
+
+    monkeypatch.setattr(cpu_kernels, '_state', {'enabled': False, 'loaded': False})
+    monkeypatch.setattr(cpp_extension, 'load', no_compiler)
+    with pytest.raises(RuntimeError, match=r'(?s)g\+\+: command not found.*C\+\+ compiler.*ninja.*set_cpu_kernels\(False\)'):
+        timm_spe.set_cpu_kernels(True)
+    assert not timm_spe.cpu_kernels_enabled()
+    monkeypatch.setenv('TIMM_SPE_CPU_KERNELS', '1')
+    with pytest.warns(UserWarning, match='C\\+\\+ compiler'):
+        cpu_kernels._from_env()
+    monkeypatch.setenv('TIMM_SPE_CPU_KERNELS', 'maybe')
+    with pytest.warns(UserWarning, match='not understood'):
+        cpu_kernels._from_env()
+    assert not timm_spe.cpu_kernels_enabled()

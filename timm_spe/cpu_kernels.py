@@ -1,0 +1,97 @@
+""" Optional one-pass CPU kernels for SPE's global max and min pooling
+
+PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin``, and find the argmax /
+argmin element by element; SPE needs both values (and, for backward, both positions). ``csrc/spe_cpu.cpp``
+does it in one vectorised pass. It is compiled on first use with ``torch.utils.cpp_extension`` (a C++
+compiler and ninja are needed; the build is cached by PyTorch, ~30 s the first time) and registered as
+``torch.ops.timm_spe.max_min`` / ``max_min_with_indices`` with fake (meta) implementations, so
+``torch.compile`` and ``torch.export`` trace it.
+
+Off by default: switch on with ``timm_spe.set_cpu_kernels(True)`` or ``TIMM_SPE_CPU_KERNELS=1`` in the
+environment (``run.sh train`` and ``run.sh bench`` set it). Only CPU float32 / float64 tensors in NCHW or
+channels_last use the kernels; anything else (CUDA, bfloat16, other strides) runs the eager ops. Results
+are identical (values and first-extremum indices, NaN as ``max(dim)``).
+"""
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ['set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply']
+
+_SOURCE = Path(__file__).parent / 'csrc' / 'spe_cpu.cpp'
+_ENV = 'TIMM_SPE_CPU_KERNELS'
+_state = {'enabled': False, 'loaded': False}
+
+
+def _load() -> None:
+    """Compile (or take from PyTorch's extension cache) and register the ops; raises with the cause."""
+    if _state['loaded']:
+        return
+    from torch.utils.cpp_extension import load
+    try:
+        load(name='timm_spe_cpu', sources=[str(_SOURCE)], extra_cflags=['-O3', '-march=native', '-fopenmp'],
+             extra_ldflags=['-fopenmp'], is_python_module=False,
+             verbose=False)
+    except Exception as e:  # compiler or ninja missing, build error
+        raise RuntimeError(
+            f'timm_spe could not build its CPU kernels ({type(e).__name__}: {e}). They need a C++ compiler '
+            f'(g++/clang++) and ninja (pip install ninja); without them leave the kernels off '
+            f'(set_cpu_kernels(False), or unset {_ENV}) and the eager ops are used.') from e
+
+    @torch.library.register_fake('timm_spe::max_min')
+    def _(x):
+        n, c = x.shape[0], x.shape[1]
+        return x.new_empty((n, c)), x.new_empty((n, c))
+
+    @torch.library.register_fake('timm_spe::max_min_with_indices')
+    def _(x):
+        n, c = x.shape[0], x.shape[1]
+        return x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long), \
+            x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long)
+
+    _state['loaded'] = True
+
+
+def set_cpu_kernels(enabled: bool = True) -> bool:
+    """Use (or stop using) the one-pass CPU kernels for SPE's pooling; builds them on first use.
+
+    Raises ``RuntimeError`` naming the cause when they cannot be built. Returns the previous setting.
+    """
+    previous = _state['enabled']
+    if enabled:
+        _load()
+    _state['enabled'] = bool(enabled)
+    return previous
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether SPE's pooling uses the one-pass CPU kernels."""
+    return _state['enabled']
+
+
+def kernels_apply(x: torch.Tensor) -> bool:
+    """The kernels are on and take ``x``: a non-empty 4-D CPU float32/float64 tensor, NCHW or channels_last."""
+    return (
+        _state['enabled'] and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+        and x.ndim == 4 and x.numel() > 0
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    )
+
+
+def _from_env() -> None:
+    value = os.environ.get(_ENV, '').strip().lower()
+    if value in ('', '0', 'false', 'no', 'off'):
+        return
+    if value not in ('1', 'true', 'yes', 'on'):
+        warnings.warn(f'{_ENV}={value!r} is not understood (use 1 or 0); the CPU kernels stay off.')
+        return
+    try:
+        set_cpu_kernels(True)
+    except RuntimeError as e:
+        warnings.warn(f'{_ENV}=1 but {e}')
+
+
+_from_env()
