@@ -13,8 +13,10 @@ In one run on one machine, with warm-up and repeated timed runs interleaved acro
   * memory of a train step, per model in a fresh subprocess: the bytes autograd saves for backward
     (exact, from saved-tensor hooks) and the peak RSS of two train steps above the RSS with the model
     and batch loaded (what the OS sees; includes gradients, optimizer state and allocator slack).
-The last two rows repeat resnet164 and resnet164_spe in channels_last (model and batch), as the train recipes
-run them; their ratios are to resnet164 in channels_last. Prints a table with ratios to resnet164 and writes
+Rows marked ``+cpu_kernels`` run resnet164_spe (and SpeModule) with the optional one-pass CPU kernels for SPE's
+max/min pooling on (``timm_spe.set_cpu_kernels``; built on first use, ``--no-cpu-kernels`` leaves them out);
+every other row runs with them off. The last rows repeat resnet164 and resnet164_spe in channels_last (model
+and batch), as the train recipes run them; their ratios are to resnet164 in channels_last. Prints a table with ratios to resnet164 and writes
 JSON (and a plot). Ratios are given twice: of the medians, and per round (each timed run of a model over
 the same round's run of its resnet164, median and spread), which cancels drift between rounds.
 """
@@ -42,8 +44,10 @@ import timm_spe
 from timm_spe import SpeModule
 
 CHANNELS_LAST = ' (channels_last)'  # suffix: model and batch in channels_last, as the train recipes run them
-MODELS = ('resnet164', 'resnet164_spe', 'resnet164_se', 'resnet164_eca', 'resnet164_spe_unfused',
-          'resnet164' + CHANNELS_LAST, 'resnet164_spe' + CHANNELS_LAST)
+KERNELS = ' +cpu_kernels'  # before CHANNELS_LAST: SPE's pooling with timm_spe's one-pass CPU kernels
+MODELS = ('resnet164', 'resnet164_spe', 'resnet164_spe' + KERNELS, 'resnet164_se', 'resnet164_eca',
+          'resnet164_spe_unfused', 'resnet164' + CHANNELS_LAST, 'resnet164_spe' + CHANNELS_LAST,
+          'resnet164_spe' + KERNELS + CHANNELS_LAST)
 
 
 class UnfusedSpeReference(nn.Module):
@@ -80,8 +84,20 @@ def baseline(name: str) -> str:
     return 'resnet164' + CHANNELS_LAST if name.endswith(CHANNELS_LAST) else 'resnet164'
 
 
+COMPARED = ('resnet164', 'resnet164_spe', 'resnet164_spe' + KERNELS, 'resnet164' + CHANNELS_LAST,
+            'resnet164_spe' + CHANNELS_LAST, 'resnet164_spe' + KERNELS + CHANNELS_LAST)  # rows of --compare
+
+
+def uses_kernels(name: str) -> bool:
+    return KERNELS in name
+
+
+def model_names(cpu_kernels: bool = True) -> List[str]:
+    return [n for n in MODELS if cpu_kernels or not uses_kernels(n)]
+
+
 def create(name: str) -> nn.Module:
-    arch = name.removesuffix(CHANNELS_LAST)
+    arch = name.removesuffix(CHANNELS_LAST).removesuffix(KERNELS)
     if arch == 'resnet164_spe_unfused':
         model = timm.create_model('resnet164', attn_layer=UnfusedSpeReference)
     else:
@@ -135,12 +151,16 @@ def model_workloads(name: str, batch: int, compiled: bool = False) -> Dict[str, 
     y = torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
 
+    kernels = uses_kernels(name)
+
     def eval_forward():
+        timm_spe.set_cpu_kernels(kernels)
         model.eval()
         with torch.no_grad():
             model(x)
 
     def train_step():
+        timm_spe.set_cpu_kernels(kernels)
         model.train()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -149,53 +169,60 @@ def model_workloads(name: str, batch: int, compiled: bool = False) -> Dict[str, 
     return {'eval_forward': eval_forward, 'train_step': train_step}
 
 
-def bench_models(batch: int, warmup: int, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
+def bench_models(names: List[str], batch: int, warmup: int, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Time every model, interleaved (see :func:`timed_interleaved`) instead of whichever runs first getting
     a different machine."""
-    work = {name: model_workloads(name, batch) for name in MODELS}
-    results: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in MODELS}
+    work = {name: model_workloads(name, batch) for name in names}
+    results: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in names}
     for kind in tqdm(('eval_forward', 'train_step'), desc='models'):
-        for name, t in timed_interleaved({name: work[name][kind] for name in MODELS}, warmup, repeats).items():
+        for name, t in timed_interleaved({name: work[name][kind] for name in names}, warmup, repeats).items():
             results[name][kind] = t
     return results
 
 
-def bench_modules(warmup: int, repeats: int, quick: bool) -> List[Dict[str, object]]:
-    """SpeModule vs SEModule (training mode) per input shape, forward (no grad) and forward+backward, interleaved."""
+def bench_modules(warmup: int, repeats: int, quick: bool, cpu_kernels: bool = True) -> List[Dict[str, object]]:
+    """SpeModule (kernels off, and on) vs SEModule (training mode) per input shape, forward (no grad) and
+    forward+backward, interleaved."""
     rows = []
     shapes = [(8, 256, 8, 8), (8, 64, 32, 32)] if quick else [(128, 256, 8, 8), (128, 64, 32, 32)]
     for shape in shapes:
         x = torch.randn(*shape)
         xg = x.clone().requires_grad_()
         modules = {'SpeModule': SpeModule(shape[1]).train(), 'SEModule': SEModule(shape[1]).train()}
+        if cpu_kernels:
+            modules = {'SpeModule': modules['SpeModule'], 'SpeModule' + KERNELS: modules['SpeModule'],
+                       'SEModule': modules['SEModule']}
 
-        def forward(module: nn.Module) -> Callable[[], None]:
+        def forward(label: str, module: nn.Module) -> Callable[[], None]:
             def fn():
+                timm_spe.set_cpu_kernels(uses_kernels(label))
                 with torch.no_grad():
                     module(x)
             return fn
 
-        def forward_backward(module: nn.Module) -> Callable[[], None]:
+        def forward_backward(label: str, module: nn.Module) -> Callable[[], None]:
             def fn():
+                timm_spe.set_cpu_kernels(uses_kernels(label))
                 module.zero_grad(set_to_none=True)
                 xg.grad = None
                 module(xg).sum().backward()
             return fn
 
-        fwd = timed_interleaved({k: forward(m) for k, m in modules.items()}, warmup, repeats)
-        fwd_bwd = timed_interleaved({k: forward_backward(m) for k, m in modules.items()}, warmup, repeats)
+        fwd = timed_interleaved({k: forward(k, m) for k, m in modules.items()}, warmup, repeats)
+        fwd_bwd = timed_interleaved({k: forward_backward(k, m) for k, m in modules.items()}, warmup, repeats)
         for label in modules:
             rows.append({'module': label, 'shape': 'x'.join(map(str, shape)),
                          'forward': fwd[label], 'forward_backward': fwd_bwd[label]})
     return rows
 
 
-def bench_reductions(warmup: int, repeats: int, quick: bool) -> List[Dict[str, object]]:
+def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool = True) -> List[Dict[str, object]]:
     """The primitives SPE's cost comes down to, on each stage's block output: SE's mean, SPE's amax + amin
     (inference), max(dim) with indices (what autograd-free exact pooling gradients need) and the vectorised
-    search SPE trains with (NCHW and channels_last); and a multiply into a fresh tensor vs in place (the
-    allocation's cost)."""
+    search SPE trains with (NCHW and channels_last), the one-pass CPU kernels; and a multiply into a fresh tensor
+    vs in place (the allocation's cost)."""
     from timm_spe.spe import max_min_with_indices
+    timm_spe.set_cpu_kernels(False)
     shapes = [(8, 64, 32, 32), (8, 256, 8, 8)] if quick else [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
     rows = []
     for shape in shapes:
@@ -209,6 +236,11 @@ def bench_reductions(warmup: int, repeats: int, quick: bool) -> List[Dict[str, o
             'max_min_with_indices (SPE training)': lambda: max_min_with_indices(x),
             'amax + amin, channels_last': lambda: (x_cl.amax((2, 3)), x_cl.amin((2, 3))),
             'max_min_with_indices, channels_last': lambda: max_min_with_indices(x_cl),
+            **({
+                'one-pass kernel: max + min': lambda: torch.ops.timm_spe.max_min(x),
+                'one-pass kernel: with indices': lambda: torch.ops.timm_spe.max_min_with_indices(x),
+                'one-pass kernel: with indices, channels_last': lambda: torch.ops.timm_spe.max_min_with_indices(x_cl),
+            } if cpu_kernels else {}),
             'x * 2 into a new tensor': lambda: x * 2,
             'x.mul_(1) in place': lambda: x.mul_(1),
         }
@@ -237,7 +269,8 @@ def memory(name: str, batch: int) -> Dict[str, float]:
     code = f'''
 import json, resource, sys, torch, torch.nn.functional as F
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-import benchmark
+import benchmark, timm_spe
+timm_spe.set_cpu_kernels({uses_kernels(name)!r})
 m = benchmark.create({name!r}).train()
 x = benchmark.input_batch({name!r}, {batch}); y = torch.randint(0, 10, ({batch},))
 opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
@@ -286,11 +319,12 @@ def fmt_allocator(settings: Dict[str, str]) -> str:
 
 
 def compare_table(before: Dict, after: Dict) -> str:
-    """Markdown table of two runs' median times for resnet164 and resnet164_spe (both memory formats) and the
+    """Markdown table of two runs' median times for resnet164 and resnet164_spe (both memory formats; with the CPU
+    kernels too where both runs have them) and the
     speed-up from the first to the second; columns are named by each run's allocator settings."""
     lines = [f"| ms, median | {fmt_allocator(before['meta']['allocator'])} ({before['meta']['date']}) "
              f"| {fmt_allocator(after['meta']['allocator'])} ({after['meta']['date']}) | speed-up |", '|---|---:|---:|---:|']
-    for name in ('resnet164', 'resnet164_spe', 'resnet164' + CHANNELS_LAST, 'resnet164_spe' + CHANNELS_LAST):
+    for name in (n for n in COMPARED if n in before['models'] and n in after['models']):
         for kind in ('eval_forward', 'train_step'):
             a, b = before['models'][name][kind]['median_ms'], after['models'][name][kind]['median_ms']
             lines.append(f"| {name}, {kind.replace('_', ' ')} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
@@ -308,6 +342,8 @@ def main() -> None:
     parser.add_argument('--compile', default=None, metavar='MODELS',
                         help="only this: train steps of these comma-separated models under torch.compile (inductor), "
                              "e.g. 'resnet164,resnet164_spe' (ratios to the first)")
+    parser.add_argument('--no-cpu-kernels', action='store_true',
+                        help="leave out the rows with timm_spe's one-pass CPU kernels (no C++ compiler here)")
     parser.add_argument('--compare', nargs=2, default=None, metavar=('BEFORE.json', 'AFTER.json'),
                         help='only this: print the medians of two result files side by side (e.g. allocator settings)')
     args = parser.parse_args()
@@ -339,17 +375,23 @@ def main() -> None:
         'cpu_count': os.cpu_count(),
         'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'timm': timm.__version__,
         'timm_spe': timm_spe.__version__, 'batch': args.batch, 'warmup': args.warmup, 'repeats': args.repeats,
-        'allocator': allocator_settings(),
+        'allocator': allocator_settings(), 'cpu_kernels': not args.no_cpu_kernels,
     }
+    if not args.no_cpu_kernels:
+        try:
+            timm_spe.set_cpu_kernels(True)  # build (or load) once, before anything is timed
+        except RuntimeError as e:
+            parser.error(f'{e} Or run with --no-cpu-kernels.')
+    names = model_names(not args.no_cpu_kernels)
     results = {'meta': meta, 'models': {}, 'modules': [], 'reductions': [], 'memory': {}}
-    for name in tqdm(MODELS, desc='models (memory, subprocesses)'):  # first, while this process is small
+    for name in tqdm(names, desc='models (memory, subprocesses)'):  # first, while this process is small
         results['memory'][name] = memory(name, args.batch)
-    results['models'] = bench_models(args.batch, args.warmup, args.repeats)
-    results['modules'] = bench_modules(args.warmup, args.repeats + 3, args.quick)
-    results['reductions'] = bench_reductions(args.warmup, args.repeats + 3, args.quick)
+    results['models'] = bench_models(names, args.batch, args.warmup, args.repeats)
+    results['modules'] = bench_modules(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)
+    results['reductions'] = bench_reductions(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)
 
     ratios = {}
-    for name in MODELS:
+    for name in names:
         r, m = results['models'][name], results['memory'][name]
         base, base_mem = results['models'][baseline(name)], results['memory'][baseline(name)]
         ratios[name] = {
@@ -363,6 +405,10 @@ def main() -> None:
     results['ratios'] = ratios
     spe, ref = results['models']['resnet164_spe'], results['models']['resnet164_spe_unfused']
     results['speedup_vs_unfused'] = {k: ref[k]['median_ms'] / spe[k]['median_ms'] for k in ('eval_forward', 'train_step')}
+    if 'resnet164_spe' + KERNELS in names:
+        spe_k = results['models']['resnet164_spe' + KERNELS]
+        results['speedup_vs_unfused' + KERNELS.replace(' +', '_')] = {
+            k: ref[k]['median_ms'] / spe_k[k]['median_ms'] for k in ('eval_forward', 'train_step')}
 
     lines = [
         f"machine: {meta['machine']}; torch {meta['torch']} ({meta['torch_threads']} threads); timm {meta['timm']}; "
@@ -372,7 +418,7 @@ def main() -> None:
         '| model | eval forward ms | train step ms | saved for backward MiB | peak RSS growth MiB | eval / r164 | train / r164 | saved / r164 | RSS / r164 |',
         '|---|---|---|---:|---:|---:|---:|---:|---:|',
     ]
-    for name in MODELS:
+    for name in names:
         r, m, q = results['models'][name], results['memory'][name], ratios[name]
         lines.append(
             f"| {name} | {fmt(r['eval_forward'])} | {fmt(r['train_step'])} | {m['saved_for_backward_mib']:.0f} "
@@ -380,11 +426,16 @@ def main() -> None:
             f"| {q['saved_for_backward']:.3f} | {q['peak_rss_growth']:.3f} |")
     lines += ['', f'Per-round ratios (each timed round of a model over the same round of its resnet164), median (min-max) '
                   f'of {meta["repeats"]}:', '', '| model | eval / r164 per round | train / r164 per round |', '|---|---|---|']
-    for name in MODELS:
+    for name in names:
         q = ratios[name]
         lines.append(f"| {name} | {fmt_ratio(q['eval_forward_per_round'])} | {fmt_ratio(q['train_step_per_round'])} |")
     lines += ['', f"resnet164_spe vs unfused reference: {results['speedup_vs_unfused']['eval_forward']:.2f}x faster "
-                  f"(eval forward), {results['speedup_vs_unfused']['train_step']:.2f}x (train step)", '',
+                  f"(eval forward), {results['speedup_vs_unfused']['train_step']:.2f}x (train step)"]
+    if 'speedup_vs_unfused_cpu_kernels' in results:
+        q = results['speedup_vs_unfused_cpu_kernels']
+        lines += [f"resnet164_spe{KERNELS} vs unfused reference: {q['eval_forward']:.2f}x faster (eval forward), "
+                  f"{q['train_step']:.2f}x (train step)"]
+    lines += ['',
               '| module | input | forward ms | forward+backward ms |', '|---|---|---|---|']
     for row in results['modules']:
         lines.append(f"| {row['module']} | {row['shape']} | {fmt(row['forward'])} | {fmt(row['forward_backward'])} |")
@@ -399,15 +450,15 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     if args.plot:
-        plot(ratios, args.plot, meta)
+        plot(names, ratios, args.plot, meta)
 
 
-def plot(ratios: Dict[str, Dict[str, float]], path: str, meta: Dict[str, object]) -> None:
+def plot(names: List[str], ratios: Dict[str, Dict[str, float]], path: str, meta: Dict[str, object]) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     keys = ['eval_forward', 'train_step', 'saved_for_backward', 'peak_rss_growth']
-    names = [n for n in MODELS if n != baseline(n)]
+    names = [n for n in names if n != baseline(n)]
     fig, ax = plt.subplots(figsize=(11, 3.6))
     width = 0.8 / len(names)
     for i, n in enumerate(names):

@@ -85,9 +85,23 @@ def test_quick_run(tmp_path):
     q = r['ratios']['resnet164_spe']['eval_forward_per_round']
     assert 0 < q['min'] <= q['median'] <= q['max']
     assert '| resnet164_spe | ' + benchmark.fmt_ratio(q) in proc.stdout
-    assert {m['module'] for m in r['modules']} == {'SpeModule', 'SEModule'} and len(r['modules']) == 4
-    assert len(r['reductions']) == 16 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
+    assert r['meta']['cpu_kernels'] and 'resnet164_spe' + benchmark.KERNELS in r['models']
+    assert {m['module'] for m in r['modules']} == {'SpeModule', 'SpeModule +cpu_kernels', 'SEModule'}
+    assert len(r['modules']) == 6
+    assert len(r['reductions']) == 22 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
+    assert 'resnet164_spe +cpu_kernels vs unfused reference' in proc.stdout
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
+
+
+def test_model_names_with_and_without_cpu_kernels():
+    assert benchmark.model_names(True) == list(benchmark.MODELS)
+    without = benchmark.model_names(False)
+    assert 'resnet164_spe' in without and not any(benchmark.uses_kernels(n) for n in without)
+    import torch
+    model = benchmark.create('resnet164_spe' + benchmark.KERNELS + benchmark.CHANNELS_LAST)
+    assert type(model).__name__ == 'CifarResNet' and model.layer1[0].se is not None
+    conv = next(p for p in model.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
 def test_timed_interleaved_rotates_order_and_keeps_rounds():
@@ -133,5 +147,7 @@ def test_readme_shows_allocator_comparison_of_committed_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.strip()
     assert table == benchmark.compare_table(default, kept)
-    assert len(table.splitlines()) == 2 + 8 and 'glibc malloc defaults' in table.splitlines()[0]
+    shared = [n for n in benchmark.COMPARED if n in kept['models'] and n in default['models']]
+    assert len(shared) >= 4 and len(table.splitlines()) == 2 + 2 * len(shared)
+    assert 'glibc malloc defaults' in table.splitlines()[0]
     assert table in (ROOT / 'README.md').read_text(), 'README allocator table is stale: paste the --compare output'
