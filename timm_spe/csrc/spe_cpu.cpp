@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -34,6 +35,34 @@ template <> struct Simd<double> {
 
 template <typename V, typename T> inline V load(const T* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V, typename T> inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+
+// Lanes rotated by Step: out[k] = v[(k + Step) % lanes] (a constant shuffle).
+template <int Step, typename Vec> inline Vec rotate(Vec v) {
+  constexpr int n = sizeof(Vec) / sizeof(v[0]);
+  using Mask = std::conditional_t<sizeof(v[0]) == 4, int32_t, int64_t>;
+  typedef Mask M __attribute__((vector_size(sizeof(Vec))));
+  if constexpr (n == 8) {
+    return __builtin_shuffle(v, M{Step % 8, (1 + Step) % 8, (2 + Step) % 8, (3 + Step) % 8,
+                                  (4 + Step) % 8, (5 + Step) % 8, (6 + Step) % 8, (7 + Step) % 8});
+  } else {
+    static_assert(n == 4, "4 or 8 lanes");
+    return __builtin_shuffle(v, M{Step % 4, (1 + Step) % 4, (2 + Step) % 4, (3 + Step) % 4});
+  }
+}
+
+// Every lane set to the largest (Greater) or smallest lane value of v, NaN-free lanes.
+template <bool Greater, typename Vec> inline Vec all_lanes(Vec v) {
+  constexpr int n = sizeof(Vec) / sizeof(v[0]);
+  Vec r = rotate<1>(v);
+  v = (Greater ? r > v : r < v) ? r : v;
+  r = rotate<2>(v);
+  v = (Greater ? r > v : r < v) ? r : v;
+  if constexpr (n == 8) {
+    r = rotate<4>(v);
+    v = (Greater ? r > v : r < v) ? r : v;
+  }
+  return v;
+}
 
 // First NaN of a row of n values with stride s (-1 if none).
 template <typename T> int64_t first_nan(const T* p, int64_t n, int64_t s) {
@@ -70,17 +99,16 @@ void rows_max_min(const T* x, int64_t begin, int64_t end, int64_t len,
         seen_nan |= (v != v);
       }
       // lanes -> first overall: the largest value, and among lanes holding it the smallest position
-      best_max = mx[0]; best_min = mn[0]; at_max = ix[0]; at_min = in[0];
-      nan = seen_nan[0] != 0;
-      for (int k = 1; k < L; ++k) {
-        bool take_max = mx[k] > best_max || (WithIndex && mx[k] == best_max && ix[k] < at_max);
-        best_max = take_max ? mx[k] : best_max;
-        at_max = take_max ? ix[k] : at_max;
-        bool take_min = mn[k] < best_min || (WithIndex && mn[k] == best_min && in[k] < at_min);
-        best_min = take_min ? mn[k] : best_min;
-        at_min = take_min ? in[k] : at_min;
-        nan |= seen_nan[k] != 0;
+      // (branch-free: rotate-and-combine across lanes, log2(lanes) steps)
+      const V all_max = all_lanes<true>(mx), all_min = all_lanes<false>(mn);
+      best_max = all_max[0];
+      best_min = all_min[0];
+      if (WithIndex) {
+        const I none = lane + static_cast<typename S::Index>(len);
+        at_max = all_lanes<false>((mx == all_max) ? ix : none)[0];
+        at_min = all_lanes<false>((mn == all_min) ? in : none)[0];
       }
+      for (int k = 0; k < L; ++k) nan |= seen_nan[k] != 0;
     }
     for (; i < len; ++i) {  // remainder (and short rows): later positions win only when strictly better
       T v = p[i];
