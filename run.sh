@@ -7,7 +7,8 @@
 #   ./run.sh setup                only create/update .venv
 # Environment: VENV (default .venv); TIMM_TRAIN_PY (an existing train.py of timm v1.0.28; else the
 # pytorch-image-models repo is cloned at that tag into .cache/); CIFAR10_JPEG_TAR (the CIFAR-10 JPEG
-# copy, default ../shared/data/cifar10-jpeg.tar.gz) for the CPU recipe.
+# copy, default ../shared/data/cifar10-jpeg.tar.gz) for the CPU recipe; TIMM_SPE_CPU_KERNELS (train: default 1,
+# SPE's one-pass CPU kernels, built on first use).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -52,6 +53,8 @@ case "${1:-}" in
     train)
         setup
         keep_freed_memory
+        # one-pass CPU kernels for SPE's pooling (README, "CPU kernels"); TIMM_SPE_CPU_KERNELS=0 turns them off
+        export TIMM_SPE_CPU_KERNELS="${TIMM_SPE_CPU_KERNELS:-1}"
         recipe=${2:-train_recipes/resnet164_spe-cifar10_cpu2h.yaml}
         shift $(( $# > 1 ? 2 : 1 ))
         if grep -q '^data_dir: data/cifar10-jpeg' "$recipe" && [ ! -d data/cifar10-jpeg ]; then

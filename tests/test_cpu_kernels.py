@@ -1,6 +1,7 @@
 """The optional one-pass CPU kernels: same values and first-extremum indices as PyTorch's ops, same model
 results with them on and off, traceable by torch.compile, and a clear error when they cannot be built."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,9 @@ def test_build_failure_names_cause_and_fix(monkeypatch):
     with pytest.warns(UserWarning, match='not understood'):
         cpu_kernels._from_env()
     assert not timm_spe.cpu_kernels_enabled()
+
+
+def test_run_sh_train_switches_kernels_on_unless_set():
+    run_sh = (Path(__file__).resolve().parents[1] / 'run.sh').read_text()
+    branch = run_sh.split('    train)\n', 1)[1].split(';;', 1)[0]
+    assert 'export TIMM_SPE_CPU_KERNELS="${TIMM_SPE_CPU_KERNELS:-1}"' in branch
