@@ -219,8 +219,9 @@ def bench_modules(warmup: int, repeats: int, quick: bool, cpu_kernels: bool = Tr
 def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool = True) -> List[Dict[str, object]]:
     """The primitives SPE's cost comes down to, on each stage's block output: SE's mean, SPE's amax + amin
     (inference), max(dim) with indices (what autograd-free exact pooling gradients need) and the vectorised
-    search SPE trains with (NCHW and channels_last), the one-pass CPU kernels; and a multiply into a fresh tensor
-    vs in place (the allocation's cost)."""
+    search SPE trains with (NCHW and channels_last), the one-pass CPU kernels; the block tail (residual add and
+    ReLU; SPE's gated ``relu(y * gate + s)`` eager and as one kernel); and a multiply into a fresh tensor vs in
+    place (the allocation's cost)."""
     from timm_spe.spe import max_min_with_indices
     timm_spe.set_cpu_kernels(False)
     shapes = [(8, 64, 32, 32), (8, 256, 8, 8)] if quick else [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
@@ -229,6 +230,7 @@ def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool =
         x = torch.randn(*shape)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         flat = x.flatten(2)
+        y, s, gate = x.clone(), torch.randn(*shape), torch.rand(shape[0], shape[1], 1, 1)  # block tails, in place on y
         ops = {
             'mean (SE)': lambda: x.mean((2, 3)),
             'amax + amin (SPE inference)': lambda: (x.amax((2, 3)), x.amin((2, 3))),
@@ -241,6 +243,10 @@ def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool =
                 'one-pass kernel: with indices': lambda: torch.ops.timm_spe.max_min_with_indices(x),
                 'one-pass kernel: with indices, channels_last': lambda: torch.ops.timm_spe.max_min_with_indices(x_cl),
             } if cpu_kernels else {}),
+            'block tail: add_ + relu_ (plain block)': lambda: y.add_(s).relu_(),
+            'block tail: addcmul + relu_ (SPE)': lambda: torch.addcmul(s, y, gate, out=y).relu_(),
+            **({'one-pass kernel: block tail': lambda: torch.ops.timm_spe.scale_add_relu_(y, s, gate)}
+               if cpu_kernels else {}),
             'x * 2 into a new tensor': lambda: x * 2,
             'x.mul_(1) in place': lambda: x.mul_(1),
         }

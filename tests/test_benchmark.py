@@ -88,7 +88,7 @@ def test_quick_run(tmp_path):
     assert r['meta']['cpu_kernels'] and 'resnet164_spe' + benchmark.KERNELS in r['models']
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SpeModule +cpu_kernels', 'SEModule'}
     assert len(r['modules']) == 6
-    assert len(r['reductions']) == 22 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
+    assert len(r['reductions']) == 28 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
     assert 'resnet164_spe +cpu_kernels vs unfused reference' in proc.stdout
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
 

@@ -9,7 +9,7 @@ import torch
 import timm
 import timm_spe
 from timm_spe import cpu_kernels
-from timm_spe.spe import max_min, max_min_with_indices
+from timm_spe.spe import _bn_input_grad, max_min, max_min_with_indices, scale_add_relu_
 
 
 @pytest.fixture
@@ -46,6 +46,49 @@ def test_ops_match_torch(kernels, shape, memory_format, dtype, values):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     for a, b in zip(torch.ops.timm_spe.max_min(x), (flat.amax(-1), flat.amin(-1))):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16)])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_tail_ops_match_torch_bit_for_bit(kernels, shape, memory_format, dtype):
+    """The fused passes round as the eager ops they replace (addcmul, relu_; BN's input-gradient multiply-adds)."""
+    torch.manual_seed(0)
+    n, c = shape[0], shape[1]
+    x, s, g = (torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format) for _ in range(3))
+    x[0, 0, 0, 0] = float('nan')
+    s[-1, -1, -1, -1] = float('inf')
+    gate = torch.rand(n, c, 1, 1, dtype=dtype)
+    expected = torch.addcmul(s, x, gate).relu_()
+    out = x.clone()
+    torch.ops.timm_spe.scale_add_relu_(out, s, gate)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    assert scale_add_relu_(x.clone(), s, gate).eq(expected).logical_or(expected.isnan()).all()
+
+    scale, shift, coef = torch.randn(n, c, dtype=dtype), torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    expected = torch.addcmul(shift.view(1, c, 1, 1), g, scale.view(n, c, 1, 1)).addcmul_(
+        x, coef.view(1, c, 1, 1), value=-1)
+    out = torch.empty_like(x)
+    torch.ops.timm_spe.bn_input_grad_(out, g, x, scale, shift, coef)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(_bn_input_grad(torch.empty_like(x), g, x, scale, shift, coef), expected,
+                               rtol=0, atol=0, equal_nan=True)
+
+
+def test_tail_kernels_take_only_matching_layouts(kernels):
+    x = torch.randn(4, 6, 8, 8)
+    s, gate = torch.randn_like(x), torch.rand(4, 6, 1, 1)
+    assert cpu_kernels.kernels_apply_to_tail(x, s, gate)
+    for args in ((x, s.contiguous(memory_format=torch.channels_last), gate), (x, s.double(), gate),
+                 (x, s, gate.double()), (x, s, torch.rand(6, 4, 1, 1).transpose(0, 1)), (x, s, gate[:2]),
+                 (x.bfloat16(), s.bfloat16(), gate.bfloat16())):
+        assert not cpu_kernels.kernels_apply_to_tail(*args)
+        expected = torch.addcmul(args[1], args[0], args[2]).relu_() if args[2].shape == gate.shape else None
+        if expected is not None:  # the eager ops take the rest
+            torch.testing.assert_close(scale_add_relu_(args[0].clone(), args[1], args[2]), expected.to(args[0].dtype),
+                                       rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match='shortcut must have x.s shape, strides and dtype'):
+        torch.ops.timm_spe.scale_add_relu_(x.clone(), s.contiguous(memory_format=torch.channels_last), gate)
 
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
@@ -117,6 +160,20 @@ def test_compile_traces_kernels_without_graph_breaks(kernels):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+def test_export_keeps_kernel_ops_for_inference(kernels):
+    """Exported under no_grad (inference), the program calls the kernels; with grad enabled, the plain ops."""
+    torch.manual_seed(0)
+    m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe').eval()
+    x = torch.randn(2, 3, 32, 32)
+    for grad, expected in ((False, {'timm_spe.max_min.default', 'timm_spe.scale_add_relu_.default'}), (True, set())):
+        with torch.set_grad_enabled(grad):
+            exported = torch.export.export(m, (x,))
+        ops = {str(node.target) for node in exported.graph.nodes if 'timm_spe' in str(node.target)}
+        assert ops == expected
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), m(x), rtol=0, atol=0)
+
+
 def test_build_failure_names_cause_and_fix(monkeypatch):
     import torch.utils.cpp_extension as cpp_extension
 
@@ -135,6 +192,30 @@ def test_build_failure_names_cause_and_fix(monkeypatch):
     with pytest.warns(UserWarning, match='not understood'):
         cpu_kernels._from_env()
     assert not timm_spe.cpu_kernels_enabled()
+
+
+def test_build_is_cached_per_cpu_model(monkeypatch, tmp_path):
+    """-march=native binaries are named by the CPU's feature flags, so a shared cache never runs one CPU's build
+    on another."""
+    import torch.utils.cpp_extension as cpp_extension
+    signatures = []
+    for i, flags in enumerate(('fpu sse2 avx2', 'fpu sse2 avx2 avx512f', 'fpu sse2 avx2')):
+        info = tmp_path / f'cpuinfo{i}'
+        info.write_text(f'processor\t: 0\nflags\t\t: {flags}\nbugs\t\t: none\n')
+        signatures.append(cpu_kernels._cpu_signature(str(info)))
+    assert signatures[0] != signatures[1] and signatures[0] == signatures[2]
+
+    names = []
+
+    def record(name, **kwargs):
+        names.append(name)
+        raise OSError('stop here')
+
+    monkeypatch.setattr(cpu_kernels, '_state', {'enabled': False, 'loaded': False})
+    monkeypatch.setattr(cpp_extension, 'load', record)
+    with pytest.raises(RuntimeError, match='stop here'):
+        timm_spe.set_cpu_kernels(True)
+    assert names == [f'timm_spe_cpu_{cpu_kernels._cpu_signature()}']
 
 
 def test_run_sh_train_switches_kernels_on_unless_set():

@@ -3,27 +3,43 @@
 PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin``, and find the argmax /
 argmin element by element; SPE needs both values (and, for backward, both positions). ``csrc/spe_cpu.cpp``
 does it in one vectorised pass. It is compiled on first use with ``torch.utils.cpp_extension`` (a C++
-compiler and ninja are needed; the build is cached by PyTorch, ~30 s the first time) and registered as
+compiler and ninja are needed; the build takes ~10-30 s once and is cached by PyTorch, per CPU model since it
+is compiled with ``-march=native``) and registered as
 ``torch.ops.timm_spe.max_min`` / ``max_min_with_indices`` with fake (meta) implementations, so
 ``torch.compile`` and ``torch.export`` trace it.
 
 Off by default: switch on with ``timm_spe.set_cpu_kernels(True)`` or ``TIMM_SPE_CPU_KERNELS=1`` in the
-environment (``run.sh train`` and ``run.sh bench`` set it). Only CPU float32 / float64 tensors in NCHW or
+environment (``run.sh train`` sets it; the benchmark
+measures both). Only CPU float32 / float64 tensors in NCHW or
 channels_last use the kernels; anything else (CUDA, bfloat16, other strides) runs the eager ops. Results
 are identical (values and first-extremum indices, NaN as ``max(dim)``).
 """
+import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply']
+__all__ = ['set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply', 'kernels_apply_to_tail']
 
 _SOURCE = Path(__file__).parent / 'csrc' / 'spe_cpu.cpp'
 _ENV = 'TIMM_SPE_CPU_KERNELS'
 _state = {'enabled': False, 'loaded': False}
+
+
+def _cpu_signature(cpuinfo: str = '/proc/cpuinfo') -> str:
+    """Short hash of this CPU's feature flags: the build (``-march=native``) is cached per CPU model, so a cache
+    shared between machines (e.g. a network home) never hands one CPU's binary to another."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        flags = ''
+    flags = flags or f'{platform.machine()} {platform.processor()}'
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
 def _load() -> None:
@@ -32,7 +48,7 @@ def _load() -> None:
         return
     from torch.utils.cpp_extension import load
     try:
-        load(name='timm_spe_cpu', sources=[str(_SOURCE)], extra_cflags=['-O3', '-march=native', '-fopenmp'],
+        load(name=f'timm_spe_cpu_{_cpu_signature()}', sources=[str(_SOURCE)], extra_cflags=['-O3', '-march=native', '-ffp-contract=off', '-fopenmp'],
              extra_ldflags=['-fopenmp'], is_python_module=False,
              verbose=False)
     except Exception as e:  # compiler or ninja missing, build error
@@ -51,6 +67,14 @@ def _load() -> None:
         n, c = x.shape[0], x.shape[1]
         return x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long), \
             x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long)
+
+    @torch.library.register_fake('timm_spe::scale_add_relu_')
+    def _(x, shortcut, gate):
+        return None
+
+    @torch.library.register_fake('timm_spe::bn_input_grad_')
+    def _(out, grad, x, gs, k0, k1):
+        return None
 
     _state['loaded'] = True
 
@@ -78,6 +102,17 @@ def kernels_apply(x: torch.Tensor) -> bool:
         _state['enabled'] and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
         and x.ndim == 4 and x.numel() > 0
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    )
+
+
+def kernels_apply_to_tail(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> bool:
+    """The block-tail kernel takes ``relu(x * gate + shortcut)`` into ``x``: :func:`kernels_apply` to ``x``, the
+    shortcut laid out as ``x`` and a contiguous N x C (x 1 x 1) gate, all of one dtype."""
+    return (
+        kernels_apply(x) and shortcut.device == x.device and shortcut.dtype == x.dtype
+        and shortcut.shape == x.shape and shortcut.stride() == x.stride()
+        and gate.device == x.device and gate.dtype == x.dtype and gate.is_contiguous()
+        and gate.numel() == x.shape[0] * x.shape[1]
     )
 
 

@@ -25,7 +25,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
 from .create_attn import get_attn
 from .hub import resolve_pretrained_weights
-from .spe import SpeModule, batch_norm_spe_add_relu
+from .spe import SpeModule, batch_norm_spe_add_relu, scale_add_relu_
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
 
@@ -78,7 +78,9 @@ class SpeBottleneck(Bottleneck):
         x = self.bn3(x)
         gate = self.se.gate(x)
         if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
-            return torch.addcmul(shortcut, x, gate, out=x).relu_()
+            if torch.jit.is_scripting():
+                return torch.addcmul(shortcut, x, gate, out=x).relu_()
+            return scale_add_relu_(x, shortcut, gate)
         return torch.relu_(torch.addcmul(shortcut, x, gate))
 
 

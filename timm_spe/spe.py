@@ -25,7 +25,7 @@ from torch import nn as nn
 from torch.autograd.function import once_differentiable
 from timm.layers import register_notrace_function
 
-from .cpu_kernels import kernels_apply
+from .cpu_kernels import kernels_apply, kernels_apply_to_tail
 
 __all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'spe_gate', 'FORMULATIONS']
 
@@ -211,6 +211,16 @@ def global_max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return _GlobalMaxMin.apply(x)
 
 
+@register_notrace_function
+def scale_add_relu_(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``relu(x * gate + shortcut)`` written into ``x`` and returned (``gate``: N x C x 1 x 1); no autograd. One pass
+    with the CPU kernels where they apply, else ``addcmul`` and ``relu_``, same results."""
+    if kernels_apply_to_tail(x, shortcut, gate):
+        torch.ops.timm_spe.scale_add_relu_(x, shortcut, gate)
+        return x
+    return torch.addcmul(shortcut, x, gate, out=x).relu_()
+
+
 class _ScaleAddReLU(torch.autograd.Function):
     """``relu(x * gate + shortcut)`` with ``gate`` of shape N x C x 1 x 1, and a lean backward: one
     threshold pass, one multiply for ``x``'s gradient and a batched matrix product that multiplies and
@@ -346,6 +356,20 @@ def spe_scale(x: torch.Tensor, spe: 'SpeModule') -> torch.Tensor:
     return _SpeScale.apply(x, spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)
 
 
+def _bn_input_grad(
+        out: torch.Tensor, grad: torch.Tensor, c: torch.Tensor, grad_scale: torch.Tensor, shift: torch.Tensor,
+        c_coef: torch.Tensor) -> torch.Tensor:
+    """``grad * grad_scale + shift - c * c_coef`` into ``out`` (``grad_scale`` N x C, ``shift`` and ``c_coef`` C): two
+    multiply-add passes, or one with the CPU kernels where they apply (same rounding)."""
+    n, ch = c.shape[0], c.shape[1]
+    if kernels_apply_to_tail(c, grad, grad_scale) and out.stride() == c.stride() and out.dtype == c.dtype \
+            and shift.dtype == c.dtype and c_coef.dtype == c.dtype:
+        torch.ops.timm_spe.bn_input_grad_(out, grad, c, grad_scale.contiguous(), shift.contiguous(), c_coef.contiguous())
+        return out
+    out = torch.addcmul(shift.view(1, ch, 1, 1), grad, grad_scale.view(n, ch, 1, 1), out=out)
+    return out.addcmul_(c, c_coef.view(1, ch, 1, 1), value=-1)
+
+
 def _per_map_sums(
         grad: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, buf: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -391,7 +415,7 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         n, ch = c.shape[0], c.shape[1]
         f_max, i_max, f_min, i_min = max_min_with_indices(x)
         gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
-        out = torch.addcmul(shortcut, x, gate.view(n, ch, 1, 1), out=x).relu_()
+        out = scale_add_relu_(x, shortcut, gate.view(n, ch, 1, 1))
         ctx.save_for_backward(
             c, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate, lam, w_exc, b_exc, w_rew, b_rew)
         ctx.eps, ctx.paper = eps, paper
@@ -422,10 +446,7 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
             # dc = w * invstd * (dx - mean(dx) - xhat * mean(dx * xhat)): one multiply-add pass over grad, one over c
             scale = bn_weight * invstd
             c_coef = scale * invstd * sum_dx_xhat / count
-            grad_c = torch.addcmul(
-                (mean * c_coef - scale * sum_dx / count).view(1, ch, 1, 1), grad, (scale * gate).view(n, ch, 1, 1),
-                out=buf)
-            grad_c.addcmul_(c, c_coef.view(1, ch, 1, 1), value=-1)
+            grad_c = _bn_input_grad(buf, grad, c, scale * gate, mean * c_coef - scale * sum_dx / count, c_coef)
             _scatter_add_(grad_c, i_max, scale * g_max)
             _scatter_add_(grad_c, i_min, scale * g_min)
         return (grad_c, grad if ctx.needs_input_grad[1] else None, sum_dx_xhat, sum_dx, None, None, None, None,
@@ -469,6 +490,7 @@ torch.fx.wrap('mix_weights')
 torch.fx.wrap('max_min')
 torch.fx.wrap('global_max_min')
 torch.fx.wrap('scale_add_relu')
+torch.fx.wrap('scale_add_relu_')
 torch.fx.wrap('batch_norm_spe_add_relu')
 torch.fx.wrap('spe_scale')
 

@@ -6,6 +6,14 @@
 // NCHW-contiguous input: one row of H*W values per (n, c). channels_last: per n, H*W rows of C values,
 // vectorised over C. NaN behaves as in max(dim) / amax: a row with NaN gives NaN and the index of its
 // first NaN. Registered as torch.ops.timm_spe.max_min and torch.ops.timm_spe.max_min_with_indices.
+//
+// The gated block tail relu(x * gate + shortcut), written into x in one pass (eager PyTorch takes an addcmul
+// pass and a relu pass), with addcmul's rounding (PyTorch's vectorised CPU kernels are built with FMA where the
+// CPU has it, so x * gate + shortcut is one fused multiply-add there, and a multiply and an add otherwise) and
+// relu's NaN: torch.ops.timm_spe.scale_add_relu_.
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -226,14 +234,197 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> max_min_with_indices(
   return {r[0], r[1], r[2], r[3]};
 }
 
+// a * b + c rounded as PyTorch's CPU addcmul rounds it (see the top); built with -ffp-contract=off.
+inline float mul_add(float a, float b, float c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+inline double mul_add(double a, double b, double c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+template <typename V> inline V mul_add(V a, V b, V c) {
+#ifdef __FMA__
+  if constexpr (sizeof(a[0]) == 4) {
+    __m256 r = _mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c));
+    return reinterpret_cast<V>(r);
+  } else {
+    __m256d r = _mm256_fmadd_pd(reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), reinterpret_cast<__m256d>(c));
+    return reinterpret_cast<V>(r);
+  }
+#else
+  return a * b + c;
+#endif
+}
+
+// relu(x * g + s) into x for n_rows rows of len values, row r scaled by g[r] (NCHW: rows are maps).
+template <typename T>
+void rows_scale_add_relu(T* x, const T* s, const T* g, int64_t begin, int64_t end, int64_t len) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::lanes;
+  const V zero = {};
+  for (int64_t r = begin; r < end; ++r) {
+    T* px = x + r * len;
+    const T* ps = s + r * len;
+    const T gr = g[r];
+    V gv = zero + gr;
+    int64_t i = 0;
+    for (; i + L <= len; i += L) {
+      V v = mul_add(load<V>(px + i), gv, load<V>(ps + i));
+      store(px + i, (v < zero) ? zero : v);
+    }
+    for (; i < len; ++i) {
+      T v = mul_add(px[i], gr, ps[i]);
+      px[i] = v < T(0) ? T(0) : v;
+    }
+  }
+}
+
+// channels_last: pixels [begin, end) of c values each; pixel p of image p / hw scaled by that image's gate row.
+template <typename T>
+void pixels_scale_add_relu(T* x, const T* s, const T* g, int64_t begin, int64_t end, int64_t hw, int64_t c) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::lanes;
+  const V zero = {};
+  for (int64_t p = begin; p < end; ++p) {
+    T* px = x + p * c;
+    const T* ps = s + p * c;
+    const T* pg = g + (p / hw) * c;
+    int64_t j = 0;
+    for (; j + L <= c; j += L) {
+      V v = mul_add(load<V>(px + j), load<V>(pg + j), load<V>(ps + j));
+      store(px + j, (v < zero) ? zero : v);
+    }
+    for (; j < c; ++j) {
+      T v = mul_add(px[j], pg[j], ps[j]);
+      px[j] = v < T(0) ? T(0) : v;
+    }
+  }
+}
+
+void scale_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor& gate) {
+  TORCH_CHECK(x.dim() == 4, "timm_spe::scale_add_relu_ expects an N x C x H x W tensor, got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "timm_spe::scale_add_relu_ supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(shortcut.sizes() == x.sizes() && shortcut.strides() == x.strides()
+              && shortcut.scalar_type() == x.scalar_type(),
+              "timm_spe::scale_add_relu_: shortcut must have x's shape, strides and dtype");
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  TORCH_CHECK(gate.numel() == n * c && gate.is_contiguous() && gate.scalar_type() == x.scalar_type(),
+              "timm_spe::scale_add_relu_: gate must be a contiguous N x C (x 1 x 1) tensor of x's dtype");
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "timm_spe::scale_add_relu_: x must be NCHW or channels_last");
+  if (x.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_scale_add_relu_", [&] {
+    scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t* ps = shortcut.data_ptr<scalar_t>();
+    const scalar_t* pg = gate.data_ptr<scalar_t>();
+    if (channels_last) {
+      at::parallel_for(0, n * hw, std::max<int64_t>(1, 32768 / c), [&](int64_t b, int64_t e) {
+        pixels_scale_add_relu<scalar_t>(px, ps, pg, b, e, hw, c);
+      });
+    } else {
+      at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / hw), [&](int64_t b, int64_t e) {
+        rows_scale_add_relu<scalar_t>(px, ps, pg, b, e, hw);
+      });
+    }
+  });
+}
+
+// BatchNorm's input gradient in the fused block backward (timm_spe.spe._BatchNormSpeAddReLU):
+// out = grad * gs[n, c] + k0[c] - x * k1[c], rounded as addcmul(k0, grad, gs) then addcmul_(x, k1, value=-1).
+template <typename T>
+void rows_bn_input_grad(T* out, const T* g, const T* x, const T* gs, const T* k0, const T* k1,
+                        int64_t begin, int64_t end, int64_t c, int64_t len) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::lanes;
+  const V zero = {};
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t ch = r % c, off = r * len;
+    const T a = gs[r], b = k0[ch], m = -k1[ch];
+    const V av = zero + a, bv = zero + b, mv = zero + m;
+    int64_t i = 0;
+    for (; i + L <= len; i += L)
+      store(out + off + i, mul_add(load<V>(x + off + i), mv, mul_add(load<V>(g + off + i), av, bv)));
+    for (; i < len; ++i) out[off + i] = mul_add(x[off + i], m, mul_add(g[off + i], a, b));
+  }
+}
+
+template <typename T>
+void pixels_bn_input_grad(T* out, const T* g, const T* x, const T* gs, const T* k0, const T* k1,
+                          int64_t begin, int64_t end, int64_t hw, int64_t c) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::lanes;
+  const V zero = {};
+  std::vector<T> m(c);
+  for (int64_t j = 0; j < c; ++j) m[j] = -k1[j];
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t off = p * c;
+    const T* a = gs + (p / hw) * c;
+    int64_t j = 0;
+    for (; j + L <= c; j += L)
+      store(out + off + j, mul_add(load<V>(x + off + j), load<V>(m.data() + j),
+                                   mul_add(load<V>(g + off + j), load<V>(a + j), load<V>(k0 + j))));
+    for (; j < c; ++j) out[off + j] = mul_add(x[off + j], m[j], mul_add(g[off + j], a[j], k0[j]));
+  }
+}
+
+void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gs,
+                    const at::Tensor& k0, const at::Tensor& k1) {
+  TORCH_CHECK(x.dim() == 4, "timm_spe::bn_input_grad_ expects N x C x H x W tensors, got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "timm_spe::bn_input_grad_ supports float32 and float64, got ", x.scalar_type());
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &grad}) {
+    TORCH_CHECK(t->sizes() == x.sizes() && t->strides() == x.strides() && t->scalar_type() == x.scalar_type(),
+                "timm_spe::bn_input_grad_: out and grad must have x's shape, strides and dtype");
+  }
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  TORCH_CHECK(gs.numel() == n * c && gs.is_contiguous() && gs.scalar_type() == x.scalar_type(),
+              "timm_spe::bn_input_grad_: gs must be a contiguous N x C tensor of x's dtype");
+  for (const at::Tensor* t : {&k0, &k1}) {
+    TORCH_CHECK(t->numel() == c && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
+                "timm_spe::bn_input_grad_: k0 and k1 must be contiguous C-element tensors of x's dtype");
+  }
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "timm_spe::bn_input_grad_: x must be NCHW or channels_last");
+  if (x.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_bn_input_grad_", [&] {
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const scalar_t* pg = grad.data_ptr<scalar_t>();
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t* pgs = gs.data_ptr<scalar_t>();
+    const scalar_t* p0 = k0.data_ptr<scalar_t>();
+    const scalar_t* p1 = k1.data_ptr<scalar_t>();
+    if (channels_last) {
+      at::parallel_for(0, n * hw, std::max<int64_t>(1, 32768 / c), [&](int64_t b, int64_t e) {
+        pixels_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, b, e, hw, c);
+      });
+    } else {
+      at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / hw), [&](int64_t b, int64_t e) {
+        rows_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, b, e, c, hw);
+      });
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(timm_spe, m) {
   m.def("max_min(Tensor x) -> (Tensor, Tensor)");
   m.def("max_min_with_indices(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("scale_add_relu_(Tensor(a!) x, Tensor shortcut, Tensor gate) -> ()");
+  m.def("bn_input_grad_(Tensor(a!) out, Tensor grad, Tensor x, Tensor gs, Tensor k0, Tensor k1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(timm_spe, CPU, m) {
   m.impl("max_min", &max_min);
   m.impl("max_min_with_indices", &max_min_with_indices);
+  m.impl("scale_add_relu_", &scale_add_relu_);
+  m.impl("bn_input_grad_", &bn_input_grad_);
 }
