@@ -72,6 +72,11 @@ def _load() -> None:
     def _(x, shortcut, gate):
         return None
 
+    @torch.library.register_fake('timm_spe::channels_last_per_map_sums')
+    def _(grad, x, mean):
+        n, c = x.shape[0], x.shape[1]
+        return x.new_empty((n, c)), x.new_empty((n, c))
+
     @torch.library.register_fake('timm_spe::bn_input_grad_')
     def _(out, grad, x, gs, k0, k1):
         return None

@@ -378,8 +378,9 @@ def _per_map_sums(
 
     NCHW: BatchNorm's own backward kernel on the 1 x NC x H x W views, i.e. with every (n, c) map as a channel,
     returns exactly these two as its bias and weight gradients, from one read of both tensors. channels_last
-    (no such view): ``sum_hw(grad * c)`` through ``buf`` (scratch of ``grad``'s shape), which loses relative
-    precision ~``|mean| / std`` of ``c`` against the ``(c - mean)`` form.
+    (no such view): with the CPU kernels, one read of both in the ``(c - mean)`` form; else ``sum_hw(grad * c)``
+    through ``buf`` (scratch of ``grad``'s shape), which loses relative precision ~``|mean| / std`` of ``c``
+    against the ``(c - mean)`` form.
     """
     n, ch, h, w = c.shape
     if c.is_contiguous():
@@ -387,6 +388,9 @@ def _per_map_sums(
             grad.view(1, n * ch, h, w), c.view(1, n * ch, h, w), None, None, None,
             mean.repeat(n), invstd.repeat(n), True, 0., [False, True, True])
         return sum_grad.view(n, ch), sum_grad_xhat.view(n, ch)
+    if kernels_apply(c) and grad.stride() == c.stride() and grad.dtype == c.dtype and mean.dtype == c.dtype:
+        sum_grad, sum_grad_centered = torch.ops.timm_spe.channels_last_per_map_sums(grad, c, mean.contiguous())
+        return sum_grad, invstd * sum_grad_centered
     sum_grad = grad.sum((2, 3))
     sum_grad_c = torch.mul(grad, c, out=buf).sum((2, 3))
     return sum_grad, invstd * (sum_grad_c - mean * sum_grad)
@@ -401,9 +405,9 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
     ``xhat = (c - mean) * invstd``, the gate's gradient is ``w * sum_hw(g * xhat) + b * sum_hw(g)`` and BN's
     backward of ``dx = g * gate + (pooling gradient at the argmax / argmin)`` needs only the per-channel
     sums of ``dx`` and ``dx * xhat``, which follow from the same N x C sums (:func:`_per_map_sums`). Full-size
-    work: one threshold pass, one read of ``g`` and ``c`` for the sums (NCHW), two multiply-add passes for
-    ``c``'s gradient (written into one buffer), as many new full-size tensors as the plain block's backward
-    allocates.
+    work: one threshold pass, one read of ``g`` and ``c`` for the sums (NCHW; channels_last with the CPU kernels),
+    two multiply-add passes for ``c``'s gradient (written into one buffer; one pass with the CPU kernels), as many
+    new full-size tensors as the plain block's backward allocates.
     """
 
     @staticmethod

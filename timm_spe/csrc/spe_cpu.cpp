@@ -413,12 +413,65 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
   });
 }
 
+// channels_last: per-(n, c) sums over H x W of grad and of grad * (x - mean[c]) in one read of both (NCHW takes
+// BatchNorm's backward kernel on 1 x NC x H x W views instead: see timm_spe.spe._per_map_sums).
+template <typename T>
+void channels_last_map_sums(const T* g, const T* x, const T* mean, T* sum_g, T* sum_gx,
+                            int64_t n, int64_t hw, int64_t c) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::lanes;
+  T* a = sum_g + n * c;
+  T* b = sum_gx + n * c;
+  std::fill(a, a + c, T(0));
+  std::fill(b, b + c, T(0));
+  const int64_t j_vec = c - c % L;
+  for (int64_t p = 0; p < hw; ++p) {
+    const int64_t off = (n * hw + p) * c;
+    int64_t j = 0;
+    for (; j < j_vec; j += L) {
+      const V gv = load<V>(g + off + j);
+      store(a + j, load<V>(a + j) + gv);
+      store(b + j, mul_add(gv, load<V>(x + off + j) - load<V>(mean + j), load<V>(b + j)));
+    }
+    for (; j < c; ++j) {
+      a[j] += g[off + j];
+      b[j] = mul_add(g[off + j], x[off + j] - mean[j], b[j]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> channels_last_per_map_sums(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "timm_spe::channels_last_per_map_sums expects channels_last N x C x H x W tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "timm_spe::channels_last_per_map_sums supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.scalar_type() == x.scalar_type(),
+              "timm_spe::channels_last_per_map_sums: grad must have x's shape, strides and dtype");
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  TORCH_CHECK(mean.numel() == c && mean.is_contiguous() && mean.scalar_type() == x.scalar_type(),
+              "timm_spe::channels_last_per_map_sums: mean must be a contiguous C-element tensor of x's dtype");
+  at::Tensor sum_g = at::empty({n, c}, x.options()), sum_gx = at::empty({n, c}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_channels_last_per_map_sums", [&] {
+    const scalar_t* pg = grad.data_ptr<scalar_t>();
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t* pm = mean.data_ptr<scalar_t>();
+    scalar_t* pa = sum_g.data_ptr<scalar_t>();
+    scalar_t* pb = sum_gx.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) channels_last_map_sums<scalar_t>(pg, px, pm, pa, pb, i, hw, c);
+    });
+  });
+  return {sum_g, sum_gx};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(timm_spe, m) {
   m.def("max_min(Tensor x) -> (Tensor, Tensor)");
   m.def("max_min_with_indices(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_add_relu_(Tensor(a!) x, Tensor shortcut, Tensor gate) -> ()");
+  m.def("channels_last_per_map_sums(Tensor grad, Tensor x, Tensor mean) -> (Tensor, Tensor)");
   m.def("bn_input_grad_(Tensor(a!) out, Tensor grad, Tensor x, Tensor gs, Tensor k0, Tensor k1) -> ()");
 }
 
@@ -427,4 +480,5 @@ TORCH_LIBRARY_IMPL(timm_spe, CPU, m) {
   m.impl("max_min_with_indices", &max_min_with_indices);
   m.impl("scale_add_relu_", &scale_add_relu_);
   m.impl("bn_input_grad_", &bn_input_grad_);
+  m.impl("channels_last_per_map_sums", &channels_last_per_map_sums);
 }
