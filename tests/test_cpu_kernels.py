@@ -11,6 +11,8 @@ import timm_spe
 from timm_spe import cpu_kernels
 from timm_spe.spe import _bn_input_grad, _per_map_sums, max_min, max_min_with_indices, scale_add_relu_
 
+from compile_check import assert_compiled_train_step_matches_eager
+
 
 @pytest.fixture
 def kernels():
@@ -173,14 +175,7 @@ def test_compile_traces_kernels_without_graph_breaks(kernels):
             explained = _dynamo.explain(m)(x)
             assert explained.graph_break_count == 0
             assert any('timm_spe' in str(node.target) for g in explained.graphs for node in g.graph.nodes)
-    ref = copy.deepcopy(m).train()
-    out = torch.compile(m.train(), backend='aot_eager', fullgraph=True)(x)
-    out_ref = ref(x)
-    torch.testing.assert_close(out, out_ref)
-    out.square().mean().backward()
-    out_ref.square().mean().backward()
-    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert_compiled_train_step_matches_eager(m, x)
 
 
 def test_export_keeps_kernel_ops_for_inference(kernels):

@@ -6,6 +6,8 @@ import timm
 import timm_spe
 from timm_spe import SpeModule
 
+from compile_check import assert_compiled_train_step_matches_eager
+
 # Parameter counts (millions, as printed) from the paper's Tables 1 and 2.
 PAPER_PARAMS_M = {
     ('resnet83', 10): 0.87, ('resnet83_spe', 10): 0.89, ('resnet83', 100): 0.89, ('resnet83_spe', 100): 0.91,
@@ -209,17 +211,6 @@ def test_torchscript_fx_export_compile():
 def test_compiled_train_step_matches_eager():
     """torch.compile (dynamo + AOTAutograd; the aot_eager backend needs no C++ compiler) traces the fused
     autograd functions, BN running-statistics updates included, with results equal to eager."""
-    import copy
     torch.manual_seed(0)
-    m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe').train()
-    ref = copy.deepcopy(m)
-    x = torch.randn(4, 3, 32, 32)
-    out = torch.compile(m, backend='aot_eager', fullgraph=True)(x)
-    out_ref = ref(x)
-    torch.testing.assert_close(out, out_ref)
-    out.square().mean().backward()
-    out_ref.square().mean().backward()
-    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
-    for (name, b), c in zip(m.named_buffers(), ref.buffers()):
-        torch.testing.assert_close(b, c, msg=name)
+    assert_compiled_train_step_matches_eager(
+        timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe'), torch.randn(4, 3, 32, 32))

@@ -15,6 +15,7 @@ channels_last use the kernels; anything else (CUDA, bfloat16, other strides) run
 are identical (values and first-extremum indices, NaN as ``max(dim)``).
 """
 import hashlib
+import logging
 import os
 import platform
 import warnings
@@ -46,11 +47,17 @@ def _load() -> None:
     """Compile (or take from PyTorch's extension cache) and register the ops; raises with the cause."""
     if _state['loaded']:
         return
-    from torch.utils.cpp_extension import load
+    cpp_log = logging.getLogger('torch.utils.cpp_extension')
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)  # its import warns that no CUDA runtime is found: irrelevant to a CPU build
     try:
-        load(name=f'timm_spe_cpu_{_cpu_signature()}', sources=[str(_SOURCE)], extra_cflags=['-O3', '-march=native', '-ffp-contract=off', '-fopenmp'],
-             extra_ldflags=['-fopenmp'], is_python_module=False,
-             verbose=False)
+        from torch.utils.cpp_extension import load
+    finally:
+        cpp_log.setLevel(level)
+    try:
+        load(name=f'timm_spe_cpu_{_cpu_signature()}', sources=[str(_SOURCE)],
+             extra_cflags=['-O3', '-march=native', '-ffp-contract=off', '-fopenmp'], extra_ldflags=['-fopenmp'],
+             is_python_module=False, verbose=False)
     except Exception as e:  # compiler or ninja missing, build error
         raise RuntimeError(
             f'timm_spe could not build its CPU kernels ({type(e).__name__}: {e}). They need a C++ compiler '

@@ -308,32 +308,51 @@ void pixels_scale_add_relu(T* x, const T* s, const T* g, int64_t begin, int64_t 
   }
 }
 
-void scale_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor& gate) {
-  TORCH_CHECK(x.dim() == 4, "timm_spe::scale_add_relu_ expects an N x C x H x W tensor, got ", x.dim(), " dims");
+// Checks a 4-D float32/float64 tensor in NCHW or channels_last for `op`; true for channels_last.
+bool channels_last_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, " expects N x C x H x W tensors, got ", x.dim(), " dims");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "timm_spe::scale_add_relu_ supports float32 and float64, got ", x.scalar_type());
-  TORCH_CHECK(shortcut.sizes() == x.sizes() && shortcut.strides() == x.strides()
-              && shortcut.scalar_type() == x.scalar_type(),
-              "timm_spe::scale_add_relu_: shortcut must have x's shape, strides and dtype");
-  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK(gate.numel() == n * c && gate.is_contiguous() && gate.scalar_type() == x.scalar_type(),
-              "timm_spe::scale_add_relu_: gate must be a contiguous N x C (x 1 x 1) tensor of x's dtype");
+              op, " supports float32 and float64, got ", x.scalar_type());
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(channels_last || x.is_contiguous(), "timm_spe::scale_add_relu_: x must be NCHW or channels_last");
+  TORCH_CHECK(channels_last || x.is_contiguous(), op, ": x must be NCHW or channels_last");
+  return channels_last;
+}
+
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() && t.scalar_type() == x.scalar_type(),
+              op, ": ", name, " must have x's shape, strides and dtype");
+}
+
+void check_vector(const at::Tensor& t, int64_t numel, const at::Tensor& x, const char* op, const char* what) {
+  TORCH_CHECK(t.numel() == numel && t.is_contiguous() && t.scalar_type() == x.scalar_type(),
+              op, ": ", what, " must be contiguous, of x's dtype");
+}
+
+// fn(begin, end) in parallel over the N * C maps (NCHW) or the N * H * W pixels (channels_last).
+template <typename Fn>
+void for_maps_or_pixels(bool channels_last, int64_t n, int64_t c, int64_t hw, const Fn& fn) {
+  if (channels_last) {
+    at::parallel_for(0, n * hw, std::max<int64_t>(1, 32768 / c), fn);
+  } else {
+    at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / hw), fn);
+  }
+}
+
+void scale_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor& gate) {
+  const char* op = "timm_spe::scale_add_relu_";
+  const bool channels_last = channels_last_input(x, op);
+  check_like_x(shortcut, x, op, "shortcut");
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  check_vector(gate, n * c, x, op, "gate (N x C, or N x C x 1 x 1)");
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_scale_add_relu_", [&] {
     scalar_t* px = x.data_ptr<scalar_t>();
     const scalar_t* ps = shortcut.data_ptr<scalar_t>();
     const scalar_t* pg = gate.data_ptr<scalar_t>();
-    if (channels_last) {
-      at::parallel_for(0, n * hw, std::max<int64_t>(1, 32768 / c), [&](int64_t b, int64_t e) {
-        pixels_scale_add_relu<scalar_t>(px, ps, pg, b, e, hw, c);
-      });
-    } else {
-      at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / hw), [&](int64_t b, int64_t e) {
-        rows_scale_add_relu<scalar_t>(px, ps, pg, b, e, hw);
-      });
-    }
+    for_maps_or_pixels(channels_last, n, c, hw, [&](int64_t b, int64_t e) {
+      if (channels_last) pixels_scale_add_relu<scalar_t>(px, ps, pg, b, e, hw, c);
+      else rows_scale_add_relu<scalar_t>(px, ps, pg, b, e, hw);
+    });
   });
 }
 
@@ -377,22 +396,14 @@ void pixels_bn_input_grad(T* out, const T* g, const T* x, const T* gs, const T* 
 
 void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gs,
                     const at::Tensor& k0, const at::Tensor& k1) {
-  TORCH_CHECK(x.dim() == 4, "timm_spe::bn_input_grad_ expects N x C x H x W tensors, got ", x.dim(), " dims");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "timm_spe::bn_input_grad_ supports float32 and float64, got ", x.scalar_type());
-  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &grad}) {
-    TORCH_CHECK(t->sizes() == x.sizes() && t->strides() == x.strides() && t->scalar_type() == x.scalar_type(),
-                "timm_spe::bn_input_grad_: out and grad must have x's shape, strides and dtype");
-  }
+  const char* op = "timm_spe::bn_input_grad_";
+  const bool channels_last = channels_last_input(x, op);
+  check_like_x(out, x, op, "out");
+  check_like_x(grad, x, op, "grad");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK(gs.numel() == n * c && gs.is_contiguous() && gs.scalar_type() == x.scalar_type(),
-              "timm_spe::bn_input_grad_: gs must be a contiguous N x C tensor of x's dtype");
-  for (const at::Tensor* t : {&k0, &k1}) {
-    TORCH_CHECK(t->numel() == c && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
-                "timm_spe::bn_input_grad_: k0 and k1 must be contiguous C-element tensors of x's dtype");
-  }
-  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(channels_last || x.is_contiguous(), "timm_spe::bn_input_grad_: x must be NCHW or channels_last");
+  check_vector(gs, n * c, x, op, "gs (N x C)");
+  check_vector(k0, c, x, op, "k0 (C)");
+  check_vector(k1, c, x, op, "k1 (C)");
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_bn_input_grad_", [&] {
     scalar_t* po = out.data_ptr<scalar_t>();
@@ -401,15 +412,10 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
     const scalar_t* pgs = gs.data_ptr<scalar_t>();
     const scalar_t* p0 = k0.data_ptr<scalar_t>();
     const scalar_t* p1 = k1.data_ptr<scalar_t>();
-    if (channels_last) {
-      at::parallel_for(0, n * hw, std::max<int64_t>(1, 32768 / c), [&](int64_t b, int64_t e) {
-        pixels_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, b, e, hw, c);
-      });
-    } else {
-      at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / hw), [&](int64_t b, int64_t e) {
-        rows_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, b, e, c, hw);
-      });
-    }
+    for_maps_or_pixels(channels_last, n, c, hw, [&](int64_t b, int64_t e) {
+      if (channels_last) pixels_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, b, e, hw, c);
+      else rows_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, b, e, c, hw);
+    });
   });
 }
 
@@ -442,15 +448,12 @@ void channels_last_map_sums(const T* g, const T* x, const T* mean, T* sum_g, T* 
 
 std::tuple<at::Tensor, at::Tensor> channels_last_per_map_sums(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "timm_spe::channels_last_per_map_sums expects channels_last N x C x H x W tensors");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "timm_spe::channels_last_per_map_sums supports float32 and float64, got ", x.scalar_type());
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.scalar_type() == x.scalar_type(),
-              "timm_spe::channels_last_per_map_sums: grad must have x's shape, strides and dtype");
+  const char* op = "timm_spe::channels_last_per_map_sums";
+  channels_last_input(x, op);  // 4-D, float32/float64
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": x must be channels_last");
+  check_like_x(grad, x, op, "grad");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK(mean.numel() == c && mean.is_contiguous() && mean.scalar_type() == x.scalar_type(),
-              "timm_spe::channels_last_per_map_sums: mean must be a contiguous C-element tensor of x's dtype");
+  check_vector(mean, c, x, op, "mean (C)");
   at::Tensor sum_g = at::empty({n, c}, x.options()), sum_gx = at::empty({n, c}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_channels_last_per_map_sums", [&] {
     const scalar_t* pg = grad.data_ptr<scalar_t>();
