@@ -200,8 +200,9 @@ class _GlobalMaxMin(torch.autograd.Function):
 def max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x.amax((2, 3)), x.amin((2, 3)))``; one pass with the CPU kernels (:mod:`timm_spe.cpu_kernels`) where
     they apply and no gradient is needed."""
-    if kernels_apply(x) and not (torch.is_grad_enabled() and x.requires_grad):
-        return torch.ops.timm_spe.max_min(x)
+    if not torch.jit.is_scripting():  # TorchScript (e.g. of an FX graph calling this leaf) skips the kernels
+        if kernels_apply(x) and not (torch.is_grad_enabled() and x.requires_grad):
+            return torch.ops.timm_spe.max_min(x)
     return x.amax((2, 3)), x.amin((2, 3))
 
 
@@ -215,9 +216,10 @@ def global_max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def scale_add_relu_(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``relu(x * gate + shortcut)`` written into ``x`` and returned (``gate``: N x C x 1 x 1); no autograd. One pass
     with the CPU kernels where they apply, else ``addcmul`` and ``relu_``, same results."""
-    if kernels_apply_to_tail(x, shortcut, gate):
-        torch.ops.timm_spe.scale_add_relu_(x, shortcut, gate)
-        return x
+    if not torch.jit.is_scripting():  # as in max_min
+        if kernels_apply_to_tail(x, shortcut, gate):
+            torch.ops.timm_spe.scale_add_relu_(x, shortcut, gate)
+            return x
     return torch.addcmul(shortcut, x, gate, out=x).relu_()
 
 
