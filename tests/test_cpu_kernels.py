@@ -80,11 +80,11 @@ def test_tail_ops_match_torch_bit_for_bit(kernels, shape, memory_format, dtype):
 def test_tail_kernels_take_only_matching_layouts(kernels):
     x = torch.randn(4, 6, 8, 8)
     s, gate = torch.randn_like(x), torch.rand(4, 6, 1, 1)
-    assert cpu_kernels.kernels_apply_to_tail(x, s, gate)
+    assert cpu_kernels.kernels_apply_per_map(x, s, gate)
     for args in ((x, s.contiguous(memory_format=torch.channels_last), gate), (x, s.double(), gate),
                  (x, s, gate.double()), (x, s, torch.rand(6, 4, 1, 1).transpose(0, 1)), (x, s, gate[:2]),
                  (x.bfloat16(), s.bfloat16(), gate.bfloat16())):
-        assert not cpu_kernels.kernels_apply_to_tail(*args)
+        assert not cpu_kernels.kernels_apply_per_map(*args)
         expected = torch.addcmul(args[1], args[0], args[2]).relu_() if args[2].shape == gate.shape else None
         if expected is not None:  # the eager ops take the rest
             torch.testing.assert_close(scale_add_relu_(args[0].clone(), args[1], args[2]), expected.to(args[0].dtype),

@@ -1,18 +1,18 @@
-""" Optional one-pass CPU kernels for SPE's global max and min pooling
+""" Optional one-pass CPU kernels for SPE's passes over a block output
 
-PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin``, and find the argmax /
-argmin element by element; SPE needs both values (and, for backward, both positions). ``csrc/spe_cpu.cpp``
-does it in one vectorised pass. It is compiled on first use with ``torch.utils.cpp_extension`` (a C++
+PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin`` and find the argmax / argmin
+element by element; the block tail and BN's input gradient take two passes each. ``csrc/spe_cpu.cpp`` does
+each in one vectorised pass: ``torch.ops.timm_spe.max_min``, ``max_min_with_indices``, ``scale_add_relu_``,
+``bn_input_grad_`` and ``channels_last_per_map_sums``, with fake (meta) implementations, so ``torch.compile``
+and ``torch.export`` trace them. They are compiled on first use with ``torch.utils.cpp_extension`` (a C++
 compiler and ninja are needed; the build takes ~10-30 s once and is cached by PyTorch, per CPU model since it
-is compiled with ``-march=native``) and registered as
-``torch.ops.timm_spe.max_min`` / ``max_min_with_indices`` with fake (meta) implementations, so
-``torch.compile`` and ``torch.export`` trace it.
+is compiled with ``-march=native``).
 
 Off by default: switch on with ``timm_spe.set_cpu_kernels(True)`` or ``TIMM_SPE_CPU_KERNELS=1`` in the
-environment (``run.sh train`` sets it; the benchmark
-measures both). Only CPU float32 / float64 tensors in NCHW or
-channels_last use the kernels; anything else (CUDA, bfloat16, other strides) runs the eager ops. Results
-are identical (values and first-extremum indices, NaN as ``max(dim)``).
+environment (``run.sh train`` sets it; the benchmark measures both). Only CPU float32 / float64 tensors in
+NCHW or channels_last use the kernels; anything else (CUDA, bfloat16, other strides) runs the eager ops.
+Results are those of the eager ops bit for bit (values, first-extremum indices, NaN as ``max(dim)``, the
+rounding of ``addcmul``), except channels_last backward sums, which take the more precise ``(c - mean)`` form.
 """
 import hashlib
 import logging
@@ -20,11 +20,9 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
-
 import torch
 
-__all__ = ['set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply', 'kernels_apply_to_tail']
+__all__ = ['set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply', 'kernels_apply_per_map']
 
 _SOURCE = Path(__file__).parent / 'csrc' / 'spe_cpu.cpp'
 _ENV = 'TIMM_SPE_CPU_KERNELS'
@@ -117,14 +115,14 @@ def kernels_apply(x: torch.Tensor) -> bool:
     )
 
 
-def kernels_apply_to_tail(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> bool:
-    """The block-tail kernel takes ``relu(x * gate + shortcut)`` into ``x``: :func:`kernels_apply` to ``x``, the
-    shortcut laid out as ``x`` and a contiguous N x C (x 1 x 1) gate, all of one dtype."""
+def kernels_apply_per_map(x: torch.Tensor, like_x: torch.Tensor, per_map: torch.Tensor) -> bool:
+    """The elementwise kernels (block tail, BN's input gradient) take ``x`` (:func:`kernels_apply`), ``like_x`` laid
+    out as ``x`` and a contiguous ``per_map`` tensor of N x C (x 1 x 1) values, all of one dtype."""
     return (
-        kernels_apply(x) and shortcut.device == x.device and shortcut.dtype == x.dtype
-        and shortcut.shape == x.shape and shortcut.stride() == x.stride()
-        and gate.device == x.device and gate.dtype == x.dtype and gate.is_contiguous()
-        and gate.numel() == x.shape[0] * x.shape[1]
+        kernels_apply(x) and like_x.device == x.device and like_x.dtype == x.dtype
+        and like_x.shape == x.shape and like_x.stride() == x.stride()
+        and per_map.device == x.device and per_map.dtype == x.dtype and per_map.is_contiguous()
+        and per_map.numel() == x.shape[0] * x.shape[1]
     )
 
 

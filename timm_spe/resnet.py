@@ -78,8 +78,6 @@ class SpeBottleneck(Bottleneck):
         x = self.bn3(x)
         gate = self.se.gate(x)
         if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
-            if torch.jit.is_scripting():
-                return torch.addcmul(shortcut, x, gate, out=x).relu_()
             return scale_add_relu_(x, shortcut, gate)
         return torch.relu_(torch.addcmul(shortcut, x, gate))
 

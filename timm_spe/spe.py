@@ -25,7 +25,7 @@ from torch import nn as nn
 from torch.autograd.function import once_differentiable
 from timm.layers import register_notrace_function
 
-from .cpu_kernels import kernels_apply, kernels_apply_to_tail
+from .cpu_kernels import kernels_apply, kernels_apply_per_map
 
 __all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'spe_gate', 'FORMULATIONS']
 
@@ -217,7 +217,7 @@ def scale_add_relu_(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor)
     """``relu(x * gate + shortcut)`` written into ``x`` and returned (``gate``: N x C x 1 x 1); no autograd. One pass
     with the CPU kernels where they apply, else ``addcmul`` and ``relu_``, same results."""
     if not torch.jit.is_scripting():  # as in max_min
-        if kernels_apply_to_tail(x, shortcut, gate):
+        if kernels_apply_per_map(x, shortcut, gate):
             torch.ops.timm_spe.scale_add_relu_(x, shortcut, gate)
             return x
     return torch.addcmul(shortcut, x, gate, out=x).relu_()
@@ -364,7 +364,7 @@ def _bn_input_grad(
     """``grad * grad_scale + shift - c * c_coef`` into ``out`` (``grad_scale`` N x C, ``shift`` and ``c_coef`` C): two
     multiply-add passes, or one with the CPU kernels where they apply (same rounding)."""
     n, ch = c.shape[0], c.shape[1]
-    if kernels_apply_to_tail(c, grad, grad_scale) and out.stride() == c.stride() and out.dtype == c.dtype \
+    if kernels_apply_per_map(c, grad, grad_scale) and out.stride() == c.stride() and out.dtype == c.dtype \
             and shift.dtype == c.dtype and c_coef.dtype == c.dtype:
         torch.ops.timm_spe.bn_input_grad_(out, grad, c, grad_scale.contiguous(), shift.contiguous(), c_coef.contiguous())
         return out
@@ -568,9 +568,7 @@ class SpeModule(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map ``v_exc * v_rew`` of shape ``N x C x 1 x 1``."""
         torch._assert(x.ndim == 4, 'SpeModule expects a 4-D N x C x H x W input')
-        if torch.jit.is_scripting():
-            f_max, f_min = x.amax((2, 3)), x.amin((2, 3))
-        elif self.training and torch.is_grad_enabled():
+        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
             f_max, f_min = global_max_min(x)
         else:
             f_max, f_min = max_min(x)
