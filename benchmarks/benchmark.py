@@ -13,11 +13,11 @@ In one run on one machine, with warm-up and repeated timed runs interleaved acro
   * memory of a train step, per model in a fresh subprocess: the bytes autograd saves for backward
     (exact, from saved-tensor hooks) and the peak RSS of two train steps above the RSS with the model
     and batch loaded (what the OS sees; includes gradients, optimizer state and allocator slack).
-Rows marked ``+cpu_kernels`` run resnet164_spe (and SpeModule) with the optional one-pass CPU kernels for SPE's
-max/min pooling on (``timm_spe.set_cpu_kernels``; built on first use, ``--no-cpu-kernels`` leaves them out);
-every other row runs with them off. The last rows repeat resnet164 and resnet164_spe in channels_last (model
-and batch), as the train recipes run them; their ratios are to resnet164 in channels_last. Prints a table with ratios to resnet164 and writes
-JSON (and a plot). Ratios are given twice: of the medians, and per round (each timed run of a model over
+Rows marked ``+cpu_kernels`` run resnet164_spe (and SpeModule) with timm_spe's optional one-pass CPU kernels
+on (``timm_spe.set_cpu_kernels``; built on first use, ``--no-cpu-kernels`` leaves them out); every other row
+runs with them off. The last rows repeat resnet164 and resnet164_spe in channels_last (model and batch), as
+the train recipes run them; their ratios are to resnet164 in channels_last. Prints a table with ratios to
+resnet164 and writes JSON (and a plot). Ratios are given twice: of the medians, and per round (each timed run of a model over
 the same round's run of its resnet164, median and spread), which cancels drift between rounds.
 """
 import argparse
@@ -44,7 +44,7 @@ import timm_spe
 from timm_spe import SpeModule
 
 CHANNELS_LAST = ' (channels_last)'  # suffix: model and batch in channels_last, as the train recipes run them
-KERNELS = ' +cpu_kernels'  # before CHANNELS_LAST: SPE's pooling with timm_spe's one-pass CPU kernels
+KERNELS = ' +cpu_kernels'  # before CHANNELS_LAST: with timm_spe's one-pass CPU kernels on
 MODELS = ('resnet164', 'resnet164_spe', 'resnet164_spe' + KERNELS, 'resnet164_se', 'resnet164_eca',
           'resnet164_spe_unfused', 'resnet164' + CHANNELS_LAST, 'resnet164_spe' + CHANNELS_LAST,
           'resnet164_spe' + KERNELS + CHANNELS_LAST)
@@ -413,7 +413,7 @@ def main() -> None:
     results['speedup_vs_unfused'] = {k: ref[k]['median_ms'] / spe[k]['median_ms'] for k in ('eval_forward', 'train_step')}
     if 'resnet164_spe' + KERNELS in names:
         spe_k = results['models']['resnet164_spe' + KERNELS]
-        results['speedup_vs_unfused' + KERNELS.replace(' +', '_')] = {
+        results['speedup_vs_unfused_cpu_kernels'] = {
             k: ref[k]['median_ms'] / spe_k[k]['median_ms'] for k in ('eval_forward', 'train_step')}
 
     lines = [

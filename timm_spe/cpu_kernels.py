@@ -5,7 +5,7 @@ element by element; the block tail and BN's input gradient take two passes each.
 each in one vectorised pass: ``torch.ops.timm_spe.max_min``, ``max_min_with_indices``, ``scale_add_relu_``,
 ``bn_input_grad_`` and ``channels_last_per_map_sums``, with fake (meta) implementations, so ``torch.compile``
 and ``torch.export`` trace them. They are compiled on first use with ``torch.utils.cpp_extension`` (a C++
-compiler and ninja are needed; the build takes ~10-30 s once and is cached by PyTorch, per CPU model since it
+compiler and ninja are needed; the build takes ~10 s here, once, and is cached by PyTorch, per CPU model since it
 is compiled with ``-march=native``).
 
 Off by default: switch on with ``timm_spe.set_cpu_kernels(True)`` or ``TIMM_SPE_CPU_KERNELS=1`` in the
