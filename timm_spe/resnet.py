@@ -25,7 +25,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
 from .create_attn import get_attn
 from .hub import resolve_pretrained_weights
-from .spe import SpeModule, batch_norm_spe_add_relu, scale_add_relu_
+from .spe import SpeModule, batch_norm_spe_add_relu, has_module_hooks, scale_add_relu_
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
 
@@ -59,6 +59,13 @@ class SpeBottleneck(Bottleneck):
     full-size activation for backward. Inference: one in-place ``addcmul`` into the block's own BN output
     and an in-place ReLU, as the plain block's ``x += shortcut``. Same parameters and keys."""
 
+    def _tail_unobserved(self) -> bool:
+        """True where the fused tail cannot be told apart from bn3 -> se -> add -> act3 module calls: not
+        scripting or tracing (both record the module calls), and no module hooks on the three or global ones."""
+        if torch.jit.is_scripting():
+            return False
+        return not torch.jit.is_tracing() and not has_module_hooks(self.bn3, self.se, self.act3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
@@ -70,10 +77,13 @@ class SpeBottleneck(Bottleneck):
         x = self.conv3(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        if self.drop_path is not None:
-            x = self.drop_path(self.se(self.bn3(x)))
+        if self.drop_path is not None or not self._tail_unobserved():
+            # timm's Bottleneck tail, module by module: every hook fires and sees its own tensors
+            x = self.se(self.bn3(x))
+            if self.drop_path is not None:
+                x = self.drop_path(x)
             return self.act3(x + shortcut)
-        if self.training and not torch.jit.is_scripting():
+        if self.training:
             return batch_norm_spe_add_relu(x, shortcut, self.bn3, self.se)
         x = self.bn3(x)
         gate = self.se.gate(x)

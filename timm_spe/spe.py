@@ -243,8 +243,9 @@ class _ScaleAddReLU(torch.autograd.Function):
         n, c = x.shape[0], x.shape[1]
         grad_gate = None
         if ctx.needs_input_grad[2]:
+            # under autocast x may be of lower precision than grad (the output takes the gate's dtype)
             grad_gate = torch.matmul(
-                grad.reshape(n, c, 1, -1), x.reshape(n, c, -1, 1)).view(n, c, 1, 1).to(gate.dtype)
+                grad.reshape(n, c, 1, -1), x.reshape(n, c, -1, 1).to(grad.dtype)).view(n, c, 1, 1).to(gate.dtype)
         grad_x = grad * gate if ctx.needs_input_grad[0] else None
         return grad_x, grad, grad_gate
 
@@ -339,6 +340,17 @@ class _SpeScale(torch.autograd.Function):
         _scatter_add_(grad_x, i_max, g_max)
         _scatter_add_(grad_x, i_min, g_min)
         return grad_x, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None
+
+
+def has_module_hooks(*modules: nn.Module) -> bool:
+    """Whether any forward (pre-)hook or backward (pre-)hook, global or on one of ``modules``, would fire on a
+    call of these modules: a fused path that skips their calls may only run where this is False."""
+    from torch.nn.modules import module as nn_module
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
 def _spe_fusable(x: torch.Tensor, spe: 'SpeModule') -> bool:

@@ -1,0 +1,148 @@
+"""CUDA check: every SPE model kind trains a step on a GPU, in fp32 and under bf16 / fp16 autocast.
+
+For each model kind (CIFAR ResNet with SPE, with drop-path, the paper formulation, timm's ResNet with
+``attn_layer='spe'``, ``SpeModule`` alone) and memory format, from identical initial weights and batch:
+
+- fp32 on CUDA vs fp32 on CPU: loss, logits and gradients agree (the CUDA path computes the same thing);
+- autocast bf16 / fp16 on CUDA vs fp32 on CUDA: the step runs, loss and gradients are finite and close
+  (relative error of the whole gradient vector, reported; low-precision rounding is expected);
+- eval forward on CUDA vs CPU.
+
+Then one timing per model at batch 128 (train step, channels_last, fp32): resnet164 vs resnet164_spe.
+
+Run on a machine with a GPU:  python benchmarks/cuda_check.py [--out cuda_check.json]
+Exit code 1 if any case failed (exception, non-finite values, or fp32 CUDA/CPU disagreement).
+"""
+import argparse
+import copy
+import json
+import time
+import traceback
+
+import torch
+import torch.nn as nn
+import timm
+
+import timm_spe
+
+
+def _kinds():
+    cifar = dict(num_classes=10)
+    return {
+        'resnet83_spe': (lambda: timm.create_model('resnet83_spe', **cifar), 32),
+        'resnet83_spe+drop_path': (lambda: timm.create_model('resnet83_spe', drop_path_rate=0.1, **cifar), 32),
+        'resnet83_spe(paper)': (
+            lambda: timm.create_model('resnet83_spe', attn_kwargs=dict(formulation='paper'), **cifar), 32),
+        'resnet164_spe': (lambda: timm.create_model('resnet164_spe', **cifar), 32),
+        'resnet18_spe': (lambda: timm.create_model('resnet18_spe', num_classes=10), 64),
+        'resnet50(attn_layer=spe)': (
+            lambda: timm.create_model('resnet50', block_args=dict(attn_layer='spe'), num_classes=10), 64),
+        'SpeModule': (lambda: nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64),
+                                            timm_spe.SpeModule(64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                            nn.Linear(64, 10)), 32),
+    }
+
+
+def _step(model, x, y, device, memory_format, autocast_dtype=None):
+    torch.manual_seed(1)  # the same drop-path masks for every step on one device
+    model = model.to(device).to(memory_format=memory_format).train()
+    x = x.to(device).to(memory_format=memory_format)
+    y = y.to(device)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten().cpu() for p in model.parameters() if p.grad is not None])
+    return loss.detach().float().cpu(), out.detach().float().cpu(), grads
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def check_kind(name, make, size, memory_format, cuda):
+    torch.manual_seed(0)
+    ref = make()
+    x = torch.randn(8, 3, size, size)
+    y = torch.randint(0, 10, (8,))
+    res = {'kind': name, 'memory_format': 'channels_last' if memory_format == torch.channels_last else 'nchw'}
+    loss_cpu, out_cpu, g_cpu = _step(copy.deepcopy(ref), x, y, torch.device('cpu'), memory_format)
+    loss_gpu, out_gpu, g_gpu = _step(copy.deepcopy(ref), x, y, cuda, memory_format)
+    res['fp32_cuda_vs_cpu'] = {'loss': abs(float(loss_gpu - loss_cpu)), 'logits_rel': _rel(out_gpu, out_cpu),
+                               'grad_rel': _rel(g_gpu, g_cpu)}
+    # drop-path draws its masks from each device's own generator: CUDA and CPU steps differ there
+    stochastic = 'drop_path' in name
+    ok = stochastic or (res['fp32_cuda_vs_cpu']['grad_rel'] < 1e-2 and res['fp32_cuda_vs_cpu']['logits_rel'] < 1e-2)
+    for dtype in (torch.bfloat16, torch.float16):
+        loss_a, out_a, g_a = _step(copy.deepcopy(ref), x, y, cuda, memory_format, dtype)
+        finite = bool(torch.isfinite(g_a).all() and torch.isfinite(loss_a))
+        res[f'autocast_{str(dtype)[6:]}'] = {'loss_abs_diff': abs(float(loss_a - loss_gpu)),
+                                            'grad_rel': _rel(g_a, g_gpu), 'finite': finite}
+        ok &= finite
+    m_cpu = copy.deepcopy(ref).eval().to(memory_format=memory_format)
+    m_gpu = copy.deepcopy(ref).eval().to(cuda).to(memory_format=memory_format)
+    with torch.no_grad():
+        e_cpu = m_cpu(x.to(memory_format=memory_format))
+        e_gpu = m_gpu(x.to(cuda).to(memory_format=memory_format)).cpu()
+    res['eval_cuda_vs_cpu_rel'] = _rel(e_gpu, e_cpu)
+    ok &= res['eval_cuda_vs_cpu_rel'] < 1e-2
+    res['ok'] = bool(ok)
+    return res
+
+
+def time_train_step(model_name, cuda, steps=20, batch=128):
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=10).to(cuda).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32, device=cuda).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=cuda)
+    times = []
+    for i in range(steps + 5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default=None, help='write the results as JSON here (default: print only)')
+    parser.add_argument('--no-timing', action='store_true', help='skip the batch-128 train-step timing')
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit('cuda_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine.')
+    cuda = torch.device('cuda')
+    report = {'torch': torch.__version__, 'timm': timm.__version__, 'timm_spe': timm_spe.__version__,
+              'gpu': torch.cuda.get_device_name(0), 'cases': []}
+    failed = 0
+    for name, (make, size) in _kinds().items():
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            try:
+                res = check_kind(name, make, size, memory_format, cuda)
+            except Exception as e:  # report every kind, not only the first failure
+                res = {'kind': name, 'memory_format': str(memory_format), 'ok': False,
+                       'error': f'{type(e).__name__}: {e}'.splitlines()[0],
+                       'where': traceback.format_exc().strip().splitlines()[-3:]}
+            failed += not res['ok']
+            report['cases'].append(res)
+            print(json.dumps(res), flush=True)
+    if not args.no_timing:
+        report['train_step_ms_b128_channels_last'] = {m: time_train_step(m, cuda) for m in ('resnet164', 'resnet164_spe')}
+        print('train step ms (batch 128, channels_last, fp32):', report['train_step_ms_b128_channels_last'])
+    report['failed'] = failed
+    print(f'cuda_check: {len(report["cases"]) - failed} passed, {failed} failed')
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(report, f, indent=1)
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == '__main__':
+    main()
