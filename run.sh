@@ -55,17 +55,28 @@ case "${1:-}" in
         keep_freed_memory
         # one-pass CPU kernels for SPE's pooling (README, "CPU kernels"); TIMM_SPE_CPU_KERNELS=0 turns them off
         export TIMM_SPE_CPU_KERNELS="${TIMM_SPE_CPU_KERNELS:-1}"
-        recipe=${2:-train_recipes/resnet164_spe-cifar10_cpu2h.yaml}
+        recipe=${2:-train_recipes/resnet164_spe-cifar10_e30.yaml}
         shift $(( $# > 1 ? 2 : 1 ))
+        [ -f "$recipe" ] || { echo "run.sh train: no recipe $recipe (see train_recipes/)" >&2; exit 2; }
         if grep -q '^data_dir: data/cifar10-jpeg' "$recipe" && [ ! -d data/cifar10-jpeg ]; then
             mkdir -p data && tar xzf "${CIFAR10_JPEG_TAR:-../shared/data/cifar10-jpeg.tar.gz}" -C data
         fi
-        log="output/$(basename "$recipe" .yaml).log"
-        mkdir -p output
+        # one folder per recipe holds the run's resume state: train_runs/<recipe>/ (last.pth.tar, summary.csv,
+        # args.yaml, train.log); if it has a checkpoint, train.py resumes after its last completed epoch
+        name=$(basename "$recipe" .yaml)
+        run_dir=train_runs/$name
+        mkdir -p "$run_dir"
+        resume=()
+        if [ -f "$run_dir/last.pth.tar" ]; then
+            resume=(--resume "$run_dir/last.pth.tar")
+            "$PY" -m timm_spe.cli run-status "$run_dir" --recipe "$recipe" --prefix "resuming: "
+        fi
         set -o pipefail
-        "$PY" "$(train_py)" --config "$recipe" "$@" 2>&1 | tee "$log"
-        # evaluate the best checkpoint, plot, and stage hub_cards/<model>.<tag>/ (never overwrites)
-        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --log "$log" ;;
+        "$PY" "$(train_py)" --config "$recipe" --output train_runs --experiment "$name" "${resume[@]}" "$@" 2>&1 \
+            | tee -a "$run_dir/train.log"
+        rm -f "$run_dir"/checkpoint-*.pth.tar "$run_dir"/model_best.pth.tar  # only last.pth.tar is resume state
+        # evaluate the final epoch's weights, plot, and stage hub_cards/<model>.<tag>/ (never overwrites)
+        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --log "$run_dir/train.log" ;;
     *)
         sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; exit 2 ;;
 esac

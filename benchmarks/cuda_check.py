@@ -119,6 +119,9 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit('cuda_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine.')
     cuda = torch.device('cuda')
+    # fp32 means fp32 here: TF32 convolutions (cuDNN's default) would differ from the CPU by ~1e-2
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     report = {'torch': torch.__version__, 'timm': timm.__version__, 'timm_spe': timm_spe.__version__,
               'gpu': torch.cuda.get_device_name(0), 'cases': []}
     failed = 0

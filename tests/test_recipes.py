@@ -56,7 +56,11 @@ def test_recipe_keys_and_model(path):
     assert cfg['num_classes'] == (100 if 'cifar100' in path.name else 10)
 
 
-@pytest.mark.parametrize('path', [p for p in RECIPES if 'cpu' not in p.name], ids=lambda p: p.name)
+PAPER_RECIPES = [p for p in RECIPES if 'cpu' not in p.name and make_recipes.BUDGET_TAG not in p.name]
+BUDGET_RECIPES = [p for p in RECIPES if make_recipes.BUDGET_TAG in p.name]
+
+
+@pytest.mark.parametrize('path', PAPER_RECIPES, ids=lambda p: p.name)
 def test_paper_schedule(path):
     cfg = _load(path)
     assert (cfg['opt'], cfg['momentum'], cfg['lr'], cfg['weight_decay']) == ('momentum', 0.9, 0.1, 1e-4)
@@ -79,6 +83,28 @@ def test_cpu_budget_recipe():
     cfg = _load(ROOT / 'train_recipes' / 'resnet164_spe-cifar10_cpu2h.yaml')
     assert cfg['model'] == 'resnet164_spe' and cfg['device'] == 'cpu' and cfg['epochs'] == 3
     assert cfg['opt_kwargs'] == {'filter_bias_and_bn': False} and cfg['weight_decay'] == 1e-4
+    _check_shared_settings(cfg)
+
+
+def test_budget_recipe_pair_differs_in_the_model_line_only():
+    """resnet164 vs resnet164_spe at the cifar10_e30 budget: the control run must be the identical recipe."""
+    assert [p.name for p in BUDGET_RECIPES] == ['resnet164-cifar10_e30.yaml', 'resnet164_spe-cifar10_e30.yaml']
+    plain, spe = (p.read_text().splitlines() for p in BUDGET_RECIPES)
+    assert len(plain) == len(spe)
+    differing = [(a, b) for a, b in zip(plain, spe) if a != b]
+    assert differing == [('model: resnet164', 'model: resnet164_spe')]
+
+
+def test_budget_recipe_keeps_the_paper_method():
+    """What the weights issue fixes: SPE penalty exact (fp32, no grad accumulation), momentum SGD at lr 0.1,
+    batch 128, pad-4 crop + flip; only schedule (30-epoch warm-up + cosine) and weight decay differ."""
+    cfg = _load(ROOT / 'train_recipes' / 'resnet164_spe-cifar10_e30.yaml')
+    assert (cfg['opt'], cfg['momentum'], cfg['lr'], cfg['batch_size']) == ('momentum', 0.9, 0.1, 128)
+    assert (cfg['epochs'], cfg['sched'], cfg['warmup_epochs'], cfg['min_lr']) == (30, 'cosine', 2, 0.0)
+    assert cfg['weight_decay'] == 5e-4 and cfg['opt_kwargs'] == {'filter_bias_and_bn': False}
+    assert cfg['output'] == 'train_runs' and 'experiment' not in cfg  # run.sh names the run after the file
+    assert cfg['checkpoint_hist'] == 1 and cfg['recovery_interval'] == 0  # resume state: last.pth.tar only
+    assert cfg['data_dir'] == 'data/cifar10-jpeg' and cfg['val_split'] == 'test'
     _check_shared_settings(cfg)
 
 

@@ -30,6 +30,7 @@ from .hub import (
     SAFE_WEIGHTS_NAME, check_staged_folder, check_upload_allowed, hub_api, read_eval_json, sha256_file,
     stage_hub_folder, upload_hub_folder, weights_sha256)
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
+from .train_run import run_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,6 +275,14 @@ def _budget_from_run(run_dir: Path, recipe: dict) -> str:
             f"(from args.yaml to the last summary.csv row)")
 
 
+def cmd_run_status(args) -> str:
+    """One line: where a ``./run.sh train`` run stands (its last completed epoch)."""
+    epochs = yaml.safe_load(Path(args.recipe).read_text()).get('epochs') if args.recipe else None
+    line = args.prefix + run_status(args.run_dir, epochs)
+    print(line)
+    return line
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-spe', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('folder')
     upload_args(p, repo_default="the hf_hub_id of config.json's model.tag")
     p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser('run-status', help="one line: epoch, train loss and top-1 of a run's last completed epoch")
+    p.add_argument('run_dir', help='the run folder, e.g. train_runs/resnet164_spe-cifar10_e30')
+    p.add_argument('--recipe', default=None, help='its recipe (for the scheduled epoch count; default: none)')
+    p.add_argument('--prefix', default='', help='text printed before the status (default: none)')
+    p.set_defaults(func=cmd_run_status)
 
     p = sub.add_parser('finish-run', help='eval + plots + staged Hub folder for a finished train.py run')
     p.add_argument('--recipe', required=True)

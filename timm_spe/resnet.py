@@ -61,9 +61,7 @@ class SpeBottleneck(Bottleneck):
 
     def _tail_unobserved(self) -> bool:
         """True where the fused tail cannot be told apart from bn3 -> se -> add -> act3 module calls: not
-        scripting or tracing (both record the module calls), and no module hooks on the three or global ones."""
-        if torch.jit.is_scripting():
-            return False
+        tracing (it records the module calls), and no module hooks on the three or global ones."""
         return not torch.jit.is_tracing() and not has_module_hooks(self.bn3, self.se, self.act3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,19 +75,20 @@ class SpeBottleneck(Bottleneck):
         x = self.conv3(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        if self.drop_path is not None or not self._tail_unobserved():
-            # timm's Bottleneck tail, module by module: every hook fires and sees its own tensors
-            x = self.se(self.bn3(x))
-            if self.drop_path is not None:
-                x = self.drop_path(x)
-            return self.act3(x + shortcut)
-        if self.training:
-            return batch_norm_spe_add_relu(x, shortcut, self.bn3, self.se)
-        x = self.bn3(x)
-        gate = self.se.gate(x)
-        if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
-            return scale_add_relu_(x, shortcut, gate)
-        return torch.relu_(torch.addcmul(shortcut, x, gate))
+        if not torch.jit.is_scripting():
+            if self.drop_path is None and self._tail_unobserved():
+                if self.training:
+                    return batch_norm_spe_add_relu(x, shortcut, self.bn3, self.se)
+                x = self.bn3(x)
+                gate = self.se.gate(x)
+                if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
+                    return scale_add_relu_(x, shortcut, gate)
+                return torch.relu_(torch.addcmul(shortcut, x, gate))
+        # timm's Bottleneck tail, module by module: every hook fires and sees its own tensors
+        x = self.se(self.bn3(x))
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return self.act3(x + shortcut)
 
 
 def _is_spe(attn_layer: Any) -> bool:

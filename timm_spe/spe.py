@@ -390,14 +390,14 @@ def _per_map_sums(
     """Per-(n, c) ``sum_hw(grad)`` and ``sum_hw(grad * (c - mean) * invstd)`` (N x C each) of two N x C x H x W
     tensors of one layout, ``mean`` and ``invstd`` per channel.
 
-    NCHW: BatchNorm's own backward kernel on the 1 x NC x H x W views, i.e. with every (n, c) map as a channel,
+    NCHW on CPU: BatchNorm's own backward kernel on the 1 x NC x H x W views, i.e. with every (n, c) map as a channel,
     returns exactly these two as its bias and weight gradients, from one read of both tensors. channels_last
     (no such view): with the CPU kernels, one read of both in the ``(c - mean)`` form; else ``sum_hw(grad * c)``
     through ``buf`` (scratch of ``grad``'s shape), which loses relative precision ~``|mean| / std`` of ``c``
     against the ``(c - mean)`` form.
     """
     n, ch, h, w = c.shape
-    if c.is_contiguous():
+    if c.is_contiguous() and c.device.type == 'cpu':  # CUDA's kernel needs a weight tensor: the generic path there
         _, sum_grad_xhat, sum_grad = torch.ops.aten.native_batch_norm_backward(
             grad.view(1, n * ch, h, w), c.view(1, n * ch, h, w), None, None, None,
             mean.repeat(n), invstd.repeat(n), True, 0., [False, True, True])
