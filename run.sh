@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # timm-spe: one entry point for a fresh machine (each command sets up what it needs first).
 #   ./run.sh test                 set up .venv and run the whole test suite (what CI runs)
-#   ./run.sh train [RECIPE.yaml]  set up, train with timm's train.py, evaluate, stage the Hub folder
+#   ./run.sh train [--dry-run] [RECIPE.yaml] [train.py args]
+#                                 set up, train with timm's train.py (resuming from train_runs/<recipe>/ if it
+#                                 has a checkpoint), evaluate the final epoch, stage the Hub folder; --dry-run
+#                                 only prints the command. Default recipe: the cifar10_e30 weights of resnet164_spe
 #   ./run.sh bench [ARGS]         set up and run benchmarks/benchmark.py (default: the README's run) with the
 #                                 allocator settings train uses
 #   ./run.sh setup                only create/update .venv
@@ -51,32 +54,42 @@ case "${1:-}" in
         [ $# -gt 0 ] || set -- --repeats 15 --out benchmarks/results.json --plot benchmarks/results.png
         exec "$PY" benchmarks/benchmark.py "$@" ;;
     train)
-        setup
-        keep_freed_memory
-        # one-pass CPU kernels for SPE's pooling (README, "CPU kernels"); TIMM_SPE_CPU_KERNELS=0 turns them off
-        export TIMM_SPE_CPU_KERNELS="${TIMM_SPE_CPU_KERNELS:-1}"
-        recipe=${2:-train_recipes/resnet164_spe-cifar10_e30.yaml}
-        shift $(( $# > 1 ? 2 : 1 ))
-        [ -f "$recipe" ] || { echo "run.sh train: no recipe $recipe (see train_recipes/)" >&2; exit 2; }
-        if grep -q '^data_dir: data/cifar10-jpeg' "$recipe" && [ ! -d data/cifar10-jpeg ]; then
-            mkdir -p data && tar xzf "${CIFAR10_JPEG_TAR:-../shared/data/cifar10-jpeg.tar.gz}" -C data
-        fi
+        shift
+        dry_run=0
+        if [ "${1:-}" = --dry-run ]; then dry_run=1; shift; fi
+        recipe=${1:-train_recipes/resnet164_spe-cifar10_e30.yaml}
+        [ $# -gt 0 ] && shift
+        [ -f "$recipe" ] || { echo "run.sh train: no recipe $recipe (the recipes are in train_recipes/)" >&2; exit 2; }
         # one folder per recipe holds the run's resume state: train_runs/<recipe>/ (last.pth.tar, summary.csv,
         # args.yaml, train.log); if it has a checkpoint, train.py resumes after its last completed epoch
         name=$(basename "$recipe" .yaml)
         run_dir=train_runs/$name
-        mkdir -p "$run_dir"
         resume=()
-        if [ -f "$run_dir/last.pth.tar" ]; then
-            resume=(--resume "$run_dir/last.pth.tar")
-            "$PY" -m timm_spe.cli run-status "$run_dir" --recipe "$recipe" --prefix "resuming: "
+        [ -f "$run_dir/last.pth.tar" ] && resume=(--resume "$run_dir/last.pth.tar")
+        if [ "$dry_run" = 1 ]; then  # what would run, without setting up, unpacking or cloning anything
+            tp=${TIMM_TRAIN_PY:-.cache/pytorch-image-models/train.py}
+            [ -f "$tp" ] || tp="$tp (cloned from pytorch-image-models v$TIMM_VERSION on a real run)"
+            echo "recipe:   $recipe"
+            echo "run dir:  $run_dir ($([ ${#resume[@]} -gt 0 ] && echo "resumes from last.pth.tar" || echo "new run"))"
+            echo "train.py: $tp"
+            echo "command:  $PY ${TIMM_TRAIN_PY:-.cache/pytorch-image-models/train.py} --config $recipe --output train_runs --experiment $name ${resume[*]} $*"
+            exit 0
         fi
+        setup
+        keep_freed_memory
+        # one-pass CPU kernels for SPE's pooling (README, "CPU kernels"); TIMM_SPE_CPU_KERNELS=0 turns them off
+        export TIMM_SPE_CPU_KERNELS="${TIMM_SPE_CPU_KERNELS:-1}"
+        if grep -q '^data_dir: data/cifar10-jpeg' "$recipe" && [ ! -d data/cifar10-jpeg ]; then
+            mkdir -p data && tar xzf "${CIFAR10_JPEG_TAR:-../shared/data/cifar10-jpeg.tar.gz}" -C data
+        fi
+        mkdir -p "$run_dir"
+        [ ${#resume[@]} -gt 0 ] && "$PY" -m timm_spe.cli run-status "$run_dir" --recipe "$recipe" --prefix "resuming: "
         set -o pipefail
         "$PY" "$(train_py)" --config "$recipe" --output train_runs --experiment "$name" "${resume[@]}" "$@" 2>&1 \
             | tee -a "$run_dir/train.log"
         rm -f "$run_dir"/checkpoint-*.pth.tar "$run_dir"/model_best.pth.tar  # only last.pth.tar is resume state
         # evaluate the final epoch's weights, plot, and stage hub_cards/<model>.<tag>/ (never overwrites)
-        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --log "$run_dir/train.log" ;;
+        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --run-dir "$run_dir" ;;
     *)
         sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; exit 2 ;;
 esac

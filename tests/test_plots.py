@@ -46,3 +46,17 @@ def test_lambdas(tmp_path):
     assert spe_lambdas(timm.create_model('resnet83')) == []
     with pytest.raises(ValueError, match='no SPE'):
         plot_lambdas([], tmp_path / 'x.png')
+
+
+def test_summary_and_log_of_a_resumed_run_keep_each_epoch_once(tmp_path):
+    """train.py writes the summary header again on every resume, and a resumed run's log repeats the epoch
+    that was interrupted: each epoch is read once, its last attempt."""
+    (tmp_path / 'summary.csv').write_text(
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,2.0,1.9,30.0,80.0,0.1\n1,1.5,1.4,45.0,90.0,0.1\n'
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n2,1.2,1.1,55.0,94.0,0.09\n')
+    rows = read_summary(tmp_path / 'summary.csv')
+    assert [r['epoch'] for r in rows] == [0, 1, 2] and rows[2]['eval_top1'] == 55.0
+    log = tmp_path / 'train.log'
+    log.write_text('Train: 1 [ 0/10 (0%)]  Loss: 2.0 (2.0)\nTrain: 1 [ 5/10 (50%)]  Loss: 9.0 (9.0)\n'
+                   'Train: 1 [ 0/10 (0%)]  Loss: 1.9 (1.9)\nTrain: 1 [ 5/10 (50%)]  Loss: 1.8 (1.8)\n')
+    assert [(p['epoch'], p['loss']) for p in read_train_log(log)] == [(1.0, 1.9), (1.5, 1.8)]

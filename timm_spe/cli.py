@@ -30,7 +30,7 @@ from .hub import (
     SAFE_WEIGHTS_NAME, check_staged_folder, check_upload_allowed, hub_api, read_eval_json, sha256_file,
     stage_hub_folder, upload_hub_folder, weights_sha256)
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
-from .train_run import run_status
+from .train_run import read_summary, run_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +70,13 @@ def _command(args) -> str:
 
 
 def cmd_eval(args) -> dict:
-    model = _create(args.model, args.checkpoint, args.ema)
-    result = evaluate(model, args.data_dir, batch_size=args.batch_size, limit=args.limit, workers=args.workers)
+    if args.ema and not args.checkpoint:
+        raise SystemExit(f"--ema needs --checkpoint FILE (a train.py checkpoint with state_dict_ema): the pretrained "
+                         f"weights of '{args.model}' have no EMA copy. Drop --ema, or give the checkpoint.")
+    model = _create(args.model, args.checkpoint, args.ema)  # --ema on a file without EMA weights raises there
+    result = evaluate(model, args.data_dir, batch_size=args.batch_size, limit=args.limit, workers=args.workers,
+                      allow_class_subset=getattr(args, 'allow_class_subset', False),
+                      skip_bad_images=getattr(args, 'skip_bad_images', False))
     name, tag = split_model_name_tag(args.model)
     weights_file = args.checkpoint or model.pretrained_cfg.get('file')  # the Hub download (HF cache) if no checkpoint
     result = {'model': name, 'tag': tag or model.pretrained_cfg.get('tag'), 'checkpoint': args.checkpoint,
@@ -80,8 +85,11 @@ def cmd_eval(args) -> dict:
               'data_label': args.data_label, **result}
     if getattr(args, 'argv', None):
         result['command'] = _command(args)
+    notes = ([f"only {len(result['classes_evaluated'])} of {len(result['label_names'])} classes"]
+             if result['class_subset'] else []) + ([f"{result['skipped_images']} unreadable images skipped"]
+                                                   if result['skipped_images'] else [])
     print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-          f"({result['num_images']} images of {args.data_dir})")
+          f"({result['num_images']} images of {args.data_dir}{''.join('; ' + n for n in notes)})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -235,14 +243,27 @@ def cmd_upload(args) -> Path:
 
 
 def cmd_finish_run(args) -> Path:
-    """After a train.py run of a recipe: eval the best checkpoint, plot, and stage the Hub folder."""
+    """After a train.py run of a recipe: eval the final epoch's weights, plot, and stage the Hub folder.
+
+    The final epoch, never the best one: train.py's ``model_best.pth.tar`` is chosen on its eval split, which for
+    these recipes is the test split that the card reports.
+    """
     recipe = yaml.safe_load(Path(args.recipe).read_text())
-    run_dir = Path(args.run_dir or Path(recipe.get('output') or 'output/train') / recipe['experiment'])
-    checkpoint = run_dir / 'model_best.pth.tar'
+    stem = Path(args.recipe).stem
+    run_dir = Path(args.run_dir) if args.run_dir else (
+        Path(recipe.get('output') or 'output/train') / recipe.get('experiment', stem))
+    checkpoint = run_dir / 'last.pth.tar'
     if not checkpoint.is_file():
-        raise SystemExit(f"no {checkpoint}: did the train.py run of {args.recipe} finish an epoch?")
+        raise SystemExit(f"no {checkpoint}: run `./run.sh train {args.recipe}` first (it writes the run there).")
+    rows = read_summary(run_dir / 'summary.csv')
+    done = rows[-1]['epoch'] + 1 if rows else 0
+    if done < recipe['epochs'] and not args.unfinished:
+        raise SystemExit(f"{run_dir} stopped after epoch {done} of {recipe['epochs']}: `./run.sh train {args.recipe}` "
+                         f"resumes it (or pass --unfinished to stage these weights anyway).")
+    args.log = args.log or (str(run_dir / 'train.log') if (run_dir / 'train.log').is_file() else None)
+    args.tag = args.tag or (recipe['experiment'] if 'experiment' in recipe else stem).split('-', 1)[1]
     model_name = recipe['model']
-    tag = args.tag or recipe['experiment'].split('-', 1)[1]
+    tag = args.tag
     data_dir = args.data_dir or str(Path(recipe['data_dir']) / recipe.get('val_split', 'test'))
     work = run_dir / 'publish'
     work.mkdir(exist_ok=True)
@@ -268,11 +289,8 @@ def cmd_finish_run(args) -> Path:
 
 
 def _budget_from_run(run_dir: Path, recipe: dict) -> str:
-    rows = (run_dir / 'summary.csv').read_text().strip().splitlines()[1:]
-    start, end = (run_dir / 'args.yaml').stat().st_mtime, (run_dir / 'summary.csv').stat().st_mtime
-    return (f"{len(rows)} of {recipe['epochs']} epochs of batch {recipe['batch_size']}, "
-            f"{(end - start) / 3600:.2f} h wall clock on {recipe.get('device', 'cuda')} "
-            f"(from args.yaml to the last summary.csv row)")
+    rows = read_summary(run_dir / 'summary.csv')
+    return f"{len(rows)} of {recipe['epochs']} epochs of batch {recipe['batch_size']} (train.py summary.csv)"
 
 
 def cmd_run_status(args) -> str:
@@ -304,9 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('eval', help='top-1/top-5/loss on a CIFAR test split')
     model_args(p)
-    p.add_argument('--data-dir', required=True, help='test split: <dir>/<class>/* or a folder with cifar-10-batches-py')
+    p.add_argument('--data-dir', required=True,
+                   help="test split: <dir>/<class>/*, class folders named as the model's classes (CIFAR-10: airplane "
+                        "... truck), or a folder with cifar-10-batches-py / cifar-100-python")
     p.add_argument('--data-label', default=None, help='how the card names the data (e.g. "CIFAR-10 (JPEG q75 copy)")')
     p.add_argument('--limit', type=int, default=None, help='evaluate a fixed class-balanced subset of N images')
+    p.add_argument('--allow-class-subset', action='store_true',
+                   help="score a split holding only some of the model's classes (the JSON records which)")
+    p.add_argument('--skip-bad-images', action='store_true',
+                   help='leave out unreadable images instead of refusing (the JSON records how many)')
     p.add_argument('--batch-size', type=int, default=100)
     p.add_argument('--workers', type=int, default=0)
     p.add_argument('--out', default=None, help='write the result as JSON here')
@@ -355,11 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('finish-run', help='eval + plots + staged Hub folder for a finished train.py run')
     p.add_argument('--recipe', required=True)
-    p.add_argument('--run-dir', default=None, help='default: <output>/<experiment> of the recipe')
+    p.add_argument('--run-dir', default=None,
+                   help="default: the recipe's <output>/<experiment>, or train_runs/<recipe file name> for run.sh")
+    p.add_argument('--unfinished', action='store_true',
+                   help='stage the last completed epoch of a run that has not reached its scheduled epochs')
     p.add_argument('--data-dir', default=None, help="default: the recipe's data_dir/val_split")
     p.add_argument('--data-label', default=None)
     p.add_argument('--tag', default=None, help='default: the part of the experiment name after "-"')
-    p.add_argument('--log', default=None, help="train.py's console log, for per-step loss in the curve")
+    p.add_argument('--log', default=None,
+                   help="train.py's console log, for per-step loss in the curve (default: <run dir>/train.log)")
     p.add_argument('--budget', default='')
     p.add_argument('--template', default=str(DEFAULT_TEMPLATE))
     p.add_argument('--out', default=None)

@@ -1,8 +1,9 @@
 """ Plots and inspection: training curves from train.py's summary.csv / log, learned SPE lambdas """
-import csv
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
+
+from .train_run import read_summary
 
 __all__ = ['read_summary', 'read_train_log', 'plot_training_curve', 'spe_lambdas', 'plot_lambdas']
 
@@ -26,22 +27,16 @@ def _save(fig, out_png: PathLike) -> Path:
 _LOG_LINE = re.compile(r'Train: (\d+) \[\s*(\d+)/(\d+)[^\]]*\]\s+Loss:\s+([\d.]+)')
 
 
-def read_summary(path: PathLike) -> List[Dict[str, float]]:
-    """Rows of train.py's ``summary.csv`` (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) as floats."""
-    with open(path, newline='') as f:
-        rows = [{k: float(v) for k, v in row.items() if v not in ('', None)} for row in csv.DictReader(f)]
-    if not rows:
-        raise ValueError(f'{path} has no rows: is it the summary.csv of a train.py run that finished an epoch?')
-    return rows
-
-
 def read_train_log(path: PathLike) -> List[Dict[str, float]]:
-    """Per-step training loss from train.py's console log: ``[{'epoch': fractional epoch, 'loss': ...}]``."""
+    """Per-step training loss from train.py's console log: ``[{'epoch': fractional epoch, 'loss': ...}]``. A log
+    appended to by resumed runs keeps each epoch's last attempt."""
     points = []
     for line in Path(path).read_text(errors='replace').splitlines():
         m = _LOG_LINE.search(line)
         if m:
             epoch, step, steps, loss = int(m[1]), int(m[2]), int(m[3]), float(m[4])
+            if points and epoch + step / steps <= points[-1]['epoch']:  # a resumed run repeats the epoch it lost
+                points = [p for p in points if p['epoch'] < epoch]
             points.append({'epoch': epoch + step / steps, 'loss': loss})
     return points
 

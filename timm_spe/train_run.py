@@ -32,6 +32,8 @@ def read_summary(path: Union[str, Path]) -> List[Dict[str, float]]:
             row = {k: float(v) for k, v in zip(header, line) if v != ''}
             row['epoch'] = int(row['epoch'])
             rows[row['epoch']] = row
+    if not rows:
+        raise ValueError(f'{path} has no rows: is it the summary.csv of a train.py run that finished an epoch?')
     return [rows[e] for e in sorted(rows)]
 
 
@@ -40,8 +42,9 @@ def run_status(run_dir: Union[str, Path], epochs: Optional[int] = None) -> str:
     summary = Path(run_dir) / 'summary.csv'
     if not summary.is_file():
         return f'{run_dir}: no completed epoch yet'
-    rows = read_summary(summary)
-    if not rows:
+    try:
+        rows = read_summary(summary)
+    except ValueError:
         return f'{run_dir}: no completed epoch yet'
     last = rows[-1]
     total = f'/{epochs}' if epochs else ''

@@ -1,0 +1,141 @@
+"""Resumable runs: ``./run.sh train`` keeps a run in train_runs/<recipe>/ and resumes it from last.pth.tar.
+
+The resume itself is timm's train.py (``--resume``): test_resume_matches_an_uninterrupted_run runs the real
+train.py on a tiny image folder where train.py is available (TIMM_TRAIN_PY, or .cache/ after a first
+``./run.sh train``) and skips elsewhere, e.g. in CI, which cannot clone pytorch-image-models.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from timm_spe.train_run import read_summary, run_status
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = 'train_recipes/resnet164_spe-cifar10_e30.yaml'
+
+
+def _dry_run(*args, cwd=ROOT):
+    out = subprocess.run(['bash', str(ROOT / 'run.sh'), 'train', '--dry-run', *args], cwd=cwd,
+                         capture_output=True, text=True, env={**os.environ, 'TIMM_TRAIN_PY': '/x/train.py'})
+    return out
+
+
+def test_dry_run_names_the_run_folder_and_resumes_only_from_a_checkpoint(tmp_path):
+    """Without a checkpoint the command starts a run; with train_runs/<recipe>/last.pth.tar it resumes."""
+    repo = tmp_path / 'repo'
+    (repo / 'train_recipes').mkdir(parents=True)
+    (repo / 'run.sh').write_bytes((ROOT / 'run.sh').read_bytes())
+    (repo / RECIPE).write_text((ROOT / RECIPE).read_text())
+    out = subprocess.run(['bash', 'run.sh', 'train', '--dry-run', RECIPE, '--epochs', '2'], cwd=repo,
+                         capture_output=True, text=True, env={**os.environ, 'TIMM_TRAIN_PY': '/x/train.py'})
+    assert out.returncode == 0, out.stderr
+    assert 'new run' in out.stdout and '--resume' not in out.stdout
+    assert ('/x/train.py --config train_recipes/resnet164_spe-cifar10_e30.yaml --output train_runs '
+            '--experiment resnet164_spe-cifar10_e30') in out.stdout and out.stdout.rstrip().endswith('--epochs 2')
+    run_dir = repo / 'train_runs' / 'resnet164_spe-cifar10_e30'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'last.pth.tar').write_bytes(b'')
+    out = subprocess.run(['bash', 'run.sh', 'train', '--dry-run'], cwd=repo, capture_output=True, text=True,
+                         env={**os.environ, 'TIMM_TRAIN_PY': '/x/train.py'})
+    assert out.returncode == 0, out.stderr
+    assert 'resumes from last.pth.tar' in out.stdout
+    assert '--resume train_runs/resnet164_spe-cifar10_e30/last.pth.tar' in out.stdout  # the default recipe
+
+
+def test_run_sh_refuses_a_missing_recipe_in_one_line():
+    out = _dry_run('train_recipes/nope.yaml')
+    assert out.returncode == 2 and out.stderr.strip().count('\n') == 0 and 'no recipe' in out.stderr
+
+
+def test_run_status_reports_the_last_completed_epoch(tmp_path):
+    assert 'no completed epoch yet' in run_status(tmp_path)
+    (tmp_path / 'summary.csv').write_text(
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,2.0,1.9,30.0,80.0,0.1\n'
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n1,1.5,1.4,45.5,90.0,0.1\n')
+    assert run_status(tmp_path, 30) == (f'{tmp_path}: epoch 2/30 done, train loss 1.5000, '
+                                        'top-1 45.50 % at this epoch (eval_loss 1.4000)')
+
+
+def test_committed_runs_keep_only_their_resume_state():
+    """Only last.pth.tar, summary.csv, args.yaml and train.log are committed per run (no checkpoint history)."""
+    tracked = subprocess.run(['git', 'ls-files', 'train_runs'], cwd=ROOT, capture_output=True, text=True).stdout
+    if not tracked.strip():
+        pytest.skip('no run committed')
+    allowed = {'last.pth.tar', 'summary.csv', 'args.yaml', 'train.log'}
+    for line in tracked.split():
+        path = Path(line)
+        assert path.name in allowed or path.name == '.gitignore', line
+    for run in {Path(p).parent for p in tracked.split() if Path(p).name == 'last.pth.tar'}:
+        assert read_summary(ROOT / run / 'summary.csv')  # its progress is visible
+
+
+def _train_py():
+    for cand in (os.environ.get('TIMM_TRAIN_PY'), ROOT / '.cache' / 'pytorch-image-models' / 'train.py'):
+        if cand and Path(cand).is_file():
+            return str(cand)
+    pytest.skip('timm train.py not available (set TIMM_TRAIN_PY or run ./run.sh train once)')
+
+
+def _image_folder(root: Path, per_class: int = 4):
+    from PIL import Image
+    gen = torch.Generator().manual_seed(0)
+    for split in ('train', 'test'):
+        for c in ('airplane', 'automobile'):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                arr = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / c / f'{i}.jpg')
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    """2 epochs in one go vs 1 epoch + resume for 1: same epoch count, same lr schedule, and the resumed
+    run starts from the saved SPE p and optimizer momentum. Not bit-identical: the data order (train.py
+    reseeds at start, so the resumed epoch sees the first epoch's order) and hence the weights."""
+    train_py = _train_py()
+    data = tmp_path / 'data'
+    _image_folder(data, per_class=32)  # 16 steps per epoch: time to interrupt epoch 1
+    recipe = yaml.safe_load((ROOT / 'train_recipes' / 'resnet164_spe-cifar10_e30.yaml').read_text())
+    recipe.update(model='resnet83_spe', data_dir=str(data), epochs=2, warmup_epochs=1, batch_size=4,
+                  validation_batch_size=4, workers=1, log_interval=1, channels_last=False)
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+
+    def command(name, *extra):
+        return [sys.executable, train_py, '--config', str(cfg), '--output', str(tmp_path / 'runs'),
+                '--experiment', name, *extra]
+
+    whole = tmp_path / 'runs' / 'whole'
+    subprocess.run(command('whole'), check=True, env=env, capture_output=True, cwd=tmp_path)
+    # the interrupted run: Ctrl-C (SIGINT) as soon as epoch 0's checkpoint exists, i.e. during epoch 1
+    part = tmp_path / 'runs' / 'part'
+    proc = subprocess.Popen(command('part'), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (part / 'last.pth.tar').is_file():  # written (tmp file + rename) after the summary row
+        assert proc.poll() is None and time.monotonic() < deadline, 'train.py ended before its first epoch'
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    after_one = torch.load(part / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert len(read_summary(part / 'summary.csv')) == 1, 'the interruption came too late: epoch 1 finished'
+    subprocess.run(command('part', '--resume', str(part / 'last.pth.tar')), check=True, env=env,
+                   capture_output=True, cwd=tmp_path)
+    one_go = read_summary(whole / 'summary.csv')
+    relay = read_summary(part / 'summary.csv')
+    assert [r['epoch'] for r in relay] == [r['epoch'] for r in one_go] == [0, 1]
+    assert [r['lr'] for r in relay] == pytest.approx([r['lr'] for r in one_go])
+    end = torch.load(part / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert end['epoch'] == 1 and after_one['epoch'] == 0
+    p_keys = [k for k in after_one['state_dict'] if k.endswith('.se.p')]
+    assert p_keys and all(not torch.equal(end['state_dict'][k], after_one['state_dict'][k]) for k in p_keys)
+    # the momentum buffers were restored, then advanced: the resumed optimizer state is not a fresh one
+    assert after_one['optimizer']['state'] and len(end['optimizer']['state']) == len(after_one['optimizer']['state'])
