@@ -12,6 +12,7 @@ from PIL import Image
 import timm
 import timm_spe  # noqa: F401
 from timm_spe.cli import main as cli
+from timm_spe.labels import CIFAR10_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_dir(tmp_path):
     """A fake finished train.py run of resnet83_spe, with a tiny test-image folder."""
     data = tmp_path / 'data'
-    for c in range(10):
-        (data / 'test' / f'class{c}').mkdir(parents=True)
-        Image.new('RGB', (32, 32), (25 * c, 0, 0)).save(data / 'test' / f'class{c}' / '0.png')
+    for c, name in enumerate(CIFAR10_LABELS):  # eval maps class folders to the model's classes by name
+        (data / 'test' / name).mkdir(parents=True)
+        Image.new('RGB', (32, 32), (25 * c, 0, 0)).save(data / 'test' / name / '0.png')
     run = tmp_path / 'output' / 'resnet83_spe-cifar10_tiny'
     run.mkdir(parents=True)
     (run / 'args.yaml').write_text('model: resnet83_spe\n')
@@ -75,6 +76,67 @@ def test_bad_inputs(run_dir, tmp_path):
     with pytest.raises(SystemExit, match='not a folder'):
         cli(['eval', 'resnet83_spe', '--checkpoint', str(run_dir['run'] / 'model_best.pth.tar'),
              '--data-dir', str(tmp_path / 'nodata')])
+
+
+def test_eval_refusals_exit_1_with_one_line_messages(run_dir, make_image_folder, tmp_path):
+    """Wrong data never becomes a number: the CLI exits 1 with one line naming the problem and the fix."""
+    ckpt = str(run_dir['run'] / 'model_best.pth.tar')
+    proc = subprocess.run([sys.executable, '-m', 'timm_spe.cli', 'eval', 'resnet83_spe', '--checkpoint', ckpt,
+                           '--data-dir', str(run_dir['data']), '--out', str(tmp_path / 'r.json')],
+                          capture_output=True, text=True, cwd=ROOT)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and not (tmp_path / 'r.json').exists()
+    assert last.startswith('timm-spe eval: ') and 'holds split folders (test/)' in last
+    assert f"--data-dir {run_dir['data'] / 'test'}" in last
+    cases = {
+        make_image_folder(['.'], root=tmp_path / 'flat'): 'a flat folder has no labels',
+        make_image_folder([f'class{c}' for c in range(10)], 1, root=tmp_path / 'numbered'):
+            'has classes the model does not have: class0, class1',
+        make_image_folder(['cat', 'dog'], 1, root=tmp_path / 'two'): "has 2 of the model's 10 classes",
+    }
+    for data, message in cases.items():
+        with pytest.raises(SystemExit, match=message) as e:
+            cli(['eval', 'resnet83_spe', '--checkpoint', ckpt, '--data-dir', str(data)])
+        assert '\n' not in str(e.value.code)
+
+
+def test_eval_records_a_class_subset_and_skipped_images(run_dir, make_image_folder, tmp_path, capsys):
+    ckpt = str(run_dir['run'] / 'model_best.pth.tar')
+    data = make_image_folder(['cat', 'dog', 'truck'], per_class=2)
+    (data / 'dog' / '0001.jpg').write_bytes(b'')
+    with pytest.raises(SystemExit, match=r"1 of 6 images in .* cannot be read: dog/0001\.jpg"):
+        cli(['eval', 'resnet83_spe', '--checkpoint', ckpt, '--data-dir', str(data), '--allow-class-subset'])
+    out = tmp_path / 'r.json'
+    cli(['eval', 'resnet83_spe', '--checkpoint', ckpt, '--data-dir', str(data), '--allow-class-subset',
+         '--skip-bad-images', '--out', str(out)])
+    r = json.loads(out.read_text())
+    assert r['num_images'] == 5 and r['skipped_images'] == 1 and r['skipped_image_files'] == ['dog/0001.jpg']
+    assert r['class_subset'] is True and r['classes_evaluated'] == ['cat', 'dog', 'truck']
+    assert r['label_names'] == list(CIFAR10_LABELS) and r['ema'] is False
+    assert 'only 3 of 10 classes; 1 unreadable images skipped' in capsys.readouterr().out
+
+
+def test_eval_ema_without_ema_weights_is_an_error(run_dir, tmp_path):
+    from safetensors.torch import save_file
+    from timm_spe.hub import weights_sha256
+    data = str(run_dir['data'] / 'test')
+    model = timm.create_model('resnet83_spe')
+    save_file(model.state_dict(), tmp_path / 'w.safetensors')
+    torch.save(model.state_dict(), tmp_path / 'bare.pth')
+    for ckpt, message in ((tmp_path / 'w.safetensors', 'is a safetensors file: one set of weights, no state_dict_ema'),
+                          (tmp_path / 'bare.pth', 'is a bare state dict: one set of weights, no state_dict_ema'),
+                          (run_dir['run'] / 'model_best.pth.tar', 'has no state_dict_ema')):
+        with pytest.raises(SystemExit, match=message):
+            cli(['eval', 'resnet83_spe', '--checkpoint', str(ckpt), '--ema', '--data-dir', data])
+    with pytest.raises(SystemExit, match=r"--ema needs --checkpoint FILE .* 'resnet83_spe\.cifar10' have no EMA copy"):
+        cli(['eval', 'resnet83_spe.cifar10', '--ema', '--data-dir', data])  # refused before any download
+    ema = timm.create_model('resnet83_spe')
+    torch.save({'arch': 'resnet83_spe', 'state_dict': model.state_dict(), 'state_dict_ema': ema.state_dict()},
+               tmp_path / 'ema.pth.tar')
+    cli(['eval', 'resnet83_spe', '--checkpoint', str(tmp_path / 'ema.pth.tar'), '--ema', '--data-dir', data,
+         '--out', str(tmp_path / 'r.json')])
+    r = json.loads((tmp_path / 'r.json').read_text())
+    assert r['ema'] is True and r['weights_sha256'] == weights_sha256(ema) != weights_sha256(model)
 
 
 def test_console_script_is_installed():

@@ -68,6 +68,9 @@ def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[st
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist.")
     if path.suffix == '.safetensors':
+        if use_ema:
+            raise ValueError(f"'{path}' is a safetensors file: one set of weights, no state_dict_ema. Drop --ema, or "
+                             f"give the train.py checkpoint (trained with --model-ema) it came from.")
         return load_file(str(path)), {'format': 'safetensors'}
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -82,12 +85,14 @@ def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[st
         info['format'] = 'timm-train' if 'args' in ckpt or 'arch' in ckpt else 'official'
         if use_ema:
             if ckpt.get('state_dict_ema') is None:
-                raise KeyError(f"'{path}' has no state_dict_ema (train with --model-ema, or drop --ema).")
+                raise ValueError(f"'{path}' has no state_dict_ema (train with --model-ema, or drop --ema).")
             state_dict = ckpt['state_dict_ema']
             info['ema'] = True
         else:
             state_dict = ckpt['state_dict']
     elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if use_ema:
+            raise ValueError(f"'{path}' is a bare state dict: one set of weights, no state_dict_ema. Drop --ema.")
         state_dict = ckpt
     else:
         raise ValueError(f"'{path}' holds no state dict (expected a dict of tensors or a dict with 'state_dict').")
