@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 import timm
 import timm_spe  # noqa: F401
@@ -19,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def run_dir(tmp_path):
-    """A fake finished train.py run of resnet83_spe, with a tiny test-image folder."""
+    """A fake finished train.py run of resnet83_spe (3 of 3 epochs), with a tiny test-image folder. Its
+    model_best.pth.tar holds other weights than last.pth.tar: only the final epoch may be staged."""
     data = tmp_path / 'data'
     for c, name in enumerate(CIFAR10_LABELS):  # eval maps class folders to the model's classes by name
         (data / 'test' / name).mkdir(parents=True)
@@ -27,8 +29,13 @@ def run_dir(tmp_path):
     run = tmp_path / 'output' / 'resnet83_spe-cifar10_tiny'
     run.mkdir(parents=True)
     (run / 'args.yaml').write_text('model: resnet83_spe\n')
-    (run / 'summary.csv').write_text('epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,2.0,1.9,20.0,60.0,0.1\n')
-    torch.save({'epoch': 0, 'arch': 'resnet83_spe', 'state_dict': timm.create_model('resnet83_spe').state_dict()},
+    (run / 'summary.csv').write_text(
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,2.0,1.9,20.0,60.0,0.1\n1,1.9,1.8,22.0,61.0,0.05\n'
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n2,1.8,1.85,21.0,62.0,0.0\n')  # resumed once
+    torch.manual_seed(0)
+    torch.save({'epoch': 2, 'arch': 'resnet83_spe', 'state_dict': timm.create_model('resnet83_spe').state_dict()},
+               run / 'last.pth.tar')
+    torch.save({'epoch': 1, 'arch': 'resnet83_spe', 'state_dict': timm.create_model('resnet83_spe').state_dict()},
                run / 'model_best.pth.tar')
     recipe = tmp_path / 'recipe.yaml'
     recipe.write_text(yaml.safe_dump({
@@ -46,10 +53,23 @@ def test_finish_run_stages_a_complete_card(run_dir, tmp_path):
     result = json.loads((out / 'eval.json').read_text())
     assert result['num_images'] == 10 and result['model'] == 'resnet83_spe' and result['tag'] == 'cifar10_tiny'
     card = (out / 'README.md').read_text()
-    assert f"{result['top1']:.2f}" in card and '1 of 3 epochs of batch 128' in card
+    assert f"{result['top1']:.2f}" in card and '3 of 3 epochs of batch 128' in card
+    staged = load_file(out / 'model.safetensors')
+    final = torch.load(run_dir['run'] / 'last.pth.tar', weights_only=True)['state_dict']
+    assert all(torch.equal(staged[k], final[k]) for k in staged)  # the final epoch, not model_best
     assert '![training curve' in card and '(spe_lambda.png)' in card and '94.03%' in card
     with pytest.raises(SystemExit, match='not empty'):  # never silently replaced
         cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(out)])
+
+
+def test_finish_run_refuses_a_run_that_has_not_reached_its_epochs(run_dir, tmp_path):
+    summary = run_dir['run'] / 'summary.csv'
+    summary.write_text('\n'.join(summary.read_text().splitlines()[:3]) + '\n')  # epochs 0-1 of 3
+    with pytest.raises(SystemExit, match=r'stopped after epoch 2 of 3: `./run.sh train .*` resumes it'):
+        cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(tmp_path / 'staged')])
+    assert not (tmp_path / 'staged').exists()
+    cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(tmp_path / 'staged'), '--unfinished'])
+    assert (tmp_path / 'staged' / 'model.safetensors').is_file()
 
 
 def test_inspect_prints_every_block(run_dir, capsys, tmp_path):
