@@ -33,12 +33,59 @@ keep_freed_memory() {
 }
 
 train_py() {
-    if [ -n "${TIMM_TRAIN_PY:-}" ]; then echo "$TIMM_TRAIN_PY"; return; fi
+    if [ -n "${TIMM_TRAIN_PY:-}" ]; then
+        [ -f "$TIMM_TRAIN_PY" ] || { echo "run.sh: TIMM_TRAIN_PY=$TIMM_TRAIN_PY does not exist" >&2; return 1; }
+        echo "$TIMM_TRAIN_PY"; return
+    fi
     local src=.cache/pytorch-image-models
     if [ ! -f "$src/train.py" ]; then
-        git clone -q --depth 1 --branch "v$TIMM_VERSION" https://github.com/huggingface/pytorch-image-models "$src" >&2
+        command -v git >/dev/null || { echo "run.sh: git is needed to fetch timm's train.py; install git, or set" \
+            "TIMM_TRAIN_PY=/path/to/train.py of timm v$TIMM_VERSION" >&2; return 1; }
+        rm -rf "$src"
+        git clone -q --depth 1 --branch "v$TIMM_VERSION" https://github.com/huggingface/pytorch-image-models "$src" \
+            >&2 2>/dev/null || { echo "run.sh: could not clone pytorch-image-models (no network?); set" \
+            "TIMM_TRAIN_PY=/path/to/train.py of timm v$TIMM_VERSION" >&2; return 1; }
     fi
     echo "$src/train.py"
+}
+
+# The CIFAR-10 of a budget recipe (data_dir: data/cifar10-jpeg): CIFAR10_SOURCE=jpeg (the JPEG q75 copy: data/
+# cifar10-jpeg, or unpacked from CIFAR10_JPEG_TAR), torchvision (the original binaries in data/cifar10, downloaded
+# if missing), or auto (default: the JPEG copy where present, else torchvision). Other recipes: their own data.
+JPEG_TAR=${CIFAR10_JPEG_TAR:-../shared/data/cifar10-jpeg.tar.gz}
+data_source() {
+    grep -q '^data_dir: data/cifar10-jpeg' "$1" || { echo recipe; return; }
+    case "${CIFAR10_SOURCE:-auto}" in
+        jpeg|torchvision) echo "$CIFAR10_SOURCE" ;;
+        auto) if [ -d data/cifar10-jpeg ] || [ -f "$JPEG_TAR" ]; then echo jpeg; else echo torchvision; fi ;;
+        *) echo "run.sh: CIFAR10_SOURCE must be jpeg, torchvision or auto, not '$CIFAR10_SOURCE'" >&2; return 2 ;;
+    esac
+}
+data_args() {  # train.py arguments for the source
+    [ "$1" = torchvision ] && echo "--dataset torch/cifar10 --data-dir data/cifar10 --train-split train --val-split test"
+    return 0
+}
+describe_source() {
+    case "$1" in
+        jpeg) echo "CIFAR-10 (JPEG q75 copy) in data/cifar10-jpeg$([ -d data/cifar10-jpeg ] || echo ", unpacked from $JPEG_TAR")" ;;
+        torchvision) echo "CIFAR-10 (original, torchvision) in data/cifar10$([ -d data/cifar10/cifar-10-batches-py ] \
+            && echo ", already there" || echo ", downloaded first")" ;;
+        *) echo "the recipe's own data_dir/dataset" ;;
+    esac
+}
+prepare_data() {
+    case "$1" in
+        jpeg)
+            [ -d data/cifar10-jpeg ] || { mkdir -p data && tar xzf "$JPEG_TAR" -C data; } ;;
+        torchvision)
+            [ -d data/cifar10/cifar-10-batches-py ] && return 0
+            mkdir -p data/cifar10
+            [ "$(df -Pk data | awk 'NR==2 {print $4}')" -gt 1048576 ] || { echo "run.sh: less than 1 GiB free under" \
+                "data/ for CIFAR-10 (~340 MB): free some disk space" >&2; return 1; }
+            "$PY" -c "import torchvision; torchvision.datasets.CIFAR10('data/cifar10', download=True)" >/dev/null 2>&1 \
+                || { echo "run.sh: could not download CIFAR-10 (no network?): put the extracted cifar-10-batches-py" \
+                "folder into data/cifar10/, or use the JPEG copy (CIFAR10_JPEG_TAR=...)" >&2; return 1; } ;;
+    esac
 }
 
 case "${1:-}" in
@@ -66,26 +113,40 @@ case "${1:-}" in
         run_dir=train_runs/$name
         resume=()
         [ -f "$run_dir/last.pth.tar" ] && resume=(--resume "$run_dir/last.pth.tar")
+        source=$(data_source "$recipe") || exit 2
+        # a run keeps the data it started with: the JPEG copy and the original are different test sets
+        if [ -f "$run_dir/data_source" ] && [ "$(cat "$run_dir/data_source")" != "$source" ]; then
+            echo "run.sh: $run_dir was trained on '$(cat "$run_dir/data_source")' data, this machine would use '$source':" \
+                "set CIFAR10_SOURCE=$(cat "$run_dir/data_source") (or move $run_dir away to start anew)" >&2; exit 2
+        fi
+        read -r -a dargs <<< "$(data_args "$source")"
+        if [ "$source" = jpeg ] && [ ! -d data/cifar10-jpeg ] && [ ! -f "$JPEG_TAR" ]; then
+            echo "run.sh: CIFAR10_SOURCE=jpeg but there is no data/cifar10-jpeg and no $JPEG_TAR: set" \
+                "CIFAR10_JPEG_TAR=/path/to/cifar10-jpeg.tar.gz, or CIFAR10_SOURCE=torchvision" >&2; exit 1
+        fi
         if [ "$dry_run" = 1 ]; then  # what would run, without setting up, unpacking or cloning anything
             tp=${TIMM_TRAIN_PY:-.cache/pytorch-image-models/train.py}
             [ -f "$tp" ] || tp="$tp (cloned from pytorch-image-models v$TIMM_VERSION on a real run)"
             echo "recipe:   $recipe"
+            echo "data:     $(describe_source "$source")"
             echo "run dir:  $run_dir ($([ ${#resume[@]} -gt 0 ] && echo "resumes from last.pth.tar" || echo "new run"))"
             echo "train.py: $tp"
-            echo "command:  $PY ${TIMM_TRAIN_PY:-.cache/pytorch-image-models/train.py} --config $recipe --output train_runs --experiment $name ${resume[*]} $*"
+            echo "command:  $PY ${TIMM_TRAIN_PY:-.cache/pytorch-image-models/train.py} --config $recipe" \
+                "--output train_runs --experiment $name ${dargs[*]} ${resume[*]} $*"
             exit 0
         fi
         setup
         keep_freed_memory
         # one-pass CPU kernels for SPE's pooling (README, "CPU kernels"); TIMM_SPE_CPU_KERNELS=0 turns them off
         export TIMM_SPE_CPU_KERNELS="${TIMM_SPE_CPU_KERNELS:-1}"
-        if grep -q '^data_dir: data/cifar10-jpeg' "$recipe" && [ ! -d data/cifar10-jpeg ]; then
-            mkdir -p data && tar xzf "${CIFAR10_JPEG_TAR:-../shared/data/cifar10-jpeg.tar.gz}" -C data
-        fi
+        echo "data: $(describe_source "$source")"
+        prepare_data "$source" || exit 1
+        tp=$(train_py) || exit 1
         mkdir -p "$run_dir"
+        [ "$source" = recipe ] || echo "$source" > "$run_dir/data_source"
         [ ${#resume[@]} -gt 0 ] && "$PY" -m timm_spe.cli run-status "$run_dir" --recipe "$recipe" --prefix "resuming: "
         set -o pipefail
-        "$PY" "$(train_py)" --config "$recipe" --output train_runs --experiment "$name" "${resume[@]}" "$@" 2>&1 \
+        "$PY" "$tp" --config "$recipe" --output train_runs --experiment "$name" "${dargs[@]}" "${resume[@]}" "$@" 2>&1 \
             | tee -a "$run_dir/train.log"
         rm -f "$run_dir"/checkpoint-*.pth.tar "$run_dir"/model_best.pth.tar  # only last.pth.tar is resume state
         # evaluate the final epoch's weights, plot, and stage hub_cards/<model>.<tag>/ (never overwrites)

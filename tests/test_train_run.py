@@ -68,7 +68,7 @@ def test_committed_runs_keep_only_their_resume_state():
     tracked = subprocess.run(['git', 'ls-files', 'train_runs'], cwd=ROOT, capture_output=True, text=True).stdout
     if not tracked.strip():
         pytest.skip('no run committed')
-    allowed = {'last.pth.tar', 'summary.csv', 'args.yaml', 'train.log'}
+    allowed = {'last.pth.tar', 'summary.csv', 'args.yaml', 'train.log', 'data_source'}
     for line in tracked.split():
         path = Path(line)
         assert path.name in allowed or path.name == '.gitignore', line
@@ -139,3 +139,74 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert p_keys and all(not torch.equal(end['state_dict'][k], after_one['state_dict'][k]) for k in p_keys)
     # the momentum buffers were restored, then advanced: the resumed optimizer state is not a fresh one
     assert after_one['optimizer']['state'] and len(end['optimizer']['state']) == len(after_one['optimizer']['state'])
+
+
+def _repo_with_recipe(tmp_path):
+    repo = tmp_path / 'repo'
+    (repo / 'train_recipes').mkdir(parents=True)
+    (repo / 'run.sh').write_bytes((ROOT / 'run.sh').read_bytes())
+    (repo / RECIPE).write_text((ROOT / RECIPE).read_text())
+    return repo
+
+
+def _dry(repo, **env):
+    base = {k: v for k, v in os.environ.items() if k not in ('CIFAR10_SOURCE', 'CIFAR10_JPEG_TAR')}
+    return subprocess.run(['bash', 'run.sh', 'train', '--dry-run'], cwd=repo, capture_output=True, text=True,
+                          env={**base, 'TIMM_TRAIN_PY': '/x/train.py', **env})
+
+
+TORCHVISION_ARGS = '--dataset torch/cifar10 --data-dir data/cifar10 --train-split train --val-split test'
+
+
+def test_the_budget_recipe_uses_the_jpeg_copy_where_it_exists(tmp_path):
+    repo = _repo_with_recipe(tmp_path)
+    tar = tmp_path / 'cifar10-jpeg.tar.gz'
+    tar.write_bytes(b'')
+    out = _dry(repo, CIFAR10_JPEG_TAR=str(tar))
+    assert out.returncode == 0, out.stderr
+    assert f'data:     CIFAR-10 (JPEG q75 copy) in data/cifar10-jpeg, unpacked from {tar}' in out.stdout
+    assert '--dataset' not in out.stdout
+    out = _dry(repo, CIFAR10_JPEG_TAR=str(tar), CIFAR10_SOURCE='torchvision')  # forced
+    assert 'CIFAR-10 (original, torchvision)' in out.stdout and TORCHVISION_ARGS in out.stdout
+
+
+def test_without_the_jpeg_copy_it_trains_on_torchvision_cifar10(tmp_path):
+    """A user's machine: no ../shared. The command train.py gets reads torchvision's CIFAR-10 instead."""
+    repo = _repo_with_recipe(tmp_path)
+    out = _dry(repo, CIFAR10_JPEG_TAR=str(tmp_path / 'absent.tar.gz'))
+    assert out.returncode == 0, out.stderr
+    assert 'data:     CIFAR-10 (original, torchvision) in data/cifar10, downloaded first' in out.stdout
+    assert TORCHVISION_ARGS in out.stdout
+    (repo / 'data' / 'cifar10' / 'cifar-10-batches-py').mkdir(parents=True)  # already there: no download
+    assert 'in data/cifar10, already there' in _dry(repo, CIFAR10_JPEG_TAR=str(tmp_path / 'absent')).stdout
+
+
+def test_forcing_the_jpeg_copy_without_it_is_a_one_line_error(tmp_path):
+    repo = _repo_with_recipe(tmp_path)
+    out = _dry(repo, CIFAR10_JPEG_TAR=str(tmp_path / 'absent.tar.gz'), CIFAR10_SOURCE='jpeg')
+    assert out.returncode == 1 and out.stderr.count('\n') == 1
+    assert 'set CIFAR10_JPEG_TAR=' in out.stderr and 'CIFAR10_SOURCE=torchvision' in out.stderr
+    out = _dry(repo, CIFAR10_SOURCE='bogus')
+    assert out.returncode == 2 and 'must be jpeg, torchvision or auto' in out.stderr
+
+
+def test_a_run_keeps_the_data_it_started_with(tmp_path):
+    """The JPEG copy and the original binaries are different test sets: a run never switches."""
+    repo = _repo_with_recipe(tmp_path)
+    run_dir = repo / 'train_runs' / 'resnet164_spe-cifar10_e30'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'data_source').write_text('jpeg\n')
+    out = _dry(repo, CIFAR10_JPEG_TAR=str(tmp_path / 'absent.tar.gz'))
+    assert out.returncode == 2 and "trained on 'jpeg' data" in out.stderr and 'CIFAR10_SOURCE=jpeg' in out.stderr
+
+
+def test_torchvision_cifar10_download_where_the_network_allows(tmp_path):
+    """The network part of the torchvision route; skipped where the download host cannot be reached."""
+    import socket
+    try:
+        socket.create_connection(('www.cs.toronto.edu', 443), timeout=3).close()
+    except OSError:
+        pytest.skip('no network to the CIFAR-10 download host')
+    import torchvision
+    ds = torchvision.datasets.CIFAR10(str(tmp_path), train=False, download=True)
+    assert len(ds) == 10000 and ds.classes[0] == 'airplane'

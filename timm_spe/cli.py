@@ -265,11 +265,15 @@ def cmd_finish_run(args) -> Path:
     model_name = recipe['model']
     tag = args.tag
     data_dir = args.data_dir or str(Path(recipe['data_dir']) / recipe.get('val_split', 'test'))
+    source = run_dir / 'data_source'  # run.sh's choice for the budget recipes: jpeg or torchvision
+    if not args.data_dir and source.is_file() and source.read_text().strip() == 'torchvision':
+        data_dir = 'data/cifar10'  # holds torchvision's cifar-10-batches-py
     work = run_dir / 'publish'
     work.mkdir(exist_ok=True)
     eval_json = work / 'eval.json'
     label = args.data_label or (f"{dataset_of_tag(tag).upper()} test split (JPEG q75 copy)"
-                                if 'jpeg' in data_dir.lower() else f'{dataset_of_tag(tag).upper()} test split')
+                                if 'jpeg' in data_dir.lower() else
+                                f'{dataset_of_tag(tag).upper()} test split (original, torchvision)')
     cmd_eval(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
                                 data_dir=data_dir, batch_size=100, limit=None, workers=args.workers,
                                 out=str(eval_json), data_label=label, argv=getattr(args, 'argv', None)))
