@@ -89,3 +89,230 @@ def test_training_under_autocast_gives_gradients_close_to_float32(kind, dtype):
     assert _relative_error(_flat(grads), _flat(ref)) < bound
     is_spe = lambda name: name.rsplit('.', 1)[-1] in ('p', 'w_exc', 'b_exc', 'w_rew', 'b_rew')
     assert _relative_error(_flat(grads, is_spe), _flat(ref, is_spe)) < SPE_GRAD_BOUND[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Module hooks: the fused block tail may only run where nothing can observe the module calls it skips
+
+TAIL_MODULES = ('se', 'bn3', 'act3')
+
+
+def _hook_models(inplace_act: bool = True):
+    """A small CIFAR SPE model (blocks with and without a projection shortcut) and the same weights run by timm's
+    own Bottleneck.forward, the reference. inplace_act=False: full backward hooks, which in-place activations
+    reject in timm's models too."""
+    from timm.models.resnet import Bottleneck
+    torch.manual_seed(0)
+    model = _perturb_spe(timm_spe.CifarResNet(depth=20, attn_layer='spe'))
+    assert sum(isinstance(m, timm_spe.resnet.SpeBottleneck) for m in model.modules()) == 6
+    if not inplace_act:
+        for m in model.modules():
+            if isinstance(m, torch.nn.ReLU):
+                m.inplace = False
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, timm_spe.resnet.SpeBottleneck):
+            m.__class__ = Bottleneck
+    return model, ref
+
+
+def _tail_modules(model):
+    """{'layer1.0.se': module, ...} for the tail modules of every bottleneck block."""
+    return {name: m for name, m in model.named_modules() if name.rsplit('.', 1)[-1] in TAIL_MODULES}
+
+
+def _clone(t):
+    return t.detach().clone() if isinstance(t, torch.Tensor) else None
+
+
+def _run_with_forward_hooks(model, x, kind, train):
+    """Run ``model`` with ``kind`` hooks on every block's se, bn3 and act3; what each hook saw, cloned when it saw it."""
+    from torch.nn.modules import module as nn_module
+    seen, handles = {}, []
+    targets = _tail_modules(model)
+    names = {id(m): name for name, m in targets.items()}
+
+    def pre_hook(m, args):
+        if id(m) in names:
+            seen.setdefault(names[id(m)], []).append(('in', _clone(args[0])))
+
+    def hook(m, args, out):
+        if id(m) in names:
+            seen.setdefault(names[id(m)], []).append(('in', _clone(args[0])))
+            seen[names[id(m)]].append(('out', _clone(out)))
+
+    if kind == 'global_forward':
+        handles.append(nn_module.register_module_forward_hook(hook))
+    elif kind == 'global_forward_pre':
+        handles.append(nn_module.register_module_forward_pre_hook(pre_hook))
+    else:
+        for m in targets.values():
+            handles.append(m.register_forward_hook(hook) if kind == 'forward' else m.register_forward_pre_hook(pre_hook))
+    try:
+        model.train(train)
+        with torch.set_grad_enabled(train):
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['train', 'eval_no_grad'])
+@pytest.mark.parametrize('kind', ['forward', 'forward_pre', 'global_forward', 'global_forward_pre'])
+def test_forward_hooks_on_block_tail_fire_with_the_unfused_tensors(kind, train):
+    """Hooks on a block's se, bn3 and act3 (module-level or global) fire once per call and see the tensors timm's
+    own Bottleneck gives them: the fused tail steps aside whenever a hook could observe the calls it skips."""
+    model, ref = _hook_models()
+    x = torch.randn(4, 3, 32, 32)
+    out, seen = _run_with_forward_hooks(model, x, kind, train)
+    out_ref, seen_ref = _run_with_forward_hooks(ref, x, kind, train)
+    assert len(seen) == 3 * 6 and seen.keys() == seen_ref.keys()
+    for name in seen:
+        assert [k for k, _ in seen[name]] == [k for k, _ in seen_ref[name]], name
+        for (_, a), (_, b) in zip(seen[name], seen_ref[name]):
+            torch.testing.assert_close(a, b, msg=name)
+    torch.testing.assert_close(out, out_ref)
+
+
+def test_global_hooks_see_the_module_calls_in_timms_order():
+    """A global hook that records the order of module calls (a profiler, a graph tool) sees SpeBottleneck call its
+    modules in the order of timm's Bottleneck, projection shortcut after the attention layer included."""
+    from torch.nn.modules import module as nn_module
+    model, ref = _hook_models()
+    x = torch.randn(2, 3, 32, 32)
+    orders = []
+    for m in (model, ref):
+        names = {id(mod): name for name, mod in m.named_modules()}
+        order = []
+        handle = nn_module.register_module_forward_pre_hook(lambda mod, args: order.append(names.get(id(mod))))
+        try:
+            m.train()(x)
+        finally:
+            handle.remove()
+        orders.append(order)
+    assert orders[0] == orders[1]
+
+
+def _backward_hook_captures(model, x, kind):
+    """Run forward and backward with ``kind`` backward hooks on the tail modules: the grad_input[0] and
+    grad_output[0] each hook saw."""
+    from torch.nn.modules import module as nn_module
+    seen, handles = {}, []
+    targets = _tail_modules(model)
+    names = {id(m): name for name, m in targets.items()}
+
+    def hook(m, grad_input, grad_output):
+        if id(m) in names:
+            seen[names[id(m)]] = (_clone(grad_input[0]), _clone(grad_output[0]))
+
+    def pre_hook(m, grad_output):
+        if id(m) in names:
+            seen[names[id(m)]] = (None, _clone(grad_output[0]))
+
+    if kind == 'global_backward':
+        handles.append(nn_module.register_module_full_backward_hook(hook))
+    elif kind == 'global_backward_pre':
+        handles.append(nn_module.register_module_full_backward_pre_hook(pre_hook))
+    else:
+        for m in targets.values():
+            handles.append(
+                m.register_full_backward_hook(hook) if kind == 'backward' else m.register_full_backward_pre_hook(pre_hook))
+    try:
+        model.train()(x).square().mean().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _reference_gradients(ref, x):
+    """The gradients of every tail module's input and output in timm's own block, from tensor hooks (hooks
+    registered before timm's in-place ``x += shortcut`` see the gradient of the value they were registered on)."""
+    seen, handles = {}, []
+    for name, m in _tail_modules(ref).items():
+        def hook(mod, args, out, name=name):
+            grads = seen.setdefault(name, [None, None])
+            args[0].register_hook(lambda g: grads.__setitem__(0, g.clone()))
+            out.register_hook(lambda g: grads.__setitem__(1, g.clone()))
+        handles.append(m.register_forward_hook(hook))
+    try:
+        ref.train()(x).square().mean().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize('kind', ['backward', 'backward_pre', 'global_backward', 'global_backward_pre'])
+def test_full_backward_hooks_on_block_tail_fire_with_the_unfused_gradients(kind):
+    """Full backward (pre-)hooks on se, bn3 and act3, module-level and global, fire with the gradients of those
+    modules' inputs and outputs in timm's own block (computed there with tensor hooks)."""
+    model, ref = _hook_models(inplace_act=False)
+    x = torch.randn(4, 3, 32, 32)
+    seen = _backward_hook_captures(model, x, kind)
+    seen_ref = _reference_gradients(ref, x)
+    assert len(seen) == 3 * 6 and seen.keys() == seen_ref.keys()
+    for name, (grad_in, grad_out) in seen.items():
+        torch.testing.assert_close(grad_out, seen_ref[name][1], msg=name)
+        if kind in ('backward', 'global_backward'):
+            torch.testing.assert_close(grad_in, seen_ref[name][0], msg=name)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_tensor_captured_by_bn3_hook_in_inference_is_not_overwritten():
+    """In inference (eval, no_grad) the fused tail writes the block output into bn3's output buffer: with a hook on
+    bn3 that keeps the tensor (as feature extractors do), the tail must leave it alone."""
+    model, ref = _hook_models()
+    x = torch.randn(4, 3, 32, 32)
+    kept, kept_ref = {}, {}
+    model.layer2[1].bn3.register_forward_hook(lambda m, args, out: kept.__setitem__('out', out))
+    ref.layer2[1].bn3.register_forward_hook(lambda m, args, out: kept_ref.__setitem__('out', out.clone()))
+    with torch.no_grad():
+        model.eval()(x)
+        ref.eval()(x)
+    assert kept_ref['out'].min() < 0  # a BN output, not yet through the ReLU
+    torch.testing.assert_close(kept['out'], kept_ref['out'])
+
+
+def test_forward_hook_replacing_the_attention_output_takes_effect():
+    """A forward hook may return a replacement output (e.g. ablating the attention): the block must use it."""
+    model, ref = _hook_models()
+    x = torch.randn(2, 3, 32, 32)
+    for m in (model, ref):
+        m.layer2[1].se.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
+    for train in (True, False):
+        with torch.set_grad_enabled(train):
+            torch.testing.assert_close(model.train(train)(x), ref.train(train)(x))
+
+
+def _count_calls(monkeypatch, name):
+    from timm_spe import resnet
+    calls = []
+    original = getattr(resnet, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(resnet, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['train', 'eval_no_grad'])
+def test_fused_tail_runs_in_every_block_without_hooks(monkeypatch, train):
+    """The fallback for hooks must not cost the fused tail's speed where no hook exists: every block takes it,
+    a hook on one block's se moves only that block to module calls, and removing the hook restores it."""
+    calls = _count_calls(monkeypatch, 'batch_norm_spe_add_relu' if train else 'scale_add_relu_')
+    model = timm.create_model('resnet83_spe').train(train)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.set_grad_enabled(train):
+        model(x)
+        assert len(calls) == 27
+        handle = model.layer2[4].se.register_forward_hook(lambda *args: None)
+        model(x)
+        assert len(calls) == 27 + 26
+        handle.remove()
+        model(x)
+        assert len(calls) == 27 + 26 + 27

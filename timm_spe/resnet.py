@@ -73,10 +73,10 @@ class SpeBottleneck(Bottleneck):
         x = self.act2(x)
         x = self.aa(x)
         x = self.conv3(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
         if not torch.jit.is_scripting():
             if self.drop_path is None and self._tail_unobserved():
+                if self.downsample is not None:
+                    shortcut = self.downsample(shortcut)
                 if self.training:
                     return batch_norm_spe_add_relu(x, shortcut, self.bn3, self.se)
                 x = self.bn3(x)
@@ -84,10 +84,13 @@ class SpeBottleneck(Bottleneck):
                 if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
                     return scale_add_relu_(x, shortcut, gate)
                 return torch.relu_(torch.addcmul(shortcut, x, gate))
-        # timm's Bottleneck tail, module by module: every hook fires and sees its own tensors
+        # timm's Bottleneck tail, module by module and in its order: every hook fires and sees its own tensors. The
+        # add is out of place (timm adds into se's output), so a tensor a hook keeps is never overwritten.
         x = self.se(self.bn3(x))
         if self.drop_path is not None:
             x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
         return self.act3(x + shortcut)
 
 
