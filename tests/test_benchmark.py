@@ -124,10 +124,11 @@ def test_per_round_ratios_pair_rounds():
 
 
 def test_readme_shows_committed_results():
-    """The README's performance table is the one benchmarks/results.json was written with."""
+    """benchmarks/README.md's performance table is the one benchmarks/results.json was written with."""
     results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
-    readme = (ROOT / 'README.md').read_text()
-    assert results['table'] in readme, 'README performance table is stale: paste benchmarks/results.json["table"]'
+    readme = (ROOT / 'benchmarks' / 'README.md').read_text()
+    assert results['table'] in readme, \
+        'benchmarks/README.md performance table is stale: paste benchmarks/results.json["table"]'
 
 
 def test_compile_option_rejects_unknown_models():
@@ -137,7 +138,7 @@ def test_compile_option_rejects_unknown_models():
 
 
 def test_readme_shows_allocator_comparison_of_committed_runs():
-    """The README's allocator table is `--compare` of the committed glibc-defaults run and the main run."""
+    """benchmarks/README.md's allocator table is `--compare` of the committed glibc-defaults run and the main run."""
     default = json.loads((ROOT / 'benchmarks' / 'results_malloc_default.json').read_text())
     kept = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
     assert default['meta']['allocator'] == {} and kept['meta']['allocator'] == RUN_SH_ALLOCATOR
@@ -150,4 +151,5 @@ def test_readme_shows_allocator_comparison_of_committed_runs():
     shared = [n for n in benchmark.COMPARED if n in kept['models'] and n in default['models']]
     assert len(shared) >= 4 and len(table.splitlines()) == 2 + 2 * len(shared)
     assert 'glibc malloc defaults' in table.splitlines()[0]
-    assert table in (ROOT / 'README.md').read_text(), 'README allocator table is stale: paste the --compare output'
+    assert table in (ROOT / 'benchmarks' / 'README.md').read_text(), \
+        'benchmarks/README.md allocator table is stale: paste the --compare output'
