@@ -316,3 +316,112 @@ def test_fused_tail_runs_in_every_block_without_hooks(monkeypatch, train):
         handle.remove()
         model(x)
         assert len(calls) == 27 + 26 + 27
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tracing, torch.func, torch.compile with the explicit penalty
+
+def _small_cifar(**kwargs):
+    torch.manual_seed(0)
+    return _perturb_spe(timm_spe.CifarResNet(depth=20, attn_layer='spe', **kwargs))
+
+
+def test_jit_trace_of_eval_model_passes_its_check_and_matches_eager():
+    """torch.jit.trace (as for timm's baselines) records module calls: the traced graph must be the same on every
+    invocation (trace's own check, on a second input too) and give eager's outputs on new inputs."""
+    model = _small_cifar().eval()
+    x, x2 = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    traced = torch.jit.trace(model, x, check_inputs=[(x,), (x2,)])
+    torch.testing.assert_close(traced(x2), model(x2))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x2), model(x2))
+
+
+def test_model_traced_under_no_grad_can_be_called_with_grad():
+    """A model traced for inference (under no_grad) is a graph of ordinary ops: called with grad enabled it must
+    give eager's output and input gradient (an in-place out= op in the trace would refuse autograd)."""
+    model = _small_cifar().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = traced(x1)
+    torch.testing.assert_close(out, model(x))
+    out.square().sum().backward()
+    model(x2).square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def _func_grad_and_eager(model, x):
+    """Parameter gradients and updated buffers from torch.func.grad over functional_call (buffers passed in, as
+    training-mode BN updates them) and from eager autograd on a copy."""
+    eager = copy.deepcopy(model).train()
+    model.train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def loss(p, b):
+        return torch.func.functional_call(model, (p, b), (x,)).square().mean()
+
+    grads = torch.func.grad(loss)(params, buffers)
+    eager(x).square().mean().backward()
+    return grads, buffers, {k: v.grad for k, v in eager.named_parameters()}, dict(eager.named_buffers())
+
+
+@pytest.mark.parametrize('kind', ['cifar', 'cifar_paper_channels_last', 'spe_module'])
+def test_torch_func_grad_of_training_model_matches_autograd(kind):
+    """torch.func transforms need setup_context-style autograd functions: the fused block tail (CIFAR), the SPE
+    layer on its own and the penalty's gradient must give autograd's gradients and running statistics."""
+    x = torch.randn(4, 3, 32, 32)
+    if kind == 'spe_module':
+        torch.manual_seed(0)
+        model = _perturb_spe(_conv_spe_head())
+    elif kind == 'cifar':
+        model = _small_cifar()
+    else:
+        model = _small_cifar(attn_kwargs=dict(formulation='paper')).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    grads, buffers, grads_ref, buffers_ref = _func_grad_and_eager(model, x)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], msg=name)
+    for name in buffers:
+        torch.testing.assert_close(buffers[name], buffers_ref[name], msg=name)
+
+
+def test_torch_func_grad_through_pooling_and_tail_functions():
+    """The lean max/min pooling and the block tail (the paths taken under autocast or with a BN subclass) under
+    torch.func.grad."""
+    from timm_spe.spe import global_max_min, scale_add_relu
+    torch.manual_seed(0)
+    x, s, g = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.rand(2, 3, 1, 1)
+    fns = {
+        'global_max_min': (lambda x: sum(t.square().sum() for t in global_max_min(x)), (x,)),
+        'scale_add_relu': (lambda x, s, g: scale_add_relu(x, s, g).square().sum(), (x, s, g)),
+    }
+    for name, (fn, args) in fns.items():
+        argnums = tuple(range(len(args)))
+        got = torch.func.grad(fn, argnums=argnums)(*args)
+        leaves = [a.clone().requires_grad_() for a in args]
+        want = torch.autograd.grad(fn(*leaves), leaves)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize('compiled', [False, True], ids=['eager', 'compiled'])
+def test_explicit_penalty_is_counted_once_from_the_first_step(compiled):
+    """README: loss = task + spe_penalty(model) counts the penalty once from the first step. spe_penalty switches
+    the automatic penalty off after the forward ran: the backward must read the switch when it runs, also when
+    torch.compile traced that backward while the switch was still on."""
+    torch.manual_seed(0)
+    model = timm_spe.CifarResNet(depth=11, attn_layer='spe')
+    ref = copy.deepcopy(model)
+    timm_spe.set_auto_penalty(ref, False)
+    run = torch.compile(model, backend='aot_eager', fullgraph=True) if compiled else model
+    x = torch.randn(2, 3, 16, 16)
+    for step in range(2):
+        for m, fn in ((model, run), (ref, ref)):
+            m.zero_grad()
+            (fn(x).square().mean() + timm_spe.spe_penalty(m)).backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=f'step {step + 1}: {name}')

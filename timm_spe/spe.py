@@ -33,32 +33,42 @@ FORMULATIONS = ('official', 'paper')
 
 
 class _PenaltyGrad(torch.autograd.Function):
-    """Identity in forward; in backward adds ``2 * eta * p``, the gradient of ``eta * sum(p^2)``.
+    """Identity in forward; in backward adds ``2 * eta * p``, the gradient of ``eta * sum(p^2)``, where the
+    owning layer's switch ``on`` (a bool tensor) is set.
 
-    ``eta`` and the on/off switch are read from the owning layer at backward time, so that
-    ``loss = task_loss + spe_penalty(model)`` (which switches the automatic penalty off after the
-    forward already ran) still counts the penalty exactly once.
+    The switch is read at backward time, so that ``loss = task_loss + spe_penalty(model)`` (which switches the
+    automatic penalty off after the forward already ran) still counts the penalty exactly once. It is a tensor,
+    not a Python flag, because ``torch.compile`` traces the backward when it compiles the forward and would bake a
+    Python flag in as it was then; the tensor's value is read when the backward runs, eager or compiled. ``eta``
+    is read from ``owner`` (at backward time in eager mode; compiled code guards on it).
+
+    Forward without ``ctx`` plus :meth:`setup_context`, as ``torch.func`` transforms require (also for the other
+    autograd functions here).
     """
 
     @staticmethod
-    def forward(ctx, p: torch.Tensor, owner: nn.Module) -> torch.Tensor:
-        ctx.save_for_backward(p)
-        ctx.owner = owner
+    def forward(p: torch.Tensor, on: torch.Tensor, owner: nn.Module) -> torch.Tensor:
         return p.clone()
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, on, owner = inputs
+        ctx.save_for_backward(p, on)
+        ctx.owner = owner
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        p, = ctx.saved_tensors
-        owner = ctx.owner
-        if owner.auto_penalty and owner.eta > 0:
-            grad = grad + (2. * owner.eta) * p
-        return grad, None
+        p, on = ctx.saved_tensors
+        eta = ctx.owner.eta
+        if eta > 0:
+            grad = torch.where(on, grad + (2. * eta) * p, grad)
+        return grad, None, None
 
 
 @register_notrace_function
 def with_penalty_grad(p: torch.Tensor, owner: nn.Module) -> torch.Tensor:
     """Return ``p`` unchanged; backward adds ``owner``'s Eq. 8 penalty gradient if it is switched on."""
-    return _PenaltyGrad.apply(p, owner)
+    return _PenaltyGrad.apply(p, owner.penalty_on, owner)
 
 
 @register_notrace_function  # dtype branch: an FX leaf
@@ -177,17 +187,24 @@ class _GlobalMaxMin(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor):
+    def forward(x: torch.Tensor):
+        """``(f_max, f_min, i_max, i_min)``: the indices are outputs so that :meth:`setup_context` can save them."""
         if not _dense_layout(x):
             x = x.contiguous()
         f_max, i_max, f_min, i_min = max_min_with_indices(x)
+        return f_max, f_min, i_max, i_min
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, = inputs
+        _, _, i_max, i_min = output
         ctx.save_for_backward(i_max, i_min)
-        ctx.shape, ctx.memory_format = x.shape, _memory_format(x)
-        return f_max, f_min
+        ctx.shape = x.shape
+        ctx.memory_format = _memory_format(x) if _dense_layout(x) else torch.contiguous_format
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_max: torch.Tensor, g_min: torch.Tensor):
+    def backward(ctx, g_max: torch.Tensor, g_min: torch.Tensor, g_i_max=None, g_i_min=None):
         i_max, i_min = ctx.saved_tensors
         grad = torch.empty(
             ctx.shape, dtype=g_max.dtype, device=g_max.device, memory_format=ctx.memory_format).zero_()
@@ -209,7 +226,8 @@ def max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 @register_notrace_function
 def global_max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x.amax((2, 3)), x.amin((2, 3)))`` with a lean backward (see :class:`_GlobalMaxMin`)."""
-    return _GlobalMaxMin.apply(x)
+    f_max, f_min, _, _ = _GlobalMaxMin.apply(x)
+    return f_max, f_min
 
 
 @register_notrace_function
@@ -230,10 +248,13 @@ class _ScaleAddReLU(torch.autograd.Function):
     full-size products and then reduces)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        out = torch.addcmul(shortcut, x, gate).relu_()
-        ctx.save_for_backward(x, gate, out)
-        return out
+    def forward(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(shortcut, x, gate).relu_()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, gate = inputs
+        ctx.save_for_backward(x, gate, output)
 
     @staticmethod
     @once_differentiable
@@ -319,17 +340,25 @@ class _SpeScale(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lam, w_exc, b_exc, w_rew, b_rew, paper: bool):
+    def forward(x, lam, w_exc, b_exc, w_rew, b_rew, paper: bool):
+        """The output, then the gate, pools and indices backward needs (outputs, so :meth:`setup_context` can save
+        them; marked non-differentiable)."""
         n, ch = x.shape[0], x.shape[1]
         f_max, i_max, f_min, i_min = max_min_with_indices(x)
         gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+        return x * gate.view(n, ch, 1, 1), gate, f_max, f_min, i_max, i_min
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, lam, w_exc, b_exc, w_rew, b_rew, paper = inputs
+        _, gate, f_max, f_min, i_max, i_min = output
+        ctx.mark_non_differentiable(gate, f_max, f_min, i_max, i_min)
         ctx.save_for_backward(x, gate, f_max, f_min, i_max, i_min, lam, w_exc, b_exc, w_rew, b_rew)
         ctx.paper = paper
-        return x * gate.view(n, ch, 1, 1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, *unused):
         x, gate, f_max, f_min, i_max, i_min, lam, w_exc, b_exc, w_rew, b_rew = ctx.saved_tensors
         n, ch = x.shape[0], x.shape[1]
         grad_x = torch.mul(grad.contiguous(memory_format=_memory_format(x)), x)
@@ -367,7 +396,7 @@ def spe_scale(x: torch.Tensor, spe: 'SpeModule') -> torch.Tensor:
     channels_last input of the parameters' dtype without autocast; plain autograd ops otherwise. Same results."""
     if not _spe_fusable(x, spe):
         return x * spe.gate(x).to(x.dtype)
-    return _SpeScale.apply(x, spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)
+    return _SpeScale.apply(x, spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)[0]
 
 
 def _bn_input_grad(
@@ -426,22 +455,30 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(
-            ctx, c, shortcut, bn_weight, bn_bias, running_mean, running_var, momentum: float, eps: float,
+            c, shortcut, bn_weight, bn_bias, running_mean, running_var, momentum: float, eps: float,
             lam, w_exc, b_exc, w_rew, b_rew, paper: bool,
     ):
+        """The output, then the batch statistics, pools, indices and gate backward needs (outputs, so
+        :meth:`setup_context` can save them; marked non-differentiable). Updates the running statistics."""
         x, mean, invstd = torch.native_batch_norm(c, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
         n, ch = c.shape[0], c.shape[1]
         f_max, i_max, f_min, i_min = max_min_with_indices(x)
         gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
         out = scale_add_relu_(x, shortcut, gate.view(n, ch, 1, 1))
+        return out, mean, invstd, f_max, f_min, i_max, i_min, gate
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        c, _, bn_weight, bn_bias, _, _, _, eps, lam, w_exc, b_exc, w_rew, b_rew, paper = inputs
+        out, mean, invstd, f_max, f_min, i_max, i_min, gate = output
+        ctx.mark_non_differentiable(mean, invstd, f_max, f_min, i_max, i_min, gate)
         ctx.save_for_backward(
             c, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate, lam, w_exc, b_exc, w_rew, b_rew)
         ctx.eps, ctx.paper = eps, paper
-        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, *unused):
         (c, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate,
          lam, w_exc, b_exc, w_rew, b_rew) = ctx.saved_tensors
         n, ch = c.shape[0], c.shape[1]
@@ -499,7 +536,7 @@ def batch_norm_spe_add_relu(
             momentum = 1. / float(bn.num_batches_tracked)
     return _BatchNormSpeAddReLU.apply(
         c, shortcut, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
-        spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)
+        spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)[0]
 
 
 # FX leaves wherever they are called from (also via SpeModule.gate, which is not a module call)
@@ -555,6 +592,8 @@ class SpeModule(nn.Module):
         self.formulation = formulation
         self.paper = formulation == 'paper'
         self.eta = float(eta)
+        # the automatic penalty's switch as backward reads it (see _PenaltyGrad); ``auto_penalty`` sets it
+        self.register_buffer('penalty_on', torch.ones((), dtype=torch.bool, device=device), persistent=False)
         self.auto_penalty = auto_penalty
         self.p = nn.Parameter(torch.empty(2, **dd))
         self.w_exc = nn.Parameter(torch.empty(channels, **dd))
@@ -562,6 +601,18 @@ class SpeModule(nn.Module):
         self.w_rew = nn.Parameter(torch.empty(channels, **dd))
         self.b_rew = nn.Parameter(torch.empty(channels, **dd))
         self.reset_parameters()
+
+    @property
+    def auto_penalty(self) -> bool:
+        """Whether training-mode backward adds the Eq. 8 penalty's gradient (read when the backward runs)."""
+        return self._auto_penalty
+
+    @auto_penalty.setter
+    def auto_penalty(self, enabled: bool) -> None:
+        self._auto_penalty = bool(enabled)
+        # through .data: a backward that saved the switch reads the new value instead of failing autograd's
+        # check that saved tensors are unchanged
+        self.penalty_on.data.fill_(self._auto_penalty)
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.p, 0.5)
