@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 import timm
 import timm_spe
 from timm_spe.cli import main as cli
-from timm_spe.hub import PretrainedWeightsNotFound, upload_hub_folder
+from timm_spe.hub import PretrainedWeightsMismatch, PretrainedWeightsNotFound, upload_hub_folder
+from timm_spe.registry import PRETRAINED_TAGS, register_pretrained
 
 from hub_server import add_repo, local_hub
 
@@ -62,8 +63,11 @@ def hub(tmp_path_factory):
     add_repo(mirrors, f'{ORG}/resnet83.cifar100', {
         'config.json': (staged / 'config.json').read_bytes(),
         'pytorch_model.bin': pickle.dumps(_MakeDir(str(work / MARKER)))})
+    sha = timm_spe.hub.sha256_file(staged / 'model.safetensors')
+    # what a maintainer records in timm_spe/registry.py after publishing (here at runtime, in every subprocess)
+    published = {'resnet83_spe.cifar10': sha, 'resnet83.cifar10': sha, 'resnet83.cifar100': sha}
     with local_hub(mirrors, f'{ORG}/resnet83_spe.cifar10', work) as endpoint:
-        yield {'endpoint': endpoint, 'work': work, 'repo': good, 'staged': staged}
+        yield {'endpoint': endpoint, 'work': work, 'repo': good, 'staged': staged, 'sha': sha, 'published': published}
     assert not (work / MARKER).exists()
 
 
@@ -75,9 +79,13 @@ def _run(hub, code, hf_home, offline=False, endpoint=True):
         env['HF_ENDPOINT'] = hub['endpoint']
     if offline:
         env['HF_HUB_OFFLINE'] = '1'
+    published = hub.get('published', {})
     prelude = textwrap.dedent(f'''
         import json, torch, timm, timm_spe
         from safetensors.torch import load_file
+        from timm_spe.registry import register_pretrained
+        for model_tag, sha in {published!r}.items():
+            register_pretrained(model_tag, sha, num_classes=10, hf_hub_id='timm-spe/' + model_tag)
         ref = load_file({str(hub['repo'] / 'model.safetensors')!r})
         def same(model, skip=()):
             sd = model.state_dict()
@@ -168,17 +176,36 @@ def test_unpublished_corrupt_and_pickle_only(hub, tmp_path):
         print(json.dumps({
             'unpublished': attempt(lambda: timm.create_model('resnet83_spe.cifar100', pretrained=True)),
             'corrupt': attempt(lambda: timm.create_model('resnet83.cifar10', pretrained=True)),
+            'corrupt_hf_hub': attempt(lambda: timm.create_model('hf-hub:timm-spe/resnet83.cifar10@main', pretrained=True)),
             'pickle_only': attempt(lambda: timm.create_model('resnet83.cifar100', pretrained=True)),
         }))
     ''', tmp_path / 'hf')
+    # a tag without recorded weights is never looked up on the Hub
     assert out['unpublished'].startswith('PretrainedWeightsNotFound')
-    assert "'resnet83_spe.cifar100'" in out['unpublished'] and 'timm-spe publish' in out['unpublished']
-    assert out['corrupt'].startswith('PretrainedWeightsCorrupt') and 'truncated' in out['corrupt']
+    assert "'resnet83_spe.cifar100' has no pretrained weights yet" in out['unpublished']
+    assert 'timm-spe publish' in out['unpublished'] and '[cause:' not in out['unpublished']
+    # a truncated download of a recorded tag: its sha256 differs, nothing is parsed or loaded
+    assert out['corrupt'].startswith('PretrainedWeightsMismatch') and 'truncated' in out['corrupt']
+    assert hub['sha'] in out['corrupt']
+    # an hf-hub: id at another revision is not checked against the record, but still read as safetensors only
+    assert out['corrupt_hf_hub'].startswith('PretrainedWeightsCorrupt') and 'truncated' in out['corrupt_hf_hub']
     assert out['pickle_only'].startswith('PretrainedWeightsNotFound') and 'only safetensors' in out['pickle_only']
     assert not (hub['work'] / MARKER).exists()
     # olah 0.5.4 reports a missing file like a missing repo (the real Hub: EntryNotFoundError); both are handled
-    assert out['unpublished'].endswith('[cause: RepositoryNotFoundError]')
     assert out['pickle_only'].endswith('[cause: RepositoryNotFoundError]')
+
+
+def test_hub_download_is_checked_against_the_recorded_sha256(hub, tmp_path):
+    """A download that is not the recorded file (tag or hf-hub: id of the recorded repo) is refused, naming both."""
+    out = _run({**hub, 'published': {'resnet83_spe.cifar10': 'f' * 64}}, '''
+        print(json.dumps({
+            'tag': attempt(lambda: timm.create_model('resnet83_spe.cifar10', pretrained=True)),
+            'hf_hub': attempt(lambda: timm.create_model('hf-hub:timm-spe/resnet83_spe.cifar10', pretrained=True)),
+        }))
+    ''', tmp_path / 'hf')
+    for err in out.values():
+        assert err.startswith('PretrainedWeightsMismatch') and 'f' * 64 in err and hub['sha'] in err
+        assert 'Nothing was loaded' in err
 
 
 def test_timm_alone_would_unpickle_a_pickle_only_repo(hub, tmp_path):
@@ -193,6 +220,23 @@ def test_timm_alone_would_unpickle_a_pickle_only_repo(hub, tmp_path):
     assert not (hub['work'] / MARKER).exists()
 
 
+@pytest.fixture()
+def recorded():
+    """Record 'resnet83_spe.cifar100' as published (as timm_spe/registry.py would), undone after the test."""
+    from timm.models import _registry as reg
+    saved = (dict(reg._model_pretrained_cfgs), set(reg._model_has_pretrained),
+             list(reg._model_with_tags['resnet83_spe']), dict(PRETRAINED_TAGS))
+    register_pretrained('resnet83_spe.cifar100', 'a' * 64, num_classes=100, hf_hub_id=f'{ORG}/resnet83_spe.cifar100')
+    yield
+    reg._model_pretrained_cfgs.clear()
+    reg._model_pretrained_cfgs.update(saved[0])
+    reg._model_has_pretrained.clear()
+    reg._model_has_pretrained.update(saved[1])
+    reg._model_with_tags['resnet83_spe'][:] = saved[2]
+    PRETRAINED_TAGS.clear()
+    PRETRAINED_TAGS.update(saved[3])
+
+
 @pytest.mark.parametrize('error, expected', [
     ('RemoteEntryNotFoundError', 'No published weights'),  # the real Hub: repo exists, no model.safetensors
     ('RepositoryNotFoundError', 'No published weights'),
@@ -202,7 +246,7 @@ def test_timm_alone_would_unpickle_a_pickle_only_repo(hub, tmp_path):
     ('OfflineModeIsEnabled', 'not in the Hugging Face cache'),
     ('HfHubHTTPError', 'the Hub answered'),
 ])
-def test_download_errors_are_explained(error, expected, monkeypatch):
+def test_download_errors_are_explained(error, expected, monkeypatch, recorded):
     """Every huggingface_hub failure of the one download becomes a message naming the model, tag and a fix."""
     import huggingface_hub.errors as hf_errors
     cls = getattr(hf_errors, error)
@@ -228,6 +272,8 @@ def test_staged_folder(hub):
     assert 'Not evaluated' in card and '94.03%' in card and "paper's number" in card
     assert 'ResNet-83 with SPE' in card and 'Params (M): 0.' in card and 'GMACs: 0.1' in card
     assert "hf-hub:timm-spe/resnet83_spe.cifar10" in card
+    assert config['label_names'][0] == 'airplane' and config['label_names'][-1] == 'truck'
+    assert 'pipeline_tag: image-classification' in card and 'model-index' not in card  # no eval, no results
 
 
 def test_local_file_and_list_pretrained(hub):
@@ -235,12 +281,18 @@ def test_local_file_and_list_pretrained(hub):
                           pretrained_cfg_overlay=dict(file=str(hub['repo'] / 'model.safetensors')))
     ref = load_file(str(hub['repo'] / 'model.safetensors'))
     assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.items())
-    assert {'resnet83_spe.cifar10', 'resnet164_spe.cifar10', 'resnet164_spe.cifar10_cpu2h'} <= set(
-        timm.list_pretrained('*spe*'))
+    assert timm.list_pretrained('*spe*') == ['resnet164_spe.cifar10_cpu2h']  # only tags with weights
     with pytest.raises(FileNotFoundError, match='does not exist'):
         timm.create_model('resnet83_spe', pretrained=True, pretrained_cfg_overlay=dict(file='/nonexistent.safetensors'))
-    with pytest.raises(PretrainedWeightsNotFound, match='no pretrained weights configured'):
+    with pytest.raises(PretrainedWeightsNotFound, match='has no pretrained weights yet'):
         timm.create_model('resnet50_spe', pretrained=True)
+
+
+def test_register_pretrained_lists_and_makes_default(recorded):
+    assert 'resnet83_spe.cifar100' in timm.list_pretrained('resnet83_spe*')
+    assert timm.models.get_pretrained_cfg('resnet83_spe.cifar100').hf_hub_id == f'{ORG}/resnet83_spe.cifar100'
+    assert timm.models.get_pretrained_cfg('resnet83_spe.cifar100').label_names[-1] == 'worm'
+    assert timm.models.get_pretrained_cfg('resnet83_spe').tag == 'cifar10'  # not made the default
 
 
 def test_publish_refuses_non_empty_out(hub, tmp_path):
@@ -332,9 +384,10 @@ def evaluated(hub, tmp_path_factory):
     """`timm-spe eval` of the published weights on ten images: the eval JSON a card quotes."""
     from PIL import Image
     work = tmp_path_factory.mktemp('publish')
-    for c in range(10):
-        (work / 'test' / f'class{c}').mkdir(parents=True)
-        Image.new('RGB', (32, 32), (25 * c, 100, 0)).save(work / 'test' / f'class{c}' / '0.png')
+    from timm_spe.labels import CIFAR10_LABELS
+    for c, name in enumerate(CIFAR10_LABELS):  # eval matches class folders to the model's classes by name
+        (work / 'test' / name).mkdir(parents=True)
+        Image.new('RGB', (32, 32), (25 * c, 100, 0)).save(work / 'test' / name / '0.png')
     src = hub['repo'] / 'model.safetensors'
     cli(['eval', 'resnet83_spe.cifar10', '--checkpoint', str(src), '--data-dir', str(work / 'test'),
          '--data-label', 'ten test images', '--out', str(work / 'eval.json')])

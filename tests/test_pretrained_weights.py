@@ -61,3 +61,137 @@ def test_accuracy_on_shared_test_split(card_eval, tmp_path):
     result = evaluate(model, tmp_path / 'cifar10-jpeg' / 'test', batch_size=200, progress=False)
     assert result['num_images'] == 10000
     assert result['top1'] >= card_eval['top1'] - 0.5, (result, card_eval)
+
+
+# --- the registry: listed tags have weights that load, and every load is checked against the recorded sha256 ---
+
+import os
+import shlex
+import subprocess
+import sys
+
+from huggingface_hub import ModelCard
+
+from timm_spe.registry import PRETRAINED_TAGS, PretrainedWeightsMismatch, PretrainedWeightsNotFound
+
+
+def _our_tags():
+    return {m for m in timm.list_pretrained() if timm.models.get_pretrained_cfg(m).paper_ids == 'arXiv:2208.10322'
+            or m.split('.')[0] in timm.list_models(module='timm_spe.resnet')}
+
+
+def test_list_pretrained_is_the_registry():
+    assert set(timm.list_pretrained('*spe*')) | _our_tags() == set(PRETRAINED_TAGS)
+    assert 'resnet164_spe.cifar10' not in timm.list_pretrained() and 'resnet83_spe.cifar100' not in timm.list_pretrained()
+    # the paper-schedule tags keep their config (class count, CIFAR data config) for training
+    assert timm.create_model('resnet164_spe.cifar100').num_classes == 100
+
+
+def test_every_listed_tag_loads_offline_or_is_recorded_hub_only(tmp_path):
+    """In a fresh process with HF_HUB_OFFLINE=1 and an empty HF cache, every shipped tag loads and verifies."""
+    shipped = [t for t, e in PRETRAINED_TAGS.items() if e.get('shipped')]
+    hub_only = [t for t, e in PRETRAINED_TAGS.items() if not e.get('shipped')]
+    assert all(PRETRAINED_TAGS[t].get('hf_hub_id') for t in hub_only), hub_only
+    assert all(len(e['sha256']) == 64 for e in PRETRAINED_TAGS.values())
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    env.update(HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'), OMP_NUM_THREADS='1')
+    code = ('import timm, timm_spe, json, sys\n'
+            'for t in json.loads(sys.argv[1]):\n'
+            '    m = timm.create_model(t, pretrained=True)\n'
+            '    assert m.pretrained_cfg["tag"] == t.split(".")[1]\n'
+            'print("ok")\n')
+    proc = subprocess.run([sys.executable, '-c', code, json.dumps(shipped)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr[-3000:]
+    assert not (tmp_path / 'hf').exists()  # nothing was asked of the Hub
+
+
+def test_default_tag_loads_without_a_file_argument():
+    m = timm.create_model('resnet164_spe', pretrained=True)
+    assert m.pretrained_cfg['tag'] == 'cifar10_cpu2h'
+    assert sha256_file(m.pretrained_cfg['file']) == PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h']['sha256']
+    assert m.pretrained_cfg['label_names'][:2] == ['airplane', 'automobile']
+
+
+def test_a_tag_without_weights_says_so_and_how_to_make_them():
+    with pytest.raises(PretrainedWeightsNotFound) as info:
+        timm.create_model('resnet164_spe.cifar100', pretrained=True)
+    msg = str(info.value)
+    assert "'resnet164_spe.cifar100' has no pretrained weights yet" in msg
+    assert 'resnet164_spe.cifar10_cpu2h' in msg and 'timm-spe publish' in msg and './run.sh train' in msg
+
+
+def test_sha256_mismatch_is_an_error_naming_both_hashes(tmp_path, monkeypatch):
+    other = tmp_path / 'other.safetensors'
+    from safetensors.torch import save_file
+    save_file(timm.create_model('resnet164_spe').state_dict(), str(other))
+    recorded = PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h']['sha256']
+    # a file given with the tag named explicitly must be that tag's file
+    with pytest.raises(PretrainedWeightsMismatch) as info:
+        timm.create_model('resnet164_spe.cifar10_cpu2h', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(other)))
+    assert sha256_file(other) in str(info.value) and recorded in str(info.value)
+    assert 'Nothing was loaded' in str(info.value)
+    # the bare model name + a file: the user's own weights, loaded as given
+    m = timm.create_model('resnet164_spe', pretrained=True, pretrained_cfg_overlay=dict(file=str(other)))
+    assert m.pretrained_cfg['file'] == str(other)
+    # the package's own copy is checked too
+    monkeypatch.setitem(PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h'], 'sha256', '0' * 64)
+    with pytest.raises(PretrainedWeightsMismatch, match='0' * 64):
+        timm.create_model('resnet164_spe', pretrained=True)
+
+
+def test_build_hook_ships_exactly_the_registry_tags():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import setup as setup_py  # noqa: the build hook, read without running setup()
+    except SystemExit:  # pragma: no cover
+        raise
+    finally:
+        sys.path.remove(str(ROOT))
+    shipped = setup_py.shipped_weights()
+    assert set(shipped) == {t for t, e in PRETRAINED_TAGS.items() if e.get('shipped')}
+    for tag, (src, sha) in shipped.items():
+        assert sha256_file(ROOT / src) == sha == PRETRAINED_TAGS[tag]['sha256']
+    # no second copy of the weights in git
+    tracked = subprocess.run(['git', 'ls-files', '*.safetensors'], cwd=ROOT, capture_output=True, text=True).stdout
+    assert all(line.startswith('hub_cards/') for line in tracked.split()), tracked
+
+
+# --- the restaged Hub folder: what the Hub expects, nothing machine-specific ---
+
+def test_card_yaml_has_pipeline_tag_and_a_model_index_of_the_eval_json(card_eval):
+    card = ModelCard.load(FOLDER / 'README.md')
+    assert card.data.pipeline_tag == 'image-classification' and card.data.library_name == 'timm'
+    results = {r.metric_name: r for r in card.data.eval_results}
+    top1, top5 = results['Top-1 accuracy (%)'], results['Top-5 accuracy (%)']
+    assert (top1.metric_type, top1.metric_value, top5.metric_value) == ('accuracy', card_eval['top1'], card_eval['top5'])
+    assert top1.task_type == 'image-classification' and top1.dataset_type == 'cifar10'
+    assert top1.dataset_name == 'CIFAR-10 test split (JPEG q75 copy)' and top1.dataset_split == 'test'
+    assert card.data.model_name == 'resnet164_spe.cifar10_cpu2h'
+    assert 'pip install timm-spe' in card.text and 'https://' in card.text.split('Project:')[1].split('\n')[0]
+    assert 'import timm_spe' in card.text and 'hf-hub:` loading works only after `import timm_spe`' in card.text
+
+
+def test_config_json_has_the_class_names():
+    from timm_spe.labels import CIFAR10_LABELS
+    config = json.loads((FOLDER / 'config.json').read_text())
+    assert config['label_names'] == list(CIFAR10_LABELS)
+
+
+def test_eval_json_keeps_its_numbers_and_nothing_staged_is_absolute(card_eval):
+    assert (card_eval['top1'], card_eval['top5'], card_eval['loss'], card_eval['num_images']) == (
+        58.11, 95.82, 1.15964, 10000)
+    assert card_eval['weights_sha256'] == sha256_file(FOLDER / 'model.safetensors')
+    for name in ('README.md', 'config.json', 'eval.json'):
+        text = (FOLDER / name).read_text()
+        assert '/work/' not in text and '/tmp/' not in text and '/root/' not in text and '/home/' not in text, name
+    assert not os.path.isabs(card_eval['data'])
+
+
+def test_measured_with_command_can_be_pasted(card_eval):
+    argv = shlex.split(card_eval['command'])
+    assert argv[:2] == ['timm-spe', 'finish-run']
+    assert argv[argv.index('--data-label') + 1] == 'CIFAR-10 test split (JPEG q75 copy)'
+    assert argv[argv.index('--budget') + 1].startswith('3 of 3 epochs (3 x 390 steps of batch 128), 1.77 h')
+    assert f"with `{card_eval['command']}`" in (FOLDER / 'README.md').read_text()

@@ -6,21 +6,31 @@ recipe and budget from the arguments or the train.py checkpoint. The paper's num
 separately and labelled as the paper's.
 """
 
+import os
+import shlex
 import string
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from huggingface_hub import EvalResult, ModelCardData
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
+from .registry import default_hub_repo_id
+
 __all__ = [
     'PAPER_TOP1', 'DEFAULT_TEMPLATE', 'model_complexity', 'paper_top1', 'render_card', 'registered_cfg',
-    'dataset_of_tag', 'dataset_title', 'describe_model',
+    'dataset_of_tag', 'dataset_title', 'describe_model', 'card_data', 'portable_path', 'portable_command',
+    'portable_eval_result', 'PROJECT_URL',
 ]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / 'hub_cards' / 'template.md'
+# The card template is package data (timm_spe/templates/hub_card.md): works from a wheel, not only a clone.
+DEFAULT_TEMPLATE = resources.files('timm_spe') / 'templates' / 'hub_card.md'
+PROJECT_URL = 'https://pypi.org/project/timm-spe/'
+_PATH_KEYS = ('data', 'checkpoint', 'out')
 
 # Top-1 (%) from the paper's Tables 1 and 2 (ResNet backbones, 164-epoch schedule, original CIFAR).
 PAPER_TOP1: Dict[Tuple[str, str], float] = {
@@ -39,10 +49,64 @@ PAPER_TOP1: Dict[Tuple[str, str], float] = {
 
 
 def registered_cfg(model_tag: str):
-    """timm's pretrained cfg of ``<model>.<tag>``, or None if that tag is not registered."""
-    if model_tag not in timm.list_pretrained(model_tag):
+    """timm's pretrained cfg of ``<model>.<tag>`` (with or without weights), or None if that tag is not registered."""
+    name, tag = timm.models.split_model_name_tag(model_tag)
+    if not tag or not timm.is_model(name):
         return None
-    return timm.models.get_pretrained_cfg(model_tag)
+    return timm.models.get_arch_pretrained_cfgs(name).get(model_tag)
+
+
+def portable_path(path: Any) -> Any:
+    """A path as it may appear in a published file: relative to the working directory if under it, else
+    ``.../<parent>/<name>`` (never the absolute path of the machine it ran on)."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return path
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return '.../' + '/'.join(p.parts[-2:])
+
+
+def portable_command(command: str) -> str:
+    """A recorded command with absolute paths made portable, shlex-quoted so it can be pasted into a shell."""
+    out = []
+    for arg in shlex.split(command):
+        flag, eq, value = arg.partition('=')
+        if eq and flag.startswith('--'):
+            out.append(f'{flag}={portable_path(value)}')
+        else:
+            out.append(portable_path(arg))
+    return shlex.join(out)
+
+
+def portable_eval_result(result: Dict[str, Any]) -> Dict[str, Any]:
+    """The eval JSON as it is staged: same numbers, no absolute paths."""
+    result = dict(result)
+    for key in _PATH_KEYS:
+        if key in result:
+            result[key] = portable_path(result[key])
+    if result.get('command'):
+        result['command'] = portable_command(result['command'])
+    return result
+
+
+def card_data(model_name: str, tag: str, eval_result: Optional[Dict[str, Any]] = None) -> ModelCardData:
+    """The card's YAML: timm library, image-classification pipeline, and a ``model-index`` from the eval JSON."""
+    dataset = dataset_of_tag(tag)
+    results = None
+    if eval_result:
+        label = eval_result.get('data_label') or dataset_title(dataset)
+        common = dict(task_type='image-classification', task_name='Image Classification', dataset_type=dataset,
+                      dataset_name=label, dataset_split='test' if 'test' in label.lower() else None)
+        results = [EvalResult(metric_type='accuracy', metric_name='Top-1 accuracy (%)',
+                              metric_value=round(float(eval_result['top1']), 2), **common),
+                   EvalResult(metric_type='top_5_accuracy', metric_name='Top-5 accuracy (%)',
+                              metric_value=round(float(eval_result['top5']), 2), **common)]
+    return ModelCardData(
+        library_name='timm', license='apache-2.0', pipeline_tag='image-classification',
+        tags=['image-classification', 'timm', 'timm-spe', 'spe-attention'], datasets=[dataset], metrics=['accuracy'],
+        model_name=f'{model_name}.{tag}', eval_results=results)
 
 
 def dataset_of_tag(tag: str) -> str:
@@ -100,7 +164,8 @@ def _results_section(eval_result: Optional[Dict[str, Any]], weights_sha256: str)
         f"| {eval_result.get('data_label') or eval_result['data']} | {eval_result['num_images']}{subset} "
         f"| {eval_result['top1']:.2f} | {eval_result['top5']:.2f} | {loss} |",
         '',
-        f"Measured {eval_result.get('date', '(date not recorded)')} with `{eval_result.get('command', 'timm-spe eval')}`"
+        f"Measured {eval_result.get('date', '(date not recorded)')} with "
+        f"`{portable_command(eval_result['command']) if eval_result.get('command') else 'timm-spe eval'}`"
         + (' on exactly these weights (same sha256).' if same else '.'),
     ])
 
@@ -114,12 +179,13 @@ def render_card(
         budget: str = '',
         figures: Optional[List[Tuple[str, str]]] = None,
         num_classes: int = 10,
-        template: Union[str, Path] = DEFAULT_TEMPLATE,
+        template: Union[str, Path, None] = None,
+        repo_id: Optional[str] = None,
 ) -> str:
-    """Fill ``hub_cards/template.md`` (``$name`` placeholders) for ``<model_name>.<tag>``."""
-    template = Path(template)
+    """Fill the card template (``$name`` placeholders; default: the package's ``templates/hub_card.md``)."""
+    template = DEFAULT_TEMPLATE if template is None else Path(template)
     if not template.is_file():
-        raise FileNotFoundError(f"card template '{template}' not found (run from a clone of timm-spe, or pass --template).")
+        raise FileNotFoundError(f"card template '{template}' not found (omit --template for the package's own).")
     c = model_complexity(model_name, num_classes)
     dataset = dataset_of_tag(tag)
     paper = paper_top1(model_name, tag)
@@ -131,7 +197,9 @@ def render_card(
     values = {
         'model_name': model_name,
         'tag': tag,
-        'repo_id': getattr(registered_cfg(f'{model_name}.{tag}'), 'hf_hub_id', None) or f'<org>/{model_name}.{tag}',
+        'card_data': card_data(model_name, tag, eval_result).to_yaml(),
+        'project_url': PROJECT_URL,
+        'repo_id': repo_id or default_hub_repo_id(f'{model_name}.{tag}'),
         'dataset': dataset,
         'dataset_upper': dataset_title(dataset),
         'description': describe_model(model_name),

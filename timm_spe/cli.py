@@ -5,11 +5,15 @@
     timm-spe convert SRC --model NAME[.TAG] --out FILE.safetensors|DIR
     timm-spe publish SRC --model NAME --tag TAG [--eval-json J] [--recipe R] [--budget B] [--figure PNG:CAPTION]
                      [--out DIR] [--dry-run] [--create-pr | --overwrite]
-    timm-spe upload DIR [--create-pr | --overwrite]   # upload a folder staged with --dry-run / finish-run
+    timm-spe upload DIR [--create-pr | --overwrite] [--revision BRANCH] [--commit-message MSG]
     timm-spe finish-run --recipe RECIPE.yaml      # eval + plots + staged Hub folder for a train.py run
+    timm-spe run path/to/validate.py ARGS...     # any timm script with the SPE models registered
 """
 import argparse
+import importlib.util
 import json
+import runpy
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -23,12 +27,14 @@ from timm.models import split_model_name_tag
 from timm.models._hub import save_for_hf
 
 import timm_spe  # noqa: F401  (registers the models)
-from .card import DEFAULT_TEMPLATE, dataset_of_tag, registered_cfg, render_card
+from .card import dataset_of_tag, portable_eval_result, registered_cfg, render_card
 from .convert import load_checkpoint_file, load_weights
 from .evaluate import evaluate
 from .hub import (
     SAFE_WEIGHTS_NAME, check_staged_folder, check_upload_allowed, hub_api, read_eval_json, sha256_file,
     stage_hub_folder, upload_hub_folder, weights_sha256)
+from .registry import default_hub_repo_id
+from .version import __version__
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
 from .train_run import read_summary, run_status
 
@@ -43,7 +49,8 @@ def _create(model: str, checkpoint: Optional[str], use_ema: bool = False) -> tor
     known_tag = not tag or registered_cfg(model) is not None
     if not known_tag and not checkpoint:
         tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{name}.*')]
-        raise SystemExit(f"'{name}' has no pretrained tag '{tag}' (known: {tags}); give --checkpoint for new weights.")
+        raise SystemExit(f"'{name}' has no pretrained tag '{tag}' (tags with weights: {tags}); give --checkpoint "
+                         f"for new weights.")
     if checkpoint:
         state_dict, _ = load_checkpoint_file(checkpoint, use_ema=use_ema)
         kwargs = {'num_classes': state_dict['fc.weight'].shape[0]} if 'fc.weight' in state_dict else {}
@@ -66,7 +73,8 @@ def _check_classes(model_tag: str, num_classes: Optional[int], checkpoint: str) 
 
 
 def _command(args) -> str:
-    return ' '.join(['timm-spe', *(getattr(args, 'argv', None) or [])])
+    """The command line that ran, quoted so it can be pasted into a shell."""
+    return shlex.join(['timm-spe', *(getattr(args, 'argv', None) or [])])
 
 
 def cmd_eval(args) -> dict:
@@ -74,9 +82,17 @@ def cmd_eval(args) -> dict:
         raise SystemExit(f"--ema needs --checkpoint FILE (a train.py checkpoint with state_dict_ema): the pretrained "
                          f"weights of '{args.model}' have no EMA copy. Drop --ema, or give the checkpoint.")
     model = _create(args.model, args.checkpoint, args.ema)  # --ema on a file without EMA weights raises there
-    result = evaluate(model, args.data_dir, batch_size=args.batch_size, limit=args.limit, workers=args.workers,
-                      allow_class_subset=getattr(args, 'allow_class_subset', False),
-                      skip_bad_images=getattr(args, 'skip_bad_images', False))
+    device = torch.device(getattr(args, 'device', None) or 'cpu')
+    if getattr(args, 'channels_last', False):
+        model = model.to(memory_format=torch.channels_last)
+    amp = getattr(args, 'amp', False)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        result = evaluate(model, args.data_dir, batch_size=args.batch_size, limit=args.limit, workers=args.workers,
+                          device=device, progress=not getattr(args, 'json', False),
+                          allow_class_subset=getattr(args, 'allow_class_subset', False),
+                          skip_bad_images=getattr(args, 'skip_bad_images', False))
+    result.update(device=str(device), amp='bfloat16' if amp else None,
+                  channels_last=bool(getattr(args, 'channels_last', False)))
     name, tag = split_model_name_tag(args.model)
     weights_file = args.checkpoint or model.pretrained_cfg.get('file')  # the Hub download (HF cache) if no checkpoint
     result = {'model': name, 'tag': tag or model.pretrained_cfg.get('tag'), 'checkpoint': args.checkpoint,
@@ -88,12 +104,16 @@ def cmd_eval(args) -> dict:
     notes = ([f"only {len(result['classes_evaluated'])} of {len(result['label_names'])} classes"]
              if result['class_subset'] else []) + ([f"{result['skipped_images']} unreadable images skipped"]
                                                    if result['skipped_images'] else [])
-    print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-          f"({result['num_images']} images of {args.data_dir}{''.join('; ' + n for n in notes)})")
+    if getattr(args, 'json', False):  # stdout is the JSON alone (pipe it to jq)
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+              f"({result['num_images']} images of {args.data_dir}{''.join('; ' + n for n in notes)})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f'wrote {args.out}')
+        if not getattr(args, 'json', False):
+            print(f'wrote {args.out}')
     return result
 
 
@@ -183,13 +203,14 @@ def cmd_publish(args) -> Path:
         raise SystemExit(f"unknown model '{args.model}'; see timm.list_models('resnet*').")
     model_tag = f'{args.model}.{args.tag}'
     cfg = registered_cfg(model_tag)
-    repo_id = args.repo_id or (cfg.hf_hub_id if cfg and cfg.hf_hub_id else None)
+    repo_id = args.repo_id or (default_hub_repo_id(model_tag) if cfg else None)
     if not args.dry_run and not repo_id:
         raise SystemExit(f"no Hub repo for '{model_tag}' (tag not registered in timm_spe): pass --repo-id ORG/NAME.")
     api = None
     if not args.dry_run:  # refuse before staging anything if the upload would be refused anyway
         api = hub_api()
-        check_upload_allowed(repo_id, overwrite=args.overwrite, create_pr=args.create_pr, api=api)
+        check_upload_allowed(repo_id, overwrite=args.overwrite, create_pr=args.create_pr, api=api,
+                             revision=getattr(args, 'revision', None))
     state_dict, info = load_checkpoint_file(args.src, use_ema=args.ema)
     num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else 10
     _check_classes(model_tag, num_classes, args.src)
@@ -202,15 +223,18 @@ def cmd_publish(args) -> Path:
     recipe, budget = _recipe_and_budget(args, info)
     figures = [_parse_figure(f) for f in args.figure]
     if args.template and not Path(args.template).is_file():
-        raise SystemExit(f"card template '{args.template}' not found (pass --template hub_cards/template.md).")
+        raise SystemExit(f"card template '{args.template}' not found (omit --template to use the package's own).")
 
     def card(staged_sha: str) -> str:
         return render_card(args.model, args.tag, staged_sha, eval_result=eval_result, recipe=recipe, budget=budget,
-                           figures=[(p.name, c) for p, c in figures], num_classes=num_classes, template=args.template)
+                           figures=[(p.name, c) for p, c in figures], num_classes=num_classes, template=args.template,
+                           repo_id=repo_id)
 
     out = Path(args.out) if args.out else default_out(model_tag)
+    # the staged eval.json: the same numbers, with paths relative / shortened and the command quoted
+    texts = {'eval.json': json.dumps(portable_eval_result(eval_result), indent=2) + '\n'} if eval_result else None
     staged = stage_hub_folder(model, out, card=card, figures={p.name: p for p, _ in figures},
-                              extra_files={'eval.json': args.eval_json} if args.eval_json else None, force=args.force)
+                              extra_texts=texts, force=args.force)
     staged_sha = sha256_file(staged / SAFE_WEIGHTS_NAME)
     if staged_sha != sha:
         raise RuntimeError(f'staged {SAFE_WEIGHTS_NAME} sha256 {staged_sha} differs from the weights ({sha}).')
@@ -224,9 +248,13 @@ def cmd_publish(args) -> Path:
 
 def _upload(folder: Path, repo_id: str, args, api=None) -> None:
     result = upload_hub_folder(folder, repo_id, overwrite=args.overwrite, create_pr=args.create_pr,
-                               private=args.private, api=api)
+                               private=args.private, api=api, commit_message=getattr(args, 'commit_message', None),
+                               revision=getattr(args, 'revision', None))
     url = getattr(result, 'pr_url', None) if args.create_pr else None
-    print(f'uploaded {folder} to {repo_id}' + (f' as a pull request: {url}' if args.create_pr else ''))
+    print(f'uploaded {folder} to {repo_id}' + (f' ({args.revision})' if getattr(args, 'revision', None) else '')
+          + (f' as a pull request: {url}' if args.create_pr else ''))
+    print(f"pretrained=True for '{repo_id}' needs its sha256 {sha256_file(folder / SAFE_WEIGHTS_NAME)} recorded in "
+          f"timm_spe/registry.py PRETRAINED_TAGS (see docs/hub.md); hf-hub:{repo_id} loads right away.")
 
 
 def cmd_upload(args) -> Path:
@@ -235,7 +263,7 @@ def cmd_upload(args) -> Path:
     config = check_staged_folder(folder)
     model_tag = f"{config['architecture']}.{config.get('pretrained_cfg', {}).get('tag', '')}"
     cfg = registered_cfg(model_tag)
-    repo_id = args.repo_id or (cfg.hf_hub_id if cfg and cfg.hf_hub_id else None)
+    repo_id = args.repo_id or (default_hub_repo_id(model_tag) if cfg else None)
     if not repo_id:
         raise SystemExit(f"no Hub repo for '{model_tag}' (tag not registered in timm_spe): pass --repo-id ORG/NAME.")
     _upload(folder, repo_id, args)
@@ -305,106 +333,194 @@ def cmd_run_status(args) -> str:
     return line
 
 
+def cmd_run(args) -> None:
+    """Run a timm script (``validate.py``, ``train.py``, ``inference.py``...) with the SPE models registered.
+
+    The script runs in this process (``runpy``) with ``sys.argv = [script, *args]`` after ``import timm_spe``,
+    so ``--model resnet164_spe`` (and ``--pretrained``) work as for timm's own models.
+    """
+    script = Path(args.script)
+    if not script.is_file():
+        raise SystemExit(f"timm-spe run: '{script}' does not exist (timm's scripts are in a clone of "
+                         f"github.com/huggingface/pytorch-image-models: validate.py, train.py, inference.py...).")
+    old_argv, old_path = sys.argv, list(sys.path)
+    sys.argv = [str(script), *args.script_args]
+    sys.path.insert(0, str(script.resolve().parent))  # as `python script.py` would
+    try:
+        runpy.run_path(str(script), run_name='__main__')
+    finally:
+        sys.argv, sys.path[:] = old_argv, old_path
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and appends '(default: X)' to options whose help does not state it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if (action.option_strings and 'default' not in text and action.default is not argparse.SUPPRESS
+                and not isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction))):
+            text += ' (default: %(default)s)'
+        return text
+
+
+def _examples(*lines: str) -> str:
+    return 'example:\n' + '\n'.join(f'  {line}' for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='timm-spe', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog='timm-spe', description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}',
+                        help='print the timm-spe version and exit')
     sub = parser.add_subparsers(dest='command', required=True)
+
+    def add(name, help, *examples):
+        return sub.add_parser(name, help=help, description=help, epilog=_examples(*examples),
+                              formatter_class=_HelpFormatter)
 
     def upload_args(p, repo_default):
         p.add_argument('--repo-id', default=None, help=f'Hub repo (default: {repo_default})')
         g = p.add_mutually_exclusive_group()
-        g.add_argument('--create-pr', action='store_true', help='upload as a pull request')
-        g.add_argument('--overwrite', action='store_true', help='replace weights already on the Hub')
-        p.add_argument('--private', action='store_true')
+        g.add_argument('--create-pr', action='store_true', help='upload as a pull request (default: off)')
+        g.add_argument('--overwrite', action='store_true', help='replace weights already on the Hub (default: off)')
+        p.add_argument('--private', action='store_true',
+                       help="create the repo private (default: off, the account's default visibility)")
+        p.add_argument('--revision', default=None,
+                       help='branch to commit to, created from main if absent; with --create-pr the base of the '
+                            'pull request (default: main)')
+        p.add_argument('--commit-message', default=None,
+                       help="commit / pull request title (default: 'Add <folder> (timm-spe publish)')")
 
     def model_args(p, checkpoint_flag='--checkpoint'):
-        p.add_argument('model', help='model name, optionally with a pretrained tag (resnet164_spe.cifar10)')
+        p.add_argument('model', help='model name, optionally with a pretrained tag (resnet164_spe.cifar10_cpu2h)')
         p.add_argument(checkpoint_flag, default=None,
                        help='weights: safetensors, train.py checkpoint or official SPEM checkpoint '
-                            '(default: the tag\'s pretrained weights from the Hub)')
-        p.add_argument('--ema', action='store_true', help="use a train.py checkpoint's state_dict_ema")
+                            "(default: the tag's pretrained weights: shipped in the package, else from the Hub)")
+        p.add_argument('--ema', action='store_true', help="use a train.py checkpoint's state_dict_ema (default: off)")
 
-    p = sub.add_parser('eval', help='top-1/top-5/loss on a CIFAR test split')
+    p = add('eval', 'top-1/top-5/loss on a CIFAR test split',
+            'timm-spe eval resnet164_spe --data-dir data/cifar10-jpeg/test --out eval.json',
+            'timm-spe eval resnet164_spe --checkpoint last.pth.tar --data-dir data/cifar10 --device cuda --amp '
+            '--channels-last --json')
     model_args(p)
     p.add_argument('--data-dir', required=True,
                    help="test split: <dir>/<class>/*, class folders named as the model's classes (CIFAR-10: airplane "
-                        "... truck), or a folder with cifar-10-batches-py / cifar-100-python")
-    p.add_argument('--data-label', default=None, help='how the card names the data (e.g. "CIFAR-10 (JPEG q75 copy)")')
-    p.add_argument('--limit', type=int, default=None, help='evaluate a fixed class-balanced subset of N images')
+                        "... truck), or a folder with cifar-10-batches-py / cifar-100-python (required)")
+    p.add_argument('--data-label', default=None,
+                   help='how the card names the data, e.g. "CIFAR-10 (JPEG q75 copy)" (default: the data path)')
+    p.add_argument('--limit', type=int, default=None,
+                   help='evaluate a fixed class-balanced subset of N images (default: all)')
     p.add_argument('--allow-class-subset', action='store_true',
-                   help="score a split holding only some of the model's classes (the JSON records which)")
+                   help="score a split holding only some of the model's classes; the JSON records which (default: off)")
     p.add_argument('--skip-bad-images', action='store_true',
-                   help='leave out unreadable images instead of refusing (the JSON records how many)')
-    p.add_argument('--batch-size', type=int, default=100)
-    p.add_argument('--workers', type=int, default=0)
-    p.add_argument('--out', default=None, help='write the result as JSON here')
+                   help='leave out unreadable images instead of refusing; the JSON records how many (default: off)')
+    p.add_argument('--batch-size', type=int, default=100, help='images per batch')
+    p.add_argument('--workers', type=int, default=0, help='data-loading worker processes (0: in the main process)')
+    p.add_argument('--device', default='cpu', help='torch device: cpu, cuda, cuda:1, mps...')
+    p.add_argument('--amp', action='store_true', help='bfloat16 autocast on --device (default: off, float32)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format (default: off)')
+    p.add_argument('--json', action='store_true',
+                   help='print the full result as JSON on stdout instead of the one-line summary (default: off)')
+    p.add_argument('--out', default=None, help='write the result as JSON here (default: not written)')
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser('inspect', help='print (and plot) the learned lambda of every SPE block')
+    p = add('inspect', 'print (and plot) the learned lambda of every SPE block',
+            'timm-spe inspect resnet164_spe --plot spe_lambda.png')
     model_args(p)
-    p.add_argument('--plot', default=None, help='write a PNG plot here')
+    p.add_argument('--plot', default=None, help="write a PNG plot here; needs pip install 'timm-spe[plot]' "
+                                                "(default: no plot)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser('convert', help='convert a checkpoint (e.g. the authors\' official one) to safetensors')
+    p = add('convert', "convert a checkpoint (e.g. the authors' official one) to safetensors",
+            'timm-spe convert model_best.pth.tar --model resnet164_spe.cifar10 --out resnet164_spe.safetensors')
     p.add_argument('src', help='official SPEM checkpoint (model_best.pth.tar), train.py checkpoint or safetensors')
-    p.add_argument('--model', required=True, help='target model, optionally MODEL.TAG (recorded in config.json)')
+    p.add_argument('--model', required=True,
+                   help='target model, optionally MODEL.TAG, recorded in config.json (required)')
     p.add_argument('--out', required=True,
-                   help='FILE.safetensors, or a folder: model.safetensors + config.json (timm local-dir: format)')
-    p.add_argument('--ema', action='store_true')
-    p.add_argument('--force', action='store_true', help='replace an existing output file / non-empty folder')
+                   help='FILE.safetensors, or a folder: model.safetensors + config.json, timm local-dir: format '
+                        '(required)')
+    p.add_argument('--ema', action='store_true', help="use a train.py checkpoint's state_dict_ema (default: off)")
+    p.add_argument('--force', action='store_true',
+                   help='replace an existing output file / non-empty folder (default: off)')
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser('publish', help='stage a Hub folder (safetensors + config.json + card) and upload it')
+    p = add('publish', 'stage a Hub folder (safetensors + config.json + card) and upload it',
+            'timm-spe publish last.pth.tar --model resnet164_spe --tag cifar10 --eval-json eval.json --dry-run',
+            'timm-spe publish last.pth.tar --model resnet164_spe --tag cifar10 --eval-json eval.json --create-pr')
     p.add_argument('src', help='train.py checkpoint, safetensors file or official SPEM checkpoint')
-    p.add_argument('--model', required=True)
-    p.add_argument('--tag', required=True, help='pretrained tag, e.g. cifar10 or cifar10_cpu2h')
-    p.add_argument('--ema', action='store_true')
-    p.add_argument('--eval-json', default=None, help='result of `timm-spe eval --out` for the card')
+    p.add_argument('--model', required=True, help='model name, e.g. resnet164_spe (required)')
+    p.add_argument('--tag', required=True, help='pretrained tag, e.g. cifar10 or cifar10_cpu2h (required)')
+    p.add_argument('--ema', action='store_true', help="use a train.py checkpoint's state_dict_ema (default: off)")
+    p.add_argument('--eval-json', default=None,
+                   help='result of `timm-spe eval --out` for the card (default: none, the card says "Not evaluated")')
     p.add_argument('--recipe', default='', help='recipe used (default: from the train.py checkpoint)')
-    p.add_argument('--budget', default='', help='training budget actually used, free text')
-    p.add_argument('--figure', action='append', default=[], help='PNG[:caption] to include in the card')
-    p.add_argument('--template', default=str(DEFAULT_TEMPLATE))
-    p.add_argument('--out', default=None, help='staging folder (default hub_cards/<model>.<tag>)')
-    p.add_argument('--force', action='store_true', help='replace a non-empty staging folder')
-    p.add_argument('--dry-run', action='store_true', help='stage only, do not upload')
-    upload_args(p, repo_default="the tag's hf_hub_id")
+    p.add_argument('--budget', default='', help='training budget actually used, free text (default: from the '
+                                                'train.py checkpoint)')
+    p.add_argument('--figure', action='append', default=[],
+                   help='PNG[:caption] to include in the card; repeatable (default: none)')
+    p.add_argument('--template', default=None,
+                   help="card template with $name placeholders (default: the package's templates/hub_card.md)")
+    p.add_argument('--out', default=None,
+                   help='staging folder (default: hub_cards/<model>.<tag> in a clone, else ./<model>.<tag>)')
+    p.add_argument('--force', action='store_true', help='replace a non-empty staging folder (default: off)')
+    p.add_argument('--dry-run', action='store_true', help='stage only, do not upload (default: off)')
+    upload_args(p, repo_default="timm-spe/<model>.<tag> for a registered tag, else required")
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser('upload', help='upload a folder staged by `publish --dry-run` or `finish-run`')
-    p.add_argument('folder')
-    upload_args(p, repo_default="the hf_hub_id of config.json's model.tag")
+    p = add('upload', 'upload a folder staged by `publish --dry-run` or `finish-run`',
+            'timm-spe upload hub_cards/resnet164_spe.cifar10_e30 --create-pr --commit-message "30-epoch weights"')
+    p.add_argument('folder', help='the staged folder (model.safetensors, config.json, README.md...)')
+    upload_args(p, repo_default="timm-spe/<model>.<tag> of config.json's architecture and tag")
     p.set_defaults(func=cmd_upload)
 
-    p = sub.add_parser('run-status', help="one line: epoch, train loss and top-1 of a run's last completed epoch")
+    p = add('run', "run one of timm's scripts (validate.py, train.py, inference.py...) with the SPE models "
+                   "registered",
+            'timm-spe run pytorch-image-models/validate.py --model resnet164_spe --pretrained --data-dir '
+            'data/cifar10-jpeg/test --device cpu -b 100')
+    p.add_argument('script', help="path to the script, e.g. a clone's pytorch-image-models/validate.py")
+    p.add_argument('script_args', nargs=argparse.REMAINDER, help="the script's own arguments, passed unchanged")
+    p.set_defaults(func=cmd_run)
+
+    p = add('run-status', "one line: epoch, train loss and top-1 of a run's last completed epoch",
+            'timm-spe run-status train_runs/resnet164_spe-cifar10_e30 --recipe train_recipes/resnet164_spe-cifar10_e30.yaml')
     p.add_argument('run_dir', help='the run folder, e.g. train_runs/resnet164_spe-cifar10_e30')
-    p.add_argument('--recipe', default=None, help='its recipe (for the scheduled epoch count; default: none)')
+    p.add_argument('--recipe', default=None, help='its recipe, for the scheduled epoch count (default: none)')
     p.add_argument('--prefix', default='', help='text printed before the status (default: none)')
     p.set_defaults(func=cmd_run_status)
 
-    p = sub.add_parser('finish-run', help='eval + plots + staged Hub folder for a finished train.py run')
-    p.add_argument('--recipe', required=True)
+    p = add('finish-run', 'eval + plots + staged Hub folder for a finished train.py run',
+            'timm-spe finish-run --recipe train_recipes/resnet164_spe-cifar10_e30.yaml')
+    p.add_argument('--recipe', required=True, help='the recipe YAML the run was trained with (required)')
     p.add_argument('--run-dir', default=None,
                    help="default: the recipe's <output>/<experiment>, or train_runs/<recipe file name> for run.sh")
     p.add_argument('--unfinished', action='store_true',
-                   help='stage the last completed epoch of a run that has not reached its scheduled epochs')
+                   help='stage the last completed epoch of a run that has not reached its scheduled epochs '
+                        '(default: off)')
     p.add_argument('--data-dir', default=None, help="default: the recipe's data_dir/val_split")
-    p.add_argument('--data-label', default=None)
+    p.add_argument('--data-label', default=None, help='how the card names the data (default: from --data-dir)')
     p.add_argument('--tag', default=None, help='default: the part of the experiment name after "-"')
     p.add_argument('--log', default=None,
                    help="train.py's console log, for per-step loss in the curve (default: <run dir>/train.log)")
-    p.add_argument('--budget', default='')
-    p.add_argument('--template', default=str(DEFAULT_TEMPLATE))
-    p.add_argument('--out', default=None)
-    p.add_argument('--force', action='store_true')
-    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--budget', default='', help="training budget actually used (default: from the run's summary.csv)")
+    p.add_argument('--template', default=None, help="card template (default: the package's templates/hub_card.md)")
+    p.add_argument('--out', default=None, help='staging folder (default: hub_cards/<model>.<tag> in a clone)')
+    p.add_argument('--force', action='store_true', help='replace a non-empty staging folder (default: off)')
+    p.add_argument('--workers', type=int, default=0, help='data-loading worker processes for the eval')
     p.set_defaults(func=cmd_finish_run)
     return parser
+
+
+def _needs_matplotlib(args) -> bool:
+    return args.command == 'finish-run' or (args.command == 'inspect' and bool(args.plot))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if _needs_matplotlib(args) and importlib.util.find_spec('matplotlib') is None:
+        raise SystemExit(f"timm-spe {args.command}: plotting needs matplotlib: pip install 'timm-spe[plot]'")
+    if args.command == 'run':  # the script owns its errors and exit status
+        return args.func(args)
     try:
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:

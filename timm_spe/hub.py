@@ -27,32 +27,23 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from timm.models import resolve_pretrained_cfg
 from timm.models._hub import hf_split, save_for_hf
 
+from .labels import label_names_for
+from .registry import (
+    SAFE_WEIGHTS_NAME, PretrainedWeightsCorrupt, PretrainedWeightsMismatch, PretrainedWeightsNotFound,
+    no_weights_message, pretrained_entry, sha256_file, tag_of_hub_id, verify_sha256)
+
 __all__ = [
-    'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt', 'SAFE_WEIGHTS_NAME', 'resolve_pretrained_weights',
+    'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt', 'PretrainedWeightsMismatch', 'SAFE_WEIGHTS_NAME', 'resolve_pretrained_weights',
     'download_safetensors', 'stage_hub_folder', 'upload_hub_folder', 'sha256_file', 'weights_sha256',
     'read_eval_json', 'hub_api', 'check_upload_allowed', 'check_staged_folder',
 ]
 
 _logger = logging.getLogger(__name__)
-SAFE_WEIGHTS_NAME = 'model.safetensors'
 PathLike = Union[str, Path]
 
 
-class PretrainedWeightsNotFound(RuntimeError):
-    """A pretrained tag's weights are not on the Hub (yet), or not in the cache while offline."""
-
-
-class PretrainedWeightsCorrupt(RuntimeError):
-    """A downloaded or local safetensors file cannot be read."""
-
-
 def _how_to_publish(variant: str, tag: str) -> str:
-    return (
-        f"Train them with timm's train.py (recipe train_recipes/{variant}-{tag}.yaml if there is one: "
-        f"`./run.sh train train_recipes/{variant}-{tag}.yaml`), evaluate with `timm-spe eval`, then stage and "
-        f"upload with `timm-spe publish CHECKPOINT --model {variant} --tag {tag} --eval-json EVAL.json`. "
-        f"To use a local file instead: timm.create_model('{variant}', pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors')).")
+    return no_weights_message(f'{variant}.{tag}')
 
 
 def download_safetensors(
@@ -100,21 +91,28 @@ def _check_safetensors(path: str, source: str) -> None:
 
 
 def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained: bool) -> Dict[str, Any]:
-    """Make a pretrained load of ``variant`` read a local safetensors file (downloaded from the Hub if needed).
+    """Make a pretrained load of ``variant`` read a local, verified safetensors file (downloaded if needed).
 
     Called by our model builders before timm's ``build_model_with_cfg``; returns the kwargs with a
-    resolved ``pretrained_cfg`` whose ``file`` points at the weights.
+    resolved ``pretrained_cfg`` whose ``file`` points at the weights. Weights of a tag recorded in
+    :mod:`timm_spe.registry` -- the package's copy, a Hub download, an ``hf-hub:`` id of the recorded repo, or a
+    file given with the tag named explicitly (``'model.tag'`` + ``pretrained_cfg_overlay=dict(file=...)``) -- must
+    have the recorded sha256, or nothing is loaded. A file given for the bare model name is the user's own.
     """
     if not pretrained:
         return kwargs
     kwargs = dict(kwargs)
+    named_tag = isinstance(kwargs.get('pretrained_cfg'), str)  # 'model.tag' reaches us as pretrained_cfg='tag'
+    overlay = kwargs.pop('pretrained_cfg_overlay', None)
     cfg = resolve_pretrained_cfg(
         variant,
         pretrained_cfg=kwargs.pop('pretrained_cfg', None),
-        pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None),
+        pretrained_cfg_overlay=overlay,
     ).to_dict()
     tag = cfg.get('tag') or ''
+    model_tag = f'{variant}.{tag}' if tag else variant
     if cfg.get('state_dict') is None:
+        expect = None  # the registry tag whose sha256 the file must have
         if cfg.get('source') == 'local-dir':  # timm.create_model('local-dir:FOLDER'): its safetensors only
             folder = Path(cfg['file'])
             cfg['file'] = str(folder / SAFE_WEIGHTS_NAME)
@@ -124,29 +122,35 @@ def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained:
                     f"folder with `timm-spe publish ... --dry-run --out {folder}` or `timm-spe convert`.")
             source = f'local folder {folder}'
         elif cfg.get('file'):
-            source = 'pretrained_cfg file'
+            user_file = bool(overlay and overlay.get('file'))
+            source = 'pretrained_cfg file' if user_file else f"the timm-spe package's weights of '{model_tag}'"
+            if pretrained_entry(model_tag) and (named_tag or not user_file):
+                expect = model_tag
             if not os.path.isfile(cfg['file']):
+                if not user_file:
+                    raise PretrainedWeightsNotFound(
+                        f"The weights of '{model_tag}' should ship inside the timm-spe package but '{cfg['file']}' is "
+                        f"missing: reinstall timm-spe (pip install --force-reinstall timm-spe), or in a git clone "
+                        f"restore hub_cards/{model_tag}/{SAFE_WEIGHTS_NAME}.")
                 raise FileNotFoundError(f"pretrained_cfg file '{cfg['file']}' for '{variant}' does not exist.")
         elif cfg.get('hf_hub_id'):
             source = f"the Hub repo {cfg['hf_hub_id']}"
+            repo_id, revision = hf_split(cfg['hf_hub_id'])
+            recorded = tag_of_hub_id(repo_id)
+            if cfg.get('source') == 'hf-hub':  # hf-hub:ORG/REPO: checked only if the registry records that repo
+                expect = recorded if revision is None else None
+            elif pretrained_entry(model_tag):
+                expect = model_tag
             cfg['file'] = download_safetensors(cfg['hf_hub_id'], variant, tag, cache_dir=kwargs.get('cache_dir'))
         else:
-            raise PretrainedWeightsNotFound(
-                f"'{variant}' has no pretrained weights configured. " + _how_to_publish(variant, tag or 'TAG'))
+            raise PretrainedWeightsNotFound(no_weights_message(model_tag if tag else f'{variant}.TAG'))
+        if expect:
+            verify_sha256(cfg['file'], expect, source)
         if str(cfg['file']).endswith('.safetensors'):
             _check_safetensors(cfg['file'], source)
         cfg['source'] = ''  # load from the local file, not through timm's (pickle-capable) Hub fallback
     kwargs['pretrained_cfg'] = cfg
     return kwargs
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(model) -> str:
@@ -164,6 +168,7 @@ def stage_hub_folder(
         figures: Optional[Dict[str, PathLike]] = None,
         extra_files: Optional[Dict[str, PathLike]] = None,
         force: bool = False,
+        extra_texts: Optional[Dict[str, str]] = None,
 ) -> Path:
     """Write a Hub-ready folder: ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) + ``README.md``.
 
@@ -178,6 +183,7 @@ def stage_hub_folder(
         figures: ``{name_in_folder: source_path}`` images to copy next to the card.
         extra_files: ``{name_in_folder: source_path}`` other files (e.g. the eval JSON).
         force: Replace the folder's previous contents.
+        extra_texts: ``{name_in_folder: text}`` files written from memory (e.g. the eval JSON without absolute paths).
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -185,6 +191,9 @@ def stage_hub_folder(
             raise FileExistsError(
                 f"Output folder '{out}' is not empty; choose another --out or pass --force to replace its contents.")
     files = {**(figures or {}), **(extra_files or {})}
+    for name in (extra_texts or {}):
+        if name in (SAFE_WEIGHTS_NAME, 'config.json', 'README.md') or Path(name).name != name or name in files:
+            raise ValueError(f"cannot stage a text as '{name}'.")
     for name, src in files.items():
         if not Path(src).is_file():
             raise FileNotFoundError(f"'{src}' (to be staged as {name}) does not exist.")
@@ -196,9 +205,13 @@ def stage_hub_folder(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_for_hf(model, tmp, safe_serialization=True)
+        labels = label_names_for(model)  # config.json label_names: timm's inference.py prints class names
+        save_for_hf(model, tmp, safe_serialization=True,
+                    model_config={'label_names': list(labels)} if labels else None)
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
+        for name, text in (extra_texts or {}).items():
+            (tmp / name).write_text(text)
         text = card(sha256_file(tmp / SAFE_WEIGHTS_NAME)) if callable(card) else card
         (tmp / 'README.md').write_text(text)
         if out.exists():
@@ -243,14 +256,16 @@ def hub_api() -> HfApi:
 
 
 def check_upload_allowed(repo_id: str, overwrite: bool = False, create_pr: bool = False,
-                         api: Optional[HfApi] = None) -> None:
+                         api: Optional[HfApi] = None, revision: Optional[str] = None) -> None:
     """Refuse (before anything is staged or sent) to replace weights already in ``repo_id`` by accident."""
     if create_pr or overwrite:
         return
     api = api or hub_api()
-    if api.file_exists(repo_id, SAFE_WEIGHTS_NAME):  # False for a repo that does not exist yet
+    exists = (api.file_exists(repo_id, SAFE_WEIGHTS_NAME, revision=revision) if revision else
+              api.file_exists(repo_id, SAFE_WEIGHTS_NAME))  # False for a repo (or branch) that does not exist yet
+    if exists:
         raise FileExistsError(
-            f"'{repo_id}' already has {SAFE_WEIGHTS_NAME}. Pass --create-pr to propose the new weights as a pull "
+            f"'{repo_id}'{f' ({revision})' if revision else ''} already has {SAFE_WEIGHTS_NAME}. Pass --create-pr to propose the new weights as a pull "
             f"request, or --overwrite to replace them.")
 
 
@@ -262,6 +277,7 @@ def upload_hub_folder(
         private: bool = False,
         commit_message: Optional[str] = None,
         api: Optional[HfApi] = None,
+        revision: Optional[str] = None,
 ) -> Any:
     """Upload a staged folder with huggingface_hub, refusing to replace existing weights silently.
 
@@ -273,6 +289,7 @@ def upload_hub_folder(
         private: Create the repo private (otherwise the account's / organisation's default).
         commit_message: Commit (or pull request) title.
         api: An ``HfApi`` (tests pass a mock).
+        revision: Branch to commit to (created from ``main`` if absent), or the base of the pull request.
 
     The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``hf auth login``) and is
     never read, printed or written here.
@@ -281,12 +298,15 @@ def upload_hub_folder(
     check_staged_folder(folder)
     api = api or hub_api()
     api.create_repo(repo_id, exist_ok=True, private=True if private else None)
-    check_upload_allowed(repo_id, overwrite=overwrite, create_pr=create_pr, api=api)
+    if revision and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    check_upload_allowed(repo_id, overwrite=overwrite, create_pr=create_pr, api=api, revision=revision)
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
         commit_message=commit_message or f'Add {folder.name} (timm-spe publish)',
         create_pr=create_pr,
+        **({'revision': revision} if revision else {}),
     )
 
 

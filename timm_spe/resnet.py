@@ -12,6 +12,7 @@ Paper: `SPEM: Self-adaptive Pooling Enhanced Attention Module for Image Recognit
 ResNet: `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
 """
 from functools import partial
+from importlib import resources
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
@@ -25,6 +26,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
 from .create_attn import get_attn
 from .hub import resolve_pretrained_weights
+from .labels import CIFAR10_LABELS, CIFAR100_LABELS
+from .registry import PAPER_TAGS, PRETRAINED_TAGS, pretrained_entry, weights_file
 from .spe import SpeModule, batch_norm_spe_add_relu, has_module_hooks, scale_add_relu_
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
@@ -336,21 +339,28 @@ def cifar_model_name(depth: int, attn: str = '') -> str:
     return f'resnet{depth}' + (f'_{attn}' if attn else '')
 
 
-def _hub_cfg(model_name: str, tag: str, **kwargs) -> Dict[str, Any]:
-    return _cfg(hf_hub_id=f'{HF_HUB_ORG}/{model_name}.{tag}', **kwargs)
-
-
-# Tags with weights trained by this project, listed before the paper-schedule tags so that the first
-# one is the model's default tag. (`.cifar10` / `.cifar100` stay listed until trained and published.)
-_TRAINED_TAGS: Dict[str, Dict[str, Dict[str, Any]]] = {
-    'resnet164_spe': {'cifar10_cpu2h': dict(num_classes=10)},
-}
+def _tag_cfg(model_name: str, tag: str) -> Dict[str, Any]:
+    """The pretrained cfg of ``<model>.<tag>``: weights (package file or Hub repo) only if the registry records them."""
+    model_tag = f'{model_name}.{tag}'
+    entry = pretrained_entry(model_tag)
+    num_classes = entry['num_classes'] if entry else PAPER_TAGS.get(tag, 10)
+    where: Dict[str, Any] = {}
+    if entry and entry.get('file'):
+        where['file'] = entry['file']
+    elif entry and entry.get('shipped'):  # package data; in a clone hub_cards/; else where the wheel would put it
+        where['file'] = str(weights_file(model_tag) or resources.files('timm_spe') / 'weights' / f'{model_tag}.safetensors')
+    if entry and entry.get('hf_hub_id'):
+        where['hf_hub_id'] = entry['hf_hub_id']
+    labels = {10: CIFAR10_LABELS, 100: CIFAR100_LABELS}.get(num_classes)
+    return _cfg(num_classes=num_classes, **({'label_names': list(labels)} if labels else {}), **where)
 
 
 def _cifar_cfgs(model_name: str) -> Dict[str, Dict[str, Any]]:
-    tags = dict(_TRAINED_TAGS.get(model_name, {}))
-    tags.update(cifar10=dict(num_classes=10), cifar100=dict(num_classes=100))
-    return {f'{model_name}.{tag}': _hub_cfg(model_name, tag, **cfg) for tag, cfg in tags.items()}
+    """Tags with weights first (registry order: the first is the default tag), then the paper-schedule tags
+    (registered for their config, not listed by ``timm.list_pretrained`` until they have weights)."""
+    tags = [t.split('.', 1)[1] for t in PRETRAINED_TAGS if t.split('.', 1)[0] == model_name]
+    tags += [t for t in PAPER_TAGS if t not in tags]
+    return {f'{model_name}.{tag}': _tag_cfg(model_name, tag) for tag in tags}
 
 
 _CIFAR_VARIANTS: Dict[str, Dict[str, Any]] = {

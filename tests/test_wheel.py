@@ -1,0 +1,80 @@
+"""The built wheel, installed without the source tree, is complete: CLI, card template and offline weights.
+
+The wheel is built from this checkout (``pip wheel --no-deps --no-build-isolation``) and installed with
+``--no-deps`` into a fresh venv that sees this venv's site-packages (torch, timm...) through a ``.pth`` path
+line only, so the editable install of the checkout is not active there. Every command runs from an empty
+folder with ``HF_HUB_OFFLINE=1`` and a fresh ``HF_HOME``.
+"""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import timm_spe
+from timm_spe.registry import PRETRAINED_TAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # ~75 s on 2 busy cores: build, venv, install, three runs
+SHIPPED = [t for t, e in PRETRAINED_TAGS.items() if e.get('shipped')]
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory):
+    work = tmp_path_factory.mktemp('wheel')
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
+                    '-w', str(work / 'dist'), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next((work / 'dist').glob('timm_spe-*.whl'))
+    venv = work / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True, timeout=120)
+    py = venv / 'bin' / 'python'
+    purelib = subprocess.run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    # this venv's packages as a plain path entry: its .pth files (the editable finder of the checkout) do not run
+    Path(purelib, 'main_venv.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
+    subprocess.run([sys.executable, '-m', 'pip', '--python', str(py), 'install', '--no-deps', '--no-index', '-q',
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    cwd = work / 'elsewhere'
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'PYTHON'))}
+    env.update(HF_HOME=str(work / 'hf'), HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+
+    def run(*cmd):
+        proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    return {'wheel': wheel, 'venv': venv, 'py': py, 'run': run, 'cwd': cwd, 'purelib': Path(purelib)}
+
+
+def test_wheel_ships_the_weights_and_the_card_template(installed):
+    names = zipfile.ZipFile(installed['wheel']).namelist()
+    assert 'timm_spe/templates/hub_card.md' in names
+    assert {f'timm_spe/weights/{t}.safetensors' for t in SHIPPED} <= set(names)
+    assert not any(n.startswith('hub_cards/') for n in names)
+
+
+def test_version_publish_and_offline_pretrained_from_the_wheel(installed):
+    run, bin_dir = installed['run'], installed['venv'] / 'bin'
+    assert run(bin_dir / 'timm-spe', '--version').strip() == f'timm-spe {timm_spe.__version__}'
+    out = run(installed['py'], '-c', '''
+import json, timm, timm_spe
+from timm_spe.registry import sha256_file
+m = timm.create_model('resnet164_spe', pretrained=True)
+print(json.dumps({'module': timm_spe.__file__, 'file': m.pretrained_cfg['file'], 'tag': m.pretrained_cfg['tag'],
+                  'sha': sha256_file(m.pretrained_cfg['file']), 'listed': timm.list_pretrained('*spe*')}))
+''')
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res['module'].startswith(str(installed['purelib'])) and res['file'].startswith(str(installed['purelib']))
+    assert res['tag'] == 'cifar10_cpu2h' and res['sha'] == PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h']['sha256']
+    assert set(res['listed']) == set(SHIPPED)
+    staged = installed['cwd'] / 'staged'
+    run(bin_dir / 'timm-spe', 'publish', res['file'], '--model', 'resnet164_spe', '--tag', 'cifar10_cpu2h',
+        '--dry-run', '--out', staged)
+    card = (staged / 'README.md').read_text()
+    assert 'pipeline_tag: image-classification' in card and res['sha'] in card and 'pip install timm-spe' in card
+    assert json.loads((staged / 'config.json').read_text())['label_names'][0] == 'airplane'

@@ -1,0 +1,176 @@
+""" Which pretrained tags have weights, where those weights are, and the sha256 every load is checked against
+
+:data:`PRETRAINED_TAGS` is the one table. A tag is listed by ``timm.list_pretrained`` only if it is in it:
+
+* ``'shipped': True`` -- ``model.safetensors`` is package data (``timm_spe/weights/<model>.<tag>.safetensors``,
+  copied from ``hub_cards/<model>.<tag>/`` when the wheel is built, see ``setup.py``), so ``pretrained=True``
+  works offline on a fresh install. In a git clone (editable install) the same file is read from
+  ``hub_cards/<model>.<tag>/model.safetensors``.
+* ``'hf_hub_id': 'org/repo'`` -- published on the Hub; downloaded (and cached) by huggingface_hub.
+
+Every load of a tag's weights -- from the package, the clone, a file given with an explicit tag, or a Hub
+download (also ``hf-hub:`` ids of a recorded repo) -- is checked against its ``sha256`` before anything is
+loaded. The first entry of a model is its default tag (``timm.create_model('resnet164_spe', pretrained=True)``).
+
+``setup.py`` reads this table with ``ast.literal_eval`` (no import of torch/timm at build time), so it must
+stay a literal dict of literal dicts.
+"""
+import hashlib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = [
+    'PRETRAINED_TAGS', 'PAPER_TAGS', 'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt',
+    'PretrainedWeightsMismatch', 'pretrained_entry', 'weights_file', 'packaged_weights_file',
+    'clone_weights_file', 'tag_of_hub_id', 'verify_sha256', 'sha256_file', 'register_pretrained',
+    'default_hub_repo_id', 'no_weights_message',
+]
+
+# '<model>.<tag>': {'sha256': sha256 of model.safetensors, 'num_classes': N,
+#                   'shipped': True (package data) and/or 'hf_hub_id': 'org/repo' (published)}
+# To ship new weights as the default: put their line first (sha256 from the staged folder's card).
+PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {
+    'resnet164_spe.cifar10_cpu2h': {
+        'sha256': 'fb0e0c273edff64b2bb9f54c923b39a72444b9b161f039d0a7d16c0c57ac398a', 'num_classes': 10,
+        'shipped': True},
+}
+
+# The paper's schedule (164 epochs) on CIFAR-10 / CIFAR-100: registered for every CIFAR model (their config
+# sets the class count and data config for training) but not listed until weights are published.
+PAPER_TAGS: Dict[str, int] = {'cifar10': 10, 'cifar100': 100}
+
+HF_HUB_ORG = 'timm-spe'  # the organisation the project publishes to: <org>/<model>.<tag>
+SAFE_WEIGHTS_NAME = 'model.safetensors'
+_CLONE_CARDS = Path(__file__).resolve().parents[1] / 'hub_cards'
+PathLike = Union[str, Path]
+
+
+class PretrainedWeightsNotFound(RuntimeError):
+    """A pretrained tag's weights are not on the Hub (yet), or not in the cache while offline."""
+
+
+class PretrainedWeightsCorrupt(RuntimeError):
+    """A downloaded or local safetensors file cannot be read."""
+
+
+class PretrainedWeightsMismatch(PretrainedWeightsCorrupt):
+    """A weights file is not the one recorded for its tag (its sha256 differs)."""
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pretrained_entry(model_tag: str) -> Optional[Dict[str, Any]]:
+    """The table entry of ``'<model>.<tag>'`` (None: no weights recorded)."""
+    return PRETRAINED_TAGS.get(model_tag)
+
+
+def packaged_weights_file(model_tag: str) -> Optional[Path]:
+    """The package-data copy of a shipped tag's weights, if this install has it."""
+    try:
+        f = resources.files('timm_spe') / 'weights' / f'{model_tag}.safetensors'
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover
+        return None
+    return Path(str(f)) if f.is_file() else None
+
+
+def clone_weights_file(model_tag: str) -> Optional[Path]:
+    """``hub_cards/<model>.<tag>/model.safetensors`` of a git clone (editable install), if present."""
+    f = _CLONE_CARDS / model_tag / SAFE_WEIGHTS_NAME
+    return f if f.is_file() else None
+
+
+def weights_file(model_tag: str) -> Optional[Path]:
+    """Where a shipped tag's weights are on this machine: package data, else the clone's hub_cards/ folder."""
+    entry = pretrained_entry(model_tag)
+    if not entry or not entry.get('shipped'):
+        return None
+    return packaged_weights_file(model_tag) or clone_weights_file(model_tag)
+
+
+def tag_of_hub_id(repo_id: str) -> Optional[str]:
+    """The ``'<model>.<tag>'`` recorded as published at ``repo_id`` (None if no entry records it)."""
+    for model_tag, entry in PRETRAINED_TAGS.items():
+        if entry.get('hf_hub_id') == repo_id:
+            return model_tag
+    return None
+
+
+def default_hub_repo_id(model_tag: str) -> str:
+    """Where ``timm-spe publish`` uploads a tag by default: its recorded repo, else ``timm-spe/<model>.<tag>``."""
+    entry = pretrained_entry(model_tag) or {}
+    return entry.get('hf_hub_id') or f'{HF_HUB_ORG}/{model_tag}'
+
+
+def verify_sha256(path: PathLike, model_tag: str, source: str) -> str:
+    """Check ``path`` is the file recorded for ``model_tag``; returns its sha256. A mismatch names both hashes."""
+    expected = (pretrained_entry(model_tag) or {}).get('sha256')
+    actual = sha256_file(path)
+    if expected and actual != expected:
+        raise PretrainedWeightsMismatch(
+            f"'{path}' (from {source}) is not the recorded weights of '{model_tag}': its sha256 is {actual}, the "
+            f"package records {expected}. Nothing was loaded. The file is corrupt, truncated or other weights: "
+            f"delete it (for a Hub download, re-download with huggingface_hub's force_download=True), reinstall "
+            f"timm-spe, or load your own weights without the tag: timm.create_model('{model_tag.split('.')[0]}', "
+            f"pretrained=True, pretrained_cfg_overlay=dict(file='path/to/model.safetensors')).")
+    return actual
+
+
+def no_weights_message(model_tag: str) -> str:
+    """Why ``model_tag`` cannot be loaded with pretrained=True, and how to make weights for it."""
+    variant, _, tag = model_tag.partition('.')
+    tag = tag or 'TAG'
+    listed = sorted(t for t in PRETRAINED_TAGS if t.split('.')[0] == variant)
+    return (
+        f"'{variant}.{tag}' has no pretrained weights yet"
+        + (f" (tags with weights: {', '.join(listed)})" if listed else ' (timm.list_pretrained() lists the tags that have)')
+        + f". Train them with timm's train.py (recipe train_recipes/{variant}-{tag}.yaml if there is one: "
+        f"`./run.sh train train_recipes/{variant}-{tag}.yaml`, then `timm-spe finish-run --recipe ...`), or "
+        f"`timm-spe eval` + `timm-spe publish CHECKPOINT --model {variant} --tag {tag} --eval-json EVAL.json`; then "
+        f"record the published file's sha256 in timm_spe/registry.py (or at runtime with "
+        f"timm_spe.registry.register_pretrained). To use a local file instead: timm.create_model('{variant}', "
+        f"pretrained=True, pretrained_cfg_overlay=dict(file='path/to/model.safetensors')).")
+
+
+def register_pretrained(model_tag: str, sha256: str, num_classes: int, hf_hub_id: Optional[str] = None,
+                        file: Optional[PathLike] = None, default: bool = False) -> None:
+    """Record weights for ``'<model>.<tag>'`` at runtime (e.g. a tag you published to your own organisation).
+
+    Afterwards ``timm.create_model('<model>.<tag>', pretrained=True)`` downloads ``hf_hub_id`` (or reads
+    ``file``), checks the sha256 and loads it, and ``timm.list_pretrained`` lists it. ``default`` makes it the
+    model's default tag.
+    """
+    from timm.models import _registry as reg
+    from .resnet import _tag_cfg
+    if not hf_hub_id and not file:
+        raise ValueError('register_pretrained needs hf_hub_id or file.')
+    variant, _, tag = model_tag.partition('.')
+    if not tag or variant not in reg._model_entrypoints:
+        raise ValueError(f"'{model_tag}' is not '<registered model>.<tag>'.")
+    entry = {'sha256': sha256, 'num_classes': int(num_classes)}
+    if hf_hub_id:
+        entry['hf_hub_id'] = hf_hub_id
+    if file:
+        entry['file'] = str(file)
+    PRETRAINED_TAGS[model_tag] = entry
+    from dataclasses import replace
+    from timm.models import PretrainedCfg
+    cfg = replace(PretrainedCfg(**_tag_cfg(variant, tag)), architecture=variant, tag=tag)
+    reg._model_pretrained_cfgs[model_tag] = cfg
+    reg._model_has_pretrained.add(model_tag)
+    tags: List[str] = reg._model_with_tags[variant]
+    if model_tag in tags:
+        tags.remove(model_tag)
+    if default:
+        tags.insert(0, model_tag)
+        reg._model_pretrained_cfgs[variant] = cfg
+        reg._model_has_pretrained.add(variant)
+    else:
+        tags.append(model_tag)
