@@ -425,3 +425,54 @@ def test_explicit_penalty_is_counted_once_from_the_first_step(compiled):
             (fn(x).square().mean() + timm_spe.spe_penalty(m)).backward()
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, q.grad, msg=f'step {step + 1}: {name}')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Constructor contract
+
+@pytest.mark.parametrize('act_layer', ['gelu', 'relu'])
+def test_cifar_models_take_activation_names_as_timm_resnet_does(act_layer):
+    """timm's ResNet resolves act_layer / norm_layer names; the CIFAR models take them the same way. 'relu' keeps
+    the fused SPE block (the name and nn.ReLU build the same model)."""
+    from timm.layers import get_act_layer
+    torch.manual_seed(0)
+    model = timm.create_model('resnet83_spe', act_layer=act_layer, norm_layer='batchnorm2d')
+    torch.manual_seed(0)
+    by_class = timm.create_model('resnet83_spe', act_layer=get_act_layer(act_layer))
+    block = model.layer2[3]
+    assert type(block.act3) is get_act_layer(act_layer) and type(block.bn3) is torch.nn.BatchNorm2d
+    assert type(block) is type(by_class.layer2[3])
+    assert isinstance(block, timm_spe.resnet.SpeBottleneck) == (act_layer == 'relu')
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), by_class.eval()(x))
+
+
+@pytest.mark.parametrize('args,kwargs,error,match', [
+    ((2.5,), {}, TypeError, r'channels must be a positive int, got 2\.5 \(float\)'),
+    (('8',), {}, TypeError, r"channels must be a positive int, got '8' \(str\)"),
+    ((True,), {}, TypeError, r'channels must be a positive int, got True \(bool\)'),
+    ((8,), dict(eta=float('nan')), ValueError, r'eta \(penalty coefficient\) must be a finite number >= 0, got nan'),
+    ((8,), dict(eta=float('inf')), ValueError, r'eta \(penalty coefficient\) must be a finite number >= 0, got inf'),
+    ((8,), dict(eta='0.1'), TypeError, r"eta \(penalty coefficient\) must be a finite number >= 0, got '0\.1' \(str\)"),
+], ids=['channels_float', 'channels_str', 'channels_bool', 'eta_nan', 'eta_inf', 'eta_str'])
+def test_bad_spe_arguments_raise_one_line_errors_naming_the_argument(args, kwargs, error, match):
+    """A float, string or bool channel count and a NaN, infinite or string eta fail at construction with one line
+    naming the argument and what it accepts (a NaN eta would silently make every gradient of p NaN)."""
+    with pytest.raises(error, match=match) as info:
+        SpeModule(*args, **kwargs)
+    assert '\n' not in str(info.value)
+
+
+def test_set_auto_penalty_rejects_a_nan_eta_before_changing_any_layer():
+    """A bad eta leaves every layer as it was (no half-applied switch)."""
+    model = torch.nn.Sequential(SpeModule(4), SpeModule(4))
+    with pytest.raises(ValueError, match='finite number >= 0'):
+        timm_spe.set_auto_penalty(model, False, eta=float('nan'))
+    assert all(m.auto_penalty and m.eta == 0.1 for m in model)
+
+
+def test_integer_like_channel_counts_are_accepted():
+    """numpy integers (e.g. from a config computed with numpy) are ints."""
+    import numpy as np
+    m = SpeModule(np.int64(6))
+    assert m.channels == 6 and type(m.channels) is int and m.w_exc.shape == (6,)

@@ -13,13 +13,13 @@ ResNet: `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1
 """
 from functools import partial
 from importlib import resources
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath, LayerType, create_classifier
+from timm.layers import DropPath, LayerType, create_classifier, get_act_layer, get_norm_layer
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
@@ -117,8 +117,8 @@ class CifarResNet(nn.Module):
         attn_layer: Attention layer name or class (``'spe'``, ``'se'``, ``'eca'``, ``'cbam'``...).
         attn_kwargs: Extra arguments for the attention layer (e.g. ``formulation='paper'``).
         block_args: Extra arguments for timm's ``Bottleneck`` (``attn_layer`` may be given here too).
-        act_layer: Activation layer.
-        norm_layer: Normalization layer.
+        act_layer: Activation layer, a class or a timm name (``'relu'``, ``'gelu'``...), as timm's ResNet takes.
+        norm_layer: Normalization layer, a class or a timm name.
     """
 
     def __init__(
@@ -134,14 +134,16 @@ class CifarResNet(nn.Module):
             attn_layer: LayerType = None,
             attn_kwargs: Optional[Dict[str, Any]] = None,
             block_args: Optional[Dict[str, Any]] = None,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         num_blocks = _stage_blocks(depth)
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
         block_args = dict(block_args or {})
         attn_layer = block_args.pop('attn_layer', attn_layer)
         attn_layer = get_attn(attn_layer)

@@ -17,6 +17,8 @@ The Eq. 8 penalty ``eta * (p0^2 + p1^2)`` is applied automatically in training m
 exact gradient to ``p`` during backward, so it works in unmodified training loops (timm's
 ``train.py``). See :func:`spe_penalty` and :func:`set_auto_penalty` for custom loops.
 """
+import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -550,6 +552,15 @@ torch.fx.wrap('batch_norm_spe_add_relu')
 torch.fx.wrap('spe_scale')
 
 
+def _check_eta(eta, what: str) -> float:
+    """``eta`` as a float: a finite real number >= 0 (a NaN would silently turn every gradient of ``p`` into NaN)."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TypeError(f'{what} (penalty coefficient) must be a finite number >= 0, got {eta!r} ({type(eta).__name__}).')
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f'{what} (penalty coefficient) must be a finite number >= 0, got {eta!r}.')
+    return float(eta)
+
+
 # kwargs timm models pass to attention layers in general (e.g. cspnet: act_layer; efficientnet: rd_ratio)
 _IGNORED_TIMM_ATTN_KWARGS = frozenset(
     {'act_layer', 'gate_layer', 'norm_layer', 'rd_ratio', 'rd_channels', 'rd_divisor', 'round_chs_fn'})
@@ -584,22 +595,22 @@ class SpeModule(nn.Module):
         super().__init__()
         if formulation not in FORMULATIONS:
             raise ValueError(f"SpeModule formulation must be one of {FORMULATIONS}, got {formulation!r}.")
+        if isinstance(channels, bool) or not isinstance(channels, numbers.Integral):
+            raise TypeError(f'SpeModule channels must be a positive int, got {channels!r} ({type(channels).__name__}).')
         if channels <= 0:
             raise ValueError(f'SpeModule channels must be a positive int, got {channels!r}.')
-        if eta < 0:
-            raise ValueError(f'SpeModule eta (penalty coefficient) must be >= 0, got {eta!r}.')
-        self.channels = channels
+        self.channels = int(channels)
         self.formulation = formulation
         self.paper = formulation == 'paper'
-        self.eta = float(eta)
+        self.eta = _check_eta(eta, 'SpeModule eta')
         # the automatic penalty's switch as backward reads it (see _PenaltyGrad); ``auto_penalty`` sets it
         self.register_buffer('penalty_on', torch.ones((), dtype=torch.bool, device=device), persistent=False)
         self.auto_penalty = auto_penalty
         self.p = nn.Parameter(torch.empty(2, **dd))
-        self.w_exc = nn.Parameter(torch.empty(channels, **dd))
-        self.b_exc = nn.Parameter(torch.empty(channels, **dd))
-        self.w_rew = nn.Parameter(torch.empty(channels, **dd))
-        self.b_rew = nn.Parameter(torch.empty(channels, **dd))
+        self.w_exc = nn.Parameter(torch.empty(self.channels, **dd))
+        self.b_exc = nn.Parameter(torch.empty(self.channels, **dd))
+        self.w_rew = nn.Parameter(torch.empty(self.channels, **dd))
+        self.b_rew = nn.Parameter(torch.empty(self.channels, **dd))
         self.reset_parameters()
 
     @property
@@ -663,14 +674,14 @@ def set_auto_penalty(model: nn.Module, enabled: bool = True, eta: Optional[float
     Returns:
         The number of SPE layers changed.
     """
+    if eta is not None:
+        eta = _check_eta(eta, 'set_auto_penalty eta')
     n = 0
     for m in model.modules():
         if isinstance(m, SpeModule):
             m.auto_penalty = enabled
             if eta is not None:
-                if eta < 0:
-                    raise ValueError(f'eta must be >= 0, got {eta!r}.')
-                m.eta = float(eta)
+                m.eta = eta
             n += 1
     return n
 
