@@ -184,3 +184,100 @@ def _plain_spe(tmp_path):
     path = tmp_path / 'spe.pth.tar'
     torch.save({'state_dict': timm.create_model('resnet83_spe').state_dict(), 'arch': 'resnet83_spe'}, path)
     return path
+
+
+# --- CLI conventions, timm's scripts through `timm-spe run`, optional extras ---
+
+TIMM_VALIDATE = ROOT / '.cache' / 'pytorch-image-models' / 'validate.py'
+
+
+def test_version_and_every_option_has_help_with_its_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli(['--version'])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f'timm-spe {timm_spe.__version__}'
+    from timm_spe.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == '_SubParsersAction')
+    for name, p in sub.choices.items():
+        assert 'example:\n  timm-spe ' + name in p.format_help().replace('\n  timm-spe ' + name, '\n  timm-spe ' + name)
+        for action in p._actions:
+            if action.option_strings and action.dest != 'help':
+                text = p.formatter_class('x')._get_help_string(action)
+                assert action.help and ('default' in text or 'required' in text), (name, action.option_strings)
+
+
+def test_upload_revision_and_commit_message(tmp_path):
+    from unittest import mock
+    src = tmp_path / 'w.safetensors'
+    from safetensors.torch import save_file
+    save_file(timm.create_model('resnet83_spe').state_dict(), str(src))
+    cli(['publish', str(src), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(tmp_path / 's'), '--dry-run'])
+    api = mock.MagicMock()
+    api.file_exists.return_value = False
+    with mock.patch('timm_spe.hub.HfApi', return_value=api):
+        cli(['upload', str(tmp_path / 's'), '--revision', 'e30', '--commit-message', 'New weights'])
+    api.create_branch.assert_called_once_with('timm-spe/resnet83_spe.cifar10', branch='e30', exist_ok=True)
+    api.file_exists.assert_called_once_with('timm-spe/resnet83_spe.cifar10', 'model.safetensors', revision='e30')
+    kw = api.upload_folder.call_args.kwargs
+    assert kw['revision'] == 'e30' and kw['commit_message'] == 'New weights' and kw['create_pr'] is False
+
+
+def test_eval_device_amp_channels_last_and_json(run_dir, tmp_path, capsys):
+    cli(['eval', 'resnet83_spe', '--checkpoint', str(run_dir['run'] / 'last.pth.tar'), '--data-dir',
+         str(run_dir['data'] / 'test'), '--device', 'cpu', '--amp', '--channels-last', '--json', '--batch-size', '4',
+         '--workers', '0', '--limit', '4'])
+    result = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
+    assert result['device'] == 'cpu' and result['amp'] == 'bfloat16' and result['channels_last'] is True
+    assert result['num_images'] == 4 and result['command'].endswith('--workers 0 --limit 4')
+
+
+def test_recorded_command_is_shell_quoted(run_dir, tmp_path):
+    out = tmp_path / 'r.json'
+    cli(['eval', 'resnet83_spe', '--checkpoint', str(run_dir['run'] / 'last.pth.tar'), '--data-dir',
+         str(run_dir['data'] / 'test'), '--data-label', 'ten images (tiny)', '--limit', '2', '--out', str(out)])
+    import shlex
+    argv = shlex.split(json.loads(out.read_text())['command'])
+    assert argv[argv.index('--data-label') + 1] == 'ten images (tiny)'
+
+
+@pytest.mark.parametrize('argv', [['inspect', 'resnet83_spe', '--plot', 'x.png'], ['finish-run', '--recipe', 'r.yaml']])
+def test_missing_matplotlib_is_a_one_line_error(argv, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'matplotlib' else real(name, *a))
+    with pytest.raises(SystemExit, match=r"pip install 'timm-spe\[plot\]'") as info:
+        cli(argv)
+    assert '\n' not in str(info.value)
+
+
+def test_run_a_missing_script_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match='does not exist'):
+        cli(['run', str(tmp_path / 'validate.py'), '--model', 'resnet164_spe'])
+
+
+def test_run_passes_argv_and_registers_the_models(tmp_path):
+    script = tmp_path / 'script.py'
+    script.write_text('import sys, json, timm\nprint(json.dumps([sys.argv, timm.is_model("resnet164_spe")]))\n')
+    proc = subprocess.run([str(Path(sys.executable).with_name('timm-spe')), 'run', str(script), '--model', 'x', '-b', '3'],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == [[str(script), '--model', 'x', '-b', '3'], True]
+
+
+@pytest.mark.skipif(not TIMM_VALIDATE.is_file(), reason=f"needs timm's {TIMM_VALIDATE} (a pytorch-image-models clone)")
+def test_timm_validate_py_runs_our_pretrained_model(tmp_path):
+    """timm's own validate.py, unmodified, scores the shipped resnet164_spe weights on 10 class-named images."""
+    data = tmp_path / 'val'
+    for c, name in enumerate(CIFAR10_LABELS):  # ImageFolder's sorted order is CIFAR-10's label order
+        (data / name).mkdir(parents=True)
+        Image.new('RGB', (32, 32), (25 * c, 90, 200 - 20 * c)).save(data / name / '0.png')
+    results = tmp_path / 'results.json'
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name('timm-spe')), 'run', str(TIMM_VALIDATE), '--data-dir', str(data),
+         '--model', 'resnet164_spe', '--pretrained', '--device', 'cpu', '-b', '10', '-j', '1',
+         '--results-file', str(results), '--results-format', 'json'],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**__import__('os').environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r = json.loads(results.read_text())
+    r = r[0] if isinstance(r, list) else r
+    assert r['model'] == 'resnet164_spe' and 0 <= r['top1'] <= 100 and r['img_size'] == 32

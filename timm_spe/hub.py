@@ -158,7 +158,7 @@ def weights_sha256(model) -> str:
 
     Lets an eval result be matched to the exact published file without writing it first.
     """
-    return hashlib.sha256(safetensors_bytes(model.state_dict())).hexdigest()
+    return hashlib.sha256(safetensors_bytes({k: v.contiguous() for k, v in model.state_dict().items()})).hexdigest()
 
 
 def stage_hub_folder(
