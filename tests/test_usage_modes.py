@@ -337,6 +337,22 @@ def test_jit_trace_of_eval_model_passes_its_check_and_matches_eager():
         torch.testing.assert_close(traced(x2), model(x2))
 
 
+def test_jit_trace_in_train_mode_passes_its_check_and_matches_eager():
+    """As timm's baselines, an SPE model traces in training mode too (trace's check retraces under no_grad, so the
+    recorded ops must not depend on grad mode); the traced model's outputs and gradients, Eq. 8 penalty included,
+    equal eager's."""
+    model = _small_cifar().train()
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.jit.trace(model, x)
+    out, out_ref = traced(x), eager(x)
+    torch.testing.assert_close(out, out_ref)
+    out.square().mean().backward()
+    out_ref.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_model_traced_under_no_grad_can_be_called_with_grad():
     """A model traced for inference (under no_grad) is a graph of ordinary ops: called with grad enabled it must
     give eager's output and input gradient (an in-place out= op in the trace would refuse autograd)."""

@@ -218,9 +218,10 @@ class _GlobalMaxMin(torch.autograd.Function):
 @register_notrace_function
 def max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x.amax((2, 3)), x.amin((2, 3)))``; one pass with the CPU kernels (:mod:`timm_spe.cpu_kernels`) where
-    they apply and no gradient is needed."""
+    they apply and no gradient is needed (not while tracing: the trace must not depend on grad mode, and plain ops
+    keep a traced model free of the extension)."""
     if not torch.jit.is_scripting():  # TorchScript (e.g. of an FX graph calling this leaf) skips the kernels
-        if kernels_apply(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        if not torch.jit.is_tracing() and kernels_apply(x) and not (torch.is_grad_enabled() and x.requires_grad):
             return torch.ops.timm_spe.max_min(x)
     return x.amax((2, 3)), x.amin((2, 3))
 
@@ -639,10 +640,16 @@ class SpeModule(nn.Module):
             p = with_penalty_grad(p, self)
         return mix_weights(p)
 
+    def _fused_ops(self) -> bool:
+        """Training-mode autograd functions apply (callers check TorchScript first): not while tracing, since
+        torch.jit.trace checks its trace by tracing again under no_grad, so the recorded ops must not depend on
+        grad mode."""
+        return self.training and not torch.jit.is_tracing()
+
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map ``v_exc * v_rew`` of shape ``N x C x 1 x 1``."""
         torch._assert(x.ndim == 4, 'SpeModule expects a 4-D N x C x H x W input')
-        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
+        if not torch.jit.is_scripting() and self._fused_ops() and torch.is_grad_enabled():
             f_max, f_min = global_max_min(x)
         else:
             f_max, f_min = max_min(x)
@@ -650,7 +657,7 @@ class SpeModule(nn.Module):
         return v.unsqueeze(-1).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.training:
+        if not torch.jit.is_scripting() and self._fused_ops():
             return spe_scale(x, self)
         return x * self.gate(x).to(x.dtype)
 
