@@ -17,6 +17,8 @@ PAPER_PARAMS_M = {
     ('resnet164_se', 10): 1.91, ('resnet164_se', 100): 1.93,
     ('resnet164_cbam', 10): 1.92, ('resnet164_cbam', 100): 1.94,
     ('resnet164_eca', 10): 1.70,
+    ('resnet164_srm', 10): 1.74, ('resnet164_srm', 100): 1.76,
+    ('resnet164_sge', 10): 1.71, ('resnet164_sge', 100): 1.73,
     # Table 1 lists ResNet164 + ECA on CIFAR-100 as 1.72M, fewer than the plain ResNet164 (1.73M) it
     # adds parameters to: a typo in the paper, so that one entry is not checked.
 }
@@ -33,7 +35,7 @@ def test_param_count_matches_paper(name, num_classes):
 def test_list_models():
     names = set(timm.list_models('resnet*'))
     for depth in timm_spe.CIFAR_DEPTHS:
-        for suffix in ('', '_spe', '_se', '_eca', '_cbam'):
+        for suffix in ('', '_spe', '_se', '_eca', '_cbam', '_srm', '_sge'):
             assert f'resnet{depth}{suffix}' in names
     assert {'resnet50_spe', 'resnet83_spe', 'resnet164_spe'} <= set(timm.list_models('*spe*'))
     assert 'resnet164_spe.cifar100' in timm.list_pretrained('resnet164_spe*')

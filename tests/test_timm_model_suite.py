@@ -60,7 +60,7 @@ def test_timm_model_suite(tmp_path):
     results = {}
     for kind, name, outcome in re.findall(r'::(test_\w+)\[\d+-([\w.]+)\] (PASSED|FAILED|SKIPPED|ERROR)', proc.stdout):
         results[(kind, name)] = outcome
-    assert len(OUR_MODELS) == 23
+    assert len(OUR_MODELS) == 31  # 4 depths x 7 attention kinds (CIFAR) + 3 ImageNet SPE ResNets
     expected = [(k, m) for k in TEST_KINDS if k != 'test_model_default_cfgs' for m in OUR_MODELS]
     expected += [('test_model_default_cfgs', t) for t in timm.list_models(OUR_MODELS, include_tags=True)]
     not_passed = [(k, m, results.get((k, m))) for k, m in expected if results.get((k, m)) != 'PASSED']

@@ -1,8 +1,9 @@
-""" Attention factory hook: makes ``attn_layer='spe'`` work across timm
+""" Attention factory hook: makes ``attn_layer='spe'`` (and ``'srm'``, ``'sge'``) work across timm
 
 timm resolves attention layers by name in ``timm.layers.create_attn.get_attn`` (an if/elif chain
-with no registry). After ``import timm_spe`` the names below resolve to :class:`SpeModule`; every
-other name is handed to timm's own ``get_attn`` unchanged.
+with no registry). After ``import timm_spe`` the names below resolve to :class:`SpeModule` and to the
+paper's baselines timm lacks, :class:`~timm_spe.srm.SrmModule` and :class:`~timm_spe.sge.SgeModule`;
+every other name is handed to timm's own ``get_attn`` unchanged.
 """
 import importlib
 import sys
@@ -11,7 +12,9 @@ from typing import Any, Callable, Dict
 
 import timm.layers
 
+from .sge import SgeModule
 from .spe import SpeModule
+from .srm import SrmModule
 
 # ``timm.layers.create_attn`` the attribute is the function; the module must be looked up by name
 timm_create_attn = importlib.import_module('timm.layers.create_attn')
@@ -21,13 +24,15 @@ __all__ = ['SPE_ATTN_LAYERS', 'get_attn', 'register_attn_layers']
 SPE_ATTN_LAYERS: Dict[str, Callable[..., Any]] = {
     'spe': SpeModule,
     'spe_paper': partial(SpeModule, formulation='paper'),
+    'srm': SrmModule,  # baselines of the SPE paper's Table 1 that timm does not have
+    'sge': SgeModule,
 }
 
 _timm_get_attn = getattr(timm_create_attn.get_attn, '_timm_get_attn', timm_create_attn.get_attn)
 
 
 def get_attn(attn_type: Any) -> Any:
-    """timm's ``get_attn``, plus the SPE names in :data:`SPE_ATTN_LAYERS`."""
+    """timm's ``get_attn``, plus the names in :data:`SPE_ATTN_LAYERS` (SPE, SRM, SGE)."""
     if isinstance(attn_type, str) and attn_type.lower() in SPE_ATTN_LAYERS:
         return SPE_ATTN_LAYERS[attn_type.lower()]
     return _timm_get_attn(attn_type)

@@ -38,7 +38,8 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 # The variant table: depths of the paper (Table 2) x attention kinds (Table 1 baselines) as
 # (attn_layer, attn_kwargs). SE uses the exact C/16 reduction and CBAM a biased MLP with C/16
-# rounded up to 8: with these, parameter counts equal the paper's Table 1.
+# rounded up to 8; SRM (timm_spe/srm.py) and SGE (timm_spe/sge.py, 64 groups) are their authors'
+# modules: with these, parameter counts equal the paper's Table 1.
 CIFAR_DEPTHS = (83, 164, 245, 326)
 CIFAR_ATTN_LAYERS: Dict[str, Tuple[Optional[str], Dict[str, Any]]] = {
     '': (None, {}),
@@ -46,6 +47,8 @@ CIFAR_ATTN_LAYERS: Dict[str, Tuple[Optional[str], Dict[str, Any]]] = {
     'se': ('se', dict(rd_divisor=1)),
     'eca': ('eca', {}),
     'cbam': ('cbam', dict(rd_divisor=8, mlp_bias=True)),
+    'srm': ('srm', {}),
+    'sge': ('sge', dict(groups=64)),
 }
 
 

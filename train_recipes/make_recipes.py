@@ -11,7 +11,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 DEPTHS = (83, 164, 245, 326)
-ATTNS = ('spe', '')  # SPE and the plain baseline; add 'se', 'eca', 'cbam' for the other Table 1 rows
+ATTNS = ('spe', '')  # SPE and the plain baseline; add 'se', 'eca', 'cbam', 'srm', 'sge' for the other Table 1 rows
 DATASETS = {'cifar10': 10, 'cifar100': 100}
 
 HEADER = """\
