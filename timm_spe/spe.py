@@ -200,6 +200,7 @@ class _GlobalMaxMin(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, = inputs
         _, _, i_max, i_min = output
+        ctx.mark_non_differentiable(i_max, i_min)
         ctx.save_for_backward(i_max, i_min)
         ctx.shape = x.shape
         ctx.memory_format = _memory_format(x) if _dense_layout(x) else torch.contiguous_format
