@@ -195,3 +195,9 @@ def test_measured_with_command_can_be_pasted(card_eval):
     assert argv[argv.index('--data-label') + 1] == 'CIFAR-10 test split (JPEG q75 copy)'
     assert argv[argv.index('--budget') + 1].startswith('3 of 3 epochs (3 x 390 steps of batch 128), 1.77 h')
     assert f"with `{card_eval['command']}`" in (FOLDER / 'README.md').read_text()
+
+
+def test_registry_and_models_name_the_same_hub_organisation():
+    from timm_spe import registry
+    assert registry.HF_HUB_ORG == timm_spe.HF_HUB_ORG
+    assert registry.default_hub_repo_id('resnet164_spe.cifar100') == f'{timm_spe.HF_HUB_ORG}/resnet164_spe.cifar100'
