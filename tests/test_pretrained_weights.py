@@ -201,3 +201,20 @@ def test_registry_and_models_name_the_same_hub_organisation():
     from timm_spe import registry
     assert registry.HF_HUB_ORG == timm_spe.HF_HUB_ORG
     assert registry.default_hub_repo_id('resnet164_spe.cifar100') == f'{timm_spe.HF_HUB_ORG}/resnet164_spe.cifar100'
+
+
+def test_a_shipped_tag_missing_from_the_install_falls_back_to_its_hub_repo(monkeypatch):
+    """If the package copy is gone (a broken install) and the tag is also published, it is downloaded and checked."""
+    from unittest import mock
+    monkeypatch.setitem(PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h'], 'hf_hub_id', 'timm-spe/resnet164_spe.cifar10_cpu2h')
+    download = mock.MagicMock(return_value=str(FOLDER / 'model.safetensors'))
+    monkeypatch.setattr(timm_spe.hub, 'hf_hub_download', download)
+    cfg = dict(timm.models.get_pretrained_cfg('resnet164_spe.cifar10_cpu2h').to_dict(), file='/nonexistent/w.safetensors',
+               hf_hub_id='timm-spe/resnet164_spe.cifar10_cpu2h')
+    m = timm.create_model('resnet164_spe', pretrained=True, pretrained_cfg=cfg)
+    download.assert_called_once()
+    assert m.pretrained_cfg['file'] == str(FOLDER / 'model.safetensors')
+    # without a Hub repo, the missing package file is named, with the fix
+    cfg.pop('hf_hub_id')
+    with pytest.raises(PretrainedWeightsNotFound, match='should ship inside the timm-spe package'):
+        timm.create_model('resnet164_spe', pretrained=True, pretrained_cfg=cfg)

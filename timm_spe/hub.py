@@ -121,7 +121,7 @@ def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained:
                     f"'{folder}' has no {SAFE_WEIGHTS_NAME}; timm-spe loads only safetensors weights. Stage the "
                     f"folder with `timm-spe publish ... --dry-run --out {folder}` or `timm-spe convert`.")
             source = f'local folder {folder}'
-        elif cfg.get('file'):
+        elif cfg.get('file') and (os.path.isfile(cfg['file']) or (overlay or {}).get('file') or not cfg.get('hf_hub_id')):
             user_file = bool(overlay and overlay.get('file'))
             source = 'pretrained_cfg file' if user_file else f"the timm-spe package's weights of '{model_tag}'"
             if pretrained_entry(model_tag) and (named_tag or not user_file):
