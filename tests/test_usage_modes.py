@@ -25,7 +25,7 @@ def _perturb_spe(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> tor
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 def _autocast_grads(model, x, dtype):
@@ -89,6 +89,22 @@ def test_training_under_autocast_gives_gradients_close_to_float32(kind, dtype):
     assert _relative_error(_flat(grads), _flat(ref)) < bound
     is_spe = lambda name: name.rsplit('.', 1)[-1] in ('p', 'w_exc', 'b_exc', 'w_rew', 'b_rew')
     assert _relative_error(_flat(grads, is_spe), _flat(ref, is_spe)) < SPE_GRAD_BOUND[dtype]
+
+
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
+@pytest.mark.parametrize('dtype', AUTOCAST_DTYPES, ids=['bfloat16', 'float16'])
+def test_inference_under_autocast_is_close_to_float32(dtype, grad):
+    """Evaluation under --amp: the in-place inference tail (no_grad) writes a float32 gate product into the
+    block's low-precision BN output; with grad enabled the tail is out of place. Both stay close to float32."""
+    torch.manual_seed(0)
+    model = _perturb_spe(timm.create_model('resnet83_spe', num_classes=10)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    with torch.set_grad_enabled(grad), torch.autocast('cpu', dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    assert _relative_error(out.float(), ref) < (0.01 if dtype == torch.bfloat16 else 0.002)
 
 
 # ---------------------------------------------------------------------------------------------------------------
