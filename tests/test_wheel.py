@@ -19,7 +19,7 @@ import timm_spe
 from timm_spe.registry import PRETRAINED_TAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # ~75 s on 2 busy cores: build, venv, install, three runs
+pytestmark = pytest.mark.slow  # 50-80 s on 2 busy cores: build, venv, install, six runs
 SHIPPED = [t for t, e in PRETRAINED_TAGS.items() if e.get('shipped')]
 
 
@@ -78,3 +78,19 @@ print(json.dumps({'module': timm_spe.__file__, 'file': m.pretrained_cfg['file'],
     card = (staged / 'README.md').read_text()
     assert 'pipeline_tag: image-classification' in card and res['sha'] in card and 'pip install timm-spe' in card
     assert json.loads((staged / 'config.json').read_text())['label_names'][0] == 'airplane'
+
+
+def test_eval_inspect_and_run_from_the_wheel(installed):
+    from PIL import Image
+    from timm_spe.labels import CIFAR10_LABELS
+    run, bin_dir, cwd = installed['run'], installed['venv'] / 'bin', installed['cwd']
+    for c, name in enumerate(CIFAR10_LABELS):
+        (cwd / 'test' / name).mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (32, 32), (25 * c, 100, 0)).save(cwd / 'test' / name / '0.png')
+    result = json.loads(run(bin_dir / 'timm-spe', 'eval', 'resnet164_spe', '--data-dir', 'test', '--json'))
+    assert result['num_images'] == 10 and result['tag'] == 'cifar10_cpu2h'
+    assert result['checkpoint_sha256'] == PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h']['sha256']
+    out = run(bin_dir / 'timm-spe', 'inspect', 'resnet164_spe', '--plot', 'lambda.png')
+    assert '54 SPE blocks' in out and (cwd / 'lambda.png').stat().st_size > 1000
+    (cwd / 'script.py').write_text('import sys, timm\nprint(sys.argv[1:], timm.is_model("resnet164_spe"))\n')
+    assert run(bin_dir / 'timm-spe', 'run', 'script.py', '-b', '2').strip() == "['-b', '2'] True"
