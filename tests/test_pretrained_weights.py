@@ -17,6 +17,8 @@ from timm_spe.plots import spe_lambdas
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / 'hub_cards' / 'resnet164_spe.cifar10_cpu2h'
+from timm_spe.registry import PRETRAINED_TAGS  # noqa: E402
+DEFAULT = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')  # the first entry: default tag
 CIFAR_TAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 
 
@@ -46,7 +48,7 @@ def test_readme_quotes_the_card(card_eval):
 def test_is_default_tag_and_loads_from_file():
     m = timm.create_model('resnet164_spe', pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(FOLDER / 'model.safetensors')))
-    assert m.pretrained_cfg['tag'] == 'cifar10_cpu2h'
+    assert m.pretrained_cfg['tag'] == DEFAULT.split('.')[1]
     assert len(spe_lambdas(m)) == 54
 
 
@@ -108,8 +110,8 @@ def test_every_listed_tag_loads_offline_or_is_recorded_hub_only(tmp_path):
 
 def test_default_tag_loads_without_a_file_argument():
     m = timm.create_model('resnet164_spe', pretrained=True)
-    assert m.pretrained_cfg['tag'] == 'cifar10_cpu2h'
-    assert sha256_file(m.pretrained_cfg['file']) == PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h']['sha256']
+    assert m.pretrained_cfg['tag'] == DEFAULT.split('.')[1]
+    assert sha256_file(m.pretrained_cfg['file']) == PRETRAINED_TAGS[DEFAULT]['sha256']
     assert m.pretrained_cfg['label_names'][:2] == ['airplane', 'automobile']
 
 
@@ -118,7 +120,7 @@ def test_a_tag_without_weights_says_so_and_how_to_make_them():
         timm.create_model('resnet164_spe.cifar100', pretrained=True)
     msg = str(info.value)
     assert "'resnet164_spe.cifar100' has no pretrained weights yet" in msg
-    assert 'resnet164_spe.cifar10_cpu2h' in msg and 'timm-spe publish' in msg and './run.sh train' in msg
+    assert DEFAULT in msg and 'timm-spe publish' in msg and './run.sh train' in msg
 
 
 def test_sha256_mismatch_is_an_error_naming_both_hashes(tmp_path, monkeypatch):
@@ -136,7 +138,7 @@ def test_sha256_mismatch_is_an_error_naming_both_hashes(tmp_path, monkeypatch):
     m = timm.create_model('resnet164_spe', pretrained=True, pretrained_cfg_overlay=dict(file=str(other)))
     assert m.pretrained_cfg['file'] == str(other)
     # the package's own copy is checked too
-    monkeypatch.setitem(PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h'], 'sha256', '0' * 64)
+    monkeypatch.setitem(PRETRAINED_TAGS[DEFAULT], 'sha256', '0' * 64)
     with pytest.raises(PretrainedWeightsMismatch, match='0' * 64):
         timm.create_model('resnet164_spe', pretrained=True)
 

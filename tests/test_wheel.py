@@ -21,6 +21,8 @@ from timm_spe.registry import PRETRAINED_TAGS
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # 50-80 s on 2 busy cores: build, venv, install, six runs
 SHIPPED = [t for t, e in PRETRAINED_TAGS.items() if e.get('shipped')]
+DEFAULT = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')  # the first entry: default tag
+TAG = DEFAULT.split('.')[1]
 
 
 @pytest.fixture(scope='module')
@@ -70,10 +72,10 @@ print(json.dumps({'module': timm_spe.__file__, 'file': m.pretrained_cfg['file'],
 ''')
     res = json.loads(out.strip().splitlines()[-1])
     assert res['module'].startswith(str(installed['purelib'])) and res['file'].startswith(str(installed['purelib']))
-    assert res['tag'] == 'cifar10_cpu2h' and res['sha'] == PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h']['sha256']
+    assert res['tag'] == TAG and res['sha'] == PRETRAINED_TAGS[DEFAULT]['sha256']
     assert set(res['listed']) == set(SHIPPED)
     staged = installed['cwd'] / 'staged'
-    run(bin_dir / 'timm-spe', 'publish', res['file'], '--model', 'resnet164_spe', '--tag', 'cifar10_cpu2h',
+    run(bin_dir / 'timm-spe', 'publish', res['file'], '--model', 'resnet164_spe', '--tag', TAG,
         '--dry-run', '--out', staged)
     card = (staged / 'README.md').read_text()
     assert 'pipeline_tag: image-classification' in card and res['sha'] in card and 'pip install timm-spe' in card
@@ -88,8 +90,8 @@ def test_eval_inspect_and_run_from_the_wheel(installed):
         (cwd / 'test' / name).mkdir(parents=True, exist_ok=True)
         Image.new('RGB', (32, 32), (25 * c, 100, 0)).save(cwd / 'test' / name / '0.png')
     result = json.loads(run(bin_dir / 'timm-spe', 'eval', 'resnet164_spe', '--data-dir', 'test', '--json'))
-    assert result['num_images'] == 10 and result['tag'] == 'cifar10_cpu2h'
-    assert result['checkpoint_sha256'] == PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h']['sha256']
+    assert result['num_images'] == 10 and result['tag'] == TAG
+    assert result['checkpoint_sha256'] == PRETRAINED_TAGS[DEFAULT]['sha256']
     out = run(bin_dir / 'timm-spe', 'inspect', 'resnet164_spe', '--plot', 'lambda.png')
     assert '54 SPE blocks' in out and (cwd / 'lambda.png').stat().st_size > 1000
     (cwd / 'script.py').write_text('import sys, timm\nprint(sys.argv[1:], timm.is_model("resnet164_spe"))\n')
