@@ -16,6 +16,9 @@ Two formulations are offered:
 The Eq. 8 penalty ``eta * (p0^2 + p1^2)`` is applied automatically in training mode by adding its
 exact gradient to ``p`` during backward, so it works in unmodified training loops (timm's
 ``train.py``). See :func:`spe_penalty` and :func:`set_auto_penalty` for custom loops.
+
+The paper's ablations (Tables 3 and 4) are options of :class:`SpeModule`: a constant ``lam`` and the reweight-module
+variants ``reweight``; see ``docs/design_space.md``. They run as plain autograd ops (no fused path, no CPU kernel).
 """
 import math
 import numbers
@@ -29,9 +32,11 @@ from timm.layers import register_notrace_function
 
 from .cpu_kernels import kernels_apply, kernels_apply_per_map
 
-__all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'spe_gate', 'FORMULATIONS']
+__all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'spe_gate', 'FORMULATIONS', 'REWEIGHTS']
 
 FORMULATIONS = ('official', 'paper')
+# the reweight module (RM) of SPE and its Table 4 / Fig. 4 ablations: 'sum' is SPE itself, then (a) ... (g), without RM
+REWEIGHTS = ('sum', 'unshared', 'no_sigmoid', 'product', 'sigmoid_sum', 'sigmoid_product', 'max', 'min', 'none')
 
 
 class _PenaltyGrad(torch.autograd.Function):
@@ -311,6 +316,52 @@ def spe_gate(
     return v_exc * v_rew
 
 
+def ablation_gate(
+        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
+        w_rew: Optional[torch.Tensor], b_rew: Optional[torch.Tensor], w_rew_min: Optional[torch.Tensor],
+        b_rew_min: Optional[torch.Tensor], paper: bool, reweight: str,
+) -> torch.Tensor:
+    """The N x C gate of any variant (Tables 3 and 4), in plain autograd ops; for ``reweight='sum'`` the same as
+    :func:`spe_gate`. ``g_rew(f) = w_rew * f + b_rew`` (``'unshared'``: ``w_rew_min, b_rew_min`` for ``f_min``);
+    ``r_max = g_rew(f_max)``, ``r_min = g_rew(f_min)``. ``u`` mixes ``r_max, r_min`` (``'official'``) or the raw
+    pools (``'paper'``, and always for ``'none'``, which has no ``g_rew``); ``v_exc = sigmoid(w_exc * u + b_exc)``;
+    ``v_rew`` is ``sigmoid(r_max + r_min)`` (``'sum'``; Eq. 6 with ``b_rew`` once for ``'paper'``),
+    ``r_max + r_min`` (``'no_sigmoid'``), ``sigmoid(r_max * r_min)`` (``'product'``), ``sigmoid(r_max) +
+    sigmoid(r_min)`` (``'sigmoid_sum'``), ``sigmoid(r_max) * sigmoid(r_min)`` (``'sigmoid_product'``),
+    ``sigmoid(r_max)`` (``'max'``), ``sigmoid(r_min)`` (``'min'``), 1 (``'none'``)."""
+    if w_rew is None or b_rew is None:  # 'none': no reweight module
+        u = lam[0] * f_max + lam[1] * f_min
+        return torch.sigmoid(w_exc * u + b_exc)
+    r_max = w_rew * f_max + b_rew
+    if w_rew_min is not None and b_rew_min is not None:  # 'unshared'
+        r_min = w_rew_min * f_min + b_rew_min
+    else:
+        r_min = w_rew * f_min + b_rew
+    if paper:
+        u = lam[0] * f_max + lam[1] * f_min
+    else:
+        u = lam[0] * r_max + lam[1] * r_min
+    v_exc = torch.sigmoid(w_exc * u + b_exc)
+    if reweight == 'sum' or reweight == 'unshared':
+        v_rew = torch.sigmoid(w_rew * (f_max + f_min) + b_rew) if paper and reweight == 'sum' \
+            else torch.sigmoid(r_max + r_min)
+    elif reweight == 'no_sigmoid':
+        v_rew = r_max + r_min
+    elif reweight == 'product':
+        v_rew = torch.sigmoid(r_max * r_min)
+    elif reweight == 'sigmoid_sum':
+        v_rew = torch.sigmoid(r_max) + torch.sigmoid(r_min)
+    elif reweight == 'sigmoid_product':
+        v_rew = torch.sigmoid(r_max) * torch.sigmoid(r_min)
+    elif reweight == 'max':
+        v_rew = torch.sigmoid(r_max)
+    elif reweight == 'min':
+        v_rew = torch.sigmoid(r_min)
+    else:
+        raise ValueError('unknown reweight ' + reweight)
+    return v_exc * v_rew
+
+
 def _spe_gate_backward(
         grad: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor,
         w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
@@ -387,9 +438,11 @@ def has_module_hooks(*modules: nn.Module) -> bool:
 
 
 def _spe_fusable(x: torch.Tensor, spe: 'SpeModule') -> bool:
+    """The fused training functions apply: the default variant (learned ``lambda``, ``reweight='sum'``; every
+    ablation takes plain autograd ops), training with grad, a dense layout, one dtype, no autocast."""
     dtype = x.dtype
     return (
-        spe.training and torch.is_grad_enabled() and _dense_layout(x)
+        spe.default_variant and spe.training and torch.is_grad_enabled() and _dense_layout(x)
         and spe.p.dtype == dtype and spe.w_exc.dtype == dtype and not torch.is_autocast_enabled(x.device.type)
     )
 
@@ -527,9 +580,13 @@ def batch_norm_spe_add_relu(
     With a training-mode ``nn.BatchNorm2d``, NCHW-contiguous or channels_last input and one dtype (no
     autocast) it runs as one autograd function (see :class:`_BatchNormSpeAddReLU`) that saves no more
     full-size activations for backward than the block without SPE; otherwise as ``bn``, the SPE gate and
-    :func:`scale_add_relu`.
+    :func:`scale_add_relu`; an ablation variant of ``spe`` (not ``spe.default_variant``) always as ``bn``, its gate
+    and plain ``relu(addcmul(...))``.
     Same results either way, running statistics and ``num_batches_tracked`` included.
     """
+    if not spe.default_variant:  # ablations (Tables 3, 4): plain autograd ops throughout
+        x = bn(c)
+        return torch.relu(torch.addcmul(shortcut, x, spe.gate(x)))
     if not _fusable(c, shortcut, bn, spe):
         x = bn(c)
         return scale_add_relu(x, shortcut, spe.gate(x))
@@ -576,6 +633,21 @@ class SpeModule(nn.Module):
         formulation: ``'official'`` (authors' code, default) or ``'paper'`` (Eq. 2-7).
         eta: Penalty coefficient of Eq. 8 (0.1 in the paper).
         auto_penalty: Add the penalty's gradient to ``p`` in every training-mode backward.
+        lam: ``None`` (default): the learned ``lambda`` of Eq. 3. A number in [0, 1]: Table 3's constant ``lambda``
+            (no ``p`` parameter, no penalty; ``eta`` and ``auto_penalty`` are then unused).
+        reweight: The reweight module (RM), Table 4 / Fig. 4 (``g_rew(f) = w_rew * f + b_rew``,
+            ``r_max = g_rew(f_max)``, ``r_min = g_rew(f_min)``):
+            ``'sum'`` (default, SPE): ``v_rew = sigmoid(r_max + r_min)``;
+            ``'unshared'`` (a): own ``w_rew_min, b_rew_min`` for ``r_min``, else as ``'sum'`` (+2 params/channel);
+            ``'no_sigmoid'`` (b): ``v_rew = r_max + r_min``;
+            ``'product'`` (c): ``v_rew = sigmoid(r_max * r_min)``;
+            ``'sigmoid_sum'`` (d): ``v_rew = sigmoid(r_max) + sigmoid(r_min)``;
+            ``'sigmoid_product'`` (e): ``v_rew = sigmoid(r_max) * sigmoid(r_min)``;
+            ``'max'`` (f): ``v_rew = sigmoid(r_max)``;
+            ``'min'`` (g): ``v_rew = sigmoid(r_min)``;
+            ``'none'`` (without RM): no ``w_rew, b_rew``, ``out = x * v_exc`` with ``u`` mixing the raw pools.
+            Only ``v_rew`` changes; ``u`` is as the formulation says (official: mixes ``r_max, r_min``).
+            Every variant but the default (learned ``lambda``, ``'sum'``) runs as plain autograd ops.
         **timm_attn_kwargs: Arguments timm's models pass to any attention layer (``act_layer``,
             ``rd_ratio``...); SPE has no MLP, so they are accepted and ignored. Others raise.
     """
@@ -585,6 +657,8 @@ class SpeModule(nn.Module):
             formulation: str = 'official',
             eta: float = 0.1,
             auto_penalty: bool = True,
+            lam: Optional[float] = None,
+            reweight: str = 'sum',
             device=None,
             dtype=None,
             **timm_attn_kwargs,
@@ -593,7 +667,7 @@ class SpeModule(nn.Module):
         unknown = set(timm_attn_kwargs) - _IGNORED_TIMM_ATTN_KWARGS
         if unknown:
             raise TypeError(f'SpeModule got unexpected arguments {sorted(unknown)}; it accepts formulation, eta, '
-                            f'auto_penalty and (ignored) timm attention kwargs {sorted(_IGNORED_TIMM_ATTN_KWARGS)}.')
+                            f'auto_penalty, lam, reweight and (ignored) timm attention kwargs {sorted(_IGNORED_TIMM_ATTN_KWARGS)}.')
         super().__init__()
         if formulation not in FORMULATIONS:
             raise ValueError(f"SpeModule formulation must be one of {FORMULATIONS}, got {formulation!r}.")
@@ -601,18 +675,41 @@ class SpeModule(nn.Module):
             raise TypeError(f'SpeModule channels must be a positive int, got {channels!r} ({type(channels).__name__}).')
         if channels <= 0:
             raise ValueError(f'SpeModule channels must be a positive int, got {channels!r}.')
+        if reweight not in REWEIGHTS:
+            raise ValueError(f"SpeModule reweight must be one of {REWEIGHTS}, got {reweight!r}.")
+        if lam is not None:
+            if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0. <= float(lam) <= 1.:
+                raise ValueError(f'SpeModule lam must be None (learned) or a number in [0, 1], got {lam!r}.')
+            lam = float(lam)
         self.channels = int(channels)
+        self.lam = lam
+        self.reweight = reweight
+        # the fused training functions and the CPU kernels serve only this variant (see _spe_fusable)
+        self.default_variant = lam is None and reweight == 'sum'
         self.formulation = formulation
         self.paper = formulation == 'paper'
         self.eta = _check_eta(eta, 'SpeModule eta')
         # the automatic penalty's switch as backward reads it (see _PenaltyGrad); ``auto_penalty`` sets it
         self.register_buffer('penalty_on', torch.ones((), dtype=torch.bool, device=device), persistent=False)
         self.auto_penalty = auto_penalty
-        self.p = nn.Parameter(torch.empty(2, **dd))
+        if lam is None:
+            self.p = nn.Parameter(torch.empty(2, **dd))
+        else:  # Table 3: a constant lambda (a Python float, so that it is exact in any dtype), no p
+            self.register_parameter('p', None)
         self.w_exc = nn.Parameter(torch.empty(self.channels, **dd))
         self.b_exc = nn.Parameter(torch.empty(self.channels, **dd))
-        self.w_rew = nn.Parameter(torch.empty(self.channels, **dd))
-        self.b_rew = nn.Parameter(torch.empty(self.channels, **dd))
+        if reweight == 'none':
+            self.register_parameter('w_rew', None)
+            self.register_parameter('b_rew', None)
+        else:
+            self.w_rew = nn.Parameter(torch.empty(self.channels, **dd))
+            self.b_rew = nn.Parameter(torch.empty(self.channels, **dd))
+        if reweight == 'unshared':  # (a): g_rew of f_min has its own weight and bias
+            self.w_rew_min = nn.Parameter(torch.empty(self.channels, **dd))
+            self.b_rew_min = nn.Parameter(torch.empty(self.channels, **dd))
+        else:
+            self.register_parameter('w_rew_min', None)
+            self.register_parameter('b_rew_min', None)
         self.reset_parameters()
 
     @property
@@ -628,14 +725,20 @@ class SpeModule(nn.Module):
         self.penalty_on.data.fill_(self._auto_penalty)
 
     def reset_parameters(self) -> None:
-        nn.init.constant_(self.p, 0.5)
+        if self.p is not None:
+            nn.init.constant_(self.p, 0.5)
         nn.init.zeros_(self.w_exc)
         nn.init.constant_(self.b_exc, -1.)
-        nn.init.zeros_(self.w_rew)
-        nn.init.constant_(self.b_rew, -1.)
+        for w, b in ((self.w_rew, self.b_rew), (self.w_rew_min, self.b_rew_min)):
+            if w is not None:
+                nn.init.zeros_(w)
+                nn.init.constant_(b, -1.)
 
     def mix_weights(self) -> torch.Tensor:
-        """``(lambda, 1 - lambda)`` of the self-adaptive pooling (Eq. 3)."""
+        """``(lambda, 1 - lambda)`` of the self-adaptive pooling (Eq. 3), or the constant ones (``lam``)."""
+        lam = self.lam
+        if lam is not None:  # made from the Python float in the parameters' dtype: exact also after .double()
+            return torch.tensor([lam, 1. - lam], dtype=self.w_exc.dtype, device=self.w_exc.device)
         p = self.p
         if not torch.jit.is_scripting() and self.training:
             p = with_penalty_grad(p, self)
@@ -650,24 +753,40 @@ class SpeModule(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map ``v_exc * v_rew`` of shape ``N x C x 1 x 1``."""
         torch._assert(x.ndim == 4, 'SpeModule expects a 4-D N x C x H x W input')
+        w_rew, b_rew = self.w_rew, self.b_rew
+        if not self.default_variant or w_rew is None or b_rew is None:  # ablations: plain autograd ops only
+            v = ablation_gate(
+                x.amax((2, 3)), x.amin((2, 3)), self.mix_weights(), self.w_exc, self.b_exc, w_rew, b_rew,
+                self.w_rew_min, self.b_rew_min, self.paper, self.reweight)
+            return v.unsqueeze(-1).unsqueeze(-1)
         if not torch.jit.is_scripting() and self._fused_ops() and torch.is_grad_enabled():
             f_max, f_min = global_max_min(x)
         else:
             f_max, f_min = max_min(x)
-        v = spe_gate(f_max, f_min, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
+        v = spe_gate(f_max, f_min, self.mix_weights(), self.w_exc, self.b_exc, w_rew, b_rew, self.paper)
         return v.unsqueeze(-1).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._fused_ops():
+        if not torch.jit.is_scripting() and self.default_variant and self._fused_ops():
             return spe_scale(x, self)
         return x * self.gate(x).to(x.dtype)
 
     def penalty(self) -> torch.Tensor:
-        """Eq. 8 term of this layer: ``eta * (p0^2 + p1^2)``."""
-        return self.eta * (self.p * self.p).sum()
+        """Eq. 8 term of this layer: ``eta * (p0^2 + p1^2)`` (0. with a constant ``lam``: no ``p``)."""
+        p = self.p
+        if p is None:
+            return self.w_exc.new_zeros(())
+        return self.eta * (p * p).sum()
 
     def extra_repr(self) -> str:
-        return f'{self.channels}, formulation={self.formulation!r}, eta={self.eta}, auto_penalty={self.auto_penalty}'
+        s = f'{self.channels}, formulation={self.formulation!r}'
+        if self.lam is None:
+            s += f', eta={self.eta}, auto_penalty={self.auto_penalty}'
+        else:
+            s += f', lam={self.lam}'
+        if self.reweight != 'sum':
+            s += f', reweight={self.reweight!r}'
+        return s
 
 
 def set_auto_penalty(model: nn.Module, enabled: bool = True, eta: Optional[float] = None) -> int:
@@ -680,13 +799,13 @@ def set_auto_penalty(model: nn.Module, enabled: bool = True, eta: Optional[float
             gradient accumulation over ``k`` micro-batches).
 
     Returns:
-        The number of SPE layers changed.
+        The number of SPE layers changed (layers with a constant ``lam`` have no penalty and are skipped).
     """
     if eta is not None:
         eta = _check_eta(eta, 'set_auto_penalty eta')
     n = 0
     for m in model.modules():
-        if isinstance(m, SpeModule):
+        if isinstance(m, SpeModule) and m.p is not None:
             m.auto_penalty = enabled
             if eta is not None:
                 m.eta = eta
@@ -700,9 +819,10 @@ def spe_penalty(model: nn.Module) -> torch.Tensor:
     Add it to your loss: ``loss = criterion(model(x), y) + spe_penalty(model)``. Calling it hands the
     penalty over to you: it switches the automatic penalty of those layers off (as
     ``set_auto_penalty(model, False)`` does) so the term is never counted twice.
-    Returns a 0-dim tensor (0. when the model has no SPE layer).
+    Returns a 0-dim tensor (0. when the model has no SPE layer with a learned ``lambda``; layers with a constant
+    ``lam`` have no ``p`` and no penalty).
     """
-    layers = [m for m in model.modules() if isinstance(m, SpeModule)]
+    layers = [m for m in model.modules() if isinstance(m, SpeModule) and m.p is not None]
     if not layers:
         return torch.zeros(())
     total = layers[0].penalty()
