@@ -60,3 +60,9 @@ def test_summary_and_log_of_a_resumed_run_keep_each_epoch_once(tmp_path):
     log.write_text('Train: 1 [ 0/10 (0%)]  Loss: 2.0 (2.0)\nTrain: 1 [ 5/10 (50%)]  Loss: 9.0 (9.0)\n'
                    'Train: 1 [ 0/10 (0%)]  Loss: 1.9 (1.9)\nTrain: 1 [ 5/10 (50%)]  Loss: 1.8 (1.8)\n')
     assert [(p['epoch'], p['loss']) for p in read_train_log(log)] == [(1.0, 1.9), (1.5, 1.8)]
+
+
+def test_lambdas_skip_layers_with_a_constant_lambda():
+    """The Table 3 ablation (``lam=0.3``) has no learned p: inspect lists no lambda for it instead of failing."""
+    assert spe_lambdas(timm.create_model('resnet83_spe', attn_kwargs=dict(lam=0.3))) == []
+    assert len(spe_lambdas(timm.create_model('resnet83_spe'))) == 27

@@ -4,7 +4,7 @@
 SPE ResNets with timm, and makes ``attn_layer='spe'`` resolvable by timm's attention factory.
 """
 from .version import __version__
-from .spe import FORMULATIONS, SpeModule, set_auto_penalty, spe_penalty
+from .spe import FORMULATIONS, REWEIGHTS, SpeModule, set_auto_penalty, spe_penalty
 from .sge import SgeModule
 from .srm import SrmModule
 from .cpu_kernels import cpu_kernels_enabled, set_cpu_kernels
@@ -17,7 +17,7 @@ register_train_crop_modes()
 from .resnet import CIFAR_DEPTHS, CIFAR_MEAN, CIFAR_STD, HF_HUB_ORG, CifarResNet  # noqa: E402 (registers models)
 
 __all__ = [
-    '__version__', 'SpeModule', 'SrmModule', 'SgeModule', 'FORMULATIONS', 'spe_penalty', 'set_auto_penalty', 'set_cpu_kernels', 'cpu_kernels_enabled',
+    '__version__', 'SpeModule', 'SrmModule', 'SgeModule', 'FORMULATIONS', 'REWEIGHTS', 'spe_penalty', 'set_auto_penalty', 'set_cpu_kernels', 'cpu_kernels_enabled',
     'SPE_ATTN_LAYERS',
     'get_attn', 'register_attn_layers', 'PAD_CROP_MODE', 'register_train_crop_modes', 'CifarResNet', 'CIFAR_DEPTHS', 'CIFAR_MEAN', 'CIFAR_STD', 'HF_HUB_ORG',
 ]

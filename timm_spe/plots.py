@@ -73,12 +73,13 @@ def plot_training_curve(summary_csv: PathLike, out_png: PathLike, log: Optional[
 
 
 def spe_lambdas(model) -> List[Dict[str, object]]:
-    """Learned mixing weight ``lambda = p0^2 / (p0^2 + p1^2)`` (weight of max pooling) of every SPE layer."""
+    """Learned mixing weight ``lambda = p0^2 / (p0^2 + p1^2)`` (weight of max pooling) of every SPE layer; layers
+    with a constant ``lam`` (the Table 3 ablation) have nothing learned and are left out."""
     import torch
     from .spe import SpeModule, mix_weights
     rows = []
     for name, m in model.named_modules():
-        if isinstance(m, SpeModule):
+        if isinstance(m, SpeModule) and getattr(m, 'p', None) is not None:
             with torch.no_grad():
                 lam = mix_weights(m.p.detach().float())
             rows.append({'block': name.rsplit('.se', 1)[0] if name.endswith('.se') else name,
