@@ -40,6 +40,9 @@ def test_recipe_set_is_complete():
             for dataset in ('cifar10', 'cifar100'):
                 assert f'{model}-{dataset}.yaml' in names
     assert 'resnet164_spe-cifar10_cpu2h.yaml' in names
+    for attn in ('se', 'eca', 'cbam', 'srm', 'sge'):  # Table 1's other rows
+        for dataset in ('cifar10', 'cifar100'):
+            assert f'resnet164_{attn}-{dataset}.yaml' in names
 
 
 def test_recipes_are_generated():

@@ -11,7 +11,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 DEPTHS = (83, 164, 245, 326)
-ATTNS = ('spe', '')  # SPE and the plain baseline; add 'se', 'eca', 'cbam', 'srm', 'sge' for the other Table 1 rows
+ATTNS = ('spe', '')  # SPE and the plain baseline, at every depth (Table 2)
+TABLE1_BASELINES = ('se', 'eca', 'cbam', 'srm', 'sge')  # the other Table 1 rows: ResNet-164 only, as in the paper
 DATASETS = {'cifar10': 10, 'cifar100': 100}
 
 HEADER = """\
@@ -188,7 +189,7 @@ def recipes() -> Dict[str, str]:
     out = {}
     for dataset in DATASETS:
         for depth in DEPTHS:
-            for attn in ATTNS:
+            for attn in ATTNS + (TABLE1_BASELINES if depth == 164 else ()):
                 model = f'resnet{depth}' + (f'_{attn}' if attn else '')
                 file = f'{model}-{dataset}.yaml'
                 title = f'{model} on {dataset.upper()}: the SPE paper\'s schedule'
