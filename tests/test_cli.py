@@ -281,3 +281,27 @@ def test_timm_validate_py_runs_our_pretrained_model(tmp_path):
     r = json.loads(results.read_text())
     r = r[0] if isinstance(r, list) else r
     assert r['model'] == 'resnet164_spe' and 0 <= r['top1'] <= 100 and r['img_size'] == 32
+
+
+TIMM_INFERENCE = ROOT / '.cache' / 'pytorch-image-models' / 'inference.py'
+
+
+@pytest.mark.skipif(not TIMM_INFERENCE.is_file(), reason=f"needs timm's {TIMM_INFERENCE} (a pytorch-image-models clone)")
+def test_timm_inference_py_names_the_classes_of_our_pretrained_model(tmp_path):
+    """timm's own inference.py labels predictions with the config's label_names (CIFAR-10 class names), instead
+    of "Cannot deduce ImageNet subset from model"."""
+    pytest.importorskip('pandas')  # inference.py writes its results through pandas
+    data = tmp_path / 'images'
+    data.mkdir()
+    for i in range(3):
+        Image.new('RGB', (32, 32), (80 * i, 90, 200)).save(data / f'{i}.png')
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name('timm-spe')), 'run', str(TIMM_INFERENCE), '--data-dir', str(data),
+         '--model', 'resnet164_spe', '--pretrained', '--device', 'cpu', '-b', '3', '-j', '1', '--label-type', 'name',
+         '--results-file', str(tmp_path / 'out.json'), '--results-format', 'json', '--no-console-results'],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**__import__('os').environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert 'Cannot deduce' not in proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / 'out.json').read_text())
+    labels = [r['label'] for r in rows.values()]  # {filename: {label, prob}}
+    assert len(labels) == 3 and set(labels) <= set(CIFAR10_LABELS)
