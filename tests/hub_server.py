@@ -70,9 +70,9 @@ def local_hub(mirrors: Path, probe_repo: str, workdir: Path, start_timeout: floa
             try:
                 urllib.request.urlopen(urllib.request.Request(probe, method='HEAD'), timeout=2)
                 break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                 if time.time() > deadline:
-                    raise RuntimeError(f'olah did not answer {probe} within {start_timeout}s')
+                    raise RuntimeError(f'olah did not answer {probe} within {start_timeout}s') from e
                 time.sleep(0.25)
         yield endpoint
     finally:

@@ -10,7 +10,6 @@ import pickle
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 import timm
 import timm_spe
 from timm_spe.cli import main as cli
-from timm_spe.hub import PretrainedWeightsMismatch, PretrainedWeightsNotFound, upload_hub_folder
+from timm_spe.hub import PretrainedWeightsNotFound, upload_hub_folder
 from timm_spe.registry import PRETRAINED_TAGS, register_pretrained
 
 from hub_server import add_repo, local_hub

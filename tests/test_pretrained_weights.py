@@ -146,7 +146,7 @@ def test_sha256_mismatch_is_an_error_naming_both_hashes(tmp_path, monkeypatch):
 def test_build_hook_ships_exactly_the_registry_tags():
     sys.path.insert(0, str(ROOT))
     try:
-        import setup as setup_py  # noqa: the build hook, read without running setup()
+        import setup as setup_py  # the build hook, read without running setup()
     except SystemExit:  # pragma: no cover
         raise
     finally:

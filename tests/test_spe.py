@@ -265,7 +265,7 @@ def test_batch_norm_spe_add_relu_matches_reference(formulation, momentum, bn_cls
     s = torch.randn_like(c)
     assert _fusable(c, s, bn, spe) == (bn_cls is torch.nn.BatchNorm2d)
     leaves = [t.clone().requires_grad_() for t in (c, s, c, s)]
-    for step in range(2):  # twice: running statistics and num_batches_tracked as BatchNorm2d keeps them
+    for _ in range(2):  # twice: running statistics and num_batches_tracked as BatchNorm2d keeps them
         out = batch_norm_spe_add_relu(leaves[0], leaves[1], bn, spe)
         ref = torch.relu(reference_spe(bn_ref(leaves[2]), *_params(spe_ref), formulation) + leaves[3])
         torch.testing.assert_close(out, ref)

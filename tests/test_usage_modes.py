@@ -201,7 +201,8 @@ def test_global_hooks_see_the_module_calls_in_timms_order():
     for m in (model, ref):
         names = {id(mod): name for name, mod in m.named_modules()}
         order = []
-        handle = nn_module.register_module_forward_pre_hook(lambda mod, args: order.append(names.get(id(mod))))
+        handle = nn_module.register_module_forward_pre_hook(
+            lambda mod, args, order=order, names=names: order.append(names.get(id(mod))))
         try:
             m.train()(x)
         finally:

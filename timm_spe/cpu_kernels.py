@@ -131,12 +131,12 @@ def _from_env() -> None:
     if value in ('', '0', 'false', 'no', 'off'):
         return
     if value not in ('1', 'true', 'yes', 'on'):
-        warnings.warn(f'{_ENV}={value!r} is not understood (use 1 or 0); the CPU kernels stay off.')
+        warnings.warn(f'{_ENV}={value!r} is not understood (use 1 or 0); the CPU kernels stay off.', stacklevel=2)
         return
     try:
         set_cpu_kernels(True)
     except RuntimeError as e:
-        warnings.warn(f'{_ENV}=1 but {e}')
+        warnings.warn(f'{_ENV}=1 but {e}', stacklevel=2)
 
 
 _from_env()

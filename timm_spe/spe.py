@@ -538,7 +538,7 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, *unused):
         (c, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate,
          lam, w_exc, b_exc, w_rew, b_rew) = ctx.saved_tensors
-        n, ch = c.shape[0], c.shape[1]
+        n = c.shape[0]
         count = n * c.shape[2] * c.shape[3]
         # through ReLU: the shortcut's gradient, in c's layout
         grad = torch.ops.aten.threshold_backward(grad, out, 0).contiguous(memory_format=_memory_format(c))
