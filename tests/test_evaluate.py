@@ -1,5 +1,7 @@
 """timm_spe.evaluate: metrics against a hand count, image folders and torchvision's CIFAR files, and the
 refusals that keep a wrong number out of eval.json (folders mapped by class name, bad layouts, bad images)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -202,3 +204,46 @@ def test_torchvision_cifar_files_of_another_dataset_are_refused(tmp_path, monkey
         open_test_split(tmp_path, label_names=CIFAR10_LABELS)
     Fake.classes = list(CIFAR10_LABELS)
     assert open_test_split(tmp_path, label_names=CIFAR10_LABELS).split_info['classes_evaluated'] == list(CIFAR10_LABELS)
+
+
+def test_eval_reads_a_named_torchvision_dataset_and_downloads_it_only_when_asked(tmp_path, monkeypatch):
+    """--dataset torch/cifar10: torchvision's files in --data-dir; missing files are an error naming --download,
+    with --download they are fetched first (here: a fake download that creates the folder)."""
+    import timm_spe.evaluate as ev
+    calls = []
+
+    class Fake(torch.utils.data.Dataset):
+        classes = list(CIFAR10_LABELS)
+        targets = [0, 1]
+
+    def fake_create_dataset(name, root, split, download):
+        calls.append((name, download))
+        if download:
+            (Path(root) / 'cifar-10-batches-py').mkdir()
+        return Fake()
+
+    monkeypatch.setattr(ev, 'create_dataset', fake_create_dataset)
+    root = tmp_path / 'cifar10'
+    with pytest.raises(EvalDataError, match=r"no cifar-10-batches-py in .*: pass --download, or put torchvision's"):
+        open_test_split(root, label_names=CIFAR10_LABELS, dataset='torch/cifar10')
+    assert calls == []  # nothing fetched without --download
+    ds = open_test_split(root, label_names=CIFAR10_LABELS, dataset='torch/cifar10', download=True)
+    assert calls == [('torch/cifar10', True), ('torch/cifar10', False)]
+    assert ds.split_info['classes_evaluated'] == list(CIFAR10_LABELS)
+    # files of the other CIFAR in the folder are not read as the one asked for
+    with pytest.raises(EvalDataError, match='no cifar-100-python'):
+        open_test_split(root, label_names=CIFAR100_LABELS, dataset='torch/cifar100')
+    with pytest.raises(EvalDataError, match="'torch/mnist' is not supported"):
+        open_test_split(root, label_names=CIFAR10_LABELS, dataset='torch/mnist')
+
+
+def test_a_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
+    import urllib.error
+    import timm_spe.evaluate as ev
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('no route to host')
+
+    monkeypatch.setattr(ev, 'create_dataset', offline)
+    with pytest.raises(EvalDataError, match=r"could not download torch/cifar10 .* \(URLError\): without network, put"):
+        open_test_split(tmp_path / 'c', label_names=CIFAR10_LABELS, dataset='torch/cifar10', download=True)

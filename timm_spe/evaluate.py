@@ -38,6 +38,10 @@ _SPLIT_NAMES = {'train', 'test', 'val', 'valid', 'validation', 'eval'}
 _SHOW = 5  # names quoted in a message
 
 
+# timm dataset names of torchvision's CIFAR test sets and the folder torchvision extracts each into
+TORCHVISION_TEST_SETS = {'torch/cifar10': 'cifar-10-batches-py', 'torch/cifar100': 'cifar-100-python'}
+
+
 class EvalDataError(ValueError):
     """The data given to ``evaluate`` cannot be scored correctly as it is (the message says why and the fix)."""
 
@@ -129,18 +133,37 @@ def open_test_split(
         label_names: Optional[Sequence[str]] = None,
         allow_class_subset: bool = False,
         skip_bad_images: bool = False,
+        dataset: Optional[str] = None,
+        download: bool = False,
 ) -> torch.utils.data.Dataset:
     """The test split in ``data_dir`` as a dataset with targets in the model's label order.
 
     ``label_names`` are the model's class names in output order (required for an image folder). The
     returned dataset has ``split_info``: ``classes_evaluated`` (names, in label order), ``class_subset``,
-    ``skipped_images`` and ``skipped_image_files``.
+    ``skipped_images`` and ``skipped_image_files``. ``dataset`` (``torch/cifar10`` or ``torch/cifar100``) reads
+    only torchvision's files of that dataset in ``data_dir``, downloading them first with ``download``.
     """
     root = Path(data_dir)
+    torchvision_sets = TORCHVISION_TEST_SETS
+    if dataset is not None:
+        if dataset not in TORCHVISION_TEST_SETS:
+            raise EvalDataError(f"--dataset {dataset!r} is not supported: give {' or '.join(TORCHVISION_TEST_SETS)}, "
+                                f"or no --dataset for an image folder.")
+        torchvision_sets = {dataset: TORCHVISION_TEST_SETS[dataset]}
+        if not (root / torchvision_sets[dataset]).is_dir():
+            if not download:
+                raise EvalDataError(f"no {torchvision_sets[dataset]} in '{root}': pass --download, or put torchvision's "
+                                    f"extracted {torchvision_sets[dataset]} folder there.")
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                create_dataset(dataset, root=str(root), split='test', download=True)
+            except (OSError, RuntimeError) as e:  # URLError is an OSError
+                raise EvalDataError(f"could not download {dataset} into '{root}' ({type(e).__name__}): without network, "
+                                    f"put torchvision's extracted {torchvision_sets[dataset]} folder there.") from e
     if not root.is_dir():
         raise FileNotFoundError(f"--data-dir '{root}' is not a folder (give the test split: <dir>/<class>/*.jpg, "
                                 f"or a folder holding torchvision's cifar-10-batches-py / cifar-100-python).")
-    for name, folder in (('torch/cifar10', 'cifar-10-batches-py'), ('torch/cifar100', 'cifar-100-python')):
+    for name, folder in torchvision_sets.items():
         if (root / folder).is_dir():
             ds = create_dataset(name, root=str(root), split='test', download=False)
             ds.transform = transform
@@ -215,13 +238,15 @@ def evaluate(
         label_names: Optional[Sequence[str]] = None,
         allow_class_subset: bool = False,
         skip_bad_images: bool = False,
+        dataset: Optional[str] = None,
+        download: bool = False,
 ) -> Dict[str, Any]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` on the test split in ``data_dir``.
 
     Class folders are matched to the model's outputs by name: ``label_names`` (default: the model's, see
     ``timm_spe.labels.label_names_for``). ``allow_class_subset`` scores a split holding only some of the
     classes (against all outputs, with their true indices); ``skip_bad_images`` leaves out unreadable images
-    instead of refusing. Both are recorded in the result.
+    instead of refusing. Both are recorded in the result. ``dataset``/``download``: see :func:`open_test_split`.
     """
     if limit is not None and limit <= 0:
         raise ValueError(f'--limit must be positive, got {limit}.')
@@ -236,7 +261,8 @@ def evaluate(
     model = model.eval().to(device)
     config = resolve_data_config(model=model)
     ds = open_test_split(data_dir, create_transform(**config, is_training=False), label_names=label_names,
-                         allow_class_subset=allow_class_subset, skip_bad_images=skip_bad_images)
+                         allow_class_subset=allow_class_subset, skip_bad_images=skip_bad_images, dataset=dataset,
+                         download=download)
     split_info = ds.split_info
     n_total = len(ds)
     if limit is not None:
