@@ -8,13 +8,21 @@
     timm-spe upload DIR [--create-pr | --overwrite] [--revision BRANCH] [--commit-message MSG]
     timm-spe finish-run --recipe RECIPE.yaml      # eval + plots + staged Hub folder for a train.py run
     timm-spe run path/to/validate.py ARGS...     # any timm script with the SPE models registered
+
+Errors are one line on stderr, `timm-spe COMMAND: error: <what and the fix>`, exit status 1;
+`timm-spe --debug COMMAND ...` adds the traceback.
 """
 import argparse
+import errno
 import importlib.util
 import json
+import os
+import re
 import runpy
 import shlex
+import socket
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -22,6 +30,9 @@ import torch
 import yaml
 
 import timm
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from timm.models import split_model_name_tag
 from timm.models._hub import save_for_hf
@@ -31,8 +42,8 @@ from .card import dataset_of_tag, portable_eval_result, registered_cfg, render_c
 from .convert import load_checkpoint_file, load_weights
 from .evaluate import evaluate
 from .hub import (
-    SAFE_WEIGHTS_NAME, check_staged_folder, check_upload_allowed, hub_api, read_eval_json, sha256_file,
-    stage_hub_folder, upload_hub_folder, weights_sha256)
+    NO_TOKEN_MESSAGE, SAFE_WEIGHTS_NAME, check_staged_folder, check_upload_allowed, hub_api, read_eval_json,
+    sha256_file, stage_hub_folder, upload_hub_folder, validate_tag, weights_sha256)
 from .registry import default_hub_repo_id
 from .version import __version__
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
@@ -46,6 +57,8 @@ def _create(model: str, checkpoint: Optional[str], use_ema: bool = False) -> tor
     name, tag = split_model_name_tag(model)
     if not timm.is_model(name):
         raise SystemExit(f"unknown model '{name}'; see timm.list_models('*spe*') / timm.list_models('resnet*').")
+    if tag:
+        validate_tag(tag, f"the tag of '{model}'")
     known_tag = not tag or registered_cfg(model) is not None
     if not known_tag and not checkpoint:
         tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{name}.*')]
@@ -136,6 +149,15 @@ def cmd_inspect(args) -> List[dict]:
 def cmd_convert(args) -> Path:
     """Any supported checkpoint -> ``FILE.safetensors``, or a folder (``model.safetensors`` + ``config.json``)."""
     out = Path(args.out)
+    if out.suffix.lower() in _NOT_SAFETENSORS_SUFFIXES or (out.suffix != '.safetensors' and out.is_file()):
+        stem = out.name
+        while Path(stem).suffix.lower() in _NOT_SAFETENSORS_SUFFIXES:
+            stem = Path(stem).stem
+        raise SystemExit(f"--out '{out}': convert writes safetensors only, never a pickle: give --out "
+                         f"{out.with_name(stem + '.safetensors')} (one file) or a folder path (model.safetensors + "
+                         f"config.json).")
+    if out.suffix == '.safetensors' and out.is_dir():
+        raise SystemExit(f"--out '{out}' is a folder: give a file name, or a folder path not ending in .safetensors.")
     if out.suffix != '.safetensors' and not split_model_name_tag(args.model)[1]:
         raise SystemExit(f"a folder's config.json names the weights' tag: give --model {args.model}.TAG "
                          f"(e.g. {args.model}.cifar10), or --out FILE.safetensors.")
@@ -151,6 +173,11 @@ def cmd_convert(args) -> Path:
         save_for_hf(model, out, safe_serialization=True)  # loadable with timm.create_model('local-dir:OUT')
     print(f'wrote {out} ({args.model}, from {args.src})')
     return out
+
+
+# --out names that look like weight files but are not safetensors: refused rather than made a folder named 'x.pth'
+_NOT_SAFETENSORS_SUFFIXES = ('.pth', '.pt', '.pt2', '.bin', '.ckpt', '.pkl', '.pickle', '.tar', '.gz', '.zip', '.npz',
+                             '.h5', '.onnx', '.st', '.safetensor', '.json', '.yaml', '.yml', '.md')
 
 
 def _parse_figure(spec: str) -> Tuple[Path, str]:
@@ -201,6 +228,7 @@ def default_out(model_tag: str) -> Path:
 def cmd_publish(args) -> Path:
     if not timm.is_model(args.model):
         raise SystemExit(f"unknown model '{args.model}'; see timm.list_models('resnet*').")
+    validate_tag(args.tag)
     model_tag = f'{args.model}.{args.tag}'
     cfg = registered_cfg(model_tag)
     repo_id = args.repo_id or (default_hub_repo_id(model_tag) if cfg else None)
@@ -261,7 +289,10 @@ def cmd_upload(args) -> Path:
     """Upload a folder staged earlier (``publish --dry-run`` / ``finish-run``) after checking it is complete."""
     folder = Path(args.folder)
     config = check_staged_folder(folder)
-    model_tag = f"{config['architecture']}.{config.get('pretrained_cfg', {}).get('tag', '')}"
+    tag = (config.get('pretrained_cfg') or {}).get('tag') or ''
+    if tag:
+        validate_tag(tag, f"the tag in '{folder / 'config.json'}' (pretrained_cfg.tag)")
+    model_tag = f"{config['architecture']}.{tag}"
     cfg = registered_cfg(model_tag)
     repo_id = args.repo_id or (default_hub_repo_id(model_tag) if cfg else None)
     if not repo_id:
@@ -371,11 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-spe', description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}',
                         help='print the timm-spe version and exit')
+    parser.add_argument('--debug', action='store_true',
+                        help='on an error, print the traceback before the one-line message (default: off)')
     sub = parser.add_subparsers(dest='command', required=True)
 
     def add(name, help, *examples):
-        return sub.add_parser(name, help=help, description=help, epilog=_examples(*examples),
-                              formatter_class=_HelpFormatter)
+        p = sub.add_parser(name, help=help, description=help, epilog=_examples(*examples),
+                           formatter_class=_HelpFormatter)
+        if name != 'run':  # `timm-spe run` passes everything after the script to it
+            p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                           help='on an error, print the traceback before the one-line message (default: off)')
+        return p
 
     def upload_args(p, repo_default):
         p.add_argument('--repo-id', default=None, help=f'Hub repo (default: {repo_default})')
@@ -513,18 +550,128 @@ def _needs_matplotlib(args) -> bool:
     return args.command == 'finish-run' or (args.command == 'inspect' and bool(args.plot))
 
 
+# --- errors: one line on stderr, with the fix; the traceback only with --debug ---------------------------------
+
+_TOKEN_LIKE = re.compile(r"""(hf_[A-Za-z0-9]{16,}|api_org_[A-Za-z0-9]{16,})"""
+                         r"""|((?i:authorization['"]?\s*[:=]\s*['"]?(?:bearer\s+)?|bearer\s+))[^\s'",]+""")
+
+
+def _scrub(text: str) -> str:
+    """``text`` without anything token-like: the token of HF_TOKEN / HUGGING_FACE_HUB_TOKEN, ``hf_...`` /
+    ``api_org_...`` strings, ``Bearer ...`` / ``Authorization: ...`` values."""
+    for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN'):
+        token = (os.environ.get(var) or '').strip()
+        if len(token) >= 4:
+            text = text.replace(token, '***')
+    return _TOKEN_LIKE.sub(lambda m: m.group(2) + '***' if m.group(2) else 'hf_***', text)
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    text = ' '.join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _network_error_types() -> tuple:
+    types = [ConnectionError, TimeoutError, socket.gaierror]
+    for module, names in (('httpx2', ('TransportError',)), ('httpx', ('TransportError',)),
+                          ('requests', ('ConnectionError', 'Timeout'))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        types += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(types)
+
+
+def _is_network_error(e: BaseException, chain: bool = False) -> bool:
+    """``e`` (with ``chain``: or its cause / context) is a failure to reach a server."""
+    for err in (e, e.__cause__, e.__context__) if chain else (e,):
+        if err is None or isinstance(err, HfHubHTTPError):  # an answer from the server, not a network failure
+            continue
+        if isinstance(err, _network_error_types()) or (
+                isinstance(err, OSError) and err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN)):
+            return True
+    return False
+
+
+def _hub_http_message(e: HfHubHTTPError) -> str:
+    """Built here, never from the exception's text (a server may echo request headers)."""
+    status = getattr(getattr(e, 'response', None), 'status_code', None)
+    fix = '`hf auth login` or HF_TOKEN'
+    if status == 401:
+        return (f"the Hub rejected the token (HTTP 401 Unauthorized: invalid, expired or revoked): log in again "
+                f"with {fix} using a token with write access.")
+    if status == 403:
+        return (f"the token may not do this (HTTP 403 Forbidden): use a token with write access to the repo's "
+                f"organisation ({fix}), pass --repo-id ORG/NAME of a namespace you can write to, or --create-pr.")
+    if status == 404:
+        return (f"the Hub has no such repo, branch or file, or the token may not see it (HTTP 404): check --repo-id "
+                f"/ --revision and that the token ({fix}) belongs to an account with access.")
+    if status == 429:
+        return 'the Hub is rate-limiting these requests (HTTP 429 Too Many Requests): wait a few minutes and retry.'
+    if status is not None and status >= 500:
+        return (f"the Hub failed to answer (HTTP {status}): retry later (HF_ENDPOINT is {hf_constants.ENDPOINT}).")
+    said = _one_line(_scrub(str(getattr(e, 'server_message', None) or '')), 200)
+    return (f"the Hub refused the request (HTTP {status}{': ' + said if said else ''}): check --repo-id / --revision "
+            f"and the token ({fix}).")
+
+
+def _error_message(e: BaseException) -> str:
+    """The one-line message, with the fix, of an exception a command may raise."""
+    if isinstance(e, LocalTokenNotFoundError):
+        return NO_TOKEN_MESSAGE
+    if isinstance(e, OfflineModeIsEnabled):
+        return (f"the Hub cannot be reached in offline mode (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '1')}): "
+                f"unset HF_HUB_OFFLINE to upload, or stage only (publish --dry-run) and `timm-spe upload` later.")
+    if isinstance(e, HfHubHTTPError):
+        return _hub_http_message(e)
+    if _is_network_error(e):
+        return (f"cannot reach the Hugging Face Hub at {hf_constants.ENDPOINT} ({type(e).__name__}): check the "
+                f"network connection and HF_ENDPOINT / proxy settings, then retry; a staged folder can be uploaded "
+                f"later with `timm-spe upload DIR`.")
+    if isinstance(e, SafetensorError):
+        return (f"not a readable safetensors file ({e}): it is truncated or corrupt; write it again (timm-spe "
+                f"convert) or download it again.")
+    if isinstance(e, KeyError):
+        return f'missing entry {e} (rerun with --debug for the traceback).'
+    if isinstance(e, (FileNotFoundError, FileExistsError, ValueError, RuntimeError)) and str(e):
+        return str(e)  # our own checks' messages (they name the fix)
+    if _is_network_error(e, chain=True):
+        return _error_message(ConnectionError())
+    if isinstance(e, OSError):
+        return f'{e} (rerun with --debug for the traceback).'
+    return f'unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback, and please report it).'
+
+
+def _fail(command: str, message: str, debug: bool) -> None:
+    """Exit 1 with ``timm-spe COMMAND: error: MESSAGE`` (one line, token-free) on stderr; with ``debug`` the
+    traceback of the exception being handled comes first."""
+    if debug:
+        sys.stderr.write(_scrub(traceback.format_exc()))
+        sys.stderr.flush()
+    raise SystemExit(f'timm-spe {command}: error: {_one_line(_scrub(message))}')
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
-    if _needs_matplotlib(args) and importlib.util.find_spec('matplotlib') is None:
-        raise SystemExit(f"timm-spe {args.command}: plotting needs matplotlib: pip install 'timm-spe[plot]'")
     if args.command == 'run':  # the script owns its errors and exit status
+        args.argv = argv
         return args.func(args)
+    debug = bool(getattr(args, 'debug', False))
+    args.argv = [a for a in argv if a != '--debug']  # the recorded command (eval JSON) is the same either way
     try:
+        if _needs_matplotlib(args) and importlib.util.find_spec('matplotlib') is None:
+            raise SystemExit("plotting needs matplotlib: pip install 'timm-spe[plot]'")
+        if getattr(args, 'tag', None) is not None:  # publish / finish-run
+            validate_tag(args.tag)
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:
-        raise SystemExit(f'timm-spe {args.command}: {e}') from e
+    except SystemExit as e:  # a command's own refusal: its message is the line
+        if e.code is None or isinstance(e.code, int):
+            raise
+        _fail(args.command, str(e.code), debug)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line (the traceback with --debug)
+        _fail(args.command, _error_message(e), debug)
 
 
 if __name__ == '__main__':

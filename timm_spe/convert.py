@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 __all__ = [
@@ -57,6 +58,14 @@ def convert_official_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str
     return out
 
 
+def _reason(e: BaseException) -> str:
+    """The informative line of a loader's error (torch's weights_only errors span many lines and advise
+    ``weights_only=False``, which timm-spe never does)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    line = next((l for l in lines if 'nsupported' in l or 'WeightsUnpickler error' in l), lines[0] if lines else '')
+    return f'{type(e).__name__}: {line}' if line else type(e).__name__
+
+
 def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Load weights from a safetensors file, a train.py checkpoint or an official SPEM checkpoint, safely.
 
@@ -71,13 +80,19 @@ def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[st
         if use_ema:
             raise ValueError(f"'{path}' is a safetensors file: one set of weights, no state_dict_ema. Drop --ema, or "
                              f"give the train.py checkpoint (trained with --model-ema) it came from.")
-        return load_file(str(path)), {'format': 'safetensors'}
+        try:
+            return load_file(str(path)), {'format': 'safetensors'}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(
+                f"'{path}' is not a readable safetensors file ({_reason(e)}): it is truncated or corrupt. Copy or "
+                f"download it again, or write it again from its source checkpoint (`timm-spe convert SRC --model "
+                f"MODEL --out FILE.safetensors`).") from e
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the reason and the fix
         raise ValueError(
-            f"'{path}' cannot be loaded safely (weights_only=True, argparse.Namespace allowed): {e}. "
+            f"'{path}' cannot be loaded safely (weights_only=True, argparse.Namespace allowed): {_reason(e)}. "
             f"timm-spe never unpickles arbitrary objects; re-save the weights as safetensors.") from e
     info: Dict[str, Any] = {'format': 'state_dict'}
     if isinstance(ckpt, dict) and 'state_dict' in ckpt:

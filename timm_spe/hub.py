@@ -13,15 +13,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, constants as hf_constants, get_token, hf_hub_download
 from huggingface_hub.errors import (
-    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
-    RevisionNotFoundError)
-from safetensors import SafetensorError
+    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, LocalTokenNotFoundError, OfflineModeIsEnabled,
+    RepositoryNotFoundError, RevisionNotFoundError)
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from timm.models import resolve_pretrained_cfg
@@ -35,7 +36,8 @@ from .registry import (
 __all__ = [
     'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt', 'PretrainedWeightsMismatch', 'SAFE_WEIGHTS_NAME', 'resolve_pretrained_weights',
     'download_safetensors', 'stage_hub_folder', 'upload_hub_folder', 'sha256_file', 'weights_sha256',
-    'read_eval_json', 'hub_api', 'check_upload_allowed', 'check_staged_folder',
+    'read_eval_json', 'hub_api', 'check_upload_allowed', 'check_staged_folder', 'check_upload_files',
+    'check_hub_access', 'validate_tag', 'UPLOAD_SUFFIXES', 'NO_TOKEN_MESSAGE',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -223,8 +225,51 @@ def stage_hub_folder(
     return out
 
 
+# what an upload may hold: weights as safetensors, timm's config, the card, its figures and tables. Anything else
+# (pickles .bin .pt .pth .pkl .pickle .pt2 .ckpt .tar, archives, scripts, dot files such as .gitattributes: the Hub
+# makes its own) is refused, at any depth, before any network call.
+UPLOAD_SUFFIXES = ('.safetensors', '.json', '.md', '.png', '.csv', '.yaml', '.yml')
+_TAG = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}')
+
+
+def validate_tag(tag: str, what: str = '--tag') -> str:
+    """A pretrained tag names folders (``hub_cards/<model>.<tag>``) and Hub repos: no path, only a plain word.
+
+    Letters, digits, ``_``, ``-`` and ``.`` (not first, never ``..``), at most 64 characters.
+    """
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag) or '..' in tag:
+        raise ValueError(
+            f"{what} {tag!r} is not a valid tag: use letters, digits, '_', '-' and '.' (not first, no '..', no '/' "
+            f"or '\\', at most 64 characters), e.g. cifar10_e30.")
+    return tag
+
+
+def check_upload_files(folder: PathLike, limit: int = 5) -> None:
+    """Refuse a folder holding anything but :data:`UPLOAD_SUFFIXES` files, at any depth (links included)."""
+    folder = Path(folder)
+    refused = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(dirs):
+            if os.path.islink(os.path.join(root, name)):
+                refused.append(Path(root, name))
+        for name in sorted(files):
+            path = Path(root, name)
+            if path.is_symlink() or not path.is_file() or path.suffix.lower() not in UPLOAD_SUFFIXES \
+                    or any(part.startswith('.') for part in path.relative_to(folder).parts):
+                refused.append(path)
+    if refused:
+        names = [str(p.relative_to(folder)) + ('/' if p.is_dir() else '') for p in refused]
+        more = f' and {len(names) - limit} more' if len(names) > limit else ''
+        raise ValueError(
+            f"'{folder}' holds files that are never uploaded: {', '.join(names[:limit])}{more}. Only "
+            f"{' '.join(UPLOAD_SUFFIXES)} files (no pickle weights, no links, no dot files) are published: remove "
+            f"them, or stage a clean folder with `timm-spe publish ... --dry-run`.")
+
+
 def check_staged_folder(folder: PathLike) -> Dict[str, Any]:
-    """A staged folder must hold readable safetensors weights, timm's config.json and a card quoting their sha256.
+    """A staged folder must hold readable safetensors weights, timm's config.json and a card quoting their sha256,
+    and nothing that is not published (:func:`check_upload_files`).
 
     Returns the folder's ``config.json``.
     """
@@ -234,19 +279,47 @@ def check_staged_folder(folder: PathLike) -> Dict[str, Any]:
         raise FileNotFoundError(
             f"'{folder}' is not a staged Hub folder (needs {', '.join(names)}); stage one with "
             f"`timm-spe publish ... --dry-run --out {folder}`.")
-    pickles = [p.name for p in folder.iterdir()
-               if p.suffix in ('.bin', '.pth', '.pt', '.pkl', '.ckpt') or p.name.endswith('.pth.tar')]
-    if pickles:
-        raise ValueError(f"'{folder}' contains pickle weight files {pickles}; only safetensors are published.")
+    check_upload_files(folder)
     _check_safetensors(str(folder / SAFE_WEIGHTS_NAME), 'the staged folder')
+    for path in sorted(folder.rglob('*.safetensors')):  # every other safetensors file: a readable header
+        if path.name != SAFE_WEIGHTS_NAME or path.parent != folder:
+            try:
+                with safe_open(str(path), framework='pt'):
+                    pass
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"'{path}' is not a readable safetensors file ({e}): remove it or write it "
+                                 f"again.") from e
     if sha256_file(folder / SAFE_WEIGHTS_NAME) not in (folder / 'README.md').read_text():
         raise ValueError(
             f"'{folder}/README.md' does not quote the sha256 of {SAFE_WEIGHTS_NAME}: the card is not of these "
             f"weights. Stage the folder again with `timm-spe publish`.")
-    config = json.loads((folder / 'config.json').read_text())
-    if 'architecture' not in config:
+    try:
+        config = json.loads((folder / 'config.json').read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{folder}/config.json' is not JSON ({e}): stage the folder again with "
+                         f"`timm-spe publish`.") from e
+    if not isinstance(config, dict) or 'architecture' not in config:
         raise ValueError(f"'{folder}/config.json' is not timm's Hub config (no 'architecture').")
     return config
+
+
+NO_TOKEN_MESSAGE = ("no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN) using a token with write "
+                    "access (https://huggingface.co/settings/tokens).")
+
+
+def check_hub_access(api: HfApi) -> None:
+    """Before any upload call: refuse offline mode, and a missing token (never read beyond "is there one").
+
+    Only for a real ``HfApi`` (tests pass mocks).
+    """
+    import huggingface_hub  # the class itself, even where tests patch this module's HfApi
+    if not isinstance(api, huggingface_hub.HfApi):
+        return
+    if hf_constants.is_offline_mode():
+        raise OfflineModeIsEnabled(
+            f"offline mode is on (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')}): uploading needs the Hub.")
+    if api.token is None and get_token() is None:
+        raise LocalTokenNotFoundError(NO_TOKEN_MESSAGE)
 
 
 def hub_api() -> HfApi:
@@ -257,10 +330,12 @@ def hub_api() -> HfApi:
 
 def check_upload_allowed(repo_id: str, overwrite: bool = False, create_pr: bool = False,
                          api: Optional[HfApi] = None, revision: Optional[str] = None) -> None:
-    """Refuse (before anything is staged or sent) to replace weights already in ``repo_id`` by accident."""
+    """Refuse (before anything is staged or sent) to replace weights already in ``repo_id`` by accident; refuse
+    offline mode or a missing token first (:func:`check_hub_access`)."""
+    api = api or hub_api()
+    check_hub_access(api)
     if create_pr or overwrite:
         return
-    api = api or hub_api()
     exists = (api.file_exists(repo_id, SAFE_WEIGHTS_NAME, revision=revision) if revision else
               api.file_exists(repo_id, SAFE_WEIGHTS_NAME))  # False for a repo (or branch) that does not exist yet
     if exists:
@@ -297,6 +372,7 @@ def upload_hub_folder(
     folder = Path(folder)
     check_staged_folder(folder)
     api = api or hub_api()
+    check_hub_access(api)
     api.create_repo(repo_id, exist_ok=True, private=True if private else None)
     if revision and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)

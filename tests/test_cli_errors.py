@@ -1,0 +1,358 @@
+"""The CLI speaks in one-line errors: `timm-spe COMMAND: error: <what and the fix>`, exit status 1, a traceback
+only with --debug, and never a token.
+
+Upload failures run against servers on 127.0.0.1 only: an endpoint nobody listens on (no network), and a tiny
+HTTP server that answers every request with an error *echoing the request's Authorization header* (the worst
+case for a token leak). No test reaches the internet.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import constants as hf_constants
+from safetensors.torch import save_file
+
+import timm
+import timm_spe  # noqa: F401
+from timm_spe.cli import main as cli
+from timm_spe.hub import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = 'hf_FAKEtokenDoNotPrint0123456789abcdef'
+UNREACHABLE = 'http://127.0.0.1:9'  # the discard port: nothing listens there
+
+
+def _fails(argv, capsys, debug=False):
+    """Run the CLI in-process (``debug``: as ``timm-spe --debug ...``); it must exit with one line
+    ``timm-spe COMMAND: error: ...`` and a traceback on stderr only with --debug. Returns (line, stderr)."""
+    argv = (['--debug'] if debug else []) + list(argv)
+    debug = '--debug' in argv
+    command = next(a for a in argv if a != '--debug')
+    with pytest.raises(SystemExit) as info:
+        cli(argv)
+    line = info.value.code
+    assert isinstance(line, str), line  # a string: Python prints it on stderr and exits with status 1
+    assert '\n' not in line and line.startswith(f'timm-spe {command}: error: '), line
+    out, err = capsys.readouterr()
+    if debug:
+        assert 'Traceback (most recent call last)' in err
+    else:
+        assert 'Traceback' not in err
+    for text in (line, out, err):
+        assert TOKEN not in text and TOKEN[3:] not in text
+    return line, err
+
+
+def _subprocess(argv, tmp_path, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING_FACE'))}
+    full.update(HF_HOME=str(tmp_path / 'hf-home'), HF_HUB_DISABLE_TELEMETRY='1', OMP_NUM_THREADS='1',
+                PYTHONPATH=os.pathsep.join(sys.path), **env)
+    return subprocess.run([sys.executable, '-m', 'timm_spe.cli', *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env=full, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """Real weights of a small model, and a truncated copy of them."""
+    work = tmp_path_factory.mktemp('weights')
+    torch.manual_seed(0)
+    good = work / 'good.safetensors'
+    save_file(timm.create_model('resnet83_spe').state_dict(), str(good))
+    corrupt = work / 'corrupt.safetensors'
+    corrupt.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    return {'good': good, 'corrupt': corrupt}
+
+
+def _staged(folder: Path, tag='cifar10', weights=None) -> Path:
+    """A minimal staged Hub folder (tiny weights, timm config, a card quoting their sha256)."""
+    folder.mkdir(parents=True)
+    if weights is None:
+        save_file({'x': torch.zeros(2)}, str(folder / 'model.safetensors'))
+    else:
+        (folder / 'model.safetensors').write_bytes(weights.read_bytes())
+    (folder / 'config.json').write_text(json.dumps({'architecture': 'resnet83_spe', 'pretrained_cfg': {'tag': tag}}))
+    (folder / 'README.md').write_text(f"sha256 {sha256_file(folder / 'model.safetensors')}\n")
+    return folder
+
+
+@pytest.fixture()
+def hub_env(monkeypatch, tmp_path):
+    """No stored token, no offline mode; the Hub endpoint set per test (in-process: huggingface_hub's constants)."""
+    for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE', 'HF_HUB_OFFLINE'):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token-here'))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(hf_constants, 'ENDPOINT', UNREACHABLE)
+
+    def set_endpoint(url, token=TOKEN):
+        monkeypatch.setattr(hf_constants, 'ENDPOINT', url)
+        if token:
+            monkeypatch.setenv('HF_TOKEN', token)
+    return set_endpoint
+
+
+@pytest.fixture()
+def echo_server():
+    """Answers every request with ``status`` and an error naming the request's Authorization header."""
+    state = {'status': 401, 'requests': 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self):
+            state['requests'] += 1
+            self.rfile.read(int(self.headers.get('Content-Length') or 0))
+            said = f"bad credentials, you sent Authorization: {self.headers.get('Authorization')}"
+            body = json.dumps({'error': said}).encode()
+            self.send_response(state['status'])
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('X-Error-Message', said)
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state, f'http://127.0.0.1:{server.server_address[1]}'
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- corrupt safetensors -------------------------------------------------------------------------------------
+
+CORRUPT_CASES = {
+    'convert': lambda w, t: ['convert', str(w), '--model', 'resnet83_spe.cifar10', '--out', str(t / 'o.safetensors')],
+    'eval': lambda w, t: ['eval', 'resnet83_spe', '--checkpoint', str(w), '--data-dir', str(t)],
+    'inspect': lambda w, t: ['inspect', 'resnet83_spe', '--checkpoint', str(w)],
+    'publish': lambda w, t: ['publish', str(w), '--model', 'resnet83_spe', '--tag', 'cifar10', '--dry-run',
+                             '--out', str(t / 's')],
+}
+
+
+@pytest.mark.parametrize('command', list(CORRUPT_CASES))
+def test_corrupt_safetensors(command, weights, tmp_path, capsys):
+    argv = CORRUPT_CASES[command](weights['corrupt'], tmp_path)
+    line, _ = _fails(argv, capsys)
+    assert f"'{weights['corrupt']}' is not a readable safetensors file" in line
+    assert 'truncated or corrupt' in line and 'download it again' in line
+    _, err = _fails(argv, capsys, debug=True)
+    assert 'SafetensorError' in err
+    assert not (tmp_path / 'o.safetensors').exists() and not (tmp_path / 's').exists()
+
+
+def test_corrupt_weights_in_a_staged_folder(weights, tmp_path, capsys):
+    folder = _staged(tmp_path / 'staged', weights=weights['corrupt'])
+    line, _ = _fails(['upload', str(folder)], capsys)
+    assert 'is not a readable safetensors file' in line and 're-download' in line
+
+
+def test_corrupt_safetensors_exit_status_and_stderr(weights, tmp_path):
+    """The real thing: a subprocess exits 1 and its stderr is the one line."""
+    proc = _subprocess(['convert', str(weights['corrupt']), '--model', 'resnet83_spe.cifar10', '--out', 'o.safetensors'],
+                       tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ''
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith('timm-spe convert: error: ') and 'not a readable safetensors file' in proc.stderr
+
+
+# --- upload failures: no token, bad token, no network, offline ---------------------------------------------------
+
+def test_upload_without_a_token(hub_env, tmp_path, capsys):
+    """Refused before any network call (the endpoint is unreachable: a call would say so instead)."""
+    folder = _staged(tmp_path / 'staged')
+    line, _ = _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys)
+    assert 'no Hugging Face token' in line and '`hf auth login`' in line and 'HF_TOKEN' in line
+    _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys, debug=True)
+
+
+def test_publish_without_a_token_stages_nothing(hub_env, weights, tmp_path, capsys):
+    out = tmp_path / 'staged'
+    line, _ = _fails(['publish', str(weights['good']), '--model', 'resnet83_spe', '--tag', 'cifar10', '--out', str(out),
+                      '--create-pr'], capsys)
+    assert '`hf auth login`' in line and not out.exists()
+
+
+@pytest.mark.parametrize('status, expected', [(401, 'HTTP 401'), (403, 'HTTP 403'), (400, 'HTTP 400')])
+def test_upload_with_a_refused_token(status, expected, hub_env, echo_server, tmp_path, capsys):
+    state, url = echo_server
+    state['status'] = status
+    hub_env(url)
+    folder = _staged(tmp_path / 'staged')
+    line, _ = _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys)
+    assert expected in line and '`hf auth login`' in line and 'HF_TOKEN' in line
+    assert state['requests'] >= 1  # the server did see (and echo) the token
+    _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys, debug=True)  # the traceback is scrubbed too
+
+
+def test_upload_without_network(hub_env, tmp_path, capsys):
+    hub_env(UNREACHABLE)
+    folder = _staged(tmp_path / 'staged')
+    line, _ = _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys)
+    assert 'cannot reach the Hugging Face Hub at http://127.0.0.1:9' in line and 'HF_ENDPOINT' in line
+    _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys, debug=True)
+
+
+@pytest.mark.parametrize('debug', [False, True])
+def test_upload_without_network_subprocess(debug, tmp_path):
+    """HF_ENDPOINT / HF_TOKEN from the environment, as a user sets them: exit 1, the token nowhere."""
+    folder = _staged(tmp_path / 'staged')
+    proc = _subprocess((['--debug'] if debug else []) + ['upload', str(folder), '--repo-id', 'org/m.t'], tmp_path,
+                       HF_ENDPOINT=UNREACHABLE, HF_TOKEN=TOKEN)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith('timm-spe upload: error: cannot reach the Hugging Face Hub'), proc.stderr
+    assert ('Traceback (most recent call last)' in proc.stderr) == debug and (len(lines) == 1) != debug
+    assert TOKEN not in proc.stdout + proc.stderr and TOKEN[3:] not in proc.stdout + proc.stderr
+
+
+def test_upload_offline(hub_env, monkeypatch, tmp_path, capsys):
+    hub_env(UNREACHABLE)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    folder = _staged(tmp_path / 'staged')
+    line, _ = _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys)
+    assert 'offline mode (HF_HUB_OFFLINE=1)' in line and 'unset HF_HUB_OFFLINE' in line
+    _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys, debug=True)
+
+
+def test_no_token_like_text_is_ever_printed(monkeypatch):
+    from timm_spe.cli import _scrub
+    monkeypatch.setenv('HF_TOKEN', 'sk-anything-at-all')
+    text = _scrub(f'a sk-anything-at-all b {TOKEN} c Authorization: Bearer abc.def {{"authorization": "Bearer xyz"}} '
+                  f'hf_hub_id stays')
+    assert 'sk-anything' not in text and TOKEN not in text and 'abc.def' not in text and 'xyz' not in text
+    assert 'hf_hub_id stays' in text
+
+
+# --- the upload check: only published kinds of files, at any depth ------------------------------------------------
+
+@pytest.mark.parametrize('name', ['pytorch_model.bin', 'w.pt', 'w.pth', 'w.pkl', 'w.pickle', 'w.pt2', 'w.ckpt',
+                                  'last.pth.tar', 'notes.txt', 'run.py', '.gitattributes', 'W.PTH',
+                                  '.hidden/x.json'])
+def test_upload_refuses_other_files_at_any_depth(name, tmp_path, capsys):
+    folder = _staged(tmp_path / 'staged')
+    (folder / 'a' / 'b' / name).parent.mkdir(parents=True)
+    (folder / 'a' / 'b' / name).write_bytes(b'x')
+    api = mock.MagicMock()
+    api.file_exists.return_value = False
+    with mock.patch('timm_spe.hub.HfApi', return_value=api):
+        line, _ = _fails(['upload', str(folder), '--repo-id', 'org/m.t'], capsys)
+    assert f'a/b/{name}' in line and 'never uploaded' in line and '--dry-run' in line
+    assert not api.method_calls  # refused before any call to the Hub
+
+
+def test_upload_check_names_the_first_files_and_links(tmp_path):
+    from timm_spe.hub import check_upload_files
+    folder = _staged(tmp_path / 'staged')
+    for i in range(7):
+        (folder / f'w{i}.bin').write_bytes(b'x')
+    (folder / 'card.json').symlink_to(folder / 'w0.bin')
+    with pytest.raises(ValueError, match=r"card\.json, w0\.bin, w1\.bin, w2\.bin, w3\.bin and 3 more"):
+        check_upload_files(folder)
+    for p in folder.glob('w*.bin'):
+        p.unlink()
+    (folder / 'card.json').unlink()
+    (folder / 'figs').mkdir()
+    for name in ('curve.png', 'eval.csv', 'r.yaml', 'r.yml', 'x.json', 'notes.md', 'more.safetensors'):
+        (folder / 'figs' / name).write_bytes(b'x')
+    check_upload_files(folder)  # the published kinds, at any depth
+
+
+# --- tags ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('tag', ['../../x', 'a/b', 'a\\b', '..', '.hidden', 'x..y', ''])
+def test_publish_refuses_a_tag_that_is_a_path(tag, weights, tmp_path, capsys):
+    out = tmp_path / 'out'
+    line, _ = _fails(['publish', str(weights['good']), '--model', 'resnet83_spe', '--tag', tag, '--dry-run',
+                      '--out', str(out)], capsys)
+    assert 'is not a valid tag' in line and 'e.g. cifar10_e30' in line and not out.exists()
+    _fails(['publish', str(weights['good']), '--model', 'resnet83_spe', '--tag', tag, '--dry-run', '--out', str(out)],
+           capsys, debug=True)
+
+
+@pytest.mark.parametrize('argv', [
+    lambda w, t: ['finish-run', '--recipe', str(t / 'r.yaml'), '--tag', '../x'],
+    lambda w, t: ['convert', str(w), '--model', 'resnet83_spe.../x', '--out', str(t / 'o')],
+    lambda w, t: ['eval', 'resnet83_spe../../x', '--checkpoint', str(w), '--data-dir', str(t)],
+    lambda w, t: ['inspect', 'resnet83_spe.a/b', '--checkpoint', str(w)],
+], ids=['finish-run', 'convert', 'eval', 'inspect'])
+def test_every_command_refuses_a_tag_that_is_a_path(argv, weights, tmp_path, capsys):
+    line, _ = _fails(argv(weights['good'], tmp_path), capsys)
+    assert 'is not a valid tag' in line
+    assert not (tmp_path / 'o').exists()
+
+
+def test_upload_refuses_a_config_tag_that_is_a_path(tmp_path, capsys):
+    folder = _staged(tmp_path / 'staged', tag='../../x')
+    with mock.patch('timm_spe.hub.HfApi') as api_cls:
+        line, _ = _fails(['upload', str(folder)], capsys)
+    assert "pretrained_cfg.tag) '../../x' is not a valid tag" in line
+    api_cls.return_value.upload_folder.assert_not_called()
+
+
+def test_valid_tags():
+    from timm_spe.hub import validate_tag
+    for tag in ('cifar10', 'cifar10_e30', 'cifar10_cpu2h', 'in1k', 'a.b-c_d', '-x', 'x' * 64):
+        assert validate_tag(tag) == tag
+    with pytest.raises(ValueError):
+        validate_tag('x' * 65)
+
+
+# --- convert --out ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name, suggested', [('x.pth', 'x.safetensors'), ('x.pth.tar', 'x.safetensors'),
+                                             ('x.bin', 'x.safetensors'), ('x.PT', 'x.safetensors')])
+def test_convert_refuses_a_pickle_file_name(name, suggested, weights, tmp_path, capsys):
+    out = tmp_path / name
+    line, _ = _fails(['convert', str(weights['good']), '--model', 'resnet83_spe.cifar10', '--out', str(out)], capsys)
+    assert f"give --out {tmp_path / suggested}" in line and 'a folder path' in line
+    assert not out.exists()  # neither a file nor a folder named x.pth
+
+
+def test_convert_refuses_an_existing_file_as_a_folder(weights, tmp_path, capsys):
+    out = tmp_path / 'weights'
+    out.write_text('keep')
+    line, _ = _fails(['convert', str(weights['good']), '--model', 'resnet83_spe.cifar10', '--out', str(out)], capsys)
+    assert 'safetensors only' in line and out.read_text() == 'keep'
+
+
+def test_convert_still_writes_files_and_folders(weights, tmp_path):
+    cli(['convert', str(weights['good']), '--model', 'resnet83_spe.cifar10', '--out', str(tmp_path / 'o.safetensors')])
+    assert (tmp_path / 'o.safetensors').is_file()
+    cli(['convert', str(weights['good']), '--model', 'resnet83_spe.cifar10', '--out', str(tmp_path / 'resnet83_spe.t')])
+    assert sorted(p.name for p in (tmp_path / 'resnet83_spe.t').iterdir()) == ['config.json', 'model.safetensors']
+
+
+# --- missing matplotlib, anything unexpected ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('argv', [['inspect', 'resnet83_spe', '--plot', 'x.png'], ['finish-run', '--recipe', 'r.yaml']])
+def test_missing_matplotlib(argv, monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'matplotlib' else real(name, *a))
+    line, _ = _fails(argv, capsys)
+    assert line.endswith("plotting needs matplotlib: pip install 'timm-spe[plot]'")
+    _fails(argv, capsys, debug=True)
+
+
+def test_an_unexpected_error_is_one_line_too(monkeypatch, capsys):
+    def broken(args):
+        raise TypeError('something\nbroke')
+    monkeypatch.setattr('timm_spe.cli.cmd_inspect', broken)
+    line, _ = _fails(['inspect', 'resnet83_spe'], capsys)
+    assert 'unexpected TypeError: something broke' in line and 'rerun with --debug' in line
+    _, err = _fails(['inspect', 'resnet83_spe', '--debug'], capsys)  # --debug after the command works too
+    assert 'TypeError: something' in err
