@@ -305,3 +305,11 @@ def test_timm_inference_py_names_the_classes_of_our_pretrained_model(tmp_path):
     rows = json.loads((tmp_path / 'out.json').read_text())
     labels = [r['label'] for r in rows.values()]  # {filename: {label, prob}}
     assert len(labels) == 3 and set(labels) <= set(CIFAR10_LABELS)
+
+
+def test_eval_of_torchvision_cifar_without_its_files_names_download(tmp_path):
+    """`--dataset torch/cifar10` on a folder without torchvision's files: a one-line error naming --download, and
+    nothing is fetched unless asked."""
+    with pytest.raises(SystemExit, match=r'no cifar-10-batches-py in .*: pass --download'):
+        cli(['eval', 'resnet164_spe', '--dataset', 'torch/cifar10', '--data-dir', str(tmp_path / 'cifar10')])
+    assert not (tmp_path / 'cifar10').exists()

@@ -103,7 +103,8 @@ def cmd_eval(args) -> dict:
         result = evaluate(model, args.data_dir, batch_size=args.batch_size, limit=args.limit, workers=args.workers,
                           device=device, progress=not getattr(args, 'json', False),
                           allow_class_subset=getattr(args, 'allow_class_subset', False),
-                          skip_bad_images=getattr(args, 'skip_bad_images', False))
+                          skip_bad_images=getattr(args, 'skip_bad_images', False),
+                          dataset=getattr(args, 'dataset', None), download=getattr(args, 'download', False))
     result.update(device=str(device), amp='bfloat16' if amp else None,
                   channels_last=bool(getattr(args, 'channels_last', False)))
     name, tag = split_model_name_tag(args.model)
@@ -436,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add('eval', 'top-1/top-5/loss on a CIFAR test split',
             'timm-spe eval resnet164_spe --data-dir data/cifar10-jpeg/test --out eval.json',
+            'timm-spe eval resnet164_spe --dataset torch/cifar10 --download --data-dir data/cifar10',
             'timm-spe eval resnet164_spe --checkpoint last.pth.tar --data-dir data/cifar10 --device cuda --amp '
             '--channels-last --json')
     model_args(p)
@@ -446,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='how the card names the data, e.g. "CIFAR-10 (JPEG q75 copy)" (default: the data path)')
     p.add_argument('--limit', type=int, default=None,
                    help='evaluate a fixed class-balanced subset of N images (default: all)')
+    p.add_argument('--dataset', default=None, choices=('torch/cifar10', 'torch/cifar100'),
+                   help="read torchvision's files of this dataset in --data-dir (labels mapped by the model's class "
+                        "names); default: whatever --data-dir holds")
+    p.add_argument('--download', action='store_true',
+                   help="with --dataset: download torchvision's test files into --data-dir if missing (default: off)")
     p.add_argument('--allow-class-subset', action='store_true',
                    help="score a split holding only some of the model's classes; the JSON records which (default: off)")
     p.add_argument('--skip-bad-images', action='store_true',
