@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # timm-spe: one entry point for a fresh machine (each command sets up what it needs first).
-#   ./run.sh test                 set up .venv and run the whole test suite (what CI runs)
+#   ./run.sh test                 set up .venv, lint (ruff) and run the whole test suite (what CI runs)
 #   ./run.sh test-fast            the suite without the tests marked slow (a few minutes; while working)
 #   ./run.sh train [--dry-run] [RECIPE.yaml] [train.py args]
 #                                 set up, train with timm's train.py (resuming from train_runs/<recipe>/ if it
@@ -92,11 +92,13 @@ prepare_data() {
 case "${1:-}" in
     setup)
         setup ;;
-    test)  # the whole suite: what CI runs
+    test)  # lint, then the whole suite: what CI runs
         setup
+        "$PY" -m ruff check .
         exec "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests ;;
-    test-fast)  # while working: everything but the tests marked slow
+    test-fast)  # while working: lint, then everything but the tests marked slow
         setup
+        "$PY" -m ruff check .
         exec "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m "not slow" tests ;;
     bench)
         setup

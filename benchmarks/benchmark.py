@@ -32,13 +32,12 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-
-import timm
 from timm.layers import SEModule
+from tqdm import tqdm
 
 import timm_spe
 from timm_spe import SpeModule

@@ -19,9 +19,9 @@ import json
 import time
 import traceback
 
+import timm
 import torch
 import torch.nn as nn
-import timm
 
 import timm_spe
 

@@ -15,6 +15,7 @@ import benchmark  # noqa: E402
 def test_unfused_reference_matches_spe():
     """The benchmark's unfused reference computes the same function as SpeModule (same init)."""
     import torch
+
     from timm_spe import SpeModule
     torch.manual_seed(0)
     ref, spe = benchmark.UnfusedSpeReference(8), SpeModule(8)

@@ -5,12 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-import timm
 import timm_spe  # noqa: F401
 from timm_spe.cli import main as cli
 from timm_spe.labels import CIFAR10_LABELS
@@ -138,6 +138,7 @@ def test_eval_records_a_class_subset_and_skipped_images(run_dir, make_image_fold
 
 def test_eval_ema_without_ema_weights_is_an_error(run_dir, tmp_path):
     from safetensors.torch import save_file
+
     from timm_spe.hub import weights_sha256
     data = str(run_dir['data'] / 'test')
     model = timm.create_model('resnet83_spe')

@@ -15,11 +15,11 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import timm
 import torch
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
-import timm
 import timm_spe  # noqa: F401
 from timm_spe.cli import main as cli
 from timm_spe.hub import sha256_file

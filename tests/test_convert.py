@@ -2,14 +2,19 @@
 import argparse
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-import timm
 import timm_spe  # noqa: F401
 from timm_spe.convert import (
-    convert_official_state_dict, is_official_state_dict, load_checkpoint_file, load_weights, official_depth)
+    convert_official_state_dict,
+    is_official_state_dict,
+    load_checkpoint_file,
+    load_weights,
+    official_depth,
+)
 
 
 class OfficialBottleneck(nn.Module):

@@ -4,14 +4,13 @@ import copy
 from pathlib import Path
 
 import pytest
-import torch
-
 import timm
+import torch
+from compile_check import assert_compiled_train_step_matches_eager
+
 import timm_spe
 from timm_spe import cpu_kernels
 from timm_spe.spe import _bn_input_grad, _per_map_sums, max_min, max_min_with_indices, scale_add_relu_
-
-from compile_check import assert_compiled_train_step_matches_eager
 
 
 @pytest.fixture

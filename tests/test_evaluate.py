@@ -3,11 +3,11 @@ refusals that keep a wrong number out of eval.json (folders mapped by class name
 from pathlib import Path
 
 import pytest
-import torch
-
 import timm
-import timm_spe  # noqa: F401
+import torch
 from timm.data import create_dataset, create_transform, resolve_data_config
+
+import timm_spe  # noqa: F401
 from timm_spe.evaluate import EvalDataError, balanced_subset, evaluate, open_test_split
 from timm_spe.labels import CIFAR10_LABELS, CIFAR100_LABELS, label_names_for
 
@@ -239,6 +239,7 @@ def test_eval_reads_a_named_torchvision_dataset_and_downloads_it_only_when_asked
 
 def test_a_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
     import urllib.error
+
     import timm_spe.evaluate as ev
 
     def offline(*args, **kwargs):

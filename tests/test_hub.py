@@ -13,16 +13,15 @@ import textwrap
 from unittest import mock
 
 import pytest
+import timm
 import torch
+from hub_server import add_repo, local_hub
 from safetensors.torch import load_file
 
-import timm
 import timm_spe
 from timm_spe.cli import main as cli
 from timm_spe.hub import PretrainedWeightsNotFound, upload_hub_folder
 from timm_spe.registry import PRETRAINED_TAGS, register_pretrained
-
-from hub_server import add_repo, local_hub
 
 ORG = timm_spe.HF_HUB_ORG
 MARKER = 'unpickled-marker'

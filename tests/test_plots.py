@@ -1,8 +1,8 @@
 """timm_spe.plots: training curves from train.py output and learned SPE lambdas."""
 import pytest
+import timm
 import torch
 
-import timm
 import timm_spe  # noqa: F401
 from timm_spe.plots import plot_lambdas, plot_training_curve, read_summary, read_train_log, spe_lambdas
 

@@ -8,8 +8,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 import timm
+
 import timm_spe
 from timm_spe.evaluate import evaluate
 from timm_spe.hub import sha256_file
@@ -18,6 +18,7 @@ from timm_spe.plots import spe_lambdas
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / 'hub_cards' / 'resnet164_spe.cifar10_cpu2h'
 from timm_spe.registry import PRETRAINED_TAGS  # noqa: E402
+
 DEFAULT = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')  # the first entry: default tag
 CIFAR_TAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 

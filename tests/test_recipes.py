@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
-from torchvision import transforms
-
-import timm
 from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
 
 import timm_spe
 

@@ -1,12 +1,11 @@
 """CIFAR ResNet family: architecture, parameter counts vs the paper, timm model contract."""
 import pytest
-import torch
-
 import timm
+import torch
+from compile_check import assert_compiled_train_step_matches_eager
+
 import timm_spe
 from timm_spe import SpeModule
-
-from compile_check import assert_compiled_train_step_matches_eager
 
 # Parameter counts (millions, as printed) from the paper's Tables 1 and 2.
 PAPER_PARAMS_M = {
@@ -146,6 +145,7 @@ def test_default_tags():
 def _unfused_copy(model):
     """The same weights run through timm's own Bottleneck.forward (x * gate, then += shortcut, ReLU)."""
     import copy
+
     from timm.models.resnet import Bottleneck
     ref = copy.deepcopy(model)
     for m in ref.modules():
@@ -191,6 +191,7 @@ def test_torchscript_fx_export_compile(cpu_kernels):
     """TorchScript, FX (and TorchScript of the FX graph, as timm's own model tests do), torch.export and dynamo,
     with SPE's CPU kernels off and on (scripted code runs the plain ops)."""
     import warnings
+
     from timm.models import get_notrace_functions, get_notrace_modules
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
     previous = timm_spe.set_cpu_kernels(cpu_kernels)

@@ -3,10 +3,10 @@ with an explicit penalty, and timm's constructor conventions."""
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
-import timm
 import timm_spe
 from timm_spe import SpeModule
 

@@ -84,6 +84,7 @@ print(json.dumps({'module': timm_spe.__file__, 'file': m.pretrained_cfg['file'],
 
 def test_eval_inspect_and_run_from_the_wheel(installed):
     from PIL import Image
+
     from timm_spe.labels import CIFAR10_LABELS
     run, bin_dir, cwd = installed['run'], installed['venv'] / 'bin', installed['cwd']
     for c, name in enumerate(CIFAR10_LABELS):

@@ -3,13 +3,13 @@
 ``import timm_spe`` registers the CIFAR ResNet family (``resnet164_spe`` ...) and ImageNet-style
 SPE ResNets with timm, and makes ``attn_layer='spe'`` resolvable by timm's attention factory.
 """
-from .version import __version__
-from .spe import FORMULATIONS, REWEIGHTS, SpeModule, set_auto_penalty, spe_penalty
-from .sge import SgeModule
-from .srm import SrmModule
 from .cpu_kernels import cpu_kernels_enabled, set_cpu_kernels
 from .create_attn import SPE_ATTN_LAYERS, get_attn, register_attn_layers
+from .sge import SgeModule
+from .spe import FORMULATIONS, REWEIGHTS, SpeModule, set_auto_penalty, spe_penalty
+from .srm import SrmModule
 from .transforms import PAD_CROP_MODE, register_train_crop_modes
+from .version import __version__
 
 register_attn_layers()
 register_train_crop_modes()

@@ -13,11 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import timm
 import torch
 from huggingface_hub import EvalResult, ModelCardData
 from torch.utils.flop_counter import FlopCounterMode
-
-import timm
 
 from .registry import default_hub_repo_id
 

@@ -26,10 +26,9 @@ import traceback
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import timm
 import torch
 import yaml
-
-import timm
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from safetensors import SafetensorError
@@ -38,16 +37,27 @@ from timm.models import split_model_name_tag
 from timm.models._hub import save_for_hf
 
 import timm_spe  # noqa: F401  (registers the models)
+
 from .card import dataset_of_tag, portable_eval_result, registered_cfg, render_card
 from .convert import load_checkpoint_file, load_weights
 from .evaluate import evaluate
 from .hub import (
-    NO_TOKEN_MESSAGE, SAFE_WEIGHTS_NAME, check_staged_folder, check_upload_allowed, hub_api, read_eval_json,
-    sha256_file, stage_hub_folder, upload_hub_folder, validate_tag, weights_sha256)
-from .registry import default_hub_repo_id
-from .version import __version__
+    NO_TOKEN_MESSAGE,
+    SAFE_WEIGHTS_NAME,
+    check_staged_folder,
+    check_upload_allowed,
+    hub_api,
+    read_eval_json,
+    sha256_file,
+    stage_hub_folder,
+    upload_hub_folder,
+    validate_tag,
+    weights_sha256,
+)
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
+from .registry import default_hub_repo_id
 from .train_run import read_summary, run_status
+from .version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 

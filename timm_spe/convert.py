@@ -11,7 +11,7 @@
 import argparse
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from safetensors import SafetensorError

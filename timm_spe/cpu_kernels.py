@@ -20,6 +20,7 @@ import os
 import platform
 import warnings
 from pathlib import Path
+
 import torch
 
 __all__ = ['set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply', 'kernels_apply_per_map']

@@ -24,10 +24,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
-
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
+from tqdm import tqdm
 
 from .labels import label_names_for, num_outputs
 

@@ -18,20 +18,35 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
-from huggingface_hub import HfApi, constants as hf_constants, get_token, hf_hub_download
+from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
-    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, LocalTokenNotFoundError, OfflineModeIsEnabled,
-    RepositoryNotFoundError, RevisionNotFoundError)
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save as safetensors_bytes
-
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from timm.models import resolve_pretrained_cfg
 from timm.models._hub import hf_split, save_for_hf
 
 from .labels import label_names_for
 from .registry import (
-    SAFE_WEIGHTS_NAME, PretrainedWeightsCorrupt, PretrainedWeightsMismatch, PretrainedWeightsNotFound,
-    no_weights_message, pretrained_entry, sha256_file, tag_of_hub_id, verify_sha256)
+    SAFE_WEIGHTS_NAME,
+    PretrainedWeightsCorrupt,
+    PretrainedWeightsMismatch,
+    PretrainedWeightsNotFound,
+    no_weights_message,
+    pretrained_entry,
+    sha256_file,
+    tag_of_hub_id,
+    verify_sha256,
+)
 
 __all__ = [
     'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt', 'PretrainedWeightsMismatch', 'SAFE_WEIGHTS_NAME', 'resolve_pretrained_weights',

@@ -76,6 +76,7 @@ def spe_lambdas(model) -> List[Dict[str, object]]:
     """Learned mixing weight ``lambda = p0^2 / (p0^2 + p1^2)`` (weight of max pooling) of every SPE layer; layers
     with a constant ``lam`` (the Table 3 ablation) have nothing learned and are left out."""
     import torch
+
     from .spe import SpeModule, mix_weights
     rows = []
     for name, m in model.named_modules():

@@ -148,6 +148,7 @@ def register_pretrained(model_tag: str, sha256: str, num_classes: int, hf_hub_id
     model's default tag.
     """
     from timm.models import _registry as reg
+
     from .resnet import _tag_cfg
     if not hf_hub_id and not file:
         raise ValueError('register_pretrained needs hf_hub_id or file.')
@@ -161,6 +162,7 @@ def register_pretrained(model_tag: str, sha256: str, num_classes: int, hf_hub_id
         entry['file'] = str(file)
     PRETRAINED_TAGS[model_tag] = entry
     from dataclasses import replace
+
     from timm.models import PretrainedCfg
     cfg = replace(PretrainedCfg(**_tag_cfg(variant, tag)), architecture=variant, tag=tag)
     reg._model_pretrained_cfgs[model_tag] = cfg

@@ -26,9 +26,9 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from torch import nn as nn
 from torch.autograd.function import once_differentiable
-from timm.layers import register_notrace_function
 
 from .cpu_kernels import kernels_apply, kernels_apply_per_map
 

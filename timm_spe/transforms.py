@@ -10,9 +10,8 @@ import functools
 import importlib
 from typing import Any, Callable
 
-from torchvision import transforms
-
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
 
 __all__ = ['PAD_CROP_MODE', 'PAD_CROP_PADDING', 'register_train_crop_modes']
 
