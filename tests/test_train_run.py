@@ -109,8 +109,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     cfg.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
 
+    # Ctrl-C semantics whatever this test inherited: a shell's background job starts with SIGINT ignored
+    ctrl_c = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+              'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+
     def command(name, *extra):
-        return [sys.executable, train_py, '--config', str(cfg), '--output', str(tmp_path / 'runs'),
+        return [sys.executable, '-c', ctrl_c, train_py, '--config', str(cfg), '--output', str(tmp_path / 'runs'),
                 '--experiment', name, *extra]
 
     whole = tmp_path / 'runs' / 'whole'
