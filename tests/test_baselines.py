@@ -1,18 +1,19 @@
 """SRM and SGE, the SPE paper's Table 1 baselines timm lacks: reference computations, the authors' code, timm use."""
-# isort: skip_file  (timm_spe is imported before any name from timm.layers: those are the patched ones)
+# ruff: noqa: I001  (timm_spe is imported before any name from timm.layers: those are the patched ones)
 import copy
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import create_attn, get_attn
 
 import timm_spe  # noqa: F401  (first: registers the names with timm's factory)
 from timm_spe.sge import SgeModule
 from timm_spe.srm import SrmModule
+
+import timm
+from timm.layers import create_attn, get_attn
 
 
 def _randomize_(module, seed=0):

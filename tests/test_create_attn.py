@@ -1,15 +1,16 @@
 """attn_layer='spe' inside timm's own models through timm's attention factory."""
-# isort: skip_file  (timm_spe is imported before any name from timm.layers: those are the patched ones)
+# ruff: noqa: I001  (timm_spe is imported before any name from timm.layers: those are the patched ones)
 from functools import partial
 
 import pytest
-import timm
 import torch
-from timm.layers import EcaModule, SEModule, create_attn, get_attn
-from timm.layers.cbam import CbamModule
 
 import timm_spe  # first: names imported from timm.layers before it are timm's originals
 from timm_spe import SpeModule
+
+import timm
+from timm.layers import EcaModule, SEModule, create_attn, get_attn
+from timm.layers.cbam import CbamModule
 
 
 def test_names_resolve():
