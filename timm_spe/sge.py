@@ -22,7 +22,7 @@ by ``groups``.
 import torch
 from torch import nn
 
-from .spe import _IGNORED_TIMM_ATTN_KWARGS
+from .spe import check_timm_attn_kwargs
 
 __all__ = ['SgeModule']
 
@@ -47,10 +47,7 @@ class SgeModule(nn.Module):
             **timm_attn_kwargs,
     ):
         dd = {'device': device, 'dtype': dtype}
-        unknown = set(timm_attn_kwargs) - _IGNORED_TIMM_ATTN_KWARGS
-        if unknown:
-            raise TypeError(f'SgeModule got unexpected arguments {sorted(unknown)}; it accepts groups, eps and '
-                            f'(ignored) timm attention kwargs {sorted(_IGNORED_TIMM_ATTN_KWARGS)}.')
+        check_timm_attn_kwargs('SgeModule', 'groups, eps', timm_attn_kwargs)
         super().__init__()
         if channels <= 0 or groups <= 0 or channels % groups:
             raise ValueError(f'SgeModule channels ({channels!r}) must be a positive multiple of groups ({groups!r}).')

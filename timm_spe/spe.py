@@ -625,6 +625,14 @@ _IGNORED_TIMM_ATTN_KWARGS = frozenset(
     {'act_layer', 'gate_layer', 'norm_layer', 'rd_ratio', 'rd_channels', 'rd_divisor', 'round_chs_fn'})
 
 
+def check_timm_attn_kwargs(layer: str, accepted: str, timm_attn_kwargs: dict) -> None:
+    """Refuse arguments that neither the attention ``layer`` nor timm's generic attention kwargs name (one line)."""
+    unknown = set(timm_attn_kwargs) - _IGNORED_TIMM_ATTN_KWARGS
+    if unknown:
+        raise TypeError(f'{layer} got unexpected arguments {sorted(unknown)}; it accepts {accepted} and (ignored) '
+                        f'timm attention kwargs {sorted(_IGNORED_TIMM_ATTN_KWARGS)}.')
+
+
 class SpeModule(nn.Module):
     """ SPE channel attention: ``out = x * v_exc * v_rew``.
 
@@ -664,10 +672,7 @@ class SpeModule(nn.Module):
             **timm_attn_kwargs,
     ):
         dd = {'device': device, 'dtype': dtype}
-        unknown = set(timm_attn_kwargs) - _IGNORED_TIMM_ATTN_KWARGS
-        if unknown:
-            raise TypeError(f'SpeModule got unexpected arguments {sorted(unknown)}; it accepts formulation, eta, '
-                            f'auto_penalty, lam, reweight and (ignored) timm attention kwargs {sorted(_IGNORED_TIMM_ATTN_KWARGS)}.')
+        check_timm_attn_kwargs('SpeModule', 'formulation, eta, auto_penalty, lam, reweight', timm_attn_kwargs)
         super().__init__()
         if formulation not in FORMULATIONS:
             raise ValueError(f"SpeModule formulation must be one of {FORMULATIONS}, got {formulation!r}.")

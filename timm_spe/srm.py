@@ -23,7 +23,7 @@ needs a batch of at least 2, and the standard deviation needs at least 2 spatial
 import torch
 from torch import nn
 
-from .spe import _IGNORED_TIMM_ATTN_KWARGS
+from .spe import check_timm_attn_kwargs
 
 __all__ = ['SrmModule']
 
@@ -47,10 +47,7 @@ class SrmModule(nn.Module):
             **timm_attn_kwargs,
     ):
         dd = {'device': device, 'dtype': dtype}
-        unknown = set(timm_attn_kwargs) - _IGNORED_TIMM_ATTN_KWARGS
-        if unknown:
-            raise TypeError(f'SrmModule got unexpected arguments {sorted(unknown)}; it accepts eps and (ignored) '
-                            f'timm attention kwargs {sorted(_IGNORED_TIMM_ATTN_KWARGS)}.')
+        check_timm_attn_kwargs('SrmModule', 'eps', timm_attn_kwargs)
         super().__init__()
         if channels <= 0:
             raise ValueError(f'SrmModule channels must be a positive int, got {channels!r}.')
