@@ -42,36 +42,15 @@ from tqdm import tqdm
 import timm_spe
 from timm_spe import SpeModule
 
+# the authors' formulation, unfused: the tests' reference (tests/spe_reference.py), so both time and check one thing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
+from spe_reference import UnfusedSpeReference  # noqa: E402
+
 CHANNELS_LAST = ' (channels_last)'  # suffix: model and batch in channels_last, as the train recipes run them
 KERNELS = ' +cpu_kernels'  # before CHANNELS_LAST: with timm_spe's one-pass CPU kernels on
 MODELS = ('resnet164', 'resnet164_spe', 'resnet164_spe' + KERNELS, 'resnet164_se', 'resnet164_eca',
           'resnet164_spe_unfused', 'resnet164' + CHANNELS_LAST, 'resnet164_spe' + CHANNELS_LAST,
           'resnet164_spe' + KERNELS + CHANNELS_LAST)
-
-
-class UnfusedSpeReference(nn.Module):
-    """The authors' formulation written as they wrote it: AdaptiveMaxPool2d, two chained min
-    reductions, separate elementwise ops, 1 x C x 1 x 1 parameters (no fusion, no custom autograd)."""
-
-    def __init__(self, channels: int, **_):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.b1 = nn.Parameter(torch.full((1, channels, 1, 1), -1.))
-        self.w2 = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.b2 = nn.Parameter(torch.full((1, channels, 1, 1), -1.))
-        self.p = nn.Parameter(torch.full((2,), 0.5))
-        self.global_max = nn.AdaptiveMaxPool2d((1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mx = self.global_max(x)
-        mn = x.min(dim=-1, keepdim=True).values.min(dim=-2, keepdim=True).values
-        mx = mx * self.w2 + self.b2
-        mn = mn * self.w2 + self.b2
-        p_pow = torch.pow(self.p, 2)
-        p = p_pow / torch.sum(p_pow)
-        mix = p[0] * mx + p[1] * mn
-        mix = mix * self.w1 + self.b1
-        return torch.sigmoid(mn + mx) * torch.sigmoid(mix) * x
 
 
 def _memory_format(name: str) -> torch.memory_format:
@@ -221,7 +200,7 @@ def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool =
     search SPE trains with (NCHW and channels_last), the one-pass CPU kernels; the block tail (residual add and
     ReLU; SPE's gated ``relu(y * gate + s)`` eager and as one kernel); and a multiply into a fresh tensor vs in
     place (the allocation's cost)."""
-    from timm_spe.spe import max_min_with_indices
+    from timm_spe.cpu_kernels import max_min_with_indices
     timm_spe.set_cpu_kernels(False)
     shapes = [(8, 64, 32, 32), (8, 256, 8, 8)] if quick else [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
     rows = []

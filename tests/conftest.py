@@ -1,4 +1,4 @@
-"""Test helpers live next to the tests (e.g. hub_server.py)."""
+"""Shared fixtures; test helpers live next to the tests (hub_server.py, spe_reference.py, compile_check.py)."""
 import sys
 from pathlib import Path
 
@@ -25,4 +25,31 @@ def make_image_folder(tmp_path):
                 img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
                 img.save(root / c / f'{i:04d}{ext}', **({'quality': 75} if ext == '.jpg' else {}))
         return root
+    return make
+
+
+@pytest.fixture()
+def cpu_kernels_on():
+    """timm_spe's CPU kernels switched on for one test (built on first use), the previous setting back after."""
+    import timm_spe
+    with timm_spe.set_cpu_kernels(True):
+        yield
+
+
+@pytest.fixture()
+def random_spe():
+    """``random_spe(channels=6, formulation='official', seed=0, **kwargs)``: a default-variant SpeModule with random
+    parameters (``lambda`` away from 0 and 1), so that a wrong term or gradient shows."""
+    import torch
+
+    from timm_spe import SpeModule
+
+    def make(channels=6, formulation='official', seed=0, **kwargs):
+        torch.manual_seed(seed)
+        m = SpeModule(channels, formulation=formulation, **kwargs)
+        with torch.no_grad():
+            for t in (m.w_exc, m.b_exc, m.w_rew, m.b_rew):
+                t.normal_()
+            m.p.uniform_(0.2, 1.5)
+        return m
     return make

@@ -6,6 +6,7 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from spe_reference import authors_gate, authors_mix
 
 import timm_spe  # noqa: F401
 from timm_spe.convert import (
@@ -35,7 +36,6 @@ class OfficialBottleneck(nn.Module):
         self.w1, self.b1 = nn.Parameter(torch.randn(1, c, 1, 1)), nn.Parameter(torch.randn(1, c, 1, 1))
         self.w2, self.b2 = nn.Parameter(torch.randn(1, c, 1, 1)), nn.Parameter(torch.randn(1, c, 1, 1))
         self.p = nn.Parameter(torch.rand(2) + 0.1)
-        self.global_max = nn.AdaptiveMaxPool2d((1, 1))
 
     def forward(self, x):
         residual = x
@@ -44,14 +44,7 @@ class OfficialBottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.downsample is not None:
             residual = self.downsample(x)
-        mx = self.global_max(out)
-        mn = out.min(dim=-1, keepdim=True).values.min(dim=-2, keepdim=True).values
-        mx = mx * self.w2 + self.b2
-        mn = mn * self.w2 + self.b2
-        p_pow = self.p ** 2
-        p = p_pow / p_pow.sum()
-        mix = (p[0] * mx + p[1] * mn) * self.w1 + self.b1
-        out = torch.sigmoid(mn + mx) * torch.sigmoid(mix) * out
+        out = authors_gate(out, authors_mix(self.p), self.w1, self.b1, self.w2, self.b2) * out
         return self.relu(out + residual)
 
 

@@ -10,15 +10,7 @@ from compile_check import assert_compiled_train_step_matches_eager
 
 import timm_spe
 from timm_spe import cpu_kernels
-from timm_spe.spe import _bn_input_grad, _per_map_sums, max_min, max_min_with_indices, scale_add_relu_
-
-
-@pytest.fixture
-def kernels():
-    """The kernels switched on for one test (built on first use), and back to the previous setting after."""
-    previous = timm_spe.set_cpu_kernels(True)
-    yield
-    timm_spe.set_cpu_kernels(previous)
+from timm_spe.cpu_kernels import bn_input_grad_, max_min, max_min_with_indices, per_map_sums, scale_add_relu_
 
 
 def _inputs(shape, dtype, values):
@@ -37,7 +29,7 @@ def _inputs(shape, dtype, values):
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('values', ['distinct', 'ties', 'nan'])
-def test_ops_match_torch(kernels, shape, memory_format, dtype, values):
+def test_ops_match_torch(cpu_kernels_on, shape, memory_format, dtype, values):
     x = _inputs(shape, dtype, values).contiguous(memory_format=memory_format)
     flat = x.flatten(2)
     f_max, i_max = flat.max(-1)  # first maximum; NaN wins, at its first position
@@ -52,7 +44,7 @@ def test_ops_match_torch(kernels, shape, memory_format, dtype, values):
 @pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_tail_ops_match_torch_bit_for_bit(kernels, shape, memory_format, dtype):
+def test_tail_ops_match_torch_bit_for_bit(cpu_kernels_on, shape, memory_format, dtype):
     """The fused passes round as the eager ops they replace (addcmul, relu_; BN's input-gradient multiply-adds)."""
     torch.manual_seed(0)
     n, c = shape[0], shape[1]
@@ -72,11 +64,11 @@ def test_tail_ops_match_torch_bit_for_bit(kernels, shape, memory_format, dtype):
     out = torch.empty_like(x)
     torch.ops.timm_spe.bn_input_grad_(out, g, x, scale, shift, coef)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(_bn_input_grad(torch.empty_like(x), g, x, scale, shift, coef), expected,
+    torch.testing.assert_close(bn_input_grad_(torch.empty_like(x), g, x, scale, shift, coef), expected,
                                rtol=0, atol=0, equal_nan=True)
 
 
-def test_tail_kernels_take_only_matching_layouts(kernels):
+def test_tail_kernels_take_only_matching_layouts(cpu_kernels_on):
     x = torch.randn(4, 6, 8, 8)
     s, gate = torch.randn_like(x), torch.rand(4, 6, 1, 1)
     assert cpu_kernels.kernels_apply_per_map(x, s, gate)
@@ -93,7 +85,7 @@ def test_tail_kernels_take_only_matching_layouts(kernels):
 
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
-def test_spe_functions_use_kernels_only_where_they_apply(kernels, memory_format):
+def test_spe_functions_use_kernels_only_where_they_apply(cpu_kernels_on, memory_format):
     x = torch.randn(4, 6, 8, 8).contiguous(memory_format=memory_format)
     assert cpu_kernels.kernels_apply(x)
     for t in (x.bfloat16(), x.transpose(2, 3) if memory_format == torch.contiguous_format else x.permute(0, 1, 3, 2),
@@ -104,10 +96,9 @@ def test_spe_functions_use_kernels_only_where_they_apply(kernels, memory_format)
     xg = x.clone().requires_grad_()
     f_max, f_min = max_min(xg)  # needs a gradient: the differentiable ops
     assert f_max.grad_fn is not None and f_min.grad_fn is not None
-    timm_spe.set_cpu_kernels(False)
-    assert not cpu_kernels.kernels_apply(x)
-    expected = max_min_with_indices(x)
-    timm_spe.set_cpu_kernels(True)
+    with timm_spe.set_cpu_kernels(False):
+        assert not cpu_kernels.kernels_apply(x)
+        expected = max_min_with_indices(x)
     for a, b in zip(max_min_with_indices(x), expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -121,19 +112,16 @@ def test_model_results_equal_with_and_without_kernels(memory_format):
             p.add_(torch.randn_like(p) * 0.05)
     ref = copy.deepcopy(m)
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=memory_format)
-    previous = timm_spe.set_cpu_kernels(False)
-    try:
+    with timm_spe.set_cpu_kernels(False):
         out_ref = ref.train()(x)
         out_ref.square().mean().backward()
         with torch.no_grad():
             eval_ref = ref.eval()(x)
-        timm_spe.set_cpu_kernels(True)
+    with timm_spe.set_cpu_kernels(True):
         out = m.train()(x)
         out.square().mean().backward()
         with torch.no_grad():
             eval_out = m.eval()(x)
-    finally:
-        timm_spe.set_cpu_kernels(previous)
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
     torch.testing.assert_close(eval_out, eval_ref, rtol=0, atol=0)
     # channels_last backward sums in the (c - mean) form (test_channels_last_per_map_sums_are_more_precise): float32
@@ -143,7 +131,7 @@ def test_model_results_equal_with_and_without_kernels(memory_format):
         torch.testing.assert_close(p.grad, q.grad, **exact, msg=name)
 
 
-def test_channels_last_per_map_sums_are_more_precise(kernels):
+def test_channels_last_per_map_sums_are_more_precise(cpu_kernels_on):
     """The channels_last kernel sums grad * (c - mean) in one read; eager sums grad * c and subtracts mean * sum(grad),
     which loses ~|mean| / std of relative precision: against float64, the kernel is several times closer."""
     torch.manual_seed(0)
@@ -157,13 +145,13 @@ def test_channels_last_per_map_sums_are_more_precise(kernels):
     def error(sums):
         return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(sums, exact))
 
-    with_kernel = _per_map_sums(grad, c, mean, invstd, torch.empty_like(grad))
-    timm_spe.set_cpu_kernels(False)
-    eager = _per_map_sums(grad, c, mean, invstd, torch.empty_like(grad))
+    with_kernel = per_map_sums(grad, c, mean, invstd, torch.empty_like(grad))
+    with timm_spe.set_cpu_kernels(False):
+        eager = per_map_sums(grad, c, mean, invstd, torch.empty_like(grad))
     assert error(with_kernel) < 2e-6 and error(with_kernel) * 3 < error(eager)
 
 
-def test_compile_traces_kernels_without_graph_breaks(kernels):
+def test_compile_traces_kernels_without_graph_breaks(cpu_kernels_on):
     from torch import _dynamo
     torch.manual_seed(0)
     m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe')
@@ -177,7 +165,7 @@ def test_compile_traces_kernels_without_graph_breaks(kernels):
     assert_compiled_train_step_matches_eager(m, x)
 
 
-def test_export_keeps_kernel_ops_for_inference(kernels):
+def test_export_keeps_kernel_ops_for_inference(cpu_kernels_on):
     """Exported under no_grad (inference), the program calls the kernels; with grad enabled, the plain ops."""
     torch.manual_seed(0)
     m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe').eval()
@@ -189,6 +177,20 @@ def test_export_keeps_kernel_ops_for_inference(kernels):
         assert ops == expected
         with torch.no_grad():
             torch.testing.assert_close(exported.module()(x), m(x), rtol=0, atol=0)
+
+
+def test_set_cpu_kernels_acts_at_once_and_as_a_context_manager_that_restores(cpu_kernels_on):
+    assert timm_spe.cpu_kernels_enabled()
+    with timm_spe.set_cpu_kernels(False) as setting:
+        assert not timm_spe.cpu_kernels_enabled() and setting.previous is True
+        with pytest.raises(KeyError):
+            with timm_spe.set_cpu_kernels(True):
+                assert timm_spe.cpu_kernels_enabled()
+                raise KeyError('the previous setting comes back on an error too')
+        assert not timm_spe.cpu_kernels_enabled()
+    assert timm_spe.cpu_kernels_enabled()
+    timm_spe.set_cpu_kernels(False)  # called, not entered: the setting stays
+    assert not timm_spe.cpu_kernels_enabled()
 
 
 def test_build_failure_names_cause_and_fix(monkeypatch):

@@ -194,8 +194,7 @@ def test_torchscript_fx_export_compile(cpu_kernels):
 
     from timm.models import get_notrace_functions, get_notrace_modules
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-    previous = timm_spe.set_cpu_kernels(cpu_kernels)
-    try:
+    with timm_spe.set_cpu_kernels(cpu_kernels):
         m = timm.create_model('resnet83_spe').eval()
         x = torch.randn(2, 3, 32, 32)
         ref = m(x)
@@ -220,8 +219,6 @@ def test_torchscript_fx_export_compile(cpu_kernels):
         from torch import _dynamo
         for mode in (True, False):
             assert _dynamo.explain(m.train(mode))(x).graph_break_count == 0
-    finally:
-        timm_spe.set_cpu_kernels(previous)
 
 
 def test_compiled_train_step_matches_eager():

@@ -425,7 +425,7 @@ def test_torch_func_grad_of_training_model_matches_autograd(kind):
 def test_torch_func_grad_through_pooling_and_tail_functions():
     """The lean max/min pooling and the block tail (the paths taken under autocast or with a BN subclass) under
     torch.func.grad."""
-    from timm_spe.spe import global_max_min, scale_add_relu
+    from timm_spe.spe_me import global_max_min, scale_add_relu
     torch.manual_seed(0)
     x, s, g = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.rand(2, 3, 1, 1)
     fns = {

@@ -1,18 +1,18 @@
-""" Optional one-pass CPU kernels for SPE's passes over a block output
+""" Optional one-pass CPU kernels for SPE's passes over a block output: the switch and every dispatch
 
 PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin`` and find the argmax / argmin
 element by element; the block tail and BN's input gradient take two passes each. ``csrc/spe_cpu.cpp`` does
 each in one vectorised pass: ``torch.ops.timm_spe.max_min``, ``max_min_with_indices``, ``scale_add_relu_``,
 ``bn_input_grad_`` and ``channels_last_per_map_sums``, with fake (meta) implementations, so ``torch.compile``
 and ``torch.export`` trace them. They are compiled on first use with ``torch.utils.cpp_extension`` (a C++
-compiler and ninja are needed; the build takes ~10 s here, once, and is cached by PyTorch, per CPU model since it
-is compiled with ``-march=native``).
+compiler and ninja are needed) and cached by PyTorch, per CPU model since they are built with ``-march=native``.
 
-Off by default: switch on with ``timm_spe.set_cpu_kernels(True)`` or ``TIMM_SPE_CPU_KERNELS=1`` in the
-environment (``run.sh train`` sets it; the benchmark measures both). Only CPU float32 / float64 tensors in
-NCHW or channels_last use the kernels; anything else (CUDA, bfloat16, other strides) runs the eager ops.
-Results are those of the eager ops bit for bit (values, first-extremum indices, NaN as ``max(dim)``, the
-rounding of ``addcmul``), except channels_last backward sums, which take the more precise ``(c - mean)`` form.
+Off by default: ``timm_spe.set_cpu_kernels(True)`` (or ``with timm_spe.set_cpu_kernels(True): ...``), or
+``TIMM_SPE_CPU_KERNELS=1`` in the environment (``run.sh train`` sets it). The functions at the end of this file are
+the only callers of the kernels: each runs its kernel where the switch is on and the kernel takes the input (CPU
+float32 / float64, NCHW or channels_last), and eager ops otherwise. Results are those of the eager ops bit for
+bit (values, first-extremum indices, NaN as ``max(dim)``, the rounding of ``addcmul``), except channels_last
+backward sums, which take the more precise ``(x - mean)`` form.
 """
 import hashlib
 import logging
@@ -20,10 +20,16 @@ import os
 import platform
 import warnings
 from pathlib import Path
+from typing import Tuple
 
 import torch
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
-__all__ = ['set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply', 'kernels_apply_per_map']
+__all__ = [
+    'set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply', 'kernels_apply_per_map',
+    'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_', 'per_map_sums',
+]
 
 _SOURCE = Path(__file__).parent / 'csrc' / 'spe_cpu.cpp'
 _ENV = 'TIMM_SPE_CPU_KERNELS'
@@ -63,6 +69,7 @@ def _load() -> None:
             f'(g++/clang++) and ninja (pip install ninja); without them leave the kernels off '
             f'(set_cpu_kernels(False), or unset {_ENV}) and the eager ops are used.') from e
 
+    # fake (meta) implementations, argument names as in the C++ schemas
     @torch.library.register_fake('timm_spe::max_min')
     def _(x):
         n, c = x.shape[0], x.shape[1]
@@ -84,26 +91,41 @@ def _load() -> None:
         return x.new_empty((n, c)), x.new_empty((n, c))
 
     @torch.library.register_fake('timm_spe::bn_input_grad_')
-    def _(out, grad, x, gs, k0, k1):
+    def _(out, grad, x, grad_scale, shift, x_coef):
         return None
 
     _state['loaded'] = True
 
 
-def set_cpu_kernels(enabled: bool = True) -> bool:
-    """Use (or stop using) the one-pass CPU kernels for SPE's pooling; builds them on first use.
+class set_cpu_kernels:
+    """Use (or stop using) the one-pass CPU kernels; builds them on first use.
 
-    Raises ``RuntimeError`` naming the cause when they cannot be built. Returns the previous setting.
+    Takes effect at once, like timm's ``set_layer_config``; as a context manager it restores the previous setting
+    on exit::
+
+        timm_spe.set_cpu_kernels(True)          # from here on
+        with timm_spe.set_cpu_kernels(False):   # only inside the block
+            ...
+
+    Raises ``RuntimeError`` naming the cause when they cannot be built (the setting is then unchanged).
+    ``previous`` holds the setting it replaced.
     """
-    previous = _state['enabled']
-    if enabled:
-        _load()
-    _state['enabled'] = bool(enabled)
-    return previous
+
+    def __init__(self, enabled: bool = True):
+        self.previous = _state['enabled']
+        if enabled:
+            _load()
+        _state['enabled'] = bool(enabled)
+
+    def __enter__(self) -> 'set_cpu_kernels':
+        return self
+
+    def __exit__(self, *args) -> None:
+        _state['enabled'] = self.previous
 
 
 def cpu_kernels_enabled() -> bool:
-    """Whether SPE's pooling uses the one-pass CPU kernels."""
+    """Whether SPE's passes use the one-pass CPU kernels."""
     return _state['enabled']
 
 
@@ -138,6 +160,132 @@ def _from_env() -> None:
         set_cpu_kernels(True)
     except RuntimeError as e:
         warnings.warn(f'{_ENV}=1 but {e}', stacklevel=2)
+
+
+# ---- the dispatch: each of SPE's passes on its kernel where it applies, else in eager ops with the same results
+
+def _first_at(t: torch.Tensor, value: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Index of the first element of each row of ``t`` (R x L, contiguous) that is ``>= value`` (``<=`` with
+    ``largest=False``), i.e. of the first maximum (minimum) when ``value`` is the row's max (min).
+
+    Three vectorised passes (compare into float flags, multiply by ``L-1, ..., 0``, ``amax``) instead of
+    ``max(dim)``'s scalar index loop. Rows without a hit (NaN) give ``L - 1``.
+    """
+    length = t.shape[1]
+    flag_dtype = torch.float32 if length <= 2 ** 24 else torch.float64  # exact integers up to L
+    flags = torch.empty(t.shape, dtype=flag_dtype, device=t.device)
+    compare = torch.ge if largest else torch.le
+    compare(t, value.unsqueeze(1), out=flags)
+    flags.mul_(torch.arange(length - 1, -1, -1, dtype=flag_dtype, device=t.device))
+    return (length - 1) - flags.amax(1).long()
+
+
+def _max_over_rows(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Max over dim 1 of an N x K x C contiguous tensor and the first index of it, each N x C: ``max_pool2d``
+    on the channels_last view, which is vectorised over C and keeps the index of the first maximum."""
+    n, k, c = t.shape
+    values, index = F.max_pool2d(t.view(n, k, 1, c).permute(0, 3, 1, 2), (k, 1), return_indices=True)
+    return values.view(n, c), index.view(n, c)
+
+
+def max_min_with_indices(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-(n, c) max, its index, min, its index over H x W (index ``h * W + w`` of the first extremum) of an
+    NCHW-contiguous or channels_last tensor: ``max(dim)`` / ``min(dim)`` results (for NaN-free input).
+
+    The kernel takes one pass. Eager, from vectorised ops, since PyTorch's CPU ``max(dim)`` searches the index
+    element by element: NCHW rows whose length is a multiple of 32 (from 8 x 8 maps up) are reduced in blocks of 32
+    with ``amax``/``amin``, the first winning block is found with :func:`_first_at` and only that block is searched
+    (no full-size temporary); other rows are searched whole. channels_last: the max and its index come from one
+    ``max_pool2d`` over H x W; the min from the row minima over W (vectorised over C) and :func:`_max_over_rows` on
+    their negation, then the winning row.
+    """
+    if kernels_apply(x):
+        return torch.ops.timm_spe.max_min_with_indices(x)
+    n, c, h, w = x.shape
+    if not x.is_contiguous():
+        f_max, i_max = F.max_pool2d(x, (h, w), return_indices=True)
+        rows = x.permute(0, 2, 3, 1)  # N x H x W x C, contiguous
+        neg_min, r_min = _max_over_rows(rows.amin(2).neg_())
+        in_row = rows.gather(1, r_min.view(n, 1, 1, c).expand(n, 1, w, c)).view(n, w, c)
+        _, j_min = _max_over_rows(in_row.neg_())
+        return f_max.view(n, c), i_max.view(n, c), neg_min.neg_(), r_min * w + j_min
+    flat = x.view(n * c, h * w)
+    block = 32
+    if h * w < 2 * block or (h * w) % block:
+        f_max, f_min = flat.amax(1), flat.amin(1)
+        i_max, i_min = _first_at(flat, f_max, True), _first_at(flat, f_min, False)
+    else:
+        blocks = flat.view(n * c, -1, block)
+        num_blocks = blocks.shape[1]
+        b_max, b_min = blocks.amax(2), blocks.amin(2)
+        f_max, f_min = b_max.amax(1), b_min.amin(1)
+        k_max, k_min = _first_at(b_max, f_max, True), _first_at(b_min, f_min, False)
+        first_block = torch.arange(0, n * c * num_blocks, num_blocks, device=x.device)
+        all_blocks = blocks.view(-1, block)
+        i_max = k_max * block + _first_at(all_blocks.index_select(0, first_block + k_max), f_max, True)
+        i_min = k_min * block + _first_at(all_blocks.index_select(0, first_block + k_min), f_min, False)
+    return f_max.view(n, c), i_max.view(n, c), f_min.view(n, c), i_min.view(n, c)
+
+
+@register_notrace_function
+def max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x.amax((2, 3)), x.amin((2, 3)))``; one pass on the kernel where it applies and no gradient is needed (not
+    while tracing: the trace must not depend on grad mode, and plain ops keep a traced model free of the extension)."""
+    if not torch.jit.is_scripting():  # TorchScript (e.g. of an FX graph calling this leaf) skips the kernels
+        if not torch.jit.is_tracing() and kernels_apply(x) and not (torch.is_grad_enabled() and x.requires_grad):
+            return torch.ops.timm_spe.max_min(x)
+    return x.amax((2, 3)), x.amin((2, 3))
+
+
+@register_notrace_function
+def scale_add_relu_(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``relu(x * gate + shortcut)`` written into ``x`` and returned (``gate``: N x C x 1 x 1); no autograd. One pass
+    on the kernel where it applies, else ``addcmul`` and ``relu_``, same results."""
+    if not torch.jit.is_scripting():  # as in max_min
+        if kernels_apply_per_map(x, shortcut, gate):
+            torch.ops.timm_spe.scale_add_relu_(x, shortcut, gate)
+            return x
+    return torch.addcmul(shortcut, x, gate, out=x).relu_()
+
+
+def bn_input_grad_(
+        out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, grad_scale: torch.Tensor, shift: torch.Tensor,
+        x_coef: torch.Tensor) -> torch.Tensor:
+    """``grad * grad_scale + shift - x * x_coef`` written into ``out`` and returned (``grad_scale`` N x C, ``shift``
+    and ``x_coef`` C): two multiply-add passes, or one on the kernel where it applies (same rounding)."""
+    n, c = x.shape[0], x.shape[1]
+    if kernels_apply_per_map(x, grad, grad_scale) and out.stride() == x.stride() and out.dtype == x.dtype \
+            and shift.dtype == x.dtype and x_coef.dtype == x.dtype:
+        torch.ops.timm_spe.bn_input_grad_(out, grad, x, grad_scale.contiguous(), shift.contiguous(), x_coef.contiguous())
+        return out
+    out = torch.addcmul(shift.view(1, c, 1, 1), grad, grad_scale.view(n, c, 1, 1), out=out)
+    return out.addcmul_(x, x_coef.view(1, c, 1, 1), value=-1)
+
+
+def per_map_sums(
+        grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, buf: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, c) ``sum_hw(grad)`` and ``sum_hw(grad * (x - mean) * invstd)`` (N x C each) of two N x C x H x W
+    tensors of one layout, ``mean`` and ``invstd`` per channel.
+
+    NCHW on CPU: BatchNorm's own backward kernel on the 1 x NC x H x W views, i.e. with every (n, c) map as a channel,
+    returns exactly these two as its bias and weight gradients, from one read of both tensors. channels_last
+    (no such view): on the kernel, one read of both in the ``(x - mean)`` form; else ``sum_hw(grad * x)``
+    through ``buf`` (scratch of ``grad``'s shape), which loses relative precision ~``|mean| / std`` of ``x``
+    against the ``(x - mean)`` form.
+    """
+    n, c, h, w = x.shape
+    if x.is_contiguous() and x.device.type == 'cpu':  # CUDA's kernel needs a weight tensor: the generic path there
+        _, sum_grad_xhat, sum_grad = torch.ops.aten.native_batch_norm_backward(
+            grad.view(1, n * c, h, w), x.view(1, n * c, h, w), None, None, None,
+            mean.repeat(n), invstd.repeat(n), True, 0., [False, True, True])
+        return sum_grad.view(n, c), sum_grad_xhat.view(n, c)
+    if kernels_apply(x) and grad.stride() == x.stride() and grad.dtype == x.dtype and mean.dtype == x.dtype:
+        sum_grad, sum_grad_centered = torch.ops.timm_spe.channels_last_per_map_sums(grad, x, mean.contiguous())
+        return sum_grad, invstd * sum_grad_centered
+    sum_grad = grad.sum((2, 3))
+    sum_grad_x = torch.mul(grad, x, out=buf).sum((2, 3))
+    return sum_grad, invstd * (sum_grad_x - mean * sum_grad)
 
 
 _from_env()

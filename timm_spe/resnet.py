@@ -23,11 +23,13 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
+from .cpu_kernels import scale_add_relu_
 from .create_attn import get_attn
 from .hub import resolve_pretrained_weights
 from .labels import CIFAR10_LABELS, CIFAR100_LABELS
 from .registry import PAPER_TAGS, PRETRAINED_TAGS, pretrained_entry, weights_file
-from .spe import SpeModule, batch_norm_spe_add_relu, has_module_hooks, scale_add_relu_
+from .spe import SpeModule
+from .spe_me import batch_norm_spe_add_relu, has_module_hooks
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
 
@@ -60,7 +62,7 @@ def _stage_blocks(depth: int) -> int:
 
 class SpeBottleneck(Bottleneck):
     """timm's ``Bottleneck`` with an SPE layer and a fused tail. Training: last BN, SPE, residual add and
-    ReLU as one autograd function (:func:`~timm_spe.spe.batch_norm_spe_add_relu`) that keeps no extra
+    ReLU as one autograd function (:func:`~timm_spe.spe_me.batch_norm_spe_add_relu`) that keeps no extra
     full-size activation for backward. Inference: one in-place ``addcmul`` into the block's own BN output
     and an in-place ReLU, as the plain block's ``x += shortcut``. Same parameters and keys."""
 
@@ -85,7 +87,7 @@ class SpeBottleneck(Bottleneck):
                 if self.training:
                     return batch_norm_spe_add_relu(x, shortcut, self.bn3, self.se)
                 x = self.bn3(x)
-                gate = self.se.gate(x)
+                gate = self.se.attn_map(x)
                 if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
                     return scale_add_relu_(x, shortcut, gate)
                 return torch.relu_(torch.addcmul(shortcut, x, gate))
@@ -97,6 +99,11 @@ class SpeBottleneck(Bottleneck):
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         return self.act3(x + shortcut)
+
+
+# FX leaves where SpeBottleneck calls them
+torch.fx.wrap('batch_norm_spe_add_relu')
+torch.fx.wrap('scale_add_relu_')
 
 
 def _is_spe(attn_layer: Any) -> bool:

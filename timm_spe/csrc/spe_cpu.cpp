@@ -356,17 +356,17 @@ void scale_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor
   });
 }
 
-// BatchNorm's input gradient in the fused block backward (timm_spe.spe._BatchNormSpeAddReLU):
-// out = grad * gs[n, c] + k0[c] - x * k1[c], rounded as addcmul(k0, grad, gs) then addcmul_(x, k1, value=-1).
+// BatchNorm's input gradient in the fused block backward (timm_spe.spe_me._BatchNormSpeAddReLU):
+// out = grad * grad_scale[n, c] + shift[c] - x * x_coef[c], rounded as addcmul(shift, grad, grad_scale) then addcmul_(x, x_coef, value=-1).
 template <typename T>
-void rows_bn_input_grad(T* out, const T* g, const T* x, const T* gs, const T* k0, const T* k1,
+void rows_bn_input_grad(T* out, const T* g, const T* x, const T* grad_scale, const T* shift, const T* x_coef,
                         int64_t begin, int64_t end, int64_t c, int64_t len) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::lanes;
   const V zero = {};
   for (int64_t r = begin; r < end; ++r) {
     const int64_t ch = r % c, off = r * len;
-    const T a = gs[r], b = k0[ch], m = -k1[ch];
+    const T a = grad_scale[r], b = shift[ch], m = -x_coef[ch];
     const V av = zero + a, bv = zero + b, mv = zero + m;
     int64_t i = 0;
     for (; i + L <= len; i += L)
@@ -376,42 +376,42 @@ void rows_bn_input_grad(T* out, const T* g, const T* x, const T* gs, const T* k0
 }
 
 template <typename T>
-void pixels_bn_input_grad(T* out, const T* g, const T* x, const T* gs, const T* k0, const T* k1,
+void pixels_bn_input_grad(T* out, const T* g, const T* x, const T* grad_scale, const T* shift, const T* x_coef,
                           int64_t begin, int64_t end, int64_t hw, int64_t c) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::lanes;
   const V zero = {};
   std::vector<T> m(c);
-  for (int64_t j = 0; j < c; ++j) m[j] = -k1[j];
+  for (int64_t j = 0; j < c; ++j) m[j] = -x_coef[j];
   for (int64_t p = begin; p < end; ++p) {
     const int64_t off = p * c;
-    const T* a = gs + (p / hw) * c;
+    const T* a = grad_scale + (p / hw) * c;
     int64_t j = 0;
     for (; j + L <= c; j += L)
       store(out + off + j, mul_add(load<V>(x + off + j), load<V>(m.data() + j),
-                                   mul_add(load<V>(g + off + j), load<V>(a + j), load<V>(k0 + j))));
-    for (; j < c; ++j) out[off + j] = mul_add(x[off + j], m[j], mul_add(g[off + j], a[j], k0[j]));
+                                   mul_add(load<V>(g + off + j), load<V>(a + j), load<V>(shift + j))));
+    for (; j < c; ++j) out[off + j] = mul_add(x[off + j], m[j], mul_add(g[off + j], a[j], shift[j]));
   }
 }
 
-void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gs,
-                    const at::Tensor& k0, const at::Tensor& k1) {
+void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_scale,
+                    const at::Tensor& shift, const at::Tensor& x_coef) {
   const char* op = "timm_spe::bn_input_grad_";
   const bool channels_last = channels_last_input(x, op);
   check_like_x(out, x, op, "out");
   check_like_x(grad, x, op, "grad");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  check_vector(gs, n * c, x, op, "gs (N x C)");
-  check_vector(k0, c, x, op, "k0 (C)");
-  check_vector(k1, c, x, op, "k1 (C)");
+  check_vector(grad_scale, n * c, x, op, "grad_scale (N x C)");
+  check_vector(shift, c, x, op, "shift (C)");
+  check_vector(x_coef, c, x, op, "x_coef (C)");
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_bn_input_grad_", [&] {
     scalar_t* po = out.data_ptr<scalar_t>();
     const scalar_t* pg = grad.data_ptr<scalar_t>();
     const scalar_t* px = x.data_ptr<scalar_t>();
-    const scalar_t* pgs = gs.data_ptr<scalar_t>();
-    const scalar_t* p0 = k0.data_ptr<scalar_t>();
-    const scalar_t* p1 = k1.data_ptr<scalar_t>();
+    const scalar_t* pgs = grad_scale.data_ptr<scalar_t>();
+    const scalar_t* p0 = shift.data_ptr<scalar_t>();
+    const scalar_t* p1 = x_coef.data_ptr<scalar_t>();
     for_maps_or_pixels(channels_last, n, c, hw, [&](int64_t b, int64_t e) {
       if (channels_last) pixels_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, b, e, hw, c);
       else rows_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, b, e, c, hw);
@@ -420,7 +420,7 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
 }
 
 // channels_last: per-(n, c) sums over H x W of grad and of grad * (x - mean[c]) in one read of both (NCHW takes
-// BatchNorm's backward kernel on 1 x NC x H x W views instead: see timm_spe.spe._per_map_sums).
+// BatchNorm's backward kernel on 1 x NC x H x W views instead: see timm_spe.cpu_kernels.per_map_sums).
 template <typename T>
 void channels_last_map_sums(const T* g, const T* x, const T* mean, T* sum_g, T* sum_gx,
                             int64_t n, int64_t hw, int64_t c) {
@@ -475,7 +475,7 @@ TORCH_LIBRARY(timm_spe, m) {
   m.def("max_min_with_indices(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_add_relu_(Tensor(a!) x, Tensor shortcut, Tensor gate) -> ()");
   m.def("channels_last_per_map_sums(Tensor grad, Tensor x, Tensor mean) -> (Tensor, Tensor)");
-  m.def("bn_input_grad_(Tensor(a!) out, Tensor grad, Tensor x, Tensor gs, Tensor k0, Tensor k1) -> ()");
+  m.def("bn_input_grad_(Tensor(a!) out, Tensor grad, Tensor x, Tensor grad_scale, Tensor shift, Tensor x_coef) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(timm_spe, CPU, m) {

@@ -1,0 +1,410 @@
+""" Memory-efficient autograd functions for SPE in training, and the block tail they fuse
+
+SPE (:mod:`timm_spe.spe`) reads a whole activation for two N x C pools. Written with autograd's ops, training keeps
+that activation and several full-size temporaries for backward; the functions here save only N x C pools, indices
+and gates (besides what the layers around them keep anyway) and compute backward in closed form, as timm's
+``activations_me.py`` does for activations. :func:`batch_norm_spe_add_relu` fuses a bottleneck block's last
+BatchNorm, SPE, residual add and ReLU into one function that saves no more full-size activations than the block
+without SPE (used by :class:`timm_spe.resnet.SpeBottleneck`).
+
+Each entry point checks that its fused path cannot be told apart from the plain ops (training with grad, a dense
+layout, one dtype, no autocast; the callers also check hooks and tracing) and falls back to them otherwise; the
+results are the same either way. Where a CPU kernel can do a pass in one read, the dispatch in
+:mod:`timm_spe.cpu_kernels` picks it.
+
+Paper: `SPEM: Self-adaptive Pooling Enhanced Attention Module for Image Recognition`
+    (also `Mix-Pooling Strategy for Attention Mechanism`) - https://arxiv.org/abs/2208.10322
+"""
+from typing import TYPE_CHECKING, Tuple
+
+import torch
+from timm.layers import register_notrace_function
+from torch import nn as nn
+from torch.autograd.function import once_differentiable
+
+from .cpu_kernels import bn_input_grad_, max_min_with_indices, per_map_sums, scale_add_relu_
+
+if TYPE_CHECKING:
+    from .spe import SpeModule
+
+__all__ = [
+    'with_penalty_grad', 'global_max_min', 'scale_add_relu', 'spe_gate', 'spe_scale', 'batch_norm_spe_add_relu',
+    'has_module_hooks',
+]
+
+
+def _hw_view(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """An NCHW-contiguous or channels_last N x C x H x W tensor as a view with H x W flattened, and the
+    flattened dim: ``(N x C x HW, 2)`` or ``(N x HW x C, 1)``. Index ``h * W + w`` either way."""
+    n, c = t.shape[0], t.shape[1]
+    if t.is_contiguous():
+        return t.view(n, c, -1), 2
+    return t.permute(0, 2, 3, 1).reshape(n, -1, c), 1
+
+
+def _dense_layout(t: torch.Tensor) -> bool:
+    return t.ndim == 4 and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format if t.is_contiguous() else torch.channels_last
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[n, c].flatten()[index[n, c]]`` for every (n, c): N x C values at flattened H x W indices."""
+    view, dim = _hw_view(t)
+    return view.gather(dim, index.unsqueeze(dim)).squeeze(dim)
+
+
+def _scatter_add_(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """In place: ``t[n, c].flatten()[index[n, c]] += values[n, c]`` for every (n, c)."""
+    view, dim = _hw_view(t)
+    view.scatter_add_(dim, index.unsqueeze(dim), values.unsqueeze(dim))
+
+
+def _gate_terms(
+        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
+        w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m_max, m_min, u, v_exc, v_rew)``: the two terms the pooling mix ``u = lambda * m_max + (1 - lambda) * m_min``
+    mixes (the reweighted pools ``w_rew * f + b_rew`` in the authors' code, the raw pools in the paper), ``u``, and the
+    two gates ``v_exc = sigmoid(w_exc * u + b_exc)`` and ``v_rew`` (``sigmoid(r_max + r_min)`` in the authors' code,
+    ``sigmoid(w_rew * (f_max + f_min) + b_rew)`` in the paper)."""
+    if paper:
+        m_max, m_min = f_max, f_min
+        v_rew = torch.sigmoid(torch.addcmul(b_rew, w_rew, f_max + f_min))
+    else:
+        m_max = torch.addcmul(b_rew, w_rew, f_max)
+        m_min = torch.addcmul(b_rew, w_rew, f_min)
+        v_rew = torch.sigmoid(m_max + m_min)
+    u = lam[0] * m_max + lam[1] * m_min
+    v_exc = torch.sigmoid(torch.addcmul(b_exc, w_exc, u))
+    return m_max, m_min, u, v_exc, v_rew
+
+
+def spe_gate(
+        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
+        w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+) -> torch.Tensor:
+    """The N x C gate ``v_exc * v_rew`` from the pools ``f_max``, ``f_min`` (N x C) and ``lam = (lambda, 1 - lambda)``;
+    ``paper`` selects Eq. 2-7 over the authors' code (see :func:`_gate_terms`)."""
+    _, _, _, v_exc, v_rew = _gate_terms(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+    return v_exc * v_rew
+
+
+def _spe_gate_backward(
+        grad: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor,
+        w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+) -> Tuple[torch.Tensor, ...]:
+    """Closed-form vector-Jacobian product of :func:`spe_gate` (N x C sized work only): the gradients
+    of ``f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew`` for ``grad``, the gradient of the gate."""
+    m_max, m_min, u, v_exc, v_rew = _gate_terms(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+    d_exc = grad * v_rew * v_exc * (1 - v_exc)  # through sigmoid(w_exc * u + b_exc)
+    d_rew = grad * v_exc * v_rew * (1 - v_rew)  # through v_rew's sigmoid
+    d_u = d_exc * w_exc
+    g_w_exc, g_b_exc = (d_exc * u).sum(0), d_exc.sum(0)
+    g_lam = torch.stack(((d_u * m_max).sum(), (d_u * m_min).sum()))
+    if paper:
+        d_pooled = d_rew * w_rew
+        g_max, g_min = d_u * lam[0] + d_pooled, d_u * lam[1] + d_pooled
+        g_w_rew, g_b_rew = (d_rew * (f_max + f_min)).sum(0), d_rew.sum(0)
+    else:
+        d_max, d_min = d_u * lam[0] + d_rew, d_u * lam[1] + d_rew
+        g_max, g_min = d_max * w_rew, d_min * w_rew
+        g_w_rew, g_b_rew = (d_max * f_max + d_min * f_min).sum(0), (d_max + d_min).sum(0)
+    return g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew
+
+
+class _PenaltyGrad(torch.autograd.Function):
+    """Identity in forward; in backward adds ``2 * eta * p``, the gradient of ``eta * sum(p^2)``, where the
+    owning layer's switch ``on`` (a bool tensor) is set.
+
+    The switch is read at backward time, so that ``loss = task_loss + spe_penalty(model)`` (which switches the
+    automatic penalty off after the forward already ran) still counts the penalty exactly once. It is a tensor,
+    not a Python flag, because ``torch.compile`` traces the backward when it compiles the forward and would bake a
+    Python flag in as it was then; the tensor's value is read when the backward runs, eager or compiled. ``eta``
+    is read from ``owner`` (at backward time in eager mode; compiled code guards on it).
+
+    Forward without ``ctx`` plus :meth:`setup_context`, as ``torch.func`` transforms require (also for the other
+    autograd functions here).
+    """
+
+    @staticmethod
+    def forward(p: torch.Tensor, on: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+        return p.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, on, owner = inputs
+        ctx.save_for_backward(p, on)
+        ctx.owner = owner
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, on = ctx.saved_tensors
+        eta = ctx.owner.eta
+        if eta > 0:
+            grad = torch.where(on, grad + (2. * eta) * p, grad)
+        return grad, None, None
+
+
+@register_notrace_function
+def with_penalty_grad(p: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    """Return ``p`` unchanged; backward adds ``owner``'s Eq. 8 penalty gradient if it is switched on."""
+    return _PenaltyGrad.apply(p, owner.penalty_on, owner)
+
+
+class _GlobalMaxMin(torch.autograd.Function):
+    """Per-channel global max and min over H x W that saves only the two N x C index tensors.
+
+    autograd's ``amax``/``amin`` keep the whole input and spend several full-size passes in backward
+    (mask, count, cast, multiply); here backward is one zero-fill and two N x C scatters. With ties
+    the gradient goes to the first maximal (minimal) element, where ``amax`` would split it evenly.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor):
+        """``(f_max, f_min, i_max, i_min)``: the indices are outputs so that :meth:`setup_context` can save them."""
+        if not _dense_layout(x):
+            x = x.contiguous()
+        f_max, i_max, f_min, i_min = max_min_with_indices(x)
+        return f_max, f_min, i_max, i_min
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, = inputs
+        _, _, i_max, i_min = output
+        ctx.mark_non_differentiable(i_max, i_min)
+        ctx.save_for_backward(i_max, i_min)
+        ctx.shape = x.shape
+        ctx.memory_format = _memory_format(x) if _dense_layout(x) else torch.contiguous_format
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_max: torch.Tensor, g_min: torch.Tensor, g_i_max=None, g_i_min=None):
+        i_max, i_min = ctx.saved_tensors
+        grad = torch.empty(
+            ctx.shape, dtype=g_max.dtype, device=g_max.device, memory_format=ctx.memory_format).zero_()
+        _scatter_add_(grad, i_max, g_max)
+        _scatter_add_(grad, i_min, g_min)
+        return grad
+
+
+@register_notrace_function
+def global_max_min(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x.amax((2, 3)), x.amin((2, 3)))`` with a lean backward (see :class:`_GlobalMaxMin`)."""
+    f_max, f_min, _, _ = _GlobalMaxMin.apply(x)
+    return f_max, f_min
+
+
+class _ScaleAddReLU(torch.autograd.Function):
+    """``relu(x * gate + shortcut)`` with ``gate`` of shape N x C x 1 x 1, and a lean backward: one
+    threshold pass, one multiply for ``x``'s gradient and a batched matrix product that multiplies and
+    reduces over H x W in one pass for ``gate``'s (autograd's ``addcmul`` backward materialises both
+    full-size products and then reduces)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(shortcut, x, gate).relu_()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, gate = inputs
+        ctx.save_for_backward(x, gate, output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, gate, out = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        n, c = x.shape[0], x.shape[1]
+        grad_gate = None
+        if ctx.needs_input_grad[2]:
+            # under autocast x may be of lower precision than grad (the output takes the gate's dtype)
+            grad_gate = torch.matmul(
+                grad.reshape(n, c, 1, -1), x.reshape(n, c, -1, 1).to(grad.dtype)).view(n, c, 1, 1).to(gate.dtype)
+        grad_x = grad * gate if ctx.needs_input_grad[0] else None
+        return grad_x, grad, grad_gate
+
+
+@register_notrace_function
+def scale_add_relu(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``relu(x * gate + shortcut)``, the tail of a bottleneck block with SPE (see :class:`_ScaleAddReLU`)."""
+    return _ScaleAddReLU.apply(x, shortcut, gate)
+
+
+class _SpeScale(torch.autograd.Function):
+    """``x * spe_gate(x)`` in training mode, as one function: the SPE layer on its own (any timm model).
+
+    Saves ``x`` (the multiply's gradient needs it, as SE's does), the N x C gate, pools and indices.
+    Backward allocates one full-size tensor: ``grad * x`` is formed in it and summed for the gate's
+    gradient, then it is overwritten with ``grad * gate`` and the pooling gradients are scattered in place
+    (autograd would allocate three: the two products and the pooling gradient's zero fill).
+    """
+
+    @staticmethod
+    def forward(x, lam, w_exc, b_exc, w_rew, b_rew, paper: bool):
+        """The output, then the gate, pools and indices backward needs (outputs, so :meth:`setup_context` can save
+        them; marked non-differentiable)."""
+        n, ch = x.shape[0], x.shape[1]
+        f_max, i_max, f_min, i_min = max_min_with_indices(x)
+        gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+        return x * gate.view(n, ch, 1, 1), gate, f_max, f_min, i_max, i_min
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, lam, w_exc, b_exc, w_rew, b_rew, paper = inputs
+        _, gate, f_max, f_min, i_max, i_min = output
+        ctx.mark_non_differentiable(gate, f_max, f_min, i_max, i_min)
+        ctx.save_for_backward(x, gate, f_max, f_min, i_max, i_min, lam, w_exc, b_exc, w_rew, b_rew)
+        ctx.paper = paper
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor, *unused):
+        x, gate, f_max, f_min, i_max, i_min, lam, w_exc, b_exc, w_rew, b_rew = ctx.saved_tensors
+        n, ch = x.shape[0], x.shape[1]
+        grad_x = torch.mul(grad.contiguous(memory_format=_memory_format(x)), x)
+        grad_gate = grad_x.sum((2, 3))
+        g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
+            grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
+        torch.mul(grad, gate.view(n, ch, 1, 1), out=grad_x)
+        _scatter_add_(grad_x, i_max, g_max)
+        _scatter_add_(grad_x, i_min, g_min)
+        return grad_x, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None
+
+
+def has_module_hooks(*modules: nn.Module) -> bool:
+    """Whether any forward (pre-)hook or backward (pre-)hook, global or on one of ``modules``, would fire on a
+    call of these modules: a fused path that skips their calls may only run where this is False."""
+    from torch.nn.modules import module as nn_module
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
+
+
+def _spe_fusable(x: torch.Tensor, spe: 'SpeModule') -> bool:
+    """The fused training functions apply: the default variant (learned ``lambda``, ``reweight='sum'``; every
+    ablation takes plain autograd ops), training with grad, a dense layout, one dtype, no autocast."""
+    dtype = x.dtype
+    return (
+        spe.default_variant and spe.training and torch.is_grad_enabled() and _dense_layout(x)
+        and spe.p.dtype == dtype and spe.w_exc.dtype == dtype and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+@register_notrace_function
+def spe_scale(x: torch.Tensor, spe: 'SpeModule') -> torch.Tensor:
+    """``x * spe.attn_map(x)`` for training: one autograd function (:class:`_SpeScale`) for NCHW-contiguous or
+    channels_last input of the parameters' dtype without autocast; plain autograd ops otherwise. Same results."""
+    if not _spe_fusable(x, spe):
+        return x * spe.attn_map(x).to(x.dtype)
+    return _SpeScale.apply(x, spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)[0]
+
+
+class _BatchNormSpeAddReLU(torch.autograd.Function):
+    """``relu(y * spe_gate(y) + shortcut)`` with ``y = batch_norm(x)`` in training mode, as one function.
+
+    Keeps for backward only what the plain block's BN and ReLU keep anyway (BN's input ``x``, its batch
+    statistics, the block output) plus N x C pools, indices and gate: the pre-gate activation ``y`` is not
+    kept, its buffer becomes the output. Backward works from per-(n, c) sums: with
+    ``xhat = (x - mean) * invstd``, the gate's gradient is ``w * sum_hw(g * xhat) + b * sum_hw(g)`` and BN's
+    backward of ``dy = g * gate + (pooling gradient at the argmax / argmin)`` needs only the per-channel
+    sums of ``dy`` and ``dy * xhat``, which follow from the same N x C sums (:func:`~timm_spe.cpu_kernels.per_map_sums`).
+    Full-size work: one threshold pass, one read of ``g`` and ``x`` for the sums (NCHW; channels_last with the CPU
+    kernels), two multiply-add passes for ``x``'s gradient (written into one buffer; one pass with the CPU kernels),
+    as many new full-size tensors as the plain block's backward allocates.
+    """
+
+    @staticmethod
+    def forward(
+            x, shortcut, bn_weight, bn_bias, running_mean, running_var, momentum: float, eps: float,
+            lam, w_exc, b_exc, w_rew, b_rew, paper: bool,
+    ):
+        """The output, then the batch statistics, pools, indices and gate backward needs (outputs, so
+        :meth:`setup_context` can save them; marked non-differentiable). Updates the running statistics."""
+        y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
+        n, c = x.shape[0], x.shape[1]
+        f_max, i_max, f_min, i_min = max_min_with_indices(y)
+        gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+        out = scale_add_relu_(y, shortcut, gate.view(n, c, 1, 1))
+        return out, mean, invstd, f_max, f_min, i_max, i_min, gate
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, bn_weight, bn_bias, _, _, _, eps, lam, w_exc, b_exc, w_rew, b_rew, paper = inputs
+        out, mean, invstd, f_max, f_min, i_max, i_min, gate = output
+        ctx.mark_non_differentiable(mean, invstd, f_max, f_min, i_max, i_min, gate)
+        ctx.save_for_backward(
+            x, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate, lam, w_exc, b_exc, w_rew, b_rew)
+        ctx.eps, ctx.paper = eps, paper
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor, *unused):
+        (x, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate,
+         lam, w_exc, b_exc, w_rew, b_rew) = ctx.saved_tensors
+        n = x.shape[0]
+        count = n * x.shape[2] * x.shape[3]
+        # through ReLU: the shortcut's gradient, in x's layout
+        grad = torch.ops.aten.threshold_backward(grad, out, 0).contiguous(memory_format=_memory_format(x))
+        # per (n, c) sums of grad, grad * xhat and grad * y, with xhat = (x - mean) * invstd and y = w * xhat + b
+        buf = torch.empty_like(grad)
+        sum_grad, sum_grad_xhat = per_map_sums(grad, x, mean, invstd, buf)
+        grad_gate = bn_weight * sum_grad_xhat + bn_bias * sum_grad
+        g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
+            grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
+        # BN's backward for dy = grad * gate + (g_max, g_min scattered to the argmax / argmin), from N x C sums only
+        xhat_max = (_take(x, i_max) - mean) * invstd
+        xhat_min = (_take(x, i_min) - mean) * invstd
+        sum_dy = (gate * sum_grad + g_max + g_min).sum(0)
+        sum_dy_xhat = (gate * sum_grad_xhat + g_max * xhat_max + g_min * xhat_min).sum(0)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)): one multiply-add pass over grad, one over x
+            scale = bn_weight * invstd
+            x_coef = scale * invstd * sum_dy_xhat / count
+            grad_x = bn_input_grad_(buf, grad, x, scale * gate, mean * x_coef - scale * sum_dy / count, x_coef)
+            _scatter_add_(grad_x, i_max, scale * g_max)
+            _scatter_add_(grad_x, i_min, scale * g_min)
+        return (grad_x, grad if ctx.needs_input_grad[1] else None, sum_dy_xhat, sum_dy, None, None, None, None,
+                g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None)
+
+
+def _block_tail_fusable(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, spe: 'SpeModule') -> bool:
+    """:class:`_BatchNormSpeAddReLU` applies: as :func:`_spe_fusable`, with a training-mode ``nn.BatchNorm2d`` that
+    tracks running statistics and a shortcut of ``x``'s shape and dtype."""
+    return (
+        _spe_fusable(x, spe) and type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+        and shortcut.shape == x.shape and shortcut.dtype == x.dtype and bn.weight.dtype == x.dtype
+    )
+
+
+@register_notrace_function
+def batch_norm_spe_add_relu(
+        x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, spe: 'SpeModule') -> torch.Tensor:
+    """``relu(spe(bn(x)) + shortcut)``: the tail of a bottleneck block with SPE, for training.
+
+    With a training-mode ``nn.BatchNorm2d``, NCHW-contiguous or channels_last input and one dtype (no
+    autocast) it runs as one autograd function (see :class:`_BatchNormSpeAddReLU`) that saves no more
+    full-size activations for backward than the block without SPE; otherwise as ``bn``, the SPE gate and
+    :func:`scale_add_relu`; an ablation variant of ``spe`` (not ``spe.default_variant``) always as ``bn``, its gate
+    and plain ``relu(addcmul(...))``.
+    Same results either way, running statistics and ``num_batches_tracked`` included.
+    """
+    if not spe.default_variant:  # ablations (Tables 3, 4): plain autograd ops throughout
+        y = bn(x)
+        return torch.relu(torch.addcmul(shortcut, y, spe.attn_map(y)))
+    if not _block_tail_fusable(x, shortcut, bn, spe):
+        y = bn(x)
+        return scale_add_relu(y, shortcut, spe.attn_map(y))
+    momentum = 0. if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:  # nn.BatchNorm2d's own bookkeeping
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1. / float(bn.num_batches_tracked)
+    return _BatchNormSpeAddReLU.apply(
+        x, shortcut, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
+        spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)[0]
