@@ -52,6 +52,7 @@ def test_finish_run_stages_a_complete_card(run_dir, tmp_path):
                      'training_curve.png']
     result = json.loads((out / 'eval.json').read_text())
     assert result['num_images'] == 10 and result['model'] == 'resnet83_spe' and result['tag'] == 'cifar10_tiny'
+    assert result['epoch'] == 3 and result['epochs_scheduled'] == 3  # of last.pth.tar, recorded for the comparison
     card = (out / 'README.md').read_text()
     assert f"{result['top1']:.2f}" in card and '3 of 3 epochs of batch 128' in card
     staged = load_file(out / 'model.safetensors')
@@ -60,6 +61,29 @@ def test_finish_run_stages_a_complete_card(run_dir, tmp_path):
     assert '![training curve' in card and '(spe_lambda.png)' in card and '94.03%' in card
     with pytest.raises(SystemExit, match='not empty'):  # never silently replaced
         cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(out)])
+
+
+def test_finish_run_stages_the_plain_control_and_compare_reads_both(run_dir, tmp_path, capsys):
+    """The plain model has no lambdas to plot; its folder and the SPE one's make the comparison table."""
+    run = run_dir['run'].parent / 'resnet83-cifar10_tiny'
+    run.mkdir()
+    (run / 'summary.csv').write_text((run_dir['run'] / 'summary.csv').read_text())
+    torch.save({'epoch': 2, 'arch': 'resnet83', 'state_dict': timm.create_model('resnet83').state_dict()},
+               run / 'last.pth.tar')
+    recipe = tmp_path / 'plain.yaml'
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(run_dir['recipe'].read_text()), 'model': 'resnet83',
+                                      'experiment': 'resnet83-cifar10_tiny'}))
+    cli(['finish-run', '--recipe', str(recipe), '--out', str(tmp_path / 'plain')])
+    assert sorted(p.name for p in (tmp_path / 'plain').iterdir()) == [
+        'README.md', 'config.json', 'eval.json', 'model.safetensors', 'training_curve.png']
+    card = (tmp_path / 'plain' / 'README.md').read_text()
+    assert 'without attention' in card and '93.62%' in card and 'spe_lambda' not in card
+    cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(tmp_path / 'spe')])
+    capsys.readouterr()
+    cli(['compare', str(tmp_path / 'spe'), str(tmp_path / 'plain')])
+    table = capsys.readouterr().out
+    assert '| resnet83_spe (ours) | `resnet83_spe.cifar10_tiny` |' in table and '| 3 of 3 |' in table
+    assert 'of the 27 SPE blocks' in table and 'the seed-to-seed spread' in table
 
 
 def test_finish_run_refuses_a_run_that_has_not_reached_its_epochs(run_dir, tmp_path):

@@ -7,6 +7,7 @@
                      [--out DIR] [--dry-run] [--create-pr | --overwrite]
     timm-spe upload DIR [--create-pr | --overwrite] [--revision BRANCH] [--commit-message MSG]
     timm-spe finish-run --recipe RECIPE.yaml      # eval + plots + staged Hub folder for a train.py run
+    timm-spe compare SPE_DIR PLAIN_DIR [--write]  # SPE vs its plain control: the comparison table
     timm-spe run path/to/validate.py ARGS...     # any timm script with the SPE models registered
 
 Errors are one line on stderr, `timm-spe COMMAND: error: <what and the fix>`, exit status 1;
@@ -39,6 +40,7 @@ from timm.models._hub import save_for_hf
 import timm_spe  # noqa: F401  (registers the models)
 
 from .card import dataset_of_tag, portable_eval_result, registered_cfg, render_card
+from .compare import comparison_table, write_comparison
 from .convert import load_checkpoint_file, load_weights
 from .evaluate import evaluate
 from .hub import (
@@ -123,6 +125,8 @@ def cmd_eval(args) -> dict:
               'checkpoint_sha256': sha256_file(weights_file) if weights_file else None,
               'weights_sha256': weights_sha256(model), 'ema': bool(args.ema),
               'data_label': args.data_label, **result}
+    if getattr(args, 'epoch', None) is not None:  # finish-run: the train.py epoch of these weights
+        result.update(epoch=args.epoch, epochs_scheduled=getattr(args, 'epochs_scheduled', None))
     if getattr(args, 'argv', None):
         result['command'] = _command(args)
     notes = ([f"only {len(result['classes_evaluated'])} of {len(result['label_names'])} classes"]
@@ -344,22 +348,34 @@ def cmd_finish_run(args) -> Path:
     label = args.data_label or (f"{dataset_of_tag(tag).upper()} test split (JPEG q75 copy)"
                                 if 'jpeg' in data_dir.lower() else
                                 f'{dataset_of_tag(tag).upper()} test split (original, torchvision)')
+    _, info = load_checkpoint_file(str(checkpoint))
+    epoch = info['epoch'] + 1 if isinstance(info.get('epoch'), int) else done  # train.py counts epochs from 0
     cmd_eval(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
                                 data_dir=data_dir, batch_size=100, limit=None, workers=args.workers,
-                                out=str(eval_json), data_label=label, argv=getattr(args, 'argv', None)))
+                                out=str(eval_json), data_label=label, argv=getattr(args, 'argv', None),
+                                epoch=epoch, epochs_scheduled=recipe['epochs']))
     summary = run_dir / 'summary.csv'
     curve = plot_training_curve(summary, work / 'training_curve.png', log=args.log,
                                 title=f'{model_name}.{tag} (timm train.py, {args.recipe})')
-    lambdas = work / 'spe_lambda.png'
-    cmd_inspect(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
-                                   plot=str(lambdas)))
+    figures = [f'{curve}:training curve (train.py summary.csv and log)']
+    if _has_spe(model_name):  # the plain control has no lambdas to plot
+        lambdas = work / 'spe_lambda.png'
+        cmd_inspect(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
+                                       plot=str(lambdas)))
+        figures.append(f'{lambdas}:learned lambda of every SPE block')
     budget = args.budget or _budget_from_run(run_dir, recipe)
     return cmd_publish(argparse.Namespace(
         src=str(checkpoint), model=model_name, tag=tag, ema=False, recipe=str(args.recipe), budget=budget,
-        eval_json=str(eval_json), figure=[f'{curve}:training curve (train.py summary.csv and log)',
-                                          f'{lambdas}:learned lambda of every SPE block'],
+        eval_json=str(eval_json), figure=figures,
         out=args.out, force=args.force, template=args.template, dry_run=True, repo_id=None,
         overwrite=False, create_pr=False, private=False))
+
+
+def _has_spe(model_name: str) -> bool:
+    """Whether ``model_name`` has SPE layers with a learned lambda (built on the meta device: no weights)."""
+    with torch.device('meta'):
+        model = timm.create_model(model_name)
+    return any(isinstance(m, timm_spe.SpeModule) and getattr(m, 'p', None) is not None for m in model.modules())
 
 
 def _budget_from_run(run_dir: Path, recipe: dict) -> str:
@@ -373,6 +389,21 @@ def cmd_run_status(args) -> str:
     line = args.prefix + run_status(args.run_dir, epochs)
     print(line)
     return line
+
+
+def cmd_compare(args) -> str:
+    """Print the comparison of an SPE model's staged folder with its plain control's; ``--write`` also puts it
+    into the README (between its markers) and both cards."""
+    if args.write:
+        table, written = write_comparison(args.spe_dir, args.plain_dir, readme=args.readme)
+    else:
+        if args.readme:
+            raise SystemExit('--readme is where --write writes the table: add --write, or drop --readme.')
+        table, written = comparison_table(args.spe_dir, args.plain_dir), []
+    print(table)
+    for path in written:
+        print(f'wrote {path}')
+    return table
 
 
 def cmd_run(args) -> None:
@@ -560,6 +591,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--force', action='store_true', help='replace a non-empty staging folder (default: off)')
     p.add_argument('--workers', type=int, default=0, help='data-loading worker processes for the eval')
     p.set_defaults(func=cmd_finish_run)
+
+    p = add('compare', "does SPE help? An SPE model's staged folder next to its plain control's (same recipe)",
+            'timm-spe compare hub_cards/resnet164_spe.cifar10_e30 hub_cards/resnet164.cifar10_e30',
+            'timm-spe compare hub_cards/resnet164_spe.cifar10_e30 hub_cards/resnet164.cifar10_e30 --write')
+    p.add_argument('spe_dir', help='staged folder of the SPE model (finish-run), e.g. hub_cards/resnet164_spe.cifar10_e30')
+    p.add_argument('plain_dir', help='staged folder of its plain control, e.g. hub_cards/resnet164.cifar10_e30')
+    p.add_argument('--write', action='store_true',
+                   help="also write the table into the README (between its spe-comparison markers) and into both "
+                        "folders' cards (default: off, print only)")
+    p.add_argument('--readme', default=None, help="with --write: the README to write into (default: the clone's "
+                                                   "README.md)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
