@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # timm-spe: one entry point for a fresh machine (each command sets up what it needs first).
-#   ./run.sh test                 set up .venv, lint (ruff) and run the whole test suite (what CI runs)
+#   ./run.sh test                 set up .venv, lint (ruff), run the whole test suite on the lowest timm
+#                                 (TIMM_VERSION), then the fast tier on the newest (TIMM_NEWEST; .venv-timm-newest):
+#                                 what CI runs; fails if either tier fails
 #   ./run.sh test-fast            the suite without the tests marked slow (a few minutes; while working)
+#   ./run.sh test-newest [PYTEST ARGS]
+#                                 only the fast tier on the newest timm (default: -m "not slow" tests)
 #   ./run.sh train [--dry-run] [RECIPE.yaml] [train.py args]
 #                                 set up, train with timm's train.py (resuming from train_runs/<recipe>/ if it
 #                                 has a checkpoint), evaluate the final epoch, stage the Hub folder; --dry-run
@@ -9,20 +13,93 @@
 #   ./run.sh bench [ARGS]         set up and run benchmarks/benchmark.py (default: the README's run) with the
 #                                 allocator settings train uses
 #   ./run.sh setup                only create/update .venv
-# Environment: VENV (default .venv); TIMM_TRAIN_PY (an existing train.py of timm v1.0.28; else the
-# pytorch-image-models repo is cloned at that tag into .cache/); CIFAR10_JPEG_TAR (the CIFAR-10 JPEG
+# Environment: VENV (default .venv); TIMM_NEWEST (test: the newer timm, default the release pinned in this file)
+# and TIMM_NEWEST_VENV (its environment, default .venv-timm-newest); TIMM_TRAIN_PY (an existing train.py of timm
+# v1.0.28; else the pytorch-image-models repo is cloned at that tag into .cache/); CIFAR10_JPEG_TAR (the CIFAR-10 JPEG
 # copy, default ../shared/data/cifar10-jpeg.tar.gz) for the CPU recipe; TIMM_SPE_CPU_KERNELS (train: default 1,
 # SPE's one-pass CPU kernels, built on first use).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
-TIMM_VERSION=1.0.28   # train.py / validate.py and tests/data/train_args.txt match this release
+TIMM_VERSION=1.0.28   # the lowest timm pyproject allows; train.py / validate.py and tests/data/train_args.txt match it
+# The newest timm in pyproject's range (timm>=1.0.28,<1.1) that PyPI offered when last checked (2026-11-30):
+# `./run.sh test` also runs the fast tier against it. Pinned so that CI is reproducible; raise it when timm
+# publishes a newer 1.0.x, or override it (TIMM_NEWEST=1.0.32 ./run.sh test-newest). tests/test_versions.py
+# checks both pins against pyproject's range.
+TIMM_NEWEST=${TIMM_NEWEST:-1.0.31}
+NEWEST_VENV=${TIMM_NEWEST_VENV:-${VENV%/}-timm-newest}
+NEWEST_PY="$NEWEST_VENV/bin/python"
 
 setup() {
     [ -x "$PY" ] || python3 -m venv "$VENV"
     "$PY" -m pip install -q --disable-pip-version-check \
         torch==2.14.1 torchvision==0.29.1 "timm==$TIMM_VERSION" -e '.[dev]'
+}
+
+# The newest timm's environment without a second torch (after setup): a venv of the same python, without pip,
+# whose site-packages holds a .pth line naming $VENV's site-packages, so torch, torchvision, pytest, pip,
+# setuptools ... come from there and pip counts them as installed; only timm (plus any dependency $VENV lacks:
+# none for 1.0.31) and this project (editable, no dependencies) are installed into it, and they come first on
+# sys.path. pip leaves $VENV's own timm alone ("Not uninstalling ... outside environment").
+setup_newest() {
+    local base site log="$NEWEST_VENV/pip-install.log"
+    base=$(cd "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" && pwd -P)
+    if [ -x "$NEWEST_PY" ] && [ "$("$NEWEST_PY" -c 'import sys; print(sys.version)' 2>/dev/null)" != \
+            "$("$PY" -c 'import sys; print(sys.version)')" ]; then
+        rm -rf "$NEWEST_VENV"  # made by another python than $VENV's: it cannot share $VENV's site-packages
+    fi
+    [ -x "$NEWEST_PY" ] || "$PY" -m venv --without-pip "$NEWEST_VENV"
+    site=$("$NEWEST_PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    echo "$base" > "$site/timm_spe_base_venv.pth"
+    : > "$log"
+    if [ "$("$NEWEST_PY" -c 'import importlib.metadata as m, sys; d = m.distribution("timm")
+print(d.version if str(d.locate_file("")).startswith(sys.prefix + "/") else "")')" != "$TIMM_NEWEST" ]; then
+        "$NEWEST_PY" -m pip install --disable-pip-version-check "timm==$TIMM_NEWEST" >>"$log" 2>&1 \
+            || { echo "run.sh: could not install timm==$TIMM_NEWEST into $NEWEST_VENV (package index unreachable," \
+            "or no such release; pip's output: $log): connect to PyPI, or set TIMM_NEWEST to a timm release pip can" \
+            "install" >&2; return 1; }
+    fi
+    "$NEWEST_PY" -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e . >>"$log" 2>&1 \
+        || { echo "run.sh: could not install timm-spe (editable) into $NEWEST_VENV (pip's output: $log)" >&2
+             return 1; }
+    # console scripts of $VENV's packages (olah-cli for the Hub tests, ...), run by this environment's python;
+    # those pip installed here (timm-spe) stay
+    local f to mark="# run.sh: a copy of $VENV's script for $NEWEST_VENV"
+    for f in "$VENV"/bin/*; do
+        to=$NEWEST_VENV/bin/${f##*/}
+        [[ -f "$f" && ! -L "$f" && "$(head -c 2 "$f")" == '#!' && "$(head -n 1 "$f")" == *'/bin/python'* ]] || continue
+        [ ! -e "$to" ] || [ "$(sed -n 2p "$to")" = "$mark" ] || continue
+        { echo "#!$(cd "$NEWEST_VENV" && pwd)/bin/python"; echo "$mark"; tail -n +2 "$f"; } > "$to"
+        chmod +x "$to"
+    done
+    "$NEWEST_PY" -m pip check >>"$log" 2>&1 || { echo "run.sh: $NEWEST_VENV has broken requirements (pip check:" \
+        "$log): remove $NEWEST_VENV and rerun" >&2; return 1; }
+    "$NEWEST_PY" - "$TIMM_NEWEST" "$NEWEST_VENV" "$base" <<'PY' || return 1
+import os, sys
+import timm, timm_spe, torch
+want, venv, base = sys.argv[1:]
+where = {'timm': (timm, venv), 'timm_spe': (timm_spe, os.getcwd()), 'torch': (torch, base)}
+wrong = [f'{n} from {m.__file__} (expected under {d})' for n, (m, d) in where.items()
+         if not os.path.realpath(m.__file__).startswith(os.path.realpath(d) + os.sep)]
+if timm.__version__ != want or wrong:
+    sys.exit(f'run.sh: {venv} has timm {timm.__version__} (want {want}); ' + '; '.join(wrong)
+             + f': remove {venv} and rerun')
+PY
+}
+
+# one pytest run; prints its verdict and wall time, returns pytest's status (so that the next tier still runs)
+TIERS=()
+tier() {
+    local name=$1 py=$2 start=$SECONDS rc=0
+    shift 2
+    echo "== $name"
+    "$py" -m pytest -q -p no:cacheprovider --durations=15 "$@" || rc=$?
+    TIERS+=("$name: $([ $rc = 0 ] && echo passed || echo "FAILED (pytest exit $rc)") in $((SECONDS - start)) s")
+    return $rc
+}
+tiers_summary() {
+    printf 'run.sh: %s\n' "${TIERS[@]}"
 }
 
 # glibc malloc hands freed blocks above its mmap threshold (128 KiB rising to at most 32 MiB) back to the OS
@@ -92,10 +169,24 @@ prepare_data() {
 case "${1:-}" in
     setup)
         setup ;;
-    test)  # lint, then the whole suite: what CI runs
+    test)  # lint, the whole suite on the lowest timm, the fast tier on the newest: what CI runs
         setup
+        setup_newest  # before the long tier: a missing index fails in the first minute, not after the suite
         "$PY" -m ruff check .
-        exec "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests ;;
+        status=0
+        tier "whole suite, timm $TIMM_VERSION ($VENV)" "$PY" tests || status=1
+        tier "fast tier (not slow), timm $TIMM_NEWEST ($NEWEST_VENV)" "$NEWEST_PY" -m "not slow" tests || status=1
+        tiers_summary
+        exit $status ;;
+    test-newest)  # only the fast tier on the newest timm; arguments replace the default selection
+        setup
+        setup_newest
+        shift
+        [ $# -gt 0 ] || set -- -m "not slow" tests
+        status=0
+        tier "timm $TIMM_NEWEST ($NEWEST_VENV): $*" "$NEWEST_PY" "$@" || status=1
+        tiers_summary
+        exit $status ;;
     test-fast)  # while working: lint, then everything but the tests marked slow
         setup
         "$PY" -m ruff check .

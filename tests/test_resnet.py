@@ -101,6 +101,46 @@ def test_forward_api():
     assert set(m.group_matcher()) == {'stem', 'blocks'}
 
 
+def test_reset_classifier_keeps_the_pool_and_the_models_dtype_and_mode_as_timm_resnet_does():
+    """timm 1.0.31's model tests check this contract for every registered model (ours included), whatever timm."""
+    m = timm.create_model('resnet83_spe', global_pool='max', in_chans=3).eval()
+    assert m.in_chans == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = m.forward_head(m.forward_features(x), pre_logits=True)
+        m.reset_classifier(5)  # keeps 'max'
+        torch.testing.assert_close(m.forward_head(m.forward_features(x), pre_logits=True), pooled)
+        assert m(x).shape == (2, 5)
+        m.reset_classifier(5, 'catavgmax')  # concatenated pooling: twice the width before the classifier
+        assert m.head_hidden_size == 512 == m.forward_head(m.forward_features(x), pre_logits=True).shape[1]
+        assert m(x).shape == (2, 5)
+    assert timm.create_model('resnet83_spe', global_pool='catavgmax', num_classes=0)(x).shape == (2, 512)
+    for train in (False, True):
+        m.to(torch.float64).train(train)
+        m.reset_classifier(3)
+        assert m.fc.weight.dtype == torch.float64 and all(mod.training == train for mod in m.modules())
+
+
+def test_pruned_model_ends_at_its_last_kept_feature_and_still_checkpoints():
+    x = torch.randn(2, 3, 32, 32)
+    m = timm.create_model('resnet83_spe').train()
+    take = m.prune_intermediate_layers((0, 1, 2, 3))  # all stages kept, the head goes
+    m.set_grad_checkpointing()
+    final, inter = m.forward_intermediates(x, indices=take)
+    assert len(inter) == 4 and m(x).shape == (2, 256, 8, 8)  # no head: no pooling either
+    (final.sum() + m.forward_features(x).sum()).backward()
+    m = timm.create_model('resnet83_spe').eval()
+    with torch.no_grad():
+        tap = m.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+        m.prune_intermediate_layers([1], prune_head=False)  # stages 2-3 gone: so is the head sized for them
+        torch.testing.assert_close(m.forward_features(x), tap, rtol=0, atol=0)
+        assert m.num_features == m.head_hidden_size == 64 and m(x).shape == (2, 64, 32, 32)
+        m.reset_classifier(7, 'avg')
+        assert m(x).shape == (2, 7)
+    m.train().set_grad_checkpointing()  # checkpoint_seq(flatten=True) over the emptied stages
+    m(x).sum().backward()
+
+
 def test_in_chans_and_features_only():
     m = timm.create_model('resnet83_spe', in_chans=1)
     assert m(torch.randn(1, 1, 32, 32)).shape == (1, 10)

@@ -163,6 +163,7 @@ class CifarResNet(nn.Module):
         block_cls = SpeBottleneck if _is_spe(attn_layer) and act_layer is nn.ReLU else Bottleneck
         self.depth = depth
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
@@ -203,8 +204,9 @@ class CifarResNet(nn.Module):
             self.add_module(stage_name, nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=outplanes, reduction=net_stride, module=stage_name))
 
-        self.num_features = self.head_hidden_size = inplanes
+        self.num_features = inplanes
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()  # 2x for 'catavgmax'
         self.init_weights()
 
     @torch.jit.ignore
@@ -229,9 +231,18 @@ class CifarResNet(nn.Module):
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return 'fc' if name_only else self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New classifier (0: none) and pooling (None keeps the current one) on the model's device and dtype, in
+        its train/eval mode: the contract timm 1.0.31's ResNet follows and its model tests check."""
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        first = next(self.parameters(), None)
+        dd = {} if first is None else {'device': first.device, 'dtype': first.dtype}
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def forward_intermediates(
             self,
@@ -284,8 +295,10 @@ class CifarResNet(nn.Module):
         """Prune stages (and the head) not required for the given intermediates."""
         take_indices, max_index = feature_take_indices(4, indices)
         for name in ('layer1', 'layer2', 'layer3')[max_index:]:
-            setattr(self, name, nn.Identity())
-        if prune_head:
+            setattr(self, name, nn.Sequential())  # empty, not Identity: checkpoint_seq(flatten=True) iterates it
+        if max_index < 3:  # features end at the last kept tap; the head, sized for the last stage, goes too
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < 3:
             self.reset_classifier(0, '')
         return take_indices
 
