@@ -10,6 +10,8 @@ In one run on one machine, with warm-up and repeated timed runs interleaved acro
   * the SPE module alone vs timm's SEModule on 128x256x8x8 and 128x64x32x32 (forward; forward+backward);
   * the primitives behind the differences (mean vs max/min, with and without indices; a fresh tensor vs
     in place) on each stage's block output;
+  * the machine's float32 GEMM peak (2048^2 ``torch.mm``) in the same run, the FLOPs of a step
+    (``torch.utils.flop_counter``) and each model's step as a fraction of that peak;
   * memory of a train step, per model in a fresh subprocess: the bytes autograd saves for backward
     (exact, from saved-tensor hooks) and the peak RSS of two train steps above the RSS with the model
     and batch loaded (what the OS sees; includes gradients, optimizer state and allocator slack).
@@ -145,6 +147,47 @@ def model_workloads(name: str, batch: int, compiled: bool = False) -> Dict[str, 
         opt.step()
 
     return {'eval_forward': eval_forward, 'train_step': train_step}
+
+
+def gemm_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's single-precision GEMM rate now: ``size``^2 ``torch.mm``, best of ``repeats`` after one
+    warm-up (the ceiling a conv-heavy step can approach; measured in the same run as the steps it scales)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_gflop(name: str, batch: int) -> Dict[str, float]:
+    """FLOPs (GFLOP) of one eval forward and one train step (forward + backward) of a model, counted by
+    ``torch.utils.flop_counter`` (convolutions and matmuls: what the GEMM peak bounds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model, x = create(name), input_batch(name, batch)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    eval_flop = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        model.train()(x).sum().backward()
+    return {'eval_forward': eval_flop / 1e9, 'train_step': counter.get_total_flops() / 1e9}
+
+
+def efficiency(models: Dict[str, Dict[str, Dict[str, float]]], gflop: Dict[str, Dict[str, float]],
+               peak_gflops: float) -> Dict[str, Dict[str, float]]:
+    """Per model and workload: the median step's achieved GFLOP/s as a fraction of the GEMM peak."""
+    out = {}
+    for name, r in models.items():
+        arch = name.removesuffix(CHANNELS_LAST).removesuffix(KERNELS)
+        if arch in gflop:
+            out[name] = {k: gflop[arch][k] / (r[k]['median_ms'] / 1e3) / peak_gflops
+                         for k in ('eval_forward', 'train_step')}
+    return out
 
 
 def bench_models(names: List[str], batch: int, warmup: int, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
@@ -373,6 +416,10 @@ def main() -> None:
     results['models'] = bench_models(names, args.batch, args.warmup, args.repeats)
     results['modules'] = bench_modules(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)
     results['reductions'] = bench_reductions(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)
+    results['gemm_size'] = 512 if args.quick else 2048
+    results['gemm_peak_gflops'] = gemm_peak_gflops(results['gemm_size'])
+    results['gflop'] = {arch: step_gflop(arch, args.batch) for arch in ('resnet164', 'resnet164_spe')}
+    results['fraction_of_gemm_peak'] = efficiency(results['models'], results['gflop'], results['gemm_peak_gflops'])
 
     ratios = {}
     for name in names:
@@ -419,6 +466,14 @@ def main() -> None:
         q = results['speedup_vs_unfused_cpu_kernels']
         lines += [f"resnet164_spe{KERNELS} vs unfused reference: {q['eval_forward']:.2f}x faster (eval forward), "
                   f"{q['train_step']:.2f}x (train step)"]
+    g = results['gflop']
+    lines += ['', f"GEMM peak (float32 {results['gemm_size']}^2 torch.mm, best of 10, this run): {results['gemm_peak_gflops']:.0f} GFLOP/s; "
+                  f"FLOPs per step (torch.utils.flop_counter): eval forward {g['resnet164']['eval_forward']:.1f}, "
+                  f"train step {g['resnet164']['train_step']:.1f} GFLOP (resnet164), "
+                  f"{g['resnet164_spe']['eval_forward']:.1f} / {g['resnet164_spe']['train_step']:.1f} (resnet164_spe)",
+              '', '| model | eval forward, fraction of GEMM peak | train step, fraction of GEMM peak |', '|---|---:|---:|']
+    for name, q in results['fraction_of_gemm_peak'].items():
+        lines.append(f"| {name} | {q['eval_forward']:.2f} | {q['train_step']:.2f} |")
     lines += ['',
               '| module | input | forward ms | forward+backward ms |', '|---|---|---|---|']
     for row in results['modules']:

@@ -91,6 +91,18 @@ def test_quick_run(tmp_path):
     assert len(r['modules']) == 6
     assert len(r['reductions']) == 28 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
     assert 'resnet164_spe +cpu_kernels vs unfused reference' in proc.stdout
+    # the headroom: steps as a fraction of the GEMM peak measured in the same run
+    assert r['gemm_peak_gflops'] > 0
+    g = r['gflop']
+    # backward of a conv net costs about twice its forward (input and weight gradients; the stem's input needs none)
+    assert 2.5 < g['resnet164']['train_step'] / g['resnet164']['eval_forward'] <= 3.0
+    # SPE adds no matmul / conv work: the same FLOPs to 0.1 %
+    assert abs(g['resnet164_spe']['train_step'] / g['resnet164']['train_step'] - 1) < 1e-3
+    assert set(r['fraction_of_gemm_peak']) == {  # resnet164 and resnet164_spe, in every layout and with the kernels
+        n for n in benchmark.MODELS if n.removesuffix(benchmark.CHANNELS_LAST).removesuffix(benchmark.KERNELS)
+        in ('resnet164', 'resnet164_spe')}
+    assert all(0 < q['train_step'] and 0 < q['eval_forward'] for q in r['fraction_of_gemm_peak'].values())
+    assert 'train step, fraction of GEMM peak' in proc.stdout
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
 
 
@@ -124,6 +136,17 @@ def test_per_round_ratios_pair_rounds():
     assert crossed == pytest.approx({'median': 7.575, 'min': 0.15, 'max': 15.0})
 
 
+def test_profile_step_prints_where_each_model_spends_its_step():
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'), '--channels-last', '--batch', '2',
+                           '--steps', '1', '--warmup', '1', '--top', '5'], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith('channels_last, cpu kernels off, batch 2')
+    assert lines[1].startswith('wall: resnet164 ') and ' resnet164_spe ' in lines[1]
+    assert lines[2].split()[:4] == ['op', 'resnet164', 'resnet164_spe', 'diff']
+    assert len(lines) == 3 + 5 + 1 + 5  # top 5, the heading of the last rows, the last 5
+
+
 def test_readme_shows_committed_results():
     """benchmarks/README.md's performance table is the one benchmarks/results.json was written with."""
     results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
@@ -139,12 +162,14 @@ def test_compile_option_rejects_unknown_models():
 
 
 def test_readme_shows_allocator_comparison_of_committed_runs():
-    """benchmarks/README.md's allocator table is `--compare` of the committed glibc-defaults run and the main run."""
+    """benchmarks/README.md's allocator table is `--compare` of the committed glibc-defaults run and the run of the
+    same code on the same machine with freed memory kept (results_2026-11-25.json, the main run then)."""
     default = json.loads((ROOT / 'benchmarks' / 'results_malloc_default.json').read_text())
-    kept = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
+    kept = json.loads((ROOT / 'benchmarks' / 'results_2026-11-25.json').read_text())
     assert default['meta']['allocator'] == {} and kept['meta']['allocator'] == RUN_SH_ALLOCATOR
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--compare',
-                           str(ROOT / 'benchmarks' / 'results_malloc_default.json'), str(ROOT / 'benchmarks' / 'results.json')],
+                           str(ROOT / 'benchmarks' / 'results_malloc_default.json'),
+                           str(ROOT / 'benchmarks' / 'results_2026-11-25.json')],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.strip()

@@ -10,7 +10,15 @@ from compile_check import assert_compiled_train_step_matches_eager
 
 import timm_spe
 from timm_spe import cpu_kernels
-from timm_spe.cpu_kernels import bn_input_grad_, max_min, max_min_with_indices, per_map_sums, scale_add_relu_
+from timm_spe.cpu_kernels import (
+    bn_input_grad_,
+    max_min,
+    max_min_with_indices,
+    per_map_sums,
+    scale_add_relu_,
+    scatter_add_at_,
+    take_at,
+)
 
 
 def _inputs(shape, dtype, values):
@@ -59,13 +67,52 @@ def test_tail_ops_match_torch_bit_for_bit(cpu_kernels_on, shape, memory_format, 
     assert scale_add_relu_(x.clone(), s, gate).eq(expected).logical_or(expected.isnan()).all()
 
     scale, shift, coef = torch.randn(n, c, dtype=dtype), torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    hw = shape[2] * shape[3]
+    i_max, i_min = torch.randint(0, hw, (n, c)), torch.randint(0, hw, (n, c))
+    i_min[0, 0] = i_max[0, 0]  # a constant map: both gradients at one position, max's added first
+    v_max, v_min = torch.randn(n, c, dtype=dtype), torch.randn(n, c, dtype=dtype)
     expected = torch.addcmul(shift.view(1, c, 1, 1), g, scale.view(n, c, 1, 1)).addcmul_(
-        x, coef.view(1, c, 1, 1), value=-1)
+        x, coef.view(1, c, 1, 1), value=-1).flatten(2)
+    expected = expected.scatter_add(2, i_max.unsqueeze(2), v_max.unsqueeze(2))
+    expected = expected.scatter_add(2, i_min.unsqueeze(2), v_min.unsqueeze(2)).view(shape)
     out = torch.empty_like(x)
-    torch.ops.timm_spe.bn_input_grad_(out, g, x, scale, shift, coef)
+    torch.ops.timm_spe.bn_input_grad_(out, g, x, scale, shift, coef, i_max, v_max, i_min, v_min)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(bn_input_grad_(torch.empty_like(x), g, x, scale, shift, coef), expected,
-                               rtol=0, atol=0, equal_nan=True)
+    args = (g, x, scale, shift, coef, i_max, v_max, i_min, v_min)
+    torch.testing.assert_close(bn_input_grad_(torch.empty_like(x), *args), expected, rtol=0, atol=0, equal_nan=True)
+    with timm_spe.set_cpu_kernels(False):  # the eager fallback: two multiply-adds and two scatters
+        torch.testing.assert_close(bn_input_grad_(torch.empty_like(x), *args), expected, rtol=0, atol=0,
+                                   equal_nan=True)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8)])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_values_at_and_additions_at_the_extrema_match_gather_and_scatter_add(cpu_kernels_on, shape, memory_format, dtype):
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format)
+    index, values = torch.randint(0, h * w, (n, c)), torch.randn(n, c, dtype=dtype)
+    flat = x.flatten(2)  # a copy for channels_last: the expected values in NCHW order
+    torch.testing.assert_close(torch.ops.timm_spe.take_at(x, index), flat.gather(2, index.unsqueeze(2)).squeeze(2),
+                               rtol=0, atol=0)
+    expected = flat.scatter_add(2, index.unsqueeze(2), values.unsqueeze(2)).view(shape)
+    got = x.clone()
+    torch.ops.timm_spe.scatter_add_at_(got, index, values)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.is_contiguous(memory_format=memory_format)
+    with timm_spe.set_cpu_kernels(False):  # the eager fallbacks give the same
+        eager = x.clone()
+        scatter_add_at_(eager, index, values)
+        torch.testing.assert_close(take_at(x, index), torch.ops.timm_spe.take_at(x, index), rtol=0, atol=0)
+    torch.testing.assert_close(eager, got, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f'index {h * w} out of range for H x W = {h * w}'):
+        torch.ops.timm_spe.take_at(x, torch.full((n, c), h * w))
+    with pytest.raises(RuntimeError, match='out of range'):
+        torch.ops.timm_spe.scatter_add_at_(x.clone(), torch.full((n, c), -1), values)
+    with pytest.raises(RuntimeError, match='out of range'):
+        torch.ops.timm_spe.bn_input_grad_(torch.empty_like(x), x, x, values, x.new_zeros(c), x.new_zeros(c),
+                                          index, values, torch.full((n, c), h * w), values)
 
 
 def test_tail_kernels_take_only_matching_layouts(cpu_kernels_on):
@@ -145,10 +192,13 @@ def test_channels_last_per_map_sums_are_more_precise(cpu_kernels_on):
     def error(sums):
         return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(sums, exact))
 
-    with_kernel = per_map_sums(grad, c, mean, invstd, torch.empty_like(grad))
+    i_max, i_min = torch.randint(0, 256, (8, 40)), torch.randint(0, 256, (8, 40))
+    with_kernel = per_map_sums(grad, c, mean, invstd, torch.empty_like(grad), i_max, i_min)
     with timm_spe.set_cpu_kernels(False):
-        eager = per_map_sums(grad, c, mean, invstd, torch.empty_like(grad))
-    assert error(with_kernel) < 2e-6 and error(with_kernel) * 3 < error(eager)
+        eager = per_map_sums(grad, c, mean, invstd, torch.empty_like(grad), i_max, i_min)
+    assert error(with_kernel[:2]) < 2e-6 and error(with_kernel[:2]) * 3 < error(eager[:2])
+    for a, b in zip(with_kernel[2:], eager[2:]):  # x at the extrema, picked up in the same read: exact
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_compile_traces_kernels_without_graph_breaks(cpu_kernels_on):

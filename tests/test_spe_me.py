@@ -113,19 +113,23 @@ def test_batch_norm_spe_add_relu_falls_back_under_autocast(random_spe):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 def test_per_map_sums_are_the_sums_bn_backward_needs(memory_format, dtype):
-    """Per-(n, c) sum_hw(grad) and sum_hw(grad * xhat): BN's backward kernel (NCHW) or multiply + sum (channels_last)."""
+    """Per-(n, c) sum_hw(grad) and sum_hw(grad * xhat): BN's backward kernel (NCHW) or multiply + sum (channels_last);
+    and x at the given H x W positions."""
     torch.manual_seed(0)
     c = (torch.randn(4, 3, 5, 6, dtype=torch.float64) * 2 + 3)
     g = torch.randn_like(c)
     xc, xg = (t.to(dtype).contiguous(memory_format=memory_format) for t in (c, g))
     x, mean, invstd = torch.native_batch_norm(xc, None, None, None, None, True, 0.1, 1e-5)
-    sum_grad, sum_grad_xhat = per_map_sums(xg, xc, mean, invstd, torch.empty_like(xg))
+    i_max, i_min = torch.randint(0, 30, (4, 3)), torch.randint(0, 30, (4, 3))
+    sum_grad, sum_grad_xhat, x_max, x_min = per_map_sums(xg, xc, mean, invstd, torch.empty_like(xg), i_max, i_min)
     assert sum_grad.shape == sum_grad_xhat.shape == (4, 3)
     cd, gd = xc.double(), xg.double()
     tol = {'rtol': 0, 'atol': 0.1} if dtype == torch.bfloat16 else {'rtol': 1e-5, 'atol': 1e-5}
     torch.testing.assert_close(sum_grad.double(), gd.sum((2, 3)), **tol)
     ref = (gd * (cd - mean.double().view(1, -1, 1, 1))).sum((2, 3)) * invstd.double()
     torch.testing.assert_close(sum_grad_xhat.double(), ref, **tol)
+    for got, index in ((x_max, i_max), (x_min, i_min)):
+        torch.testing.assert_close(got, xc.flatten(2).gather(2, index.unsqueeze(2)).squeeze(2), rtol=0, atol=0)
 
 
 def test_batch_norm_spe_add_relu_float32_precision_with_large_channel_means(random_spe):

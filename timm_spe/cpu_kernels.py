@@ -3,7 +3,8 @@
 PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin`` and find the argmax / argmin
 element by element; the block tail and BN's input gradient take two passes each. ``csrc/spe_cpu.cpp`` does
 each in one vectorised pass: ``torch.ops.timm_spe.max_min``, ``max_min_with_indices``, ``scale_add_relu_``,
-``bn_input_grad_`` and ``channels_last_per_map_sums``, with fake (meta) implementations, so ``torch.compile``
+``bn_input_grad_`` and ``channels_last_per_map_sums``, and the N x C gathers / scatters at the extrema (``take_at``,
+``scatter_add_at_``), with fake (meta) implementations, so ``torch.compile``
 and ``torch.export`` trace them. They are compiled on first use with ``torch.utils.cpp_extension`` (a C++
 compiler and ninja are needed) and cached by PyTorch, per CPU model since they are built with ``-march=native``.
 
@@ -28,7 +29,8 @@ from timm.layers import register_notrace_function
 
 __all__ = [
     'set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply', 'kernels_apply_per_map',
-    'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_', 'per_map_sums',
+    'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_', 'per_map_sums', 'take_at',
+    'scatter_add_at_',
 ]
 
 _SOURCE = Path(__file__).parent / 'csrc' / 'spe_cpu.cpp'
@@ -86,12 +88,20 @@ def _load() -> None:
         return None
 
     @torch.library.register_fake('timm_spe::channels_last_per_map_sums')
-    def _(grad, x, mean):
+    def _(grad, x, mean, i_max, i_min):
         n, c = x.shape[0], x.shape[1]
-        return x.new_empty((n, c)), x.new_empty((n, c))
+        return tuple(x.new_empty((n, c)) for _ in range(4))
 
     @torch.library.register_fake('timm_spe::bn_input_grad_')
-    def _(out, grad, x, grad_scale, shift, x_coef):
+    def _(out, grad, x, grad_scale, shift, x_coef, i_max, v_max, i_min, v_min):
+        return None
+
+    @torch.library.register_fake('timm_spe::take_at')
+    def _(x, index):
+        return x.new_empty((x.shape[0], x.shape[1]))
+
+    @torch.library.register_fake('timm_spe::scatter_add_at_')
+    def _(t, index, values):
         return None
 
     _state['loaded'] = True
@@ -250,42 +260,88 @@ def scale_add_relu_(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor)
 
 def bn_input_grad_(
         out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, grad_scale: torch.Tensor, shift: torch.Tensor,
-        x_coef: torch.Tensor) -> torch.Tensor:
-    """``grad * grad_scale + shift - x * x_coef`` written into ``out`` and returned (``grad_scale`` N x C, ``shift``
-    and ``x_coef`` C): two multiply-add passes, or one on the kernel where it applies (same rounding)."""
+        x_coef: torch.Tensor, i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor, v_min: torch.Tensor,
+) -> torch.Tensor:
+    """``grad * grad_scale + shift - x * x_coef`` written into ``out`` (``grad_scale`` N x C, ``shift`` and ``x_coef``
+    C), then ``v_max`` / ``v_min`` (N x C) added at the flattened H x W positions ``i_max`` / ``i_min``, and ``out``
+    returned: two multiply-add passes and two scatters, or one pass on the kernel where it applies (same results)."""
     n, c = x.shape[0], x.shape[1]
     if kernels_apply_per_map(x, grad, grad_scale) and out.stride() == x.stride() and out.dtype == x.dtype \
-            and shift.dtype == x.dtype and x_coef.dtype == x.dtype:
-        torch.ops.timm_spe.bn_input_grad_(out, grad, x, grad_scale.contiguous(), shift.contiguous(), x_coef.contiguous())
+            and shift.dtype == x.dtype and x_coef.dtype == x.dtype and _index_kernel_applies(x, i_max) \
+            and _index_kernel_applies(x, i_min) and v_max.dtype == x.dtype and v_min.dtype == x.dtype:
+        torch.ops.timm_spe.bn_input_grad_(
+            out, grad, x, grad_scale.contiguous(), shift.contiguous(), x_coef.contiguous(), i_max, v_max.contiguous(),
+            i_min, v_min.contiguous())
         return out
     out = torch.addcmul(shift.view(1, c, 1, 1), grad, grad_scale.view(n, c, 1, 1), out=out)
-    return out.addcmul_(x, x_coef.view(1, c, 1, 1), value=-1)
+    out.addcmul_(x, x_coef.view(1, c, 1, 1), value=-1)
+    scatter_add_at_(out, i_max, v_max)
+    scatter_add_at_(out, i_min, v_min)
+    return out
 
 
 def per_map_sums(
         grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, buf: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-(n, c) ``sum_hw(grad)`` and ``sum_hw(grad * (x - mean) * invstd)`` (N x C each) of two N x C x H x W
-    tensors of one layout, ``mean`` and ``invstd`` per channel.
+        i_max: torch.Tensor, i_min: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-(n, c) ``sum_hw(grad)`` and ``sum_hw(grad * (x - mean) * invstd)`` of two N x C x H x W tensors of one
+    layout (``mean`` and ``invstd`` per channel), and ``x`` at the flattened H x W positions ``i_max`` and ``i_min``:
+    four N x C tensors.
 
     NCHW on CPU: BatchNorm's own backward kernel on the 1 x NC x H x W views, i.e. with every (n, c) map as a channel,
-    returns exactly these two as its bias and weight gradients, from one read of both tensors. channels_last
-    (no such view): on the kernel, one read of both in the ``(x - mean)`` form; else ``sum_hw(grad * x)``
-    through ``buf`` (scratch of ``grad``'s shape), which loses relative precision ~``|mean| / std`` of ``x``
-    against the ``(x - mean)`` form.
+    returns exactly the two sums as its bias and weight gradients, from one read of both tensors; the values at the
+    extrema by :func:`take_at`. channels_last (no such view): on the kernel, all four in one read of both, the sums
+    in the ``(x - mean)`` form; else ``sum_hw(grad * x)`` through ``buf`` (scratch of ``grad``'s shape), which loses
+    relative precision ~``|mean| / std`` of ``x`` against the ``(x - mean)`` form.
     """
     n, c, h, w = x.shape
     if x.is_contiguous() and x.device.type == 'cpu':  # CUDA's kernel needs a weight tensor: the generic path there
         _, sum_grad_xhat, sum_grad = torch.ops.aten.native_batch_norm_backward(
             grad.view(1, n * c, h, w), x.view(1, n * c, h, w), None, None, None,
             mean.repeat(n), invstd.repeat(n), True, 0., [False, True, True])
-        return sum_grad.view(n, c), sum_grad_xhat.view(n, c)
-    if kernels_apply(x) and grad.stride() == x.stride() and grad.dtype == x.dtype and mean.dtype == x.dtype:
-        sum_grad, sum_grad_centered = torch.ops.timm_spe.channels_last_per_map_sums(grad, x, mean.contiguous())
-        return sum_grad, invstd * sum_grad_centered
+        return sum_grad.view(n, c), sum_grad_xhat.view(n, c), take_at(x, i_max), take_at(x, i_min)
+    if kernels_apply(x) and grad.stride() == x.stride() and grad.dtype == x.dtype and mean.dtype == x.dtype \
+            and _index_kernel_applies(x, i_max) and _index_kernel_applies(x, i_min):
+        sum_grad, sum_grad_centered, x_max, x_min = torch.ops.timm_spe.channels_last_per_map_sums(
+            grad, x, mean.contiguous(), i_max, i_min)
+        return sum_grad, invstd * sum_grad_centered, x_max, x_min
     sum_grad = grad.sum((2, 3))
     sum_grad_x = torch.mul(grad, x, out=buf).sum((2, 3))
-    return sum_grad, invstd * (sum_grad_x - mean * sum_grad)
+    return sum_grad, invstd * (sum_grad_x - mean * sum_grad), take_at(x, i_max), take_at(x, i_min)
+
+
+def _hw_view(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """An NCHW-contiguous or channels_last N x C x H x W tensor as a view with H x W flattened, and the
+    flattened dim: ``(N x C x HW, 2)`` or ``(N x HW x C, 1)``. Index ``h * W + w`` either way."""
+    n, c = t.shape[0], t.shape[1]
+    if t.is_contiguous():
+        return t.view(n, c, -1), 2
+    return t.permute(0, 2, 3, 1).reshape(n, -1, c), 1
+
+
+def _index_kernel_applies(t: torch.Tensor, index: torch.Tensor) -> bool:
+    return (kernels_apply(t) and index.device == t.device and index.dtype == torch.long and index.is_contiguous()
+            and index.numel() == t.shape[0] * t.shape[1])
+
+
+def take_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[n, c].flatten()[index[n, c]]`` for every (n, c): N x C values at flattened H x W indices of an
+    NCHW-contiguous or channels_last tensor (no autograd). N x C loads on the kernel where it applies, else
+    ``gather``; same values."""
+    if _index_kernel_applies(x, index):
+        return torch.ops.timm_spe.take_at(x, index)
+    view, dim = _hw_view(x)
+    return view.gather(dim, index.unsqueeze(dim)).squeeze(dim)
+
+
+def scatter_add_at_(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """In place, no autograd: ``t[n, c].flatten()[index[n, c]] += values[n, c]`` for every (n, c). N x C adds on
+    the kernel where it applies, else ``scatter_add_``; same results."""
+    if _index_kernel_applies(t, index) and values.dtype == t.dtype and values.is_contiguous():
+        torch.ops.timm_spe.scatter_add_at_(t, index, values)
+        return
+    view, dim = _hw_view(t)
+    view.scatter_add_(dim, index.unsqueeze(dim), values.unsqueeze(dim))
 
 
 _from_env()

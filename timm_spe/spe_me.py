@@ -22,7 +22,7 @@ from timm.layers import register_notrace_function
 from torch import nn as nn
 from torch.autograd.function import once_differentiable
 
-from .cpu_kernels import bn_input_grad_, max_min_with_indices, per_map_sums, scale_add_relu_
+from .cpu_kernels import bn_input_grad_, max_min_with_indices, per_map_sums, scale_add_relu_, scatter_add_at_
 
 if TYPE_CHECKING:
     from .spe import SpeModule
@@ -33,33 +33,12 @@ __all__ = [
 ]
 
 
-def _hw_view(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """An NCHW-contiguous or channels_last N x C x H x W tensor as a view with H x W flattened, and the
-    flattened dim: ``(N x C x HW, 2)`` or ``(N x HW x C, 1)``. Index ``h * W + w`` either way."""
-    n, c = t.shape[0], t.shape[1]
-    if t.is_contiguous():
-        return t.view(n, c, -1), 2
-    return t.permute(0, 2, 3, 1).reshape(n, -1, c), 1
-
-
 def _dense_layout(t: torch.Tensor) -> bool:
     return t.ndim == 4 and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format if t.is_contiguous() else torch.channels_last
-
-
-def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``t[n, c].flatten()[index[n, c]]`` for every (n, c): N x C values at flattened H x W indices."""
-    view, dim = _hw_view(t)
-    return view.gather(dim, index.unsqueeze(dim)).squeeze(dim)
-
-
-def _scatter_add_(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """In place: ``t[n, c].flatten()[index[n, c]] += values[n, c]`` for every (n, c)."""
-    view, dim = _hw_view(t)
-    view.scatter_add_(dim, index.unsqueeze(dim), values.unsqueeze(dim))
 
 
 def _gate_terms(
@@ -185,8 +164,8 @@ class _GlobalMaxMin(torch.autograd.Function):
         i_max, i_min = ctx.saved_tensors
         grad = torch.empty(
             ctx.shape, dtype=g_max.dtype, device=g_max.device, memory_format=ctx.memory_format).zero_()
-        _scatter_add_(grad, i_max, g_max)
-        _scatter_add_(grad, i_min, g_min)
+        scatter_add_at_(grad, i_max, g_max)
+        scatter_add_at_(grad, i_min, g_min)
         return grad
 
 
@@ -269,8 +248,8 @@ class _SpeScale(torch.autograd.Function):
         g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
             grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
         torch.mul(grad, gate.view(n, ch, 1, 1), out=grad_x)
-        _scatter_add_(grad_x, i_max, g_max)
-        _scatter_add_(grad_x, i_min, g_min)
+        scatter_add_at_(grad_x, i_max, g_max)
+        scatter_add_at_(grad_x, i_min, g_min)
         return grad_x, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None
 
 
@@ -315,7 +294,9 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
     sums of ``dy`` and ``dy * xhat``, which follow from the same N x C sums (:func:`~timm_spe.cpu_kernels.per_map_sums`).
     Full-size work: one threshold pass, one read of ``g`` and ``x`` for the sums (NCHW; channels_last with the CPU
     kernels), two multiply-add passes for ``x``'s gradient (written into one buffer; one pass with the CPU kernels),
-    as many new full-size tensors as the plain block's backward allocates.
+    as many new full-size tensors as the plain block's backward allocates. ``x`` at the argmax / argmin and the
+    pooling gradients there are N x C gathers and scatters, folded into the sums' and the gradient's passes on the
+    CPU kernels (channels_last: both; NCHW: the scatters).
     """
 
     @staticmethod
@@ -350,25 +331,25 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         count = n * x.shape[2] * x.shape[3]
         # through ReLU: the shortcut's gradient, in x's layout
         grad = torch.ops.aten.threshold_backward(grad, out, 0).contiguous(memory_format=_memory_format(x))
-        # per (n, c) sums of grad, grad * xhat and grad * y, with xhat = (x - mean) * invstd and y = w * xhat + b
+        # per (n, c) sums of grad and grad * xhat, with xhat = (x - mean) * invstd, and x at the argmax / argmin
         buf = torch.empty_like(grad)
-        sum_grad, sum_grad_xhat = per_map_sums(grad, x, mean, invstd, buf)
+        sum_grad, sum_grad_xhat, x_max, x_min = per_map_sums(grad, x, mean, invstd, buf, i_max, i_min)
         grad_gate = bn_weight * sum_grad_xhat + bn_bias * sum_grad
         g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
             grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
         # BN's backward for dy = grad * gate + (g_max, g_min scattered to the argmax / argmin), from N x C sums only
-        xhat_max = (_take(x, i_max) - mean) * invstd
-        xhat_min = (_take(x, i_min) - mean) * invstd
+        xhat_max = (x_max - mean) * invstd
+        xhat_min = (x_min - mean) * invstd
         sum_dy = (gate * sum_grad + g_max + g_min).sum(0)
         sum_dy_xhat = (gate * sum_grad_xhat + g_max * xhat_max + g_min * xhat_min).sum(0)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)): one multiply-add pass over grad, one over x
+            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)): one multiply-add pass over grad and x, with
+            # the pooling gradients added at the argmax / argmin
             scale = bn_weight * invstd
             x_coef = scale * invstd * sum_dy_xhat / count
-            grad_x = bn_input_grad_(buf, grad, x, scale * gate, mean * x_coef - scale * sum_dy / count, x_coef)
-            _scatter_add_(grad_x, i_max, scale * g_max)
-            _scatter_add_(grad_x, i_min, scale * g_min)
+            grad_x = bn_input_grad_(buf, grad, x, scale * gate, mean * x_coef - scale * sum_dy / count, x_coef,
+                                    i_max, scale * g_max, i_min, scale * g_min)
         return (grad_x, grad if ctx.needs_input_grad[1] else None, sum_dy_xhat, sum_dy, None, None, None, None,
                 g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None)
 
