@@ -2,39 +2,26 @@
 
     python benchmarks/profile_step.py [--channels-last] [--cpu-kernels] [--steps 3] [--batch 128] [--top 25]
 
-Both models are built, warmed up and then profiled alternately (``--steps`` train steps each: forward, backward,
-SGD step; random batch), alternating one step of each. Prints, per aten / timm_spe op, the self CPU time per step of each model and the
+Both models' train steps are the benchmark's own (``benchmark.model_workloads``: forward, backward, SGD step on a
+fixed random batch); after warm-up they are profiled alternately, one step of each per round, ``--steps`` rounds. Prints, per aten / timm_spe op, the self CPU time per step of each model and the
 difference, sorted by the difference: the rows at the top are where resnet164_spe spends the time resnet164 does
 not. Wall times are the median of the same profiled steps. Run it with nothing else on the cores.
 """
 import argparse
 import statistics
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable, Dict, Tuple
 
-import timm
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import timm_spe
 
-
-def train_step_fn(name: str, batch: int, channels_last: bool):
-    model = timm.create_model(name, num_classes=10)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,))
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import CHANNELS_LAST, KERNELS, model_workloads  # noqa: E402  the benchmark's own train steps
 
 
 def profile_interleaved(steps: Dict[str, Callable[[], None]], repeats: int
@@ -63,11 +50,13 @@ def main() -> None:
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--top', type=int, default=25)
-    ap.add_argument('--models', default='resnet164,resnet164_spe')
     args = ap.parse_args()
-    timm_spe.set_cpu_kernels(args.cpu_kernels)
-    names = args.models.split(',')
-    steps = {n: train_step_fn(n, args.batch, args.channels_last) for n in names}
+    timm_spe.set_cpu_kernels(args.cpu_kernels)  # builds them once, before anything is profiled
+    suffix = CHANNELS_LAST if args.channels_last else ''
+    names = ['resnet164', 'resnet164_spe']
+    workloads = {'resnet164': 'resnet164' + suffix,
+                 'resnet164_spe': 'resnet164_spe' + (KERNELS if args.cpu_kernels else '') + suffix}
+    steps = {n: model_workloads(w, args.batch)['train_step'] for n, w in workloads.items()}
     for _ in range(args.warmup):
         for fn in steps.values():
             fn()
