@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark.py [--out benchmarks/results.json] [--plot benchmarks/results.png] [--quick]
     python benchmarks/benchmark.py --compile resnet164,resnet164_spe --out benchmarks/results_compile.json
+    python benchmarks/benchmark.py --primitives --out benchmarks/results_primitives.json
     python benchmarks/benchmark.py --compare benchmarks/results_malloc_default.json benchmarks/results.json
 
 In one run on one machine, with warm-up and repeated timed runs interleaved across models (median, min-max):
@@ -251,13 +252,16 @@ def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool =
         x = torch.randn(*shape)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         flat = x.flatten(2)
+        rows_cl = x_cl.permute(0, 2, 3, 1).flatten(1, 2)  # N x HW x C, a view of the channels_last tensor
         y, s, gate = x.clone(), torch.randn(*shape), torch.rand(shape[0], shape[1], 1, 1)  # block tails, in place on y
         ops = {
             'mean (SE)': lambda: x.mean((2, 3)),
             'amax + amin (SPE inference)': lambda: (x.amax((2, 3)), x.amin((2, 3))),
+            'aminmax (one stock op for both)': lambda: torch.aminmax(flat, dim=-1),
             'max(dim) + min(dim) with indices': lambda: (flat.max(-1), flat.min(-1)),
             'max_min_with_indices (SPE training)': lambda: max_min_with_indices(x),
             'amax + amin, channels_last': lambda: (x_cl.amax((2, 3)), x_cl.amin((2, 3))),
+            'aminmax, channels_last': lambda: torch.aminmax(rows_cl, dim=1),
             'max_min_with_indices, channels_last': lambda: max_min_with_indices(x_cl),
             **({
                 'one-pass kernel: max + min': lambda: torch.ops.timm_spe.max_min(x),
@@ -326,6 +330,16 @@ def compiled_train_steps(names: List[str], batch: int, warmup: int, repeats: int
     return {'train_step': times, 'first_call_s': compile_s, 'ratios': {n: t['median_ms'] / base for n, t in times.items()}}
 
 
+def reductions_table(rows: List[Dict[str, object]]) -> str:
+    """The primitives as a markdown table: one row per op, one column per shape."""
+    shapes = list(dict.fromkeys(row['shape'] for row in rows))
+    lines = ['| op, ms | ' + ' | '.join(shapes) + ' |', '|---|' + '---|' * len(shapes)]
+    for op in dict.fromkeys(row['op'] for row in rows):
+        cells = {row['shape']: fmt(row['time']).strip() for row in rows if row['op'] == op}
+        lines.append(f'| {op} | ' + ' | '.join(cells[sh] for sh in shapes) + ' |')
+    return '\n'.join(lines)
+
+
 def fmt(t: Dict[str, float]) -> str:
     return f"{t['median_ms']:9.1f} ({t['min_ms']:.1f}-{t['max_ms']:.1f})"
 
@@ -371,6 +385,8 @@ def main() -> None:
                              "e.g. 'resnet164,resnet164_spe' (ratios to the first)")
     parser.add_argument('--no-cpu-kernels', action='store_true',
                         help="leave out the rows with timm_spe's one-pass CPU kernels (no C++ compiler here)")
+    parser.add_argument('--primitives', action='store_true',
+                        help='only this: the primitives table (a minute or two), written to --out')
     parser.add_argument('--compare', nargs=2, default=None, metavar=('BEFORE.json', 'AFTER.json'),
                         help='only this: print the medians of two result files side by side (e.g. allocator settings)')
     args = parser.parse_args()
@@ -380,6 +396,20 @@ def main() -> None:
         return
     if args.quick:
         args.batch, args.warmup, args.repeats = 8, 1, 2
+    if args.primitives:
+        if not args.no_cpu_kernels:
+            timm_spe.set_cpu_kernels(True)  # build (or load) before anything is timed
+        result = {'meta': {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                           'machine': f'{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}',
+                           'torch_threads': torch.get_num_threads(), 'torch': torch.__version__,
+                           'warmup': args.warmup, 'repeats': args.repeats + 3, 'allocator': allocator_settings(),
+                           'cpu_kernels': not args.no_cpu_kernels},
+                  'reductions': bench_reductions(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)}
+        result['table'] = reductions_table(result['reductions'])
+        print(result['table'])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     if args.compile:
         names = args.compile.split(',')
         unknown = [n for n in names if n not in MODELS]
@@ -478,11 +508,7 @@ def main() -> None:
               '| module | input | forward ms | forward+backward ms |', '|---|---|---|---|']
     for row in results['modules']:
         lines.append(f"| {row['module']} | {row['shape']} | {fmt(row['forward'])} | {fmt(row['forward_backward'])} |")
-    shapes = list(dict.fromkeys(row['shape'] for row in results['reductions']))
-    lines += ['', '| op, ms | ' + ' | '.join(shapes) + ' |', '|---|' + '---|' * len(shapes)]
-    for op in dict.fromkeys(row['op'] for row in results['reductions']):
-        cells = {row['shape']: fmt(row['time']).strip() for row in results['reductions'] if row['op'] == op}
-        lines.append(f'| {op} | ' + ' | '.join(cells[sh] for sh in shapes) + ' |')
+    lines += ['', reductions_table(results['reductions'])]
     table = '\n'.join(lines)
     print(table)
     results['table'] = table

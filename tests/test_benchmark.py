@@ -89,7 +89,7 @@ def test_quick_run(tmp_path):
     assert r['meta']['cpu_kernels'] and 'resnet164_spe' + benchmark.KERNELS in r['models']
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SpeModule +cpu_kernels', 'SEModule'}
     assert len(r['modules']) == 6
-    assert len(r['reductions']) == 28 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
+    assert len(r['reductions']) == 32 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
     assert 'resnet164_spe +cpu_kernels vs unfused reference' in proc.stdout
     # the headroom: steps as a fraction of the GEMM peak measured in the same run
     assert r['gemm_peak_gflops'] > 0
@@ -104,6 +104,20 @@ def test_quick_run(tmp_path):
     assert all(0 < q['train_step'] and 0 < q['eval_forward'] for q in r['fraction_of_gemm_peak'].values())
     assert 'train step, fraction of GEMM peak' in proc.stdout
     assert '| resnet164_spe |' in proc.stdout and (tmp_path / 'r.png').exists()
+
+
+def test_primitives_alone_write_their_table(tmp_path):
+    """``--primitives`` times only the primitives table (every op on every shape) and writes it with its meta."""
+    out = tmp_path / 'p.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--primitives', '--quick',
+                           '--no-cpu-kernels', '--out', str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r) == {'meta', 'reductions', 'table'} and not r['meta']['cpu_kernels']
+    ops = {row['op'] for row in r['reductions']}
+    assert {'amax + amin (SPE inference)', 'aminmax (one stock op for both)', 'aminmax, channels_last'} <= ops
+    assert not any('kernel' in op for op in ops) and len(r['reductions']) == 2 * len(ops)
+    assert '| aminmax (one stock op for both) |' in proc.stdout
 
 
 def test_model_names_with_and_without_cpu_kernels():
@@ -153,6 +167,14 @@ def test_readme_shows_committed_results():
     readme = (ROOT / 'benchmarks' / 'README.md').read_text()
     assert results['table'] in readme, \
         'benchmarks/README.md performance table is stale: paste benchmarks/results.json["table"]'
+
+
+def test_readme_shows_committed_primitives():
+    """benchmarks/README.md's primitives table (the default path's reasons) is benchmarks/results_primitives.json's."""
+    results = json.loads((ROOT / 'benchmarks' / 'results_primitives.json').read_text())
+    assert results['table'] == benchmark.reductions_table(results['reductions'])
+    assert results['table'] in (ROOT / 'benchmarks' / 'README.md').read_text(), \
+        'benchmarks/README.md primitives table is stale: paste benchmarks/results_primitives.json["table"]'
 
 
 def test_compile_option_rejects_unknown_models():

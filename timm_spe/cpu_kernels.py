@@ -203,9 +203,10 @@ def max_min_with_indices(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, t
     NCHW-contiguous or channels_last tensor: ``max(dim)`` / ``min(dim)`` results (for NaN-free input).
 
     The kernel takes one pass. Eager, from vectorised ops, since PyTorch's CPU ``max(dim)`` searches the index
-    element by element: NCHW rows whose length is a multiple of 32 (from 8 x 8 maps up) are reduced in blocks of 32
-    with ``amax``/``amin``, the first winning block is found with :func:`_first_at` and only that block is searched
-    (no full-size temporary); other rows are searched whole. channels_last: the max and its index come from one
+    element by element: NCHW rows longer than 64 whose length is a multiple of 32 (from 16 x 16 maps up) are reduced
+    in blocks of 32 with ``amax``/``amin``, the first winning block is found with :func:`_first_at` and only that
+    block is searched (no full-size temporary); other rows are searched whole (on 8 x 8 maps whole rows take half
+    the time of two blocks: the primitives table of ``benchmarks/``). channels_last: the max and its index come from one
     ``max_pool2d`` over H x W; the min from the row minima over W (vectorised over C) and :func:`_max_over_rows` on
     their negation, then the winning row.
     """
@@ -221,7 +222,7 @@ def max_min_with_indices(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, t
         return f_max.view(n, c), i_max.view(n, c), neg_min.neg_(), r_min * w + j_min
     flat = x.view(n * c, h * w)
     block = 32
-    if h * w < 2 * block or (h * w) % block:
+    if h * w <= 2 * block or (h * w) % block:
         f_max, f_min = flat.amax(1), flat.amin(1)
         i_max, i_min = _first_at(flat, f_max, True), _first_at(flat, f_min, False)
     else:
