@@ -338,7 +338,8 @@ def test_convert_still_writes_files_and_folders(weights, tmp_path):
 
 # --- missing matplotlib, anything unexpected ------------------------------------------------------------------------
 
-@pytest.mark.parametrize('argv', [['inspect', 'resnet83_spe', '--plot', 'x.png'], ['finish-run', '--recipe', 'r.yaml']])
+@pytest.mark.parametrize('argv', [['inspect', 'resnet83_spe', '--plot', 'x.png'], ['finish-run', '--recipe', 'r.yaml'],
+                                  ['run-status', 'train_runs/x', '--plot', 'x.png']])
 def test_missing_matplotlib(argv, monkeypatch, capsys):
     import importlib.util
     real = importlib.util.find_spec
@@ -346,6 +347,13 @@ def test_missing_matplotlib(argv, monkeypatch, capsys):
     line, _ = _fails(argv, capsys)
     assert line.endswith("plotting needs matplotlib: pip install 'timm-spe[plot]'")
     _fails(argv, capsys, debug=True)
+
+
+def test_run_status_plot_of_a_run_without_a_completed_epoch(tmp_path, capsys):
+    line, _ = _fails(['run-status', str(tmp_path), '--plot', str(tmp_path / 'c.png')], capsys)
+    assert line.endswith(f"--plot: '{tmp_path}' has no completed epoch yet (no summary.csv row); plot after its "
+                         "first epoch.")
+    assert not (tmp_path / 'c.png').exists()
 
 
 def test_an_unexpected_error_is_one_line_too(monkeypatch, capsys):

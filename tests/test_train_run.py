@@ -63,6 +63,22 @@ def test_run_status_reports_the_last_completed_epoch(tmp_path):
                                         'top-1 45.50 % at this epoch (eval_loss 1.4000)')
 
 
+def test_run_status_plots_the_curve_so_far(tmp_path, capsys):
+    """``timm-spe run-status --plot`` draws the run's curve from summary.csv and train.log and says where."""
+    pytest.importorskip('matplotlib')
+    from timm_spe.cli import main as cli
+    (tmp_path / 'summary.csv').write_text(
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,2.0,1.9,30.0,80.0,0.1\n'
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n1,1.5,1.4,45.5,90.0,0.1\n')
+    (tmp_path / 'train.log').write_text('Train: 0 [   0/390 (  0%)]  Loss: 2.310 (2.310)\n'
+                                        'Train: 1 [ 200/390 ( 51%)]  Loss: 1.400 (1.500)\n')
+    png = tmp_path / 'curve.png'
+    cli(['run-status', str(tmp_path), '--plot', str(png)])
+    assert capsys.readouterr().out.strip() == (f'{tmp_path}: epoch 2 done, train loss 1.5000, top-1 45.50 % at this '
+                                               f'epoch (eval_loss 1.4000); curve: {png}')
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 def test_committed_runs_keep_only_their_resume_state():
     """Only last.pth.tar, summary.csv, args.yaml and train.log are committed per run (no checkpoint history)."""
     tracked = subprocess.run(['git', 'ls-files', 'train_runs'], cwd=ROOT, capture_output=True, text=True).stdout

@@ -387,8 +387,27 @@ def cmd_run_status(args) -> str:
     """One line: where a ``./run.sh train`` run stands (its last completed epoch)."""
     epochs = yaml.safe_load(Path(args.recipe).read_text()).get('epochs') if args.recipe else None
     line = args.prefix + run_status(args.run_dir, epochs)
+    if args.plot:
+        run_dir = Path(args.run_dir)
+        rows = _summary_rows(run_dir / 'summary.csv')
+        if not rows:
+            raise SystemExit(f"--plot: '{run_dir}' has no completed epoch yet (no summary.csv row); plot after "
+                             f"its first epoch.")
+        log = run_dir / 'train.log'
+        total = f'/{epochs}' if epochs else ''
+        plot_training_curve(run_dir / 'summary.csv', args.plot, log=log if log.is_file() else None,
+                            title=f"{run_dir.name}: epoch {rows[-1]['epoch'] + 1}{total} done")
+        line += f'; curve: {args.plot}'
     print(line)
     return line
+
+
+def _summary_rows(path: Path):
+    """train.py's summary rows, or None where there is no file or no row yet."""
+    try:
+        return read_summary(path) if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def cmd_compare(args) -> str:
@@ -566,10 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = add('run-status', "one line: epoch, train loss and top-1 of a run's last completed epoch",
-            'timm-spe run-status train_runs/resnet164_spe-cifar10_e30 --recipe train_recipes/resnet164_spe-cifar10_e30.yaml')
+            'timm-spe run-status train_runs/resnet164_spe-cifar10_e30 --recipe train_recipes/resnet164_spe-cifar10_e30.yaml',
+            'timm-spe run-status train_runs/resnet164_spe-cifar10_e30 --plot curve.png')
     p.add_argument('run_dir', help='the run folder, e.g. train_runs/resnet164_spe-cifar10_e30')
     p.add_argument('--recipe', default=None, help='its recipe, for the scheduled epoch count (default: none)')
     p.add_argument('--prefix', default='', help='text printed before the status (default: none)')
+    p.add_argument('--plot', default=None, metavar='PNG',
+                   help='also plot the curve so far (loss per logged step and epoch, test top-1 per epoch) to PNG '
+                        '(default: none)')
     p.set_defaults(func=cmd_run_status)
 
     p = add('finish-run', 'eval + plots + staged Hub folder for a finished train.py run',
@@ -607,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _needs_matplotlib(args) -> bool:
-    return args.command == 'finish-run' or (args.command == 'inspect' and bool(args.plot))
+    return args.command == 'finish-run' or (args.command in ('inspect', 'run-status') and bool(args.plot))
 
 
 # --- errors: one line on stderr, with the fix; the traceback only with --debug ---------------------------------
