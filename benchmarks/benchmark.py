@@ -241,10 +241,13 @@ def bench_modules(warmup: int, repeats: int, quick: bool, cpu_kernels: bool = Tr
 def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool = True) -> List[Dict[str, object]]:
     """The primitives SPE's cost comes down to, on each stage's block output: SE's mean, SPE's amax + amin
     (inference), max(dim) with indices (what autograd-free exact pooling gradients need) and the vectorised
-    search SPE trains with (NCHW and channels_last), the one-pass CPU kernels; the block tail (residual add and
+    search SPE trains with (NCHW and channels_last), the one-pass CPU kernels; the gate's N x C math (forward and
+    closed-form backward, Python and the small ops together); BN's backward in channels_last (ATen's, and the
+    kernels' per-map sums + input gradient that replace it in SPE's block); the block tail (residual add and
     ReLU; SPE's gated ``relu(y * gate + s)`` eager and as one kernel); and a multiply into a fresh tensor vs in
     place (the allocation's cost)."""
     from timm_spe.cpu_kernels import max_min_with_indices
+    from timm_spe.spe_me import _spe_gate_backward, spe_gate
     timm_spe.set_cpu_kernels(False)
     shapes = [(8, 64, 32, 32), (8, 256, 8, 8)] if quick else [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
     rows = []
@@ -254,6 +257,16 @@ def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool =
         flat = x.flatten(2)
         rows_cl = x_cl.permute(0, 2, 3, 1).flatten(1, 2)  # N x HW x C, a view of the channels_last tensor
         y, s, gate = x.clone(), torch.randn(*shape), torch.rand(shape[0], shape[1], 1, 1)  # block tails, in place on y
+        # the gate's N x C math on this stage's pools (authors' formulation; forward, and backward's closed form)
+        f_max, f_min, g_gate = torch.randn(shape[:2]), torch.randn(shape[:2]), torch.randn(shape[:2])
+        lam, gate_params = torch.tensor([0.6, 0.4]), [torch.randn(shape[1]) for _ in range(4)]
+        # the block's last BN backward in channels_last: ATen's, and the kernels' two passes that replace it
+        c = shape[1]
+        g_cl = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+        bn_w, bn_b, run_mean, run_var = torch.rand(c) + 0.5, torch.randn(c), torch.zeros(c), torch.ones(c)
+        _, bn_mean, bn_invstd = torch.native_batch_norm(x_cl, bn_w, bn_b, run_mean, run_var, True, 0.1, 1e-5)
+        i_max, i_min = (torch.randint(0, shape[2] * shape[3], shape[:2]) for _ in range(2))
+        bn_buf, n_by_c = torch.empty_like(g_cl), [torch.randn(shape[:2]) for _ in range(3)]
         ops = {
             'mean (SE)': lambda: x.mean((2, 3)),
             'amax + amin (SPE inference)': lambda: (x.amax((2, 3)), x.amin((2, 3))),
@@ -268,6 +281,16 @@ def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool =
                 'one-pass kernel: with indices': lambda: torch.ops.timm_spe.max_min_with_indices(x),
                 'one-pass kernel: with indices, channels_last': lambda: torch.ops.timm_spe.max_min_with_indices(x_cl),
             } if cpu_kernels else {}),
+            'N x C gate: forward + closed-form backward': lambda: (
+                spe_gate(f_max, f_min, lam, *gate_params, False),
+                _spe_gate_backward(g_gate, f_max, f_min, lam, *gate_params, False)),
+            'BN backward, channels_last (ATen)': lambda: torch.ops.aten.native_batch_norm_backward(
+                g_cl, x_cl, bn_w, run_mean, run_var, bn_mean, bn_invstd, True, 1e-5, [True, True, True]),
+            **({'one-pass kernels: per-map sums + input gradient, channels_last': lambda: (
+                torch.ops.timm_spe.channels_last_per_map_sums(g_cl, x_cl, bn_mean, i_max, i_min),
+                torch.ops.timm_spe.bn_input_grad_(bn_buf, g_cl, x_cl, n_by_c[0], bn_b, bn_w, i_max, n_by_c[1], i_min,
+                                                  n_by_c[2]))}
+               if cpu_kernels else {}),
             'block tail: add_ + relu_ (plain block)': lambda: y.add_(s).relu_(),
             'block tail: addcmul + relu_ (SPE)': lambda: torch.addcmul(s, y, gate, out=y).relu_(),
             **({'one-pass kernel: block tail': lambda: torch.ops.timm_spe.scale_add_relu_(y, s, gate)}

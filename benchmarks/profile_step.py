@@ -1,11 +1,17 @@
 """Where SPE's share of a train step goes: per-op CPU time of resnet164 vs resnet164_spe under ``torch.profiler``.
 
     python benchmarks/profile_step.py [--channels-last] [--cpu-kernels] [--steps 3] [--batch 128] [--top 25]
+    python benchmarks/profile_step.py --blocks [--channels-last] [--cpu-kernels] [--steps 30]
 
 Both models' train steps are the benchmark's own (``benchmark.model_workloads``: forward, backward, SGD step on a
 fixed random batch); after warm-up they are profiled alternately, one step of each per round, ``--steps`` rounds. Prints, per aten / timm_spe op, the self CPU time per step of each model and the
 difference, sorted by the difference: the rows at the top are where resnet164_spe spends the time resnet164 does
 not. Wall times are the median of the same profiled steps. Run it with nothing else on the cores.
+
+``--blocks`` times instead, without the profiler, one block per stage (forward + backward of an inner block, no
+downsample, on a random input and output gradient of that stage's shape) of both models, interleaved, and scales
+each stage's difference by its number of blocks: how much of the step's difference the blocks themselves account
+for.
 """
 import argparse
 import statistics
@@ -21,7 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 import timm_spe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import CHANNELS_LAST, KERNELS, model_workloads  # noqa: E402  the benchmark's own train steps
+# the benchmark's own models, train steps and interleaved timer
+from benchmark import CHANNELS_LAST, KERNELS, create, model_workloads, per_round_ratios, timed_interleaved  # noqa: E402
 
 
 def profile_interleaved(steps: Dict[str, Callable[[], None]], repeats: int
@@ -42,6 +49,57 @@ def profile_interleaved(steps: Dict[str, Callable[[], None]], repeats: int
     return {n: ({k: (v[0], v[1]) for k, v in ops[n].items()}, statistics.median(walls[n])) for n in steps}
 
 
+def block_workloads(name: str, batch: int) -> Dict[str, Tuple[Callable[[], None], int, str]]:
+    """Per stage: (forward + backward of its middle block on a fixed random input and output gradient, the
+    stage's number of blocks, the input's shape). The model is in training mode, as in a train step."""
+    torch.manual_seed(0)
+    model = create(name).train()
+    memory_format = torch.channels_last if name.endswith(CHANNELS_LAST) else torch.contiguous_format
+    shapes = {}
+    stages = [n for n, _ in model.named_children() if n.startswith('layer')]
+    hooks = [getattr(model, s)[-1].register_forward_pre_hook(
+        lambda m, a, s=s: shapes.__setitem__(s, tuple(a[0].shape))) for s in stages]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    kernels = KERNELS in name
+    work = {}
+    for stage in stages:
+        blocks = getattr(model, stage)
+        block = blocks[len(blocks) // 2]
+        shape = (batch,) + shapes[stage][1:]
+        x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
+        grad = torch.randn(shape).contiguous(memory_format=memory_format)
+
+        def fn(block=block, x=x, grad=grad):
+            timm_spe.set_cpu_kernels(kernels)
+            block(x).backward(grad)
+        work[stage] = (fn, len(blocks), 'x'.join(map(str, shape)))
+    return work
+
+
+def blocks_main(args, workloads: Dict[str, str]) -> None:
+    """Print, per stage, the median ms of one block's forward + backward of each model and the difference
+    scaled by the stage's block count."""
+    base, other = workloads.values()
+    per_model = {w: block_workloads(w, args.batch) for w in (base, other)}
+    layout = 'channels_last' if args.channels_last else 'NCHW'
+    print(f'{layout}, cpu kernels {"on" if args.cpu_kernels else "off"}, batch {args.batch}, '
+          f'{torch.get_num_threads()} threads; one middle block per stage, forward + backward, median of '
+          f'{args.steps} interleaved rounds after {args.warmup} warm-up')
+    print(f'{"stage":8s} {"input":16s} {"resnet164":>10s} {"resnet164_spe":>14s} {"diff":>7s} '
+          f'{"per round":>10s} {"x blocks":>9s}')
+    total = 0.
+    for stage, (fn, count, shape) in per_model[base].items():
+        times = timed_interleaved({base: fn, other: per_model[other][stage][0]}, args.warmup, args.steps)
+        b, o = times[base]['median_ms'], times[other]['median_ms']
+        q = per_round_ratios(times[other], times[base])['median']
+        total += (o - b) * count
+        print(f'{stage:8s} {shape:16s} {b:10.2f} {o:14.2f} {o - b:7.2f} {q:10.3f} {(o - b) * count:9.1f}')
+    print(f'all blocks: {total:.0f} ms per train step (forward + backward of the blocks alone)')
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--channels-last', action='store_true')
@@ -50,12 +108,15 @@ def main() -> None:
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--top', type=int, default=25)
+    ap.add_argument('--blocks', action='store_true', help='time one block per stage instead (no profiler)')
     args = ap.parse_args()
     timm_spe.set_cpu_kernels(args.cpu_kernels)  # builds them once, before anything is profiled
     suffix = CHANNELS_LAST if args.channels_last else ''
     names = ['resnet164', 'resnet164_spe']
     workloads = {'resnet164': 'resnet164' + suffix,
                  'resnet164_spe': 'resnet164_spe' + (KERNELS if args.cpu_kernels else '') + suffix}
+    if args.blocks:
+        return blocks_main(args, workloads)
     steps = {n: model_workloads(w, args.batch)['train_step'] for n, w in workloads.items()}
     for _ in range(args.warmup):
         for fn in steps.values():

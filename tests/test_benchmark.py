@@ -89,7 +89,7 @@ def test_quick_run(tmp_path):
     assert r['meta']['cpu_kernels'] and 'resnet164_spe' + benchmark.KERNELS in r['models']
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SpeModule +cpu_kernels', 'SEModule'}
     assert len(r['modules']) == 6
-    assert len(r['reductions']) == 32 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
+    assert len(r['reductions']) == 38 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
     assert 'resnet164_spe +cpu_kernels vs unfused reference' in proc.stdout
     # the headroom: steps as a fraction of the GEMM peak measured in the same run
     assert r['gemm_peak_gflops'] > 0
@@ -115,7 +115,8 @@ def test_primitives_alone_write_their_table(tmp_path):
     r = json.loads(out.read_text())
     assert set(r) == {'meta', 'reductions', 'table'} and not r['meta']['cpu_kernels']
     ops = {row['op'] for row in r['reductions']}
-    assert {'amax + amin (SPE inference)', 'aminmax (one stock op for both)', 'aminmax, channels_last'} <= ops
+    assert {'amax + amin (SPE inference)', 'aminmax (one stock op for both)', 'aminmax, channels_last',
+            'N x C gate: forward + closed-form backward'} <= ops
     assert not any('kernel' in op for op in ops) and len(r['reductions']) == 2 * len(ops)
     assert '| aminmax (one stock op for both) |' in proc.stdout
 
@@ -159,6 +160,20 @@ def test_profile_step_prints_where_each_model_spends_its_step():
     assert lines[1].startswith('wall: resnet164 ') and ' resnet164_spe ' in lines[1]
     assert lines[2].split()[:4] == ['op', 'resnet164', 'resnet164_spe', 'diff']
     assert len(lines) == 3 + 5 + 1 + 5  # top 5, the heading of the last rows, the last 5
+
+
+def test_profile_step_blocks_times_one_block_per_stage():
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'), '--blocks', '--channels-last',
+                           '--cpu-kernels', '--batch', '2', '--steps', '1', '--warmup', '1'],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith('channels_last, cpu kernels on, batch 2')
+    assert [line.split()[:2] for line in lines[2:5]] == [['layer1', '2x64x32x32'], ['layer2', '2x128x16x16'],
+                                                         ['layer3', '2x256x8x8']]
+    diffs = [float(line.split()[-1]) for line in lines[2:5]]  # each stage's difference times its 18 blocks
+    total = lines[5].removeprefix('all blocks: ').removesuffix(' ms per train step (forward + backward of the blocks alone)')
+    assert abs(float(total) - sum(diffs)) <= 1  # printed rounded
 
 
 def test_readme_shows_committed_results():
