@@ -11,7 +11,7 @@ not. Wall times are the median of the same profiled steps. Run it with nothing e
 ``--blocks`` times instead, without the profiler, one block per stage (forward + backward of an inner block, no
 downsample, on a random input and output gradient of that stage's shape) of both models, interleaved, and scales
 each stage's difference by its number of blocks: how much of the step's difference the blocks themselves account
-for.
+for. ``--blocks --tiny`` does the same on batch 2 of 2 x 2 maps: the blocks' fixed cost per call.
 """
 import argparse
 import statistics
@@ -49,9 +49,10 @@ def profile_interleaved(steps: Dict[str, Callable[[], None]], repeats: int
     return {n: ({k: (v[0], v[1]) for k, v in ops[n].items()}, statistics.median(walls[n])) for n in steps}
 
 
-def block_workloads(name: str, batch: int) -> Dict[str, Tuple[Callable[[], None], int, str]]:
+def block_workloads(name: str, batch: int, size: int = 0) -> Dict[str, Tuple[Callable[[], None], int, str]]:
     """Per stage: (forward + backward of its middle block on a fixed random input and output gradient, the
-    stage's number of blocks, the input's shape). The model is in training mode, as in a train step."""
+    stage's number of blocks, the input's shape). The model is in training mode, as in a train step. ``size``:
+    maps of ``size x size`` instead of the stage's own (tiny inputs leave a block's fixed cost per call)."""
     torch.manual_seed(0)
     model = create(name).train()
     memory_format = torch.channels_last if name.endswith(CHANNELS_LAST) else torch.contiguous_format
@@ -68,7 +69,7 @@ def block_workloads(name: str, batch: int) -> Dict[str, Tuple[Callable[[], None]
     for stage in stages:
         blocks = getattr(model, stage)
         block = blocks[len(blocks) // 2]
-        shape = (batch,) + shapes[stage][1:]
+        shape = (batch,) + shapes[stage][1:2] + ((size, size) if size else shapes[stage][2:])
         x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
         grad = torch.randn(shape).contiguous(memory_format=memory_format)
 
@@ -83,7 +84,10 @@ def blocks_main(args, workloads: Dict[str, str]) -> None:
     """Print, per stage, the median ms of one block's forward + backward of each model and the difference
     scaled by the stage's block count."""
     base, other = workloads.values()
-    per_model = {w: block_workloads(w, args.batch) for w in (base, other)}
+    size = 2 if args.tiny else 0
+    if args.tiny:
+        args.batch = 2
+    per_model = {w: block_workloads(w, args.batch, size) for w in (base, other)}
     layout = 'channels_last' if args.channels_last else 'NCHW'
     print(f'{layout}, cpu kernels {"on" if args.cpu_kernels else "off"}, batch {args.batch}, '
           f'{torch.get_num_threads()} threads; one middle block per stage, forward + backward, median of '
@@ -109,6 +113,9 @@ def main() -> None:
     ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--top', type=int, default=25)
     ap.add_argument('--blocks', action='store_true', help='time one block per stage instead (no profiler)')
+    ap.add_argument('--tiny', action='store_true',
+                    help='with --blocks: batch 2 of 2 x 2 maps, so that what is timed is each block\'s fixed cost per '
+                         'call (Python, dispatch, autograd; the N x C work of batch 2)')
     args = ap.parse_args()
     timm_spe.set_cpu_kernels(args.cpu_kernels)  # builds them once, before anything is profiled
     suffix = CHANNELS_LAST if args.channels_last else ''

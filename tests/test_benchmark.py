@@ -174,6 +174,10 @@ def test_profile_step_blocks_times_one_block_per_stage():
     diffs = [float(line.split()[-1]) for line in lines[2:5]]  # each stage's difference times its 18 blocks
     total = lines[5].removeprefix('all blocks: ').removesuffix(' ms per train step (forward + backward of the blocks alone)')
     assert abs(float(total) - sum(diffs)) <= 1  # printed rounded
+    tiny = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'), '--blocks', '--tiny',
+                           '--channels-last', '--steps', '1', '--warmup', '1'], capture_output=True, text=True, timeout=600)
+    assert tiny.returncode == 0, tiny.stderr[-3000:]
+    assert [line.split()[1] for line in tiny.stdout.splitlines()[2:5]] == ['2x64x2x2', '2x128x2x2', '2x256x2x2']
 
 
 def test_readme_shows_committed_results():
