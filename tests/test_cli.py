@@ -37,8 +37,13 @@ def run_dir(tmp_path):
                run / 'last.pth.tar')
     torch.save({'epoch': 1, 'arch': 'resnet83_spe', 'state_dict': timm.create_model('resnet83_spe').state_dict()},
                run / 'model_best.pth.tar')
+    (run / 'train.log').write_text(  # epoch 1 on a GPU, epochs 2-3 resumed on a CPU
+        'Training with a single process on 1 device (cuda).\nTrain: 0 [   0/2 (  0%)]  Loss: 2.3 (2.3)\n'
+        'Test: [   0/1]  Loss: 1.9\nTest: [   1/1]  Loss: 1.9\n'
+        'Training with a single process on 1 device (cpu).\nTrain: 1 [   0/2 (  0%)]  Loss: 2.0 (2.0)\n'
+        'Test: [   1/1]  Loss: 1.8\nTrain: 2 [   0/2 (  0%)]  Loss: 1.9 (1.9)\nTest: [   1/1]  Loss: 1.85\n')
     recipe = tmp_path / 'recipe.yaml'
-    recipe.write_text(yaml.safe_dump({
+    recipe.write_text('# A tiny recipe for the tests.\n# Differences from the paper: 3 epochs.\n' + yaml.safe_dump({
         'model': 'resnet83_spe', 'experiment': 'resnet83_spe-cifar10_tiny', 'output': str(tmp_path / 'output'),
         'data_dir': str(data), 'val_split': 'test', 'epochs': 3, 'batch_size': 128, 'device': 'cpu'}))
     return {'recipe': recipe, 'run': run, 'data': data}
@@ -55,6 +60,10 @@ def test_finish_run_stages_a_complete_card(run_dir, tmp_path):
     assert result['epoch'] == 3 and result['epochs_scheduled'] == 3  # of last.pth.tar, recorded for the comparison
     card = (out / 'README.md').read_text()
     assert f"{result['top1']:.2f}" in card and '3 of 3 epochs of batch 128' in card
+    # every difference from the paper: the recipe's own header, and where each epoch ran (GPU epochs: TF32)
+    assert "Its header, with every difference from the paper's recipe and the sources:\n\n" \
+           '> A tiny recipe for the tests.\n> Differences from the paper: 3 epochs.\n' in card
+    assert "epochs 1 on cuda, 2-3 on cpu (train.py's log); on cuda train.py sets" in card and 'TF32' in card
     staged = load_file(out / 'model.safetensors')
     final = torch.load(run_dir['run'] / 'last.pth.tar', weights_only=True)['state_dict']
     assert all(torch.equal(staged[k], final[k]) for k in staged)  # the final epoch, not model_best

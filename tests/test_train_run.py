@@ -79,6 +79,31 @@ def test_run_status_plots_the_curve_so_far(tmp_path, capsys):
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_epochs_by_device_follows_a_run_resumed_on_other_machines(tmp_path):
+    """Each epoch counts on the device where its evaluation finished; an epoch lost mid-way is counted once."""
+    from timm_spe.train_run import describe_devices, epochs_by_device
+    log = tmp_path / 'train.log'
+    log.write_text('Training with a single process on 1 device (cuda).\n'
+                   'Train: 0 [ 0/9]\nTest: [  0/99]\nTest: [  99/99]\nTrain: 1 [ 0/9]\nTest: [  99/99]\n'
+                   'Train: 2 [ 0/9]\n'  # the machine went away during epoch 3
+                   'Training with a single process on 1 device (cpu).\n'
+                   'Train: 2 [ 0/9]\nTest: [  99/99]\nTrain: 3 [ 0/9]\nTest: [  99/99]\n')
+    assert epochs_by_device(log) == [('cuda', 1, 2), ('cpu', 3, 4)]
+    assert describe_devices(epochs_by_device(log)).startswith("epochs 1-2 on cuda, 3-4 on cpu (train.py's log); ")
+    assert describe_devices([('cpu', 1, 30)]) == "epochs 1-30 on cpu (train.py's log)"  # no precision note on CPU
+    assert describe_devices([]) == ''
+
+
+def test_the_committed_spe_run_began_on_the_gpu():
+    """The 30-epoch SPE run's log says where its epochs ran (its card will say so): the first seven on CUDA."""
+    from timm_spe.train_run import epochs_by_device
+    log = ROOT / 'train_runs' / 'resnet164_spe-cifar10_e30' / 'train.log'
+    if not log.is_file():
+        pytest.skip('the run is not in this checkout')
+    ranges = epochs_by_device(log)
+    assert ranges[0] == ('cuda', 1, 7) and all(d == 'cpu' for d, _, _ in ranges[1:]) and ranges[1][1] == 8
+
+
 def test_committed_runs_keep_only_their_resume_state():
     """Only last.pth.tar, summary.csv, args.yaml and train.log are committed per run (no checkpoint history)."""
     tracked = subprocess.run(['git', 'ls-files', 'train_runs'], cwd=ROOT, capture_output=True, text=True).stdout

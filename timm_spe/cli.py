@@ -58,7 +58,7 @@ from .hub import (
 )
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
 from .registry import default_hub_repo_id
-from .train_run import read_summary, run_status
+from .train_run import describe_devices, epochs_by_device, read_summary, recipe_header, run_status
 from .version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,9 +363,10 @@ def cmd_finish_run(args) -> Path:
         cmd_inspect(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
                                        plot=str(lambdas)))
         figures.append(f'{lambdas}:learned lambda of every SPE block')
-    budget = args.budget or _budget_from_run(run_dir, recipe)
+    budget = args.budget or _budget_from_run(run_dir, recipe, args.log)
     return cmd_publish(argparse.Namespace(
-        src=str(checkpoint), model=model_name, tag=tag, ema=False, recipe=str(args.recipe), budget=budget,
+        src=str(checkpoint), model=model_name, tag=tag, ema=False, recipe=_recipe_with_notes(str(args.recipe)),
+        budget=budget,
         eval_json=str(eval_json), figure=figures,
         out=args.out, force=args.force, template=args.template, dry_run=True, repo_id=None,
         overwrite=False, create_pr=False, private=False))
@@ -378,9 +379,20 @@ def _has_spe(model_name: str) -> bool:
     return any(isinstance(m, timm_spe.SpeModule) and getattr(m, 'p', None) is not None for m in model.modules())
 
 
-def _budget_from_run(run_dir: Path, recipe: dict) -> str:
+def _budget_from_run(run_dir: Path, recipe: dict, log: Optional[str] = None) -> str:
     rows = read_summary(run_dir / 'summary.csv')
-    return f"{len(rows)} of {recipe['epochs']} epochs of batch {recipe['batch_size']} (train.py summary.csv)"
+    budget = f"{len(rows)} of {recipe['epochs']} epochs of batch {recipe['batch_size']} (train.py summary.csv)"
+    devices = describe_devices(epochs_by_device(log)) if log else ''
+    return f'{budget}; {devices}' if devices else budget
+
+
+def _recipe_with_notes(recipe_path: str) -> str:
+    """The card's recipe entry: the file, then its header comment (its differences from the paper, with sources)."""
+    notes = recipe_header(recipe_path)
+    if not notes:
+        return f'`{recipe_path}`'
+    quoted = '\n'.join(f'> {line}'.rstrip() for line in notes)
+    return f"`{recipe_path}`. Its header, with every difference from the paper's recipe and the sources:\n\n{quoted}\n"
 
 
 def cmd_run_status(args) -> str:

@@ -5,10 +5,15 @@ train.py appends one ``summary.csv`` row per finished epoch and writes the heade
 so the rows are read here with repeated headers dropped and a re-run epoch kept once (its latest row).
 """
 import csv
+import re
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
-__all__ = ['read_summary', 'run_status', 'run_dir_of']
+__all__ = ['read_summary', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices', 'recipe_header']
+
+_DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
+_TRAIN = re.compile(r'^Train: (\d+) \[')
+_LAST_EVAL_STEP = re.compile(r'^Test: \[\s*(\d+)/(\d+)\]')
 
 
 def run_dir_of(recipe: Union[str, Path], output: str = 'train_runs') -> Path:
@@ -52,3 +57,53 @@ def run_status(run_dir: Union[str, Path], epochs: Optional[int] = None) -> str:
     if 'eval_top1' in last:
         text += f", top-1 {last['eval_top1']:.2f} % at this epoch (eval_loss {last['eval_loss']:.4f})"
     return text
+
+
+def epochs_by_device(log: Union[str, Path]) -> List[Tuple[str, int, int]]:
+    """Which device trained which epochs, from train.py's console log of a run that may have been resumed on other
+    machines: ``[(device, first, last), ...]`` with 1-based epochs, one entry per contiguous range. An epoch counts
+    where its evaluation finished (an epoch lost mid-way and run again counts once, where it completed)."""
+    device, epoch, done = None, None, {}
+    for line in Path(log).read_text(errors='replace').splitlines():
+        m = _DEVICE.search(line)
+        if m:
+            device, epoch = m[1], None
+            continue
+        m = _TRAIN.match(line)
+        if m:
+            epoch = int(m[1])
+            continue
+        m = _LAST_EVAL_STEP.match(line)
+        if m and m[1] == m[2] and device is not None and epoch is not None:
+            done[epoch + 1] = device
+    ranges: List[Tuple[str, int, int]] = []
+    for e in sorted(done):
+        if ranges and ranges[-1][0] == done[e] and ranges[-1][2] == e - 1:
+            ranges[-1] = (done[e], ranges[-1][1], e)
+        else:
+            ranges.append((done[e], e, e))
+    return ranges
+
+
+def describe_devices(ranges: List[Tuple[str, int, int]]) -> str:
+    """``'epochs 1-7 on cuda, 8-30 on cpu'`` (or ``''``), and on CUDA the precision that train.py actually used."""
+    if not ranges:
+        return ''
+    parts = [f"{a}-{b} on {d}" if a != b else f"{a} on {d}" for d, a, b in ranges]
+    text = 'epochs ' + ', '.join(parts) + " (train.py's log)"
+    if any(d == 'cuda' for d, _, _ in ranges):
+        text += ('; on cuda train.py sets `torch.backends.cuda.matmul.allow_tf32 = True` and PyTorch\'s '
+                 '`torch.backends.cudnn.allow_tf32` defaults to True, so those epochs ran their convolutions and '
+                 'matmuls in TF32 (10-bit mantissa inputs, fp32 accumulation), not strict fp32')
+    return text
+
+
+def recipe_header(recipe: Union[str, Path]) -> List[str]:
+    """The comment lines a recipe YAML starts with (without ``# ``): its own notes, e.g. why and how it differs
+    from the paper's recipe."""
+    lines = []
+    for line in Path(recipe).read_text().splitlines():
+        if not line.startswith('#'):
+            break
+        lines.append(line[1:].removeprefix(' '))
+    return lines
