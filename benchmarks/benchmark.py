@@ -409,7 +409,7 @@ def main() -> None:
     parser.add_argument('--no-cpu-kernels', action='store_true',
                         help="leave out the rows with timm_spe's one-pass CPU kernels (no C++ compiler here)")
     parser.add_argument('--primitives', action='store_true',
-                        help='only this: the primitives table (a minute or two), written to --out')
+                        help='only this: the primitives table (seconds), written to --out')
     parser.add_argument('--compare', nargs=2, default=None, metavar=('BEFORE.json', 'AFTER.json'),
                         help='only this: print the medians of two result files side by side (e.g. allocator settings)')
     args = parser.parse_args()

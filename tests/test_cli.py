@@ -61,7 +61,8 @@ def test_finish_run_stages_a_complete_card(run_dir, tmp_path):
     card = (out / 'README.md').read_text()
     assert f"{result['top1']:.2f}" in card and '3 of 3 epochs of batch 128' in card
     # every difference from the paper: the recipe's own header, and where each epoch ran (GPU epochs: TF32)
-    assert "Its header, with every difference from the paper's recipe and the sources:\n\n" \
+    assert "Its header comment (this project's recipes list there every difference from the paper's recipe, with " \
+           'sources):\n\n' \
            '> A tiny recipe for the tests.\n> Differences from the paper: 3 epochs.\n' in card
     assert "epochs 1 on cuda, 2-3 on cpu (train.py's log); on cuda train.py sets" in card and 'TF32' in card
     staged = load_file(out / 'model.safetensors')

@@ -392,7 +392,8 @@ def _recipe_with_notes(recipe_path: str) -> str:
     if not notes:
         return f'`{recipe_path}`'
     quoted = '\n'.join(f'> {line}'.rstrip() for line in notes)
-    return f"`{recipe_path}`. Its header, with every difference from the paper's recipe and the sources:\n\n{quoted}\n"
+    return (f"`{recipe_path}`. Its header comment (this project's recipes list there every difference from the "
+            f"paper's recipe, with sources):\n\n{quoted}\n")
 
 
 def cmd_run_status(args) -> str:
