@@ -419,20 +419,6 @@ def main() -> None:
         return
     if args.quick:
         args.batch, args.warmup, args.repeats = 8, 1, 2
-    if args.primitives:
-        if not args.no_cpu_kernels:
-            timm_spe.set_cpu_kernels(True)  # build (or load) before anything is timed
-        result = {'meta': {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                           'machine': f'{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}',
-                           'torch_threads': torch.get_num_threads(), 'torch': torch.__version__,
-                           'warmup': args.warmup, 'repeats': args.repeats + 3, 'allocator': allocator_settings(),
-                           'cpu_kernels': not args.no_cpu_kernels},
-                  'reductions': bench_reductions(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)}
-        result['table'] = reductions_table(result['reductions'])
-        print(result['table'])
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        return
     if args.compile:
         names = args.compile.split(',')
         unknown = [n for n in names if n not in MODELS]
@@ -462,6 +448,14 @@ def main() -> None:
             timm_spe.set_cpu_kernels(True)  # build (or load) once, before anything is timed
         except RuntimeError as e:
             parser.error(f'{e} Or run with --no-cpu-kernels.')
+    if args.primitives:  # this run's meta; the primitives are timed repeats + 3 times, as in the full run
+        result = {'meta': {**meta, 'repeats': args.repeats + 3},
+                  'reductions': bench_reductions(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)}
+        result['table'] = reductions_table(result['reductions'])
+        print(result['table'])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     names = model_names(not args.no_cpu_kernels)
     results = {'meta': meta, 'models': {}, 'modules': [], 'reductions': [], 'memory': {}}
     for name in tqdm(names, desc='models (memory, subprocesses)'):  # first, while this process is small

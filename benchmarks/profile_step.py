@@ -28,7 +28,16 @@ import timm_spe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the benchmark's own models, train steps and interleaved timer
-from benchmark import CHANNELS_LAST, KERNELS, create, model_workloads, per_round_ratios, timed_interleaved  # noqa: E402
+from benchmark import (  # noqa: E402
+    CHANNELS_LAST,
+    KERNELS,
+    _memory_format,
+    create,
+    model_workloads,
+    per_round_ratios,
+    timed_interleaved,
+    uses_kernels,
+)
 
 
 def profile_interleaved(steps: Dict[str, Callable[[], None]], repeats: int
@@ -55,7 +64,7 @@ def block_workloads(name: str, batch: int, size: int = 0) -> Dict[str, Tuple[Cal
     maps of ``size x size`` instead of the stage's own (tiny inputs leave a block's fixed cost per call)."""
     torch.manual_seed(0)
     model = create(name).train()
-    memory_format = torch.channels_last if name.endswith(CHANNELS_LAST) else torch.contiguous_format
+    memory_format = _memory_format(name)
     shapes = {}
     stages = [n for n, _ in model.named_children() if n.startswith('layer')]
     hooks = [getattr(model, s)[-1].register_forward_pre_hook(
@@ -64,7 +73,7 @@ def block_workloads(name: str, batch: int, size: int = 0) -> Dict[str, Tuple[Cal
         model(torch.zeros(1, 3, 32, 32))
     for h in hooks:
         h.remove()
-    kernels = KERNELS in name
+    kernels = uses_kernels(name)
     work = {}
     for stage in stages:
         blocks = getattr(model, stage)
@@ -84,12 +93,10 @@ def blocks_main(args, workloads: Dict[str, str]) -> None:
     """Print, per stage, the median ms of one block's forward + backward of each model and the difference
     scaled by the stage's block count."""
     base, other = workloads.values()
-    size = 2 if args.tiny else 0
-    if args.tiny:
-        args.batch = 2
-    per_model = {w: block_workloads(w, args.batch, size) for w in (base, other)}
+    batch, size = (2, 2) if args.tiny else (args.batch, 0)
+    per_model = {w: block_workloads(w, batch, size) for w in (base, other)}
     layout = 'channels_last' if args.channels_last else 'NCHW'
-    print(f'{layout}, cpu kernels {"on" if args.cpu_kernels else "off"}, batch {args.batch}, '
+    print(f'{layout}, cpu kernels {"on" if args.cpu_kernels else "off"}, batch {batch}, '
           f'{torch.get_num_threads()} threads; one middle block per stage, forward + backward, median of '
           f'{args.steps} interleaved rounds after {args.warmup} warm-up')
     print(f'{"stage":8s} {"input":16s} {"resnet164":>10s} {"resnet164_spe":>14s} {"diff":>7s} '

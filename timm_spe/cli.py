@@ -58,7 +58,7 @@ from .hub import (
 )
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
 from .registry import default_hub_repo_id
-from .train_run import describe_devices, epochs_by_device, read_summary, recipe_header, run_status
+from .train_run import completed_epochs, describe_devices, epochs_by_device, read_summary, recipe_header, run_status
 from .version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,7 +402,7 @@ def cmd_run_status(args) -> str:
     line = args.prefix + run_status(args.run_dir, epochs)
     if args.plot:
         run_dir = Path(args.run_dir)
-        rows = _summary_rows(run_dir / 'summary.csv')
+        rows = completed_epochs(run_dir)
         if not rows:
             raise SystemExit(f"--plot: '{run_dir}' has no completed epoch yet (no summary.csv row); plot after "
                              f"its first epoch.")
@@ -413,14 +413,6 @@ def cmd_run_status(args) -> str:
         line += f'; curve: {args.plot}'
     print(line)
     return line
-
-
-def _summary_rows(path: Path):
-    """train.py's summary rows, or None where there is no file or no row yet."""
-    try:
-        return read_summary(path) if path.is_file() else None
-    except ValueError:
-        return None
 
 
 def cmd_compare(args) -> str:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-__all__ = ['read_summary', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices', 'recipe_header']
+__all__ = ['read_summary', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices', 'recipe_header']
 
 _DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
 _TRAIN = re.compile(r'^Train: (\d+) \[')
@@ -42,14 +42,21 @@ def read_summary(path: Union[str, Path]) -> List[Dict[str, float]]:
     return [rows[e] for e in sorted(rows)]
 
 
-def run_status(run_dir: Union[str, Path], epochs: Optional[int] = None) -> str:
-    """``epoch k/N, train loss x, top-1 so far y % (last epoch), best z %``: the last completed epoch of a run."""
+def completed_epochs(run_dir: Union[str, Path]) -> List[Dict[str, float]]:
+    """The run's ``summary.csv`` rows (see :func:`read_summary`), or ``[]`` before its first epoch has finished."""
     summary = Path(run_dir) / 'summary.csv'
     if not summary.is_file():
-        return f'{run_dir}: no completed epoch yet'
+        return []
     try:
-        rows = read_summary(summary)
+        return read_summary(summary)
     except ValueError:
+        return []
+
+
+def run_status(run_dir: Union[str, Path], epochs: Optional[int] = None) -> str:
+    """``epoch k/N, train loss x, top-1 so far y % (last epoch), best z %``: the last completed epoch of a run."""
+    rows = completed_epochs(run_dir)
+    if not rows:
         return f'{run_dir}: no completed epoch yet'
     last = rows[-1]
     total = f'/{epochs}' if epochs else ''
