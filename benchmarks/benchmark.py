@@ -32,8 +32,9 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
@@ -242,13 +243,17 @@ def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool =
     """The primitives SPE's cost comes down to, on each stage's block output: SE's mean, SPE's amax + amin
     (inference), max(dim) with indices (what autograd-free exact pooling gradients need) and the vectorised
     search SPE trains with (NCHW and channels_last), the one-pass CPU kernels; the gate's N x C math (forward and
-    closed-form backward, Python and the small ops together); BN's backward in channels_last (ATen's, and the
+    closed-form backward, Python and the small ops together; the same ops run from TorchScript's C++ interpreter, and
+    one such op alone: what moving the orchestration out of Python could save); BN's backward in channels_last (ATen's, and the
     kernels' per-map sums + input gradient that replace it in SPE's block); the block tail (residual add and
     ReLU; SPE's gated ``relu(y * gate + s)`` eager and as one kernel); and a multiply into a fresh tensor vs in
     place (the allocation's cost)."""
     from timm_spe.cpu_kernels import max_min_with_indices
     from timm_spe.spe_me import _spe_gate_backward, spe_gate
     timm_spe.set_cpu_kernels(False)
+    with warnings.catch_warnings():  # TorchScript is deprecated; here it only runs the same ops from C++
+        warnings.simplefilter('ignore')
+        spe_gate_cpp, spe_gate_backward_cpp = torch.jit.script(spe_gate), torch.jit.script(_spe_gate_backward)
     shapes = [(8, 64, 32, 32), (8, 256, 8, 8)] if quick else [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
     rows = []
     for shape in shapes:
@@ -284,6 +289,10 @@ def bench_reductions(warmup: int, repeats: int, quick: bool, cpu_kernels: bool =
             'N x C gate: forward + closed-form backward': lambda: (
                 spe_gate(f_max, f_min, lam, *gate_params, False),
                 _spe_gate_backward(g_gate, f_max, f_min, lam, *gate_params, False)),
+            'N x C gate: the same ops run from C++ (TorchScript)': lambda: (
+                spe_gate_cpp(f_max, f_min, lam, *gate_params, False),
+                spe_gate_backward_cpp(g_gate, f_max, f_min, lam, *gate_params, False)),
+            'one N x C op (a multiply)': lambda: f_max * f_min,
             'BN backward, channels_last (ATen)': lambda: torch.ops.aten.native_batch_norm_backward(
                 g_cl, x_cl, bn_w, run_mean, run_var, bn_mean, bn_invstd, True, 1e-5, [True, True, True]),
             **({'one-pass kernels: per-map sums + input gradient, channels_last': lambda: (
@@ -358,13 +367,19 @@ def reductions_table(rows: List[Dict[str, object]]) -> str:
     shapes = list(dict.fromkeys(row['shape'] for row in rows))
     lines = ['| op, ms | ' + ' | '.join(shapes) + ' |', '|---|' + '---|' * len(shapes)]
     for op in dict.fromkeys(row['op'] for row in rows):
-        cells = {row['shape']: fmt(row['time']).strip() for row in rows if row['op'] == op}
+        cells = {row['shape']: fmt_fine(row['time']) for row in rows if row['op'] == op}
         lines.append(f'| {op} | ' + ' | '.join(cells[sh] for sh in shapes) + ' |')
     return '\n'.join(lines)
 
 
 def fmt(t: Dict[str, float]) -> str:
     return f"{t['median_ms']:9.1f} ({t['min_ms']:.1f}-{t['max_ms']:.1f})"
+
+
+def fmt_fine(t: Dict[str, float]) -> str:
+    """As :func:`fmt`, with the decimals a sub-millisecond median needs (one small op takes microseconds)."""
+    d = 3 if t['median_ms'] < 0.1 else 2 if t['median_ms'] < 1 else 1
+    return f"{t['median_ms']:.{d}f} ({t['min_ms']:.{d}f}-{t['max_ms']:.{d}f})"
 
 
 def fmt_ratio(q: Dict[str, float]) -> str:
@@ -483,6 +498,7 @@ def main() -> None:
     results['ratios'] = ratios
     spe, ref = results['models']['resnet164_spe'], results['models']['resnet164_spe_unfused']
     results['speedup_vs_unfused'] = {k: ref[k]['median_ms'] / spe[k]['median_ms'] for k in ('eval_forward', 'train_step')}
+    spe_k = None
     if 'resnet164_spe' + KERNELS in names:
         spe_k = results['models']['resnet164_spe' + KERNELS]
         results['speedup_vs_unfused_cpu_kernels'] = {
@@ -529,10 +545,82 @@ def main() -> None:
     table = '\n'.join(lines)
     print(table)
     results['table'] = table
+    if spe_k is not None:
+        print('\nREADME, Performance:', performance_summary(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     if args.plot:
         plot(names, ratios, args.plot, meta)
+
+
+def goals_tables(runs: List[Dict]) -> str:
+    """The README's goal tables (NCHW, then channels_last) for full runs' JSON side by side, newest first: ratios of
+    the medians with the per-round median in brackets, module medians in ms; a met goal in bold."""
+    def ratio(q: Dict, key: str, goal: Optional[float]) -> str:
+        v = q[key]
+        text = f'**{v:.3f}**' if goal is not None and v <= goal else f'{v:.3f}'
+        per_round = q.get(key + '_per_round')
+        return text + (f" ({per_round['median']:.3f})" if per_round else '')
+
+    def modules(results: Dict, kernels: bool, shape: str, key: str) -> str:
+        times = {row['module']: row[key]['median_ms'] for row in results['modules'] if row['shape'] == shape}
+        spe, se = times['SpeModule' + (KERNELS if kernels else '')], times['SEModule']
+        text = f'{spe:.2f} vs {se:.2f}'
+        return f'**{text}**' if spe <= se else text
+
+    def speedup(v: float) -> str:
+        return f'**{v:.2f}x**' if v >= 1.2 else f'{v:.2f}x'
+
+    day = [r['meta']['date'][5:10] for r in runs]
+    spe, spe_k = 'resnet164_spe', 'resnet164_spe' + KERNELS
+    rows = [
+        ('eval forward <= 1.05', lambda r, k: ratio(r['ratios'][spe_k if k else spe], 'eval_forward', 1.05)),
+        ('train step <= 1.10 (eager), <= 1.06 (+cpu_kernels)',
+         lambda r, k: ratio(r['ratios'][spe_k if k else spe], 'train_step', 1.06 if k else 1.10)),
+        ('peak train memory <= 1.10: saved for backward',
+         lambda r, k: ratio({'v': r['ratios'][spe_k if k else spe]['saved_for_backward']}, 'v', 1.10)),
+        ('peak train memory <= 1.10: peak RSS growth',
+         lambda r, k: ratio({'v': r['ratios'][spe_k if k else spe]['peak_rss_growth']}, 'v', 1.10)),
+        ('>= 1.2x faster than the unfused reference, eval',
+         lambda r, k: speedup(r['speedup_vs_unfused_cpu_kernels' if k else 'speedup_vs_unfused']['eval_forward'])),
+    ]
+    for key, what in (('forward', 'forward'), ('forward_backward', 'fwd+bwd')):
+        for shape in ('128x256x8x8', '128x64x32x32'):
+            rows.append((f'SpeModule <= SEModule, {what}, {shape} (ms)',
+                         lambda r, k, shape=shape, key=key: modules(r, k, shape, key)))
+    lines = ['| goal | ' + ' | '.join(f'eager {d} | +cpu_kernels {d}' for d in day) + ' |',
+             '|---|' + '---|---|' * len(runs)]
+    for label, cell in rows:
+        lines.append(f'| {label} | ' + ' | '.join(f'{cell(r, False)} | {cell(r, True)}' for r in runs) + ' |')
+    cl_k, cl = spe_k + CHANNELS_LAST, spe + CHANNELS_LAST
+    cl_rows = [
+        ('+cpu_kernels: train step <= 1.05', lambda r: ratio(r['ratios'][cl_k], 'train_step', 1.05)),
+        ('+cpu_kernels: eval forward <= 1.05', lambda r: ratio(r['ratios'][cl_k], 'eval_forward', 1.05)),
+        ('eager: train step <= 1.15', lambda r: ratio(r['ratios'][cl], 'train_step', 1.15)),
+        ('eager: eval forward (no goal)', lambda r: ratio(r['ratios'][cl], 'eval_forward', None)),
+    ]
+    lines += ['', 'channels_last (the layout every CPU recipe trains in; issue 17\'s goals):', '',
+              '| goal | ' + ' | '.join(day) + ' |', '|---|' + '---|' * len(runs)]
+    for label, cell in cl_rows:
+        lines.append(f'| {label} | ' + ' | '.join(cell(r) for r in runs) + ' |')
+    return '\n'.join(lines)
+
+
+def performance_summary(results: Dict) -> str:
+    """The README's performance sentences, every figure from ``results`` (a full run's JSON)."""
+    q, f, g = results['ratios'], results['fraction_of_gemm_peak'], results['gflop']['resnet164']['train_step']
+    spe, spe_k, spe_k_cl = 'resnet164_spe', 'resnet164_spe' + KERNELS, 'resnet164_spe' + KERNELS + CHANNELS_LAST
+    return (
+        f"On the 2-core CPU this project is developed on, at batch {results['meta']['batch']}, 32x32 (NCHW), "
+        f"resnet164_spe costs {q[spe]['eval_forward']:.3f}x resnet164's eval forward and "
+        f"{q[spe]['train_step']:.3f}x its train step in eager PyTorch, and {q[spe_k]['eval_forward']:.3f}x / "
+        f"{q[spe_k]['train_step']:.3f}x with the optional CPU kernels; in channels_last, the layout `./run.sh train` "
+        f"trains in, {q[spe_k_cl]['eval_forward']:.3f}x / {q[spe_k_cl]['train_step']:.3f}x with the kernels. "
+        f"Autograd saves {q[spe]['saved_for_backward']:.3f}x resnet164's memory for backward (timm's SE: "
+        f"{q['resnet164_se']['train_step']:.3f}x train step, {q['resnet164_se']['saved_for_backward']:.3f}x memory). "
+        f"A train step is {g:.0f} GFLOP; resnet164 runs it at "
+        f"{f['resnet164' + CHANNELS_LAST]['train_step']:.2f} of this machine's float32 GEMM peak in channels_last, "
+        f"resnet164_spe at {f[spe_k_cl]['train_step']:.2f}.")
 
 
 def plot(names: List[str], ratios: Dict[str, Dict[str, float]], path: str, meta: Dict[str, object]) -> None:

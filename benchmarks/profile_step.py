@@ -11,7 +11,9 @@ not. Wall times are the median of the same profiled steps. Run it with nothing e
 ``--blocks`` times instead, without the profiler, one block per stage (forward + backward of an inner block, no
 downsample, on a random input and output gradient of that stage's shape) of both models, interleaved, and scales
 each stage's difference by its number of blocks: how much of the step's difference the blocks themselves account
-for. ``--blocks --tiny`` does the same on batch 2 of 2 x 2 maps: the blocks' fixed cost per call.
+for. ``--blocks --tiny`` does the same on batch 2 of 2 x 2 maps: the blocks' fixed cost per call. Each stage's row
+also counts the ops a block's forward + backward dispatches (``aten ops``, resnet164 / resnet164_spe), and the last
+line divides each stage's difference by the extra ops: with ``--tiny``, what each op SPE adds costs.
 """
 import argparse
 import statistics
@@ -23,6 +25,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_spe
 
@@ -56,6 +59,25 @@ def profile_interleaved(steps: Dict[str, Callable[[], None]], repeats: int
                 ops[name][e.key][0] += e.self_cpu_time_total / 1e3 / repeats
                 ops[name][e.key][1] += e.count / repeats
     return {n: ({k: (v[0], v[1]) for k, v in ops[n].items()}, statistics.median(walls[n])) for n in steps}
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen (and timm_spe) ops dispatched while it is active, forward and backward alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(fn: Callable[[], None]) -> int:
+    """How many ops ``fn`` dispatches (each one costs its dispatch, checks and allocation, however small)."""
+    with _CountOps() as mode:
+        fn()
+    return mode.count
 
 
 def block_workloads(name: str, batch: int, size: int = 0) -> Dict[str, Tuple[Callable[[], None], int, str]]:
@@ -100,15 +122,20 @@ def blocks_main(args, workloads: Dict[str, str]) -> None:
           f'{torch.get_num_threads()} threads; one middle block per stage, forward + backward, median of '
           f'{args.steps} interleaved rounds after {args.warmup} warm-up')
     print(f'{"stage":8s} {"input":16s} {"resnet164":>10s} {"resnet164_spe":>14s} {"diff":>7s} '
-          f'{"per round":>10s} {"x blocks":>9s}')
-    total = 0.
+          f'{"per round":>10s} {"aten ops":>10s} {"x blocks":>9s}')
+    total, per_op = 0., []
     for stage, (fn, count, shape) in per_model[base].items():
-        times = timed_interleaved({base: fn, other: per_model[other][stage][0]}, args.warmup, args.steps)
+        other_fn = per_model[other][stage][0]
+        ops = aten_ops(fn), aten_ops(other_fn)
+        times = timed_interleaved({base: fn, other: other_fn}, args.warmup, args.steps)
         b, o = times[base]['median_ms'], times[other]['median_ms']
         q = per_round_ratios(times[other], times[base])['median']
         total += (o - b) * count
-        print(f'{stage:8s} {shape:16s} {b:10.2f} {o:14.2f} {o - b:7.2f} {q:10.3f} {(o - b) * count:9.1f}')
+        per_op.append(f'{(o - b) * 1e3 / (ops[1] - ops[0]):.1f}' if ops[1] > ops[0] else '-')
+        print(f'{stage:8s} {shape:16s} {b:10.2f} {o:14.2f} {o - b:7.2f} {q:10.3f} {f"{ops[0]}/{ops[1]}":>10s} '
+              f'{(o - b) * count:9.1f}')
     print(f'all blocks: {total:.0f} ms per train step (forward + backward of the blocks alone)')
+    print(f'difference per extra op (us): {" / ".join(per_op)}')
 
 
 def main() -> None:

@@ -174,10 +174,29 @@ def test_profile_step_blocks_times_one_block_per_stage():
     diffs = [float(line.split()[-1]) for line in lines[2:5]]  # each stage's difference times its 18 blocks
     total = lines[5].removeprefix('all blocks: ').removesuffix(' ms per train step (forward + backward of the blocks alone)')
     assert abs(float(total) - sum(diffs)) <= 1  # printed rounded
+    ops = [tuple(map(int, line.split()[-2].split('/'))) for line in lines[2:5]]  # resnet164 / resnet164_spe
+    assert all(0 < plain < spe for plain, spe in ops)  # SPE's block dispatches more ops than the plain block's
+    assert lines[6].startswith('difference per extra op (us): ') and len(lines[6].split(' / ')) == 3
     tiny = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'), '--blocks', '--tiny',
                            '--channels-last', '--steps', '1', '--warmup', '1'], capture_output=True, text=True, timeout=600)
     assert tiny.returncode == 0, tiny.stderr[-3000:]
     assert [line.split()[1] for line in tiny.stdout.splitlines()[2:5]] == ['2x64x2x2', '2x128x2x2', '2x256x2x2']
+
+
+def test_readme_performance_summary_is_the_committed_runs():
+    """README.md's Performance figures (ratios, memory, fraction of GEMM peak) are those of benchmarks/results.json."""
+    results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
+    readme = ' '.join((ROOT / 'README.md').read_text().split())
+    summary = benchmark.performance_summary(results)
+    assert summary in readme, f'README.md Performance is stale; write: {summary}'
+
+
+def test_readme_goal_tables_are_the_committed_runs():
+    """benchmarks/README.md's goal tables are those of benchmarks/results.json and the 2026-11-25 run beside it."""
+    runs = [json.loads((ROOT / 'benchmarks' / f).read_text()) for f in ('results.json', 'results_2026-11-25.json')]
+    tables = benchmark.goals_tables(runs)
+    assert tables in (ROOT / 'benchmarks' / 'README.md').read_text(), \
+        f'benchmarks/README.md goal tables are stale; paste:\n{tables}'
 
 
 def test_readme_shows_committed_results():

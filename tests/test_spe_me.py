@@ -27,6 +27,42 @@ def test_global_max_min_gradient_and_ties():
     torch.testing.assert_close(y.grad, ref.grad)
 
 
+def test_global_max_min_with_one_pool_unused_gives_that_pools_gradient_only():
+    """Unused outputs get no zero-filled gradients (``set_materialize_grads(False)``): a loss of one pool alone still
+    back-propagates exactly ``amax``'s (``amin``'s) gradient for distinct values."""
+    torch.manual_seed(0)
+    for pick in (0, 1):
+        x = torch.randn(2, 3, 4, 5, requires_grad=True)
+        ref = x.detach().clone().requires_grad_()
+        (global_max_min(x)[pick] * 3).sum().backward()
+        ((ref.amax((2, 3)), ref.amin((2, 3)))[pick] * 3).sum().backward()
+        assert torch.equal(x.grad, ref.grad)
+
+
+def test_fused_functions_pass_an_undefined_output_gradient_on_as_none(random_spe):
+    """A custom backward upstream may return no gradient (None) for our output: the fused functions then give
+    their inputs none either, instead of failing on it."""
+    class NoGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(t):
+            return t.sum()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    spe, bn = random_spe(4), torch.nn.BatchNorm2d(4)
+    for fn in (lambda t: spe(t), lambda t: batch_norm_spe_add_relu(t, t.detach(), bn, spe)):
+        x = torch.randn(2, 4, 5, 5, requires_grad=True)
+        loss = NoGrad.apply(fn(x)) + 0 * x.sum()  # x stays in the graph through the second term
+        loss.backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))  # only the second term's (zero) gradient arrives
+
+
 @pytest.mark.parametrize('hw', [(1, 1), (1, 7), (4, 5), (8, 8), (16, 16), (32, 32), (32, 64)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])

@@ -74,9 +74,10 @@ def spe_gate(
 def _spe_gate_backward(
         grad: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor,
         w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-) -> Tuple[torch.Tensor, ...]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Closed-form vector-Jacobian product of :func:`spe_gate` (N x C sized work only): the gradients
-    of ``f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew`` for ``grad``, the gradient of the gate."""
+    of ``f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew`` for ``grad``, the gradient of the gate. (TorchScript
+    compiles it as it is: the benchmark's primitives time the same ops run from C++.)"""
     m_max, m_min, u, v_exc, v_rew = _gate_terms(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
     d_exc = grad * v_rew * v_exc * (1 - v_exc)  # through sigmoid(w_exc * u + b_exc)
     d_rew = grad * v_exc * v_rew * (1 - v_rew)  # through v_rew's sigmoid
@@ -154,6 +155,7 @@ class _GlobalMaxMin(torch.autograd.Function):
         x, = inputs
         _, _, i_max, i_min = output
         ctx.mark_non_differentiable(i_max, i_min)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the indices (or an unused pool)
         ctx.save_for_backward(i_max, i_min)
         ctx.shape = x.shape
         ctx.memory_format = _memory_format(x) if _dense_layout(x) else torch.contiguous_format
@@ -161,11 +163,16 @@ class _GlobalMaxMin(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_max: torch.Tensor, g_min: torch.Tensor, g_i_max=None, g_i_min=None):
+        if g_max is None and g_min is None:
+            return None
         i_max, i_min = ctx.saved_tensors
+        like = g_max if g_max is not None else g_min
         grad = torch.empty(
-            ctx.shape, dtype=g_max.dtype, device=g_max.device, memory_format=ctx.memory_format).zero_()
-        scatter_add_at_(grad, i_max, g_max)
-        scatter_add_at_(grad, i_min, g_min)
+            ctx.shape, dtype=like.dtype, device=like.device, memory_format=ctx.memory_format).zero_()
+        if g_max is not None:
+            scatter_add_at_(grad, i_max, g_max)
+        if g_min is not None:
+            scatter_add_at_(grad, i_min, g_min)
         return grad
 
 
@@ -235,12 +242,15 @@ class _SpeScale(torch.autograd.Function):
         x, lam, w_exc, b_exc, w_rew, b_rew, paper = inputs
         _, gate, f_max, f_min, i_max, i_min = output
         ctx.mark_non_differentiable(gate, f_max, f_min, i_max, i_min)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for those five
         ctx.save_for_backward(x, gate, f_max, f_min, i_max, i_min, lam, w_exc, b_exc, w_rew, b_rew)
         ctx.paper = paper
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor, *unused):
+        if grad is None:  # the output's gradient is undefined (not materialised as zeros): so are the inputs'
+            return (None,) * 7
         x, gate, f_max, f_min, i_max, i_min, lam, w_exc, b_exc, w_rew, b_rew = ctx.saved_tensors
         n, ch = x.shape[0], x.shape[1]
         grad_x = torch.mul(grad.contiguous(memory_format=_memory_format(x)), x)
@@ -318,6 +328,7 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         x, _, bn_weight, bn_bias, _, _, _, eps, lam, w_exc, b_exc, w_rew, b_rew, paper = inputs
         out, mean, invstd, f_max, f_min, i_max, i_min, gate = output
         ctx.mark_non_differentiable(mean, invstd, f_max, f_min, i_max, i_min, gate)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for those seven
         ctx.save_for_backward(
             x, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate, lam, w_exc, b_exc, w_rew, b_rew)
         ctx.eps, ctx.paper = eps, paper
@@ -325,6 +336,8 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor, *unused):
+        if grad is None:  # the output's gradient is undefined (not materialised as zeros): so are the inputs'
+            return (None,) * 14
         (x, out, bn_weight, bn_bias, mean, invstd, f_max, f_min, i_max, i_min, gate,
          lam, w_exc, b_exc, w_rew, b_rew) = ctx.saved_tensors
         n = x.shape[0]
