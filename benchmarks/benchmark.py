@@ -26,6 +26,7 @@ the same round's run of its resnet164, median and spread), which cancels drift b
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,7 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -425,9 +426,19 @@ def main() -> None:
                         help="leave out the rows with timm_spe's one-pass CPU kernels (no C++ compiler here)")
     parser.add_argument('--primitives', action='store_true',
                         help='only this: the primitives table (seconds), written to --out')
+    parser.add_argument('--models', default=None, metavar='MODELS',
+                        help="only this: eval forward and train step of these comma-separated models and their "
+                             "resnet164 baselines, interleaved, written to --out (e.g. 'resnet164_spe +cpu_kernels "
+                             "(channels_last)' with many --repeats, to pool with --pool)")
+    parser.add_argument('--pool', nargs='+', default=None, metavar='RESULTS.json',
+                        help="only this: issue 17's goals from the per-round ratios of these full runs pooled, with "
+                             "a 95 %% interval of the median and a verdict")
     parser.add_argument('--compare', nargs=2, default=None, metavar=('BEFORE.json', 'AFTER.json'),
                         help='only this: print the medians of two result files side by side (e.g. allocator settings)')
     args = parser.parse_args()
+    if args.pool:
+        print(pooled_goals_table([json.loads(Path(f).read_text()) for f in args.pool]))
+        return
     if args.compare:
         before, after = (json.loads(Path(f).read_text()) for f in args.compare)
         print(compare_table(before, after))
@@ -463,6 +474,23 @@ def main() -> None:
             timm_spe.set_cpu_kernels(True)  # build (or load) once, before anything is timed
         except RuntimeError as e:
             parser.error(f'{e} Or run with --no-cpu-kernels.')
+    if args.models:
+        names = [n.strip() for n in args.models.split(',')]
+        unknown = [n for n in names if n not in MODELS]
+        if unknown:
+            parser.error(f'--models: unknown model(s) {unknown}; choose from {list(MODELS)}')
+        if args.no_cpu_kernels and any(uses_kernels(n) for n in names):
+            parser.error('--models: a +cpu_kernels model cannot run with --no-cpu-kernels')
+        names = list(dict.fromkeys(baseline(n) for n in names)) + [n for n in names if n != baseline(n)]
+        result = {'meta': meta, 'models': bench_models(names, args.batch, args.warmup, args.repeats)}
+        for name in names:
+            r, base = result['models'][name], result['models'][baseline(name)]
+            print(f"{name}: eval forward {fmt(r['eval_forward'])} ms, train step {fmt(r['train_step'])} ms; per-round "
+                  f"ratio to {baseline(name)}: {fmt_ratio(per_round_ratios(r['eval_forward'], base['eval_forward']))}"
+                  f" / {fmt_ratio(per_round_ratios(r['train_step'], base['train_step']))}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     if args.primitives:  # this run's meta; the primitives are timed repeats + 3 times, as in the full run
         result = {'meta': {**meta, 'repeats': args.repeats + 3},
                   'reductions': bench_reductions(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)}
@@ -571,7 +599,7 @@ def goals_tables(runs: List[Dict]) -> str:
     def speedup(v: float) -> str:
         return f'**{v:.2f}x**' if v >= 1.2 else f'{v:.2f}x'
 
-    day = [r['meta']['date'][5:10] for r in runs]
+    day = [r['meta']['date'][5:16].replace('T', ' ') for r in runs]
     spe, spe_k = 'resnet164_spe', 'resnet164_spe' + KERNELS
     rows = [
         ('eval forward <= 1.05', lambda r, k: ratio(r['ratios'][spe_k if k else spe], 'eval_forward', 1.05)),
@@ -603,6 +631,54 @@ def goals_tables(runs: List[Dict]) -> str:
               '| goal | ' + ' | '.join(day) + ' |', '|---|' + '---|' * len(runs)]
     for label, cell in cl_rows:
         lines.append(f'| {label} | ' + ' | '.join(cell(r) for r in runs) + ' |')
+    return '\n'.join(lines)
+
+
+def median_interval(values: List[float]) -> Tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free 95 % confidence interval for it: the order statistics of
+    ranks ``k + 1`` and ``n - k``, ``k`` the largest with ``P(Binomial(n, 1/2) <= k) <= 0.025`` (the whole range
+    for up to 8 values)."""
+    xs, n = sorted(values), len(values)
+    k, tail = 0, 0.
+    while k < n and tail + math.comb(n, k) / 2 ** n <= 0.025:
+        tail += math.comb(n, k) / 2 ** n
+        k += 1
+    k = max(k - 1, 0)
+    return statistics.median(xs), xs[k], xs[n - 1 - k]
+
+
+# issue 17's goals: (row, model, baseline, measurement, goal)
+ISSUE_17_GOALS = (
+    ('default path, NCHW: eval forward', 'resnet164_spe', 'resnet164', 'eval_forward', 1.05),
+    ('default path, NCHW: train step', 'resnet164_spe', 'resnet164', 'train_step', 1.10),
+    ('default path, channels_last: train step', 'resnet164_spe' + CHANNELS_LAST, 'resnet164' + CHANNELS_LAST,
+     'train_step', 1.15),
+    ('+cpu_kernels, NCHW: eval forward (no regression)', 'resnet164_spe' + KERNELS, 'resnet164', 'eval_forward', 1.03),
+    ('+cpu_kernels, NCHW: train step (no regression)', 'resnet164_spe' + KERNELS, 'resnet164', 'train_step', 1.06),
+    ('+cpu_kernels, channels_last: eval forward', 'resnet164_spe' + KERNELS + CHANNELS_LAST,
+     'resnet164' + CHANNELS_LAST, 'eval_forward', 1.05),
+    ('+cpu_kernels, channels_last: train step', 'resnet164_spe' + KERNELS + CHANNELS_LAST,
+     'resnet164' + CHANNELS_LAST, 'train_step', 1.05),
+)
+
+
+def pooled_goals_table(runs: List[Dict]) -> str:
+    """Issue 17's goals from the per-round ratios of several runs pooled (each round: a model's time over its
+    resnet164's in the same round), from every run that timed both (full runs, and ``--models`` runs of a few
+    pairs): their median, its 95 % interval (:func:`median_interval`) and the verdict it allows: met (the interval
+    below the goal), not met (above), not resolved (the goal inside it)."""
+    lines = ['| goal | ratio goal | rounds (runs) | median per-round ratio | 95 % interval | verdict |',
+             '|---|---:|---:|---:|---|---|']
+    for label, model, base, kind, goal in ISSUE_17_GOALS:
+        pairs = [(r['models'][model][kind]['times_ms'], r['models'][base][kind]['times_ms'])
+                 for r in runs if model in r['models'] and base in r['models']]
+        if not pairs:
+            continue
+        ratios = [t / b for times, base_times in pairs for t, b in zip(times, base_times)]
+        median, lo, hi = median_interval(ratios)
+        verdict = '**met**' if hi <= goal else 'not met' if lo > goal else 'not resolved'
+        lines.append(f'| {label} | <= {goal:.2f} | {len(ratios)} ({len(pairs)}) | {median:.3f} | {lo:.3f}-{hi:.3f} '
+                     f'| {verdict} |')
     return '\n'.join(lines)
 
 

@@ -192,11 +192,53 @@ def test_readme_performance_summary_is_the_committed_runs():
 
 
 def test_readme_goal_tables_are_the_committed_runs():
-    """benchmarks/README.md's goal tables are those of benchmarks/results.json and the 2026-11-25 run beside it."""
-    runs = [json.loads((ROOT / 'benchmarks' / f).read_text()) for f in ('results.json', 'results_2026-11-25.json')]
+    """benchmarks/README.md's goal tables are those of benchmarks/results.json and the two earlier runs beside it."""
+    runs = [json.loads((ROOT / 'benchmarks' / f).read_text())
+            for f in ('results.json', 'results_2026-11-30-0531.json', 'results_2026-11-25.json')]
     tables = benchmark.goals_tables(runs)
     assert tables in (ROOT / 'benchmarks' / 'README.md').read_text(), \
         f'benchmarks/README.md goal tables are stale; paste:\n{tables}'
+
+
+def test_readme_pooled_goals_are_the_two_runs_of_2026_11_30():
+    """The verdicts on issue 17's goals in benchmarks/README.md are `--pool`'s over the two committed runs of 11-30."""
+    files = [str(ROOT / 'benchmarks' / f) for f in ('results.json', 'results_2026-11-30-0531.json')]
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--pool', *files],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith('| goal | ratio goal | rounds (runs) |')
+    assert proc.stdout.count(' | 30 (2) | ') == len(benchmark.ISSUE_17_GOALS)  # 15 rounds each, every goal
+    assert proc.stdout.strip() in (ROOT / 'benchmarks' / 'README.md').read_text(), \
+        f'benchmarks/README.md pooled goals are stale; paste:\n{proc.stdout}'
+
+
+def test_models_run_times_the_named_pairs_for_pooling(tmp_path):
+    """``--models`` times only the named models and their resnet164 baselines; ``--pool`` then judges only the goals
+    whose two models a run timed."""
+    out = tmp_path / 'pair.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--models',
+                           'resnet164_spe (channels_last)', '--quick', '--no-cpu-kernels', '--out', str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result['models']) == ['resnet164 (channels_last)', 'resnet164_spe (channels_last)']
+    assert all(len(result['models'][m][k]['times_ms']) == 2 for m in result['models']
+               for k in ('eval_forward', 'train_step'))
+    table = benchmark.pooled_goals_table([result])
+    assert [row.split(' | ')[0] for row in table.splitlines()[2:]] == ['| default path, channels_last: train step']
+    bad = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--models', 'resnet999'],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--models: unknown model(s) ['resnet999']" in bad.stderr
+
+
+def test_median_interval_is_the_distribution_free_95_percent_interval():
+    """n = 30: ranks 10 and 21 (P(Binomial(30, 1/2) <= 9) = 0.021 <= 0.025 < P(<= 10) = 0.049); n = 9: ranks 2 and
+    8; up to 8 values: the whole range."""
+    values = [float(v) for v in range(30, 0, -1)]  # unsorted on purpose
+    assert benchmark.median_interval(values) == (15.5, 10., 21.)
+    assert benchmark.median_interval([float(v) for v in range(1, 10)]) == (5., 2., 8.)
+    assert benchmark.median_interval([3., 1., 2.]) == (2., 1., 3.)
+    assert benchmark.median_interval([float(v) for v in range(1, 9)]) == (4.5, 1., 8.)
 
 
 def test_readme_shows_committed_results():
