@@ -89,7 +89,7 @@ def test_quick_run(tmp_path):
     assert r['meta']['cpu_kernels'] and 'resnet164_spe' + benchmark.KERNELS in r['models']
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SpeModule +cpu_kernels', 'SEModule'}
     assert len(r['modules']) == 6
-    assert len(r['reductions']) == 38 and all(row['time']['median_ms'] > 0 for row in r['reductions'])
+    assert len(r['reductions']) == 42 and all(row['time']['median_ms'] > 0 for row in r['reductions'])  # 21 ops x 2
     assert 'resnet164_spe +cpu_kernels vs unfused reference' in proc.stdout
     # the headroom: steps as a fraction of the GEMM peak measured in the same run
     assert r['gemm_peak_gflops'] > 0
@@ -116,7 +116,8 @@ def test_primitives_alone_write_their_table(tmp_path):
     assert set(r) == {'meta', 'reductions', 'table'} and not r['meta']['cpu_kernels']
     ops = {row['op'] for row in r['reductions']}
     assert {'amax + amin (SPE inference)', 'aminmax (one stock op for both)', 'aminmax, channels_last',
-            'N x C gate: forward + closed-form backward'} <= ops
+            'N x C gate: forward + closed-form backward', 'N x C gate: the same ops run from C++ (TorchScript)',
+            'one N x C op (a multiply)'} <= ops
     assert not any('kernel' in op for op in ops) and len(r['reductions']) == 2 * len(ops)
     assert '| aminmax (one stock op for both) |' in proc.stdout
 
