@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import timm_spe  # noqa: F401
+import timm_spe.cli as cli_module
 from timm_spe.cli import main as cli
 from timm_spe.labels import CIFAR10_LABELS
 
@@ -96,14 +97,53 @@ def test_finish_run_stages_the_plain_control_and_compare_reads_both(run_dir, tmp
     assert 'of the 27 SPE blocks' in table and 'the seed-to-seed spread' in table
 
 
-def test_finish_run_refuses_a_run_that_has_not_reached_its_epochs(run_dir, tmp_path):
-    summary = run_dir['run'] / 'summary.csv'
+def _stop_after_two_epochs(run):
+    """The fixture's run as it stood after epoch 2 of 3: summary rows 0-1 and epoch 1's checkpoint."""
+    summary = run / 'summary.csv'
     summary.write_text('\n'.join(summary.read_text().splitlines()[:3]) + '\n')  # epochs 0-1 of 3
+    torch.save({'epoch': 1, 'arch': 'resnet83_spe', 'state_dict': timm.create_model('resnet83_spe').state_dict()},
+               run / 'last.pth.tar')
+
+
+def test_finish_run_refuses_a_run_that_has_not_reached_its_epochs(run_dir, tmp_path):
+    _stop_after_two_epochs(run_dir['run'])
     with pytest.raises(SystemExit, match=r'stopped after epoch 2 of 3: `./run.sh train .*` resumes it'):
         cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(tmp_path / 'staged')])
     assert not (tmp_path / 'staged').exists()
     cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(tmp_path / 'staged'), '--unfinished'])
     assert (tmp_path / 'staged' / 'model.safetensors').is_file()
+
+
+def test_finish_run_stages_one_epoch_while_train_py_goes_on_writing_the_run(run_dir, tmp_path, monkeypatch):
+    """--unfinished on a run still training: train.py finishes the next epoch while the eval runs (a new
+    last.pth.tar, summary row and log lines). The folder staged is all of the epoch finish-run started with: its
+    weights, their eval, a budget and curve that stop there, and eval.json naming the run's checkpoint."""
+    run = run_dir['run']
+    _stop_after_two_epochs(run)
+    epoch2 = torch.load(run / 'last.pth.tar', weights_only=True)['state_dict']
+    real_evaluate = cli_module.evaluate
+
+    def evaluate_while_training_goes_on(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        torch.manual_seed(1)  # epoch 3 ends: other weights, written the way train.py writes them
+        torch.save({'epoch': 2, 'arch': 'resnet83_spe', 'state_dict': timm.create_model('resnet83_spe').state_dict()},
+                   run / 'next.pth.tar')
+        (run / 'next.pth.tar').replace(run / 'last.pth.tar')
+        with open(run / 'summary.csv', 'a') as f:
+            f.write('2,1.8,1.85,21.0,62.0,0.0\n')
+        return result
+
+    monkeypatch.setattr(cli_module, 'evaluate', evaluate_while_training_goes_on)
+    out = tmp_path / 'staged'
+    cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(out), '--unfinished'])
+    staged = load_file(out / 'model.safetensors')
+    assert all(torch.equal(staged[k], epoch2[k]) for k in staged)
+    assert not all(torch.equal(staged[k], v) for k, v in
+                   torch.load(run / 'last.pth.tar', weights_only=True)['state_dict'].items() if k in staged)
+    result = json.loads((out / 'eval.json').read_text())
+    assert result['epoch'] == 2 and result['checkpoint'].endswith('resnet83_spe-cifar10_tiny/last.pth.tar')
+    card = (out / 'README.md').read_text()
+    assert "2 of 3 epochs of batch 128 (train.py summary.csv); epochs 1 on cuda, 2 on cpu (train.py's log)" in card
 
 
 def test_inspect_prints_every_block(run_dir, capsys, tmp_path):

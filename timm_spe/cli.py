@@ -21,8 +21,10 @@ import os
 import re
 import runpy
 import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -320,7 +322,9 @@ def cmd_finish_run(args) -> Path:
     """After a train.py run of a recipe: eval the final epoch's weights, plot, and stage the Hub folder.
 
     The final epoch, never the best one: train.py's ``model_best.pth.tar`` is chosen on its eval split, which for
-    these recipes is the test split that the card reports.
+    these recipes is the test split that the card reports. Works on a copy of ``last.pth.tar`` taken first, and on
+    the epochs up to its own: with ``--unfinished`` train.py may still be running and write the next epoch meanwhile,
+    and the eval, the lambdas, the staged weights, the curve and the budget must all be of the same epoch.
     """
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     stem = Path(args.recipe).stem
@@ -329,11 +333,20 @@ def cmd_finish_run(args) -> Path:
     checkpoint = run_dir / 'last.pth.tar'
     if not checkpoint.is_file():
         raise SystemExit(f"no {checkpoint}: run `./run.sh train {args.recipe}` first (it writes the run there).")
+    with tempfile.TemporaryDirectory(prefix='timm-spe-finish-run-') as tmp:
+        # train.py replaces last.pth.tar atomically (a new file renamed over it), so this copy is one whole epoch
+        snapshot = Path(shutil.copyfile(checkpoint, Path(tmp) / checkpoint.name))
+        return _finish_run(args, recipe, stem, run_dir, checkpoint, snapshot)
+
+
+def _finish_run(args, recipe: dict, stem: str, run_dir: Path, checkpoint: Path, snapshot: Path) -> Path:
+    _, info = load_checkpoint_file(str(snapshot))
     rows = read_summary(run_dir / 'summary.csv')
-    done = rows[-1]['epoch'] + 1 if rows else 0
-    if done < recipe['epochs'] and not args.unfinished:
-        raise SystemExit(f"{run_dir} stopped after epoch {done} of {recipe['epochs']}: `./run.sh train {args.recipe}` "
-                         f"resumes it (or pass --unfinished to stage these weights anyway).")
+    epoch = info['epoch'] + 1 if isinstance(info.get('epoch'), int) else len(rows)  # train.py counts from 0
+    rows = [r for r in rows if r['epoch'] < epoch]  # a row of a later epoch: written since the copy was taken
+    if epoch < recipe['epochs'] and not args.unfinished:
+        raise SystemExit(f"{run_dir} stopped after epoch {epoch} of {recipe['epochs']}: `./run.sh train "
+                         f"{args.recipe}` resumes it (or pass --unfinished to stage these weights anyway).")
     args.log = args.log or (str(run_dir / 'train.log') if (run_dir / 'train.log').is_file() else None)
     args.tag = args.tag or (recipe['experiment'] if 'experiment' in recipe else stem).split('-', 1)[1]
     model_name = recipe['model']
@@ -348,24 +361,24 @@ def cmd_finish_run(args) -> Path:
     label = args.data_label or (f"{dataset_of_tag(tag).upper()} test split (JPEG q75 copy)"
                                 if 'jpeg' in data_dir.lower() else
                                 f'{dataset_of_tag(tag).upper()} test split (original, torchvision)')
-    _, info = load_checkpoint_file(str(checkpoint))
-    epoch = info['epoch'] + 1 if isinstance(info.get('epoch'), int) else done  # train.py counts epochs from 0
-    cmd_eval(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
-                                data_dir=data_dir, batch_size=100, limit=None, workers=args.workers,
-                                out=str(eval_json), data_label=label, argv=getattr(args, 'argv', None),
-                                epoch=epoch, epochs_scheduled=recipe['epochs']))
-    summary = run_dir / 'summary.csv'
-    curve = plot_training_curve(summary, work / 'training_curve.png', log=args.log,
+    result = cmd_eval(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(snapshot), ema=False,
+                                         data_dir=data_dir, batch_size=100, limit=None, workers=args.workers,
+                                         out=None, data_label=label, argv=getattr(args, 'argv', None),
+                                         epoch=epoch, epochs_scheduled=recipe['epochs']))
+    result['checkpoint'] = str(checkpoint)  # the run's file these bytes were copied from (checkpoint_sha256)
+    eval_json.write_text(json.dumps(result, indent=2))
+    print(f'wrote {eval_json}')
+    curve = plot_training_curve(run_dir / 'summary.csv', work / 'training_curve.png', log=args.log, until_epoch=epoch,
                                 title=f'{model_name}.{tag} (timm train.py, {args.recipe})')
     figures = [f'{curve}:training curve (train.py summary.csv and log)']
     if _has_spe(model_name):  # the plain control has no lambdas to plot
         lambdas = work / 'spe_lambda.png'
-        cmd_inspect(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(checkpoint), ema=False,
+        cmd_inspect(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(snapshot), ema=False,
                                        plot=str(lambdas)))
         figures.append(f'{lambdas}:learned lambda of every SPE block')
-    budget = args.budget or _budget_from_run(run_dir, recipe, args.log)
+    budget = args.budget or _budget_from_run(rows, recipe, args.log, epoch)
     return cmd_publish(argparse.Namespace(
-        src=str(checkpoint), model=model_name, tag=tag, ema=False, recipe=_recipe_with_notes(str(args.recipe)),
+        src=str(snapshot), model=model_name, tag=tag, ema=False, recipe=_recipe_with_notes(str(args.recipe)),
         budget=budget,
         eval_json=str(eval_json), figure=figures,
         out=args.out, force=args.force, template=args.template, dry_run=True, repo_id=None,
@@ -379,10 +392,14 @@ def _has_spe(model_name: str) -> bool:
     return any(isinstance(m, timm_spe.SpeModule) and getattr(m, 'p', None) is not None for m in model.modules())
 
 
-def _budget_from_run(run_dir: Path, recipe: dict, log: Optional[str] = None) -> str:
-    rows = read_summary(run_dir / 'summary.csv')
+def _budget_from_run(rows: List[dict], recipe: dict, log: Optional[str] = None,
+                     epochs: Optional[int] = None) -> str:
+    """``'N of M epochs of batch B (train.py summary.csv); epochs 1-7 on cuda, ...'`` for the ``rows`` staged."""
     budget = f"{len(rows)} of {recipe['epochs']} epochs of batch {recipe['batch_size']} (train.py summary.csv)"
-    devices = describe_devices(epochs_by_device(log)) if log else ''
+    ranges = epochs_by_device(log) if log else []
+    if epochs is not None:  # only the epochs of the staged weights (the log may already hold later ones)
+        ranges = [(d, a, min(b, epochs)) for d, a, b in ranges if a <= epochs]
+    devices = describe_devices(ranges)
     return f'{budget}; {devices}' if devices else budget
 
 

@@ -42,15 +42,16 @@ def read_train_log(path: PathLike) -> List[Dict[str, float]]:
 
 
 def plot_training_curve(summary_csv: PathLike, out_png: PathLike, log: Optional[PathLike] = None,
-                        title: str = '') -> Path:
-    """Loss (train per step if ``log`` is given, train/eval per epoch) and eval top-1 vs epoch."""
+                        title: str = '', until_epoch: Optional[int] = None) -> Path:
+    """Loss (train per step if ``log`` is given, train/eval per epoch) and eval top-1 vs epoch; with
+    ``until_epoch``, only epochs 1 to ``until_epoch`` (a run still training has rows and steps past the staged ones)."""
     plt = _pyplot()
 
-    rows = read_summary(summary_csv)
+    rows = [r for r in read_summary(summary_csv) if until_epoch is None or r['epoch'] < until_epoch]
     epochs = [r['epoch'] + 1 for r in rows]  # summary rows are written at the end of each epoch
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     if log is not None:
-        steps = read_train_log(log)
+        steps = [p for p in read_train_log(log) if until_epoch is None or p['epoch'] < until_epoch]
         if steps:
             ax_loss.plot([p['epoch'] for p in steps], [p['loss'] for p in steps], lw=0.8, alpha=0.5,
                          label='train loss (logged steps)')
