@@ -1,5 +1,8 @@
-"""The committed CPU-trained weights (hub_cards/resnet164_spe.cifar10_cpu2h): card, README and accuracy agree.
+"""The default weights of resnet164_spe (the first registry entry, staged in hub_cards/<tag>): card, README and
+accuracy agree.
 
+The tests follow the registry's default tag, so making new weights the default points them at the new folder;
+:data:`MEASURED` keeps each default's numbers as staged, so a restaged folder cannot change them unnoticed.
 The accuracy check evaluates the full CIFAR-10 test split of the shared JPEG copy (10,000 images,
 ~2-3 min on 2 CPU cores) and requires at least the card's number minus 0.5 points.
 """
@@ -14,12 +17,16 @@ import timm_spe
 from timm_spe.evaluate import evaluate
 from timm_spe.hub import sha256_file
 from timm_spe.plots import spe_lambdas
+from timm_spe.registry import PRETRAINED_TAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDER = ROOT / 'hub_cards' / 'resnet164_spe.cifar10_cpu2h'
-from timm_spe.registry import PRETRAINED_TAGS  # noqa: E402
-
 DEFAULT = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')  # the first entry: default tag
+FOLDER = ROOT / 'hub_cards' / DEFAULT
+# what finish-run measured and wrote into each default's eval.json and card, as staged
+MEASURED = {
+    'resnet164_spe.cifar10_cpu2h': dict(top1=58.11, top5=95.82, loss=1.15964,
+                                        budget='3 of 3 epochs (3 x 390 steps of batch 128), 1.77 h'),
+}
 CIFAR_TAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 
 
@@ -42,7 +49,7 @@ def test_folder_is_complete(card_eval):
 
 def test_readme_quotes_the_card(card_eval):
     readme = (ROOT / 'README.md').read_text()
-    row = next(line for line in readme.splitlines() if line.startswith('| `resnet164_spe.cifar10_cpu2h`'))
+    row = next(line for line in readme.splitlines() if line.startswith(f'| `{DEFAULT}`'))
     assert f"{card_eval['top1']:.2f}" in row and f"{card_eval['top5']:.2f}" in row
 
 
@@ -75,7 +82,7 @@ import sys
 
 from huggingface_hub import ModelCard
 
-from timm_spe.registry import PRETRAINED_TAGS, PretrainedWeightsMismatch, PretrainedWeightsNotFound
+from timm_spe.registry import PretrainedWeightsMismatch, PretrainedWeightsNotFound
 
 
 def _our_tags():
@@ -128,10 +135,10 @@ def test_sha256_mismatch_is_an_error_naming_both_hashes(tmp_path, monkeypatch):
     other = tmp_path / 'other.safetensors'
     from safetensors.torch import save_file
     save_file(timm.create_model('resnet164_spe').state_dict(), str(other))
-    recorded = PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h']['sha256']
+    recorded = PRETRAINED_TAGS[DEFAULT]['sha256']
     # a file given with the tag named explicitly must be that tag's file
     with pytest.raises(PretrainedWeightsMismatch) as info:
-        timm.create_model('resnet164_spe.cifar10_cpu2h', pretrained=True,
+        timm.create_model(DEFAULT, pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(other)))
     assert sha256_file(other) in str(info.value) and recorded in str(info.value)
     assert 'Nothing was loaded' in str(info.value)
@@ -171,7 +178,7 @@ def test_card_yaml_has_pipeline_tag_and_a_model_index_of_the_eval_json(card_eval
     assert (top1.metric_type, top1.metric_value, top5.metric_value) == ('accuracy', card_eval['top1'], card_eval['top5'])
     assert top1.task_type == 'image-classification' and top1.dataset_type == 'cifar10'
     assert top1.dataset_name == 'CIFAR-10 test split (JPEG q75 copy)' and top1.dataset_split == 'test'
-    assert card.data.model_name == 'resnet164_spe.cifar10_cpu2h'
+    assert card.data.model_name == DEFAULT
     assert 'pip install timm-spe' in card.text and 'https://' in card.text.split('Project:')[1].split('\n')[0]
     assert 'import timm_spe' in card.text and 'hf-hub:` loading works only after `import timm_spe`' in card.text
 
@@ -183,8 +190,9 @@ def test_config_json_has_the_class_names():
 
 
 def test_eval_json_keeps_its_numbers_and_nothing_staged_is_absolute(card_eval):
+    measured = MEASURED[DEFAULT]
     assert (card_eval['top1'], card_eval['top5'], card_eval['loss'], card_eval['num_images']) == (
-        58.11, 95.82, 1.15964, 10000)
+        measured['top1'], measured['top5'], measured['loss'], 10000)
     assert card_eval['weights_sha256'] == sha256_file(FOLDER / 'model.safetensors')
     for name in ('README.md', 'config.json', 'eval.json'):
         text = (FOLDER / name).read_text()
@@ -196,7 +204,7 @@ def test_measured_with_command_can_be_pasted(card_eval):
     argv = shlex.split(card_eval['command'])
     assert argv[:2] == ['timm-spe', 'finish-run']
     assert argv[argv.index('--data-label') + 1] == 'CIFAR-10 test split (JPEG q75 copy)'
-    assert argv[argv.index('--budget') + 1].startswith('3 of 3 epochs (3 x 390 steps of batch 128), 1.77 h')
+    assert argv[argv.index('--budget') + 1].startswith(MEASURED[DEFAULT]['budget'])
     assert f"with `{card_eval['command']}`" in (FOLDER / 'README.md').read_text()
 
 
@@ -209,11 +217,11 @@ def test_registry_and_models_name_the_same_hub_organisation():
 def test_a_shipped_tag_missing_from_the_install_falls_back_to_its_hub_repo(monkeypatch):
     """If the package copy is gone (a broken install) and the tag is also published, it is downloaded and checked."""
     from unittest import mock
-    monkeypatch.setitem(PRETRAINED_TAGS['resnet164_spe.cifar10_cpu2h'], 'hf_hub_id', 'timm-spe/resnet164_spe.cifar10_cpu2h')
+    monkeypatch.setitem(PRETRAINED_TAGS[DEFAULT], 'hf_hub_id', f'timm-spe/{DEFAULT}')
     download = mock.MagicMock(return_value=str(FOLDER / 'model.safetensors'))
     monkeypatch.setattr(timm_spe.hub, 'hf_hub_download', download)
-    cfg = dict(timm.models.get_pretrained_cfg('resnet164_spe.cifar10_cpu2h').to_dict(), file='/nonexistent/w.safetensors',
-               hf_hub_id='timm-spe/resnet164_spe.cifar10_cpu2h')
+    cfg = dict(timm.models.get_pretrained_cfg(DEFAULT).to_dict(), file='/nonexistent/w.safetensors',
+               hf_hub_id=f'timm-spe/{DEFAULT}')
     m = timm.create_model('resnet164_spe', pretrained=True, pretrained_cfg=cfg)
     download.assert_called_once()
     assert m.pretrained_cfg['file'] == str(FOLDER / 'model.safetensors')
