@@ -209,7 +209,16 @@ case "${1:-}" in
         name=$(basename "$recipe" .yaml)
         run_dir=train_runs/$name
         resume=()
-        [ -f "$run_dir/last.pth.tar" ] && resume=(--resume "$run_dir/last.pth.tar")
+        if [ -f "$run_dir/last.pth.tar" ]; then
+            # train.py seeds its RNGs at every start, so with the recipe's seed each resumed epoch would replay the
+            # first epoch's data order and augmentation. A resume seeds with the recipe's seed + the epoch it
+            # resumes at (after the last row of summary.csv): its own draw, still reproducible. (--seed in "$@"
+            # comes later and wins.)
+            seed=$(sed -n 's/^seed: *\([0-9][0-9]*\) *$/\1/p' "$recipe" | head -n 1)
+            next_epoch=$(awk -F, '$1 ~ /^[0-9]+$/ {e = $1 + 1} END {print (e > 0 ? e : 1)}' \
+                "$run_dir/summary.csv" 2>/dev/null || echo 1)
+            resume=(--resume "$run_dir/last.pth.tar" --seed $(( ${seed:-42} + next_epoch )))
+        fi
         source=$(data_source "$recipe") || exit 2
         # a run keeps the data it started with: the JPEG copy and the original are different test sets
         if [ -f "$run_dir/data_source" ] && [ "$(cat "$run_dir/data_source")" != "$source" ]; then
@@ -241,7 +250,12 @@ case "${1:-}" in
         tp=$(train_py) || exit 1
         mkdir -p "$run_dir"
         [ "$source" = recipe ] || echo "$source" > "$run_dir/data_source"
-        [ ${#resume[@]} -gt 0 ] && "$PY" -m timm_spe.cli run-status "$run_dir" --recipe "$recipe" --prefix "resuming: "
+        if [ ${#resume[@]} -gt 0 ]; then
+            "$PY" -m timm_spe.cli run-status "$run_dir" --recipe "$recipe" --prefix "resuming: "
+            # in the log too: finish-run's card tells reseeded resumes from those that replayed epoch 1's draw
+            echo "run.sh: resuming with ${resume[*]:2} (the recipe's seed + the epoch it resumes at)" \
+                | tee -a "$run_dir/train.log"
+        fi
         set -o pipefail
         "$PY" "$tp" --config "$recipe" --output train_runs --experiment "$name" "${dargs[@]}" "${resume[@]}" "$@" 2>&1 \
             | tee -a "$run_dir/train.log"

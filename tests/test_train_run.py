@@ -49,6 +49,34 @@ def test_dry_run_names_the_run_folder_and_resumes_only_from_a_checkpoint(tmp_pat
     assert '--resume train_runs/resnet164_spe-cifar10_e30/last.pth.tar' in out.stdout  # the default recipe
 
 
+def test_a_resume_draws_new_data_order_instead_of_replaying_the_first_epochs(tmp_path):
+    """train.py seeds at every start: with the recipe's seed 42 each resume would replay epoch 0's order and
+    augmentation (the e30 run's resumed epochs did, see docs/training.md). A resume seeds with 42 + the epoch it
+    resumes at; a fresh run keeps the recipe's seed; a --seed given by the user comes last and wins."""
+    repo = tmp_path / 'repo'
+    (repo / 'train_recipes').mkdir(parents=True)
+    (repo / 'run.sh').write_bytes((ROOT / 'run.sh').read_bytes())
+    (repo / RECIPE).write_text((ROOT / RECIPE).read_text())
+    assert yaml.safe_load((repo / RECIPE).read_text())['seed'] == 42
+
+    def command(*args):
+        out = subprocess.run(['bash', 'run.sh', 'train', '--dry-run', RECIPE, *args], cwd=repo, capture_output=True,
+                             text=True, env={**os.environ, 'TIMM_TRAIN_PY': '/x/train.py'})
+        assert out.returncode == 0, out.stderr
+        return out.stdout.rstrip()
+
+    assert '--seed' not in command()  # a new run: the recipe's seed
+    run_dir = repo / 'train_runs' / 'resnet164_spe-cifar10_e30'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'last.pth.tar').write_bytes(b'')
+    assert command().endswith('last.pth.tar --seed 43')  # no summary yet: epoch 1
+    header = 'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
+    (run_dir / 'summary.csv').write_text(header + '0,2.3,2.2,10,50,0.1\n1,2.1,2.0,20,60,0.1\n'
+                                         + header + '2,1.9,1.8,30,70,0.1\n')  # train.py repeats it per start
+    assert command().endswith('last.pth.tar --seed 45')  # resumes at epoch 3
+    assert command('--seed', '7').endswith('--seed 45 --seed 7')
+
+
 def test_run_sh_refuses_a_missing_recipe_in_one_line():
     out = _dry_run('train_recipes/nope.yaml')
     assert out.returncode == 2 and out.stderr.strip().count('\n') == 0 and 'no recipe' in out.stderr
@@ -92,6 +120,41 @@ def test_epochs_by_device_follows_a_run_resumed_on_other_machines(tmp_path):
     assert describe_devices(epochs_by_device(log)).startswith("epochs 1-2 on cuda, 3-4 on cpu (train.py's log); ")
     assert describe_devices([('cpu', 1, 30)]) == "epochs 1-30 on cpu (train.py's log)"  # no precision note on CPU
     assert describe_devices([]) == ''
+
+
+def test_resumed_epochs_tells_replayed_from_reseeded_starts(tmp_path):
+    """A resume counts at the epoch its process finished first; run.sh's seed line marks it as a new draw."""
+    from timm_spe.train_run import describe_resumes, resumed_epochs
+    start = 'Training with a single process on 1 device (cpu).\n'
+    log = tmp_path / 'train.log'
+    log.write_text(start + 'Train: 0 [ 0/9]\nTest: [  99/99]\nTrain: 1 [ 0/9]\n'  # stopped during epoch 2
+                   + start + "Loaded checkpoint 'r/last.pth.tar' (epoch 0)\nTrain: 1 [ 0/9]\n"  # stopped again
+                   + start + "Loaded checkpoint 'r/last.pth.tar' (epoch 0)\nTrain: 1 [ 0/9]\nTest: [  99/99]\n"
+                   'Train: 2 [ 0/9]\nTest: [  99/99]\n'
+                   + 'run.sh: resuming with --seed 45 (the recipe\'s seed + the epoch it resumes at)\n'
+                   + start + "Loaded checkpoint 'r/last.pth.tar' (epoch 2)\nTrain: 3 [ 0/9]\nTest: [  99/99]\n")
+    assert resumed_epochs(log) == [(2, False), (4, True)]
+    assert describe_resumes(resumed_epochs(log)) == (
+        "resumed 2 times (train.py --resume; train.py's log); epoch 2 began a new train.py process seeded with the "
+        "recipe's seed, so it repeated the sample order of epoch 1 (./run.sh train reseeds resumes since this was "
+        "found)")
+    assert describe_resumes([(4, True)]) == "resumed 1 time (train.py --resume; train.py's log)"
+    assert describe_resumes([]) == ''
+    # the card's budget line says it, for the staged epochs only
+    from timm_spe.cli import _budget_from_run
+    recipe = {'epochs': 4, 'batch_size': 128}
+    budget = _budget_from_run([{}] * 3, recipe, str(log), epochs=3)
+    assert budget == ("3 of 4 epochs of batch 128 (train.py summary.csv); epochs 1-3 on cpu (train.py's log); "
+                      + describe_resumes([(2, False)]))
+    assert _budget_from_run([{}] * 4, recipe, str(log), epochs=4).endswith(describe_resumes(resumed_epochs(log)))
+
+
+def test_the_committed_spe_run_replayed_its_first_epochs_order_at_every_resume():
+    """Its card will say so: every resume before run.sh reseeded them started with the recipe's seed."""
+    from timm_spe.train_run import resumed_epochs
+    log = ROOT / 'train_runs' / 'resnet164_spe-cifar10_e30' / 'train.log'
+    replayed = [e for e, reseeded in resumed_epochs(log) if not reseeded]
+    assert replayed[:10] == [6, 8, 9, 12, 14, 16, 17, 19, 20, 24]
 
 
 def test_the_committed_spe_run_began_on_the_gpu():
@@ -139,7 +202,8 @@ def _image_folder(root: Path, per_class: int = 4):
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     """2 epochs in one go vs 1 epoch + resume for 1: same epoch count, same lr schedule, and the resumed
     run starts from the saved SPE p and optimizer momentum. Not bit-identical: the data order (train.py
-    reseeds at start, so the resumed epoch sees the first epoch's order) and hence the weights."""
+    seeds at every start: here, with the same seed, the resumed epoch sees the first epoch's order; ./run.sh
+    train passes a seed of its own, see the next test) and hence the weights."""
     train_py = _train_py()
     data = tmp_path / 'data'
     _image_folder(data, per_class=32)  # 16 steps per epoch: time to interrupt epoch 1
@@ -184,6 +248,36 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert p_keys and all(not torch.equal(end['state_dict'][k], after_one['state_dict'][k]) for k in p_keys)
     # the momentum buffers were restored, then advanced: the resumed optimizer state is not a fresh one
     assert after_one['optimizer']['state'] and len(end['optimizer']['state']) == len(after_one['optimizer']['state'])
+
+
+@pytest.mark.slow
+def test_a_resume_with_the_recipes_seed_replays_the_first_epochs_batches(tmp_path):
+    """Measured with lr 0, so the weights never change and an epoch's mean train loss depends on its batches
+    alone: the second epoch of one train.py process draws new batches, a resume with the recipe's seed trains on
+    exactly the first epoch's batches again (order and augmentation), and a resume with the seed ./run.sh train
+    gives it (the recipe's seed + the epoch it resumes at) draws its own."""
+    train_py = _train_py()
+    data = tmp_path / 'data'
+    _image_folder(data, per_class=16)  # 8 steps of batch 4
+    recipe = yaml.safe_load((ROOT / RECIPE).read_text())
+    recipe.update(model='resnet83_spe', data_dir=str(data), epochs=2, warmup_epochs=0, lr=0., lr_base=0., warmup_lr=0.,
+                  min_lr=0., batch_size=4, validation_batch_size=8, workers=1, log_interval=50, channels_last=False)
+    cfg = tmp_path / 'lr0.yaml'
+    cfg.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    runs = tmp_path / 'runs'
+
+    def train(name, *extra):
+        subprocess.run([sys.executable, train_py, '--config', str(cfg), '--output', str(runs), '--experiment', name,
+                        *extra], check=True, env=env, capture_output=True, cwd=tmp_path)
+        return [r['train_loss'] for r in read_summary(runs / name / 'summary.csv')]
+
+    first, second = train('fresh')
+    resume = ('--resume', str(runs / 'fresh' / 'last.pth.tar'), '--epochs', '3')
+    assert second != first  # one process: epoch 2 draws new batches
+    assert train('resumed', *resume)[-1] == first  # the recipe's seed again: epoch 1's batches, bit for bit
+    seed = recipe['seed'] + 2  # what run.sh passes when it resumes at epoch 2 (0-based)
+    assert train('reseeded', *resume, '--seed', str(seed))[-1] not in (first, second)
 
 
 def _repo_with_recipe(tmp_path):

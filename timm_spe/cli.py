@@ -60,7 +60,16 @@ from .hub import (
 )
 from .plots import plot_lambdas, plot_training_curve, spe_lambdas
 from .registry import default_hub_repo_id
-from .train_run import completed_epochs, describe_devices, epochs_by_device, read_summary, recipe_header, run_status
+from .train_run import (
+    completed_epochs,
+    describe_devices,
+    describe_resumes,
+    epochs_by_device,
+    read_summary,
+    recipe_header,
+    resumed_epochs,
+    run_status,
+)
 from .version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -399,8 +408,10 @@ def _budget_from_run(rows: List[dict], recipe: dict, log: Optional[str] = None,
     ranges = epochs_by_device(log) if log else []
     if epochs is not None:  # only the epochs of the staged weights (the log may already hold later ones)
         ranges = [(d, a, min(b, epochs)) for d, a, b in ranges if a <= epochs]
-    devices = describe_devices(ranges)
-    return f'{budget}; {devices}' if devices else budget
+    resumes = resumed_epochs(log) if log else []
+    if epochs is not None:
+        resumes = [(e, reseeded) for e, reseeded in resumes if e <= epochs]
+    return '; '.join(part for part in (budget, describe_devices(ranges), describe_resumes(resumes)) if part)
 
 
 def _recipe_with_notes(recipe_path: str) -> str:

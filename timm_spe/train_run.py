@@ -9,11 +9,14 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-__all__ = ['read_summary', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices', 'recipe_header']
+__all__ = ['read_summary', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices',
+           'resumed_epochs', 'describe_resumes', 'recipe_header']
 
 _DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
 _TRAIN = re.compile(r'^Train: (\d+) \[')
 _LAST_EVAL_STEP = re.compile(r'^Test: \[\s*(\d+)/(\d+)\]')
+_RESUMED = re.compile(r"^Loaded checkpoint '.*' \(epoch (\d+)\)")  # train.py --resume; epoch counts from 0
+_RESEEDED = re.compile(r'^run\.sh: resuming with --seed \d+')  # run.sh's line before such a start
 
 
 def run_dir_of(recipe: Union[str, Path], output: str = 'train_runs') -> Path:
@@ -90,6 +93,49 @@ def epochs_by_device(log: Union[str, Path]) -> List[Tuple[str, int, int]]:
         else:
             ranges.append((done[e], e, e))
     return ranges
+
+
+def resumed_epochs(log: Union[str, Path]) -> List[Tuple[int, bool]]:
+    """The epochs a resumed train.py process trained first, from the run's log: ``[(epoch, reseeded), ...]``,
+    1-based, for the starts whose first epoch finished (a start stopped mid-epoch trained nothing that was kept).
+
+    train.py seeds its RNGs at every start, so a resume with the recipe's seed draws the same sample order (and,
+    with the same number of loader workers, the same augmentation) as the run's first epoch: ``reseeded`` is False
+    for those. ``./run.sh train`` gives resumes a seed of their own and says so in the log (``run.sh: resuming with
+    --seed N``); runs resumed before it did replayed their first epoch's draw at every resume.
+    """
+    pending, reseeded, start, epoch, done = False, False, None, None, {}
+    for line in Path(log).read_text(errors='replace').splitlines():
+        if _RESEEDED.match(line):  # run.sh prints it just before train.py starts
+            pending = True
+        elif _DEVICE.search(line):  # a train.py (re)start
+            reseeded, pending, start, epoch = pending, False, None, None
+        elif (m := _RESUMED.match(line)):
+            start = (int(m[1]) + 1, reseeded)
+        elif (m := _TRAIN.match(line)):
+            epoch = int(m[1])
+        elif (m := _LAST_EVAL_STEP.match(line)) and m[1] == m[2] and start is not None and epoch == start[0]:
+            done[epoch + 1] = start[1]
+            start = None
+    return sorted(done.items())
+
+
+def describe_resumes(resumes: List[Tuple[int, bool]]) -> str:
+    """The card's words for :func:`resumed_epochs` (``''`` for a run never resumed)."""
+    if not resumes:
+        return ''
+    replayed = [e for e, reseeded in resumes if not reseeded]
+    text = f"resumed {len(resumes)} time{'s' if len(resumes) > 1 else ''} (train.py --resume; train.py's log)"
+    if len(replayed) == 1:
+        text += (f"; epoch {replayed[0]} began a new train.py process seeded with the recipe's seed, so it repeated "
+                 f"the sample order of epoch 1")
+    elif replayed:
+        text += (f"; epochs {', '.join(map(str, replayed))} each began a new train.py process seeded with the "
+                 f"recipe's seed, so they repeated the sample order of epoch 1 ({len(replayed) + 1} epochs in one "
+                 f"order)")
+    if replayed:
+        text += ' (./run.sh train reseeds resumes since this was found)'
+    return text
 
 
 def describe_devices(ranges: List[Tuple[str, int, int]]) -> str:
