@@ -193,6 +193,25 @@ def test_write_changes_nothing_when_a_file_lacks_its_place(pair, tmp_path):
         cli(['compare', str(pair[0]), str(pair[1]), '--readme', str(readme)])
 
 
+def test_the_table_says_which_resumes_replayed_the_first_epochs_data_order(pair, bench):
+    """From each run's train.log beside hub_cards/: the SPE run's early resumes replayed epoch 1's batches."""
+    spe, plain = pair
+    assert 'Data order' not in compare.comparison_table(spe, plain, benchmark=bench)  # no logs: nothing to say
+    start = 'Training with a single process on 1 device (cpu).\n'
+    runs = spe.parent.parent / 'train_runs'
+    (runs / 'resnet164_spe-cifar10_e30').mkdir(parents=True)
+    (runs / 'resnet164_spe-cifar10_e30' / 'train.log').write_text(
+        start + 'Train: 0 [ 0/9]\nTest: [  99/99]\n'
+        + start + "Loaded checkpoint 'x' (epoch 0)\nTrain: 1 [ 0/9]\nTest: [  99/99]\n"
+        + 'run.sh: resuming with --seed 44\n' + start + "Loaded checkpoint 'x' (epoch 1)\nTrain: 2 [ 0/9]\n"
+        'Test: [  99/99]\n')
+    (runs / 'resnet164-cifar10_e30').mkdir(parents=True)
+    (runs / 'resnet164-cifar10_e30' / 'train.log').write_text(start + 'Train: 0 [ 0/9]\nTest: [  99/99]\n')
+    table = compare.comparison_table(spe, plain, benchmark=bench)
+    assert ("`resnet164_spe.cifar10_e30` was resumed 2 times: epoch 2 repeated epoch 1's sample order; "
+            "`resnet164.cifar10_e30` was resumed 0 times: no epoch repeated another's sample order") in table
+
+
 def test_update_block_replaces_only_the_block():
     text = f'a\n{compare.BEGIN}\nold\n{compare.END}\nb\n'
     assert compare.update_block(text, 'new \\1') == f'a\n{compare.BEGIN}\nnew \\1\n{compare.END}\nb\n'

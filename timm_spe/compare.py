@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .card import dataset_of_tag, dataset_title, model_complexity
+from .train_run import resumed_epochs
 
 __all__ = [
     'PAPER_TABLE1', 'PAPER_TABLE1_SOURCE', 'SEED_STD_TOP1', 'SEED_SPREAD_SOURCE', 'claim_threshold', 'verdict',
@@ -144,6 +145,26 @@ def lambda_summary(folder: PathLike, result: Dict[str, Any]) -> Optional[str]:
             f"(min pooling), {high} above 0.9 (max pooling), {len(lams) - low - high} mixing both.")
 
 
+def data_order_note(spe_folder: PathLike, plain_folder: PathLike) -> Optional[str]:
+    """What differed in the two runs' data beyond the recipe: the resumes that replayed the first epoch's sample
+    order (``train_run.resumed_epochs``), from each run's ``train_runs/<recipe>/train.log`` beside ``hub_cards/``.
+    None where neither log is there."""
+    parts = []
+    for folder in (Path(spe_folder), Path(plain_folder)):
+        log = folder.parent.parent / 'train_runs' / Path(_recipe_of(folder)).stem / 'train.log'
+        if not log.is_file():
+            return None
+        resumes = resumed_epochs(log)
+        replayed = [e for e, reseeded in resumes if not reseeded]
+        what = (f"epoch{'s' if len(replayed) > 1 else ''} {', '.join(map(str, replayed))} repeated epoch 1's "
+                f"sample order" if replayed else
+                "no epoch repeated another's sample order")
+        parts.append(f"`{folder.name}` was resumed {len(resumes)} time{'' if len(resumes) == 1 else 's'}: {what}")
+    return ("Data order: the recipe is the same, the draws are not (each train.py process draws its own batches; "
+            "before `./run.sh train` reseeded resumes, a resume drew epoch 1's again, see docs/training.md). "
+            + '; '.join(parts) + ' (train.py logs).')
+
+
 def _num_classes(folder: Path, result: Dict[str, Any]) -> int:
     config = folder / 'config.json'
     if config.is_file():
@@ -226,6 +247,9 @@ def comparison_table(spe_folder: PathLike, plain_folder: PathLike, benchmark: Op
         '2-core CPU benchmark `benchmarks/results.json`, in the setting `./run.sh train` trains in (channels_last, '
         'SPE\'s CPU kernels on)' + ('.' if ratio is not None else '; not available (no benchmarks/results.json row).'),
     ]
+    order = data_order_note(spe_folder, plain_folder)
+    if order:
+        lines += ['', order]
     lam = lambda_summary(spe_folder, spe)
     if lam:
         lines += ['', lam]
