@@ -215,8 +215,9 @@ case "${1:-}" in
             # resumes at (after the last row of summary.csv): its own draw, still reproducible. (--seed in "$@"
             # comes later and wins.)
             seed=$(sed -n 's/^seed: *\([0-9][0-9]*\) *$/\1/p' "$recipe" | head -n 1)
-            next_epoch=$(awk -F, '$1 ~ /^[0-9]+$/ {e = $1 + 1} END {print (e > 0 ? e : 1)}' \
-                "$run_dir/summary.csv" 2>/dev/null || echo 1)
+            next_epoch=1
+            [ -f "$run_dir/summary.csv" ] \
+                && next_epoch=$(awk -F, '$1 ~ /^[0-9]+$/ {e = $1 + 1} END {print (e > 0 ? e : 1)}' "$run_dir/summary.csv")
             resume=(--resume "$run_dir/last.pth.tar" --seed $(( ${seed:-42} + next_epoch )))
         fi
         source=$(data_source "$recipe") || exit 2

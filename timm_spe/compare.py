@@ -148,7 +148,7 @@ def lambda_summary(folder: PathLike, result: Dict[str, Any]) -> Optional[str]:
 def data_order_note(spe_folder: PathLike, plain_folder: PathLike) -> Optional[str]:
     """What differed in the two runs' data beyond the recipe: the resumes that replayed the first epoch's sample
     order (``train_run.resumed_epochs``), from each run's ``train_runs/<recipe>/train.log`` beside ``hub_cards/``.
-    None where neither log is there."""
+    None unless both logs are there."""
     parts = []
     for folder in (Path(spe_folder), Path(plain_folder)):
         log = folder.parent.parent / 'train_runs' / Path(_recipe_of(folder)).stem / 'train.log'
