@@ -9,7 +9,9 @@
 #   ./run.sh train [--dry-run] [RECIPE.yaml] [train.py args]
 #                                 set up, train with timm's train.py (resuming from train_runs/<recipe>/ if it
 #                                 has a checkpoint), evaluate the final epoch, stage the Hub folder; --dry-run
-#                                 only prints the command. Default recipe: the cifar10_e30 weights of resnet164_spe
+#                                 only prints the command. Default recipe: the cifar10_e30 weights of resnet164_spe.
+#                                 A finished run (its checkpoint removed) is reported, never trained over:
+#                                 TRAIN_RUNS=DIR trains the recipe anew in DIR/<recipe>/, staging it there too
 #   ./run.sh bench [ARGS]         set up and run benchmarks/benchmark.py (default: the README's run) with the
 #                                 allocator settings train uses
 #   ./run.sh setup                only create/update .venv
@@ -17,7 +19,7 @@
 # and TIMM_NEWEST_VENV (its environment, default .venv-timm-newest); TIMM_TRAIN_PY (an existing train.py of timm
 # v1.0.28; else the pytorch-image-models repo is cloned at that tag into .cache/); CIFAR10_JPEG_TAR (the CIFAR-10 JPEG
 # copy, default ../shared/data/cifar10-jpeg.tar.gz) for the CPU recipe; TIMM_SPE_CPU_KERNELS (train: default 1,
-# SPE's one-pass CPU kernels, built on first use).
+# SPE's one-pass CPU kernels, built on first use); TRAIN_RUNS (train: the folder of the runs, default train_runs).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -207,8 +209,22 @@ case "${1:-}" in
         # one folder per recipe holds the run's resume state: train_runs/<recipe>/ (last.pth.tar, summary.csv,
         # args.yaml, train.log); if it has a checkpoint, train.py resumes after its last completed epoch
         name=$(basename "$recipe" .yaml)
-        run_dir=train_runs/$name
+        runs=${TRAIN_RUNS:-train_runs}
+        run_dir=$runs/$name
         resume=()
+        # a finished run keeps its records (summary.csv, train.log) and drops its checkpoint: a new train.py would
+        # append a second run to them, so only a folder without records (or with a checkpoint) is trained in
+        if [ ! -f "$run_dir/last.pth.tar" ] && [ -f "$run_dir/summary.csv" ]; then
+            epochs=$(sed -n 's/^epochs: *\([0-9][0-9]*\) *$/\1/p' "$recipe" | head -n 1)
+            done_epochs=$(awk -F, '$1 ~ /^[0-9]+$/ {e = $1 + 1} END {print e + 0}' "$run_dir/summary.csv")
+            if [ -n "$epochs" ] && [ "$done_epochs" -ge "$epochs" ]; then
+                echo "run.sh: $run_dir finished all $epochs epochs (its checkpoint was removed; the weights are in" \
+                    "hub_cards/, see README 'Results'): to train $recipe anew, TRAIN_RUNS=DIR ./run.sh train $recipe"
+                exit 0
+            fi
+            echo "run.sh: $run_dir has a summary.csv but no last.pth.tar to resume from: move $run_dir away to" \
+                "start anew, or TRAIN_RUNS=DIR ./run.sh train $recipe to train in DIR/$name" >&2; exit 2
+        fi
         if [ -f "$run_dir/last.pth.tar" ]; then
             # train.py seeds its RNGs at every start, so with the recipe's seed each resumed epoch would replay the
             # first epoch's data order and augmentation. A resume seeds with the recipe's seed + the epoch it
@@ -239,7 +255,7 @@ case "${1:-}" in
             echo "run dir:  $run_dir ($([ ${#resume[@]} -gt 0 ] && echo "resumes from last.pth.tar" || echo "new run"))"
             echo "train.py: $tp"
             echo "command:  $PY ${TIMM_TRAIN_PY:-.cache/pytorch-image-models/train.py} --config $recipe" \
-                "--output train_runs --experiment $name ${dargs[*]} ${resume[*]} $*"
+                "--output $runs --experiment $name ${dargs[*]} ${resume[*]} $*"
             exit 0
         fi
         setup
@@ -258,11 +274,14 @@ case "${1:-}" in
                 | tee -a "$run_dir/train.log"
         fi
         set -o pipefail
-        "$PY" "$tp" --config "$recipe" --output train_runs --experiment "$name" "${dargs[@]}" "${resume[@]}" "$@" 2>&1 \
+        "$PY" "$tp" --config "$recipe" --output "$runs" --experiment "$name" "${dargs[@]}" "${resume[@]}" "$@" 2>&1 \
             | tee -a "$run_dir/train.log"
         rm -f "$run_dir"/checkpoint-*.pth.tar "$run_dir"/model_best.pth.tar  # only last.pth.tar is resume state
-        # evaluate the final epoch's weights, plot, and stage hub_cards/<model>.<tag>/ (never overwrites)
-        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --run-dir "$run_dir" ;;
+        # evaluate the final epoch's weights, plot, and stage hub_cards/<model>.<tag>/ (never overwrites); a run
+        # trained elsewhere (TRAIN_RUNS) stages beside itself, in <run dir>/hub_folder/
+        out=()
+        [ "$runs" = train_runs ] || out=(--out "$run_dir/hub_folder")
+        exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --run-dir "$run_dir" "${out[@]}" ;;
     *)
         sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; exit 2 ;;
 esac

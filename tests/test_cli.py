@@ -54,11 +54,17 @@ def test_finish_run_stages_a_complete_card(run_dir, tmp_path):
     out = tmp_path / 'staged'
     cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(out)])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ['README.md', 'config.json', 'eval.json', 'model.safetensors', 'spe_lambda.png',
-                     'training_curve.png']
+    assert names == ['README.md', 'args.yaml', 'config.json', 'eval.json', 'model.safetensors', 'spe_lambda.png',
+                     'summary.csv', 'training_curve.png']
+    # the run's records go with the weights: summary.csv as one table (the resume's second header dropped)
+    assert (out / 'summary.csv').read_text() == (
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,2.0,1.9,20.0,60.0,0.1\n1,1.9,1.8,22.0,61.0,0.05\n'
+        '2,1.8,1.85,21.0,62.0,0.0\n')
+    assert (out / 'args.yaml').read_text() == 'model: resnet83_spe\n'
     result = json.loads((out / 'eval.json').read_text())
     assert result['num_images'] == 10 and result['model'] == 'resnet83_spe' and result['tag'] == 'cifar10_tiny'
     assert result['epoch'] == 3 and result['epochs_scheduled'] == 3  # of last.pth.tar, recorded for the comparison
+    assert result['data_label'] == 'CIFAR-10 test split (original, torchvision)'  # the data's name as people write it
     card = (out / 'README.md').read_text()
     assert f"{result['top1']:.2f}" in card and '3 of 3 epochs of batch 128' in card
     # every difference from the paper: the recipe's own header, and where each epoch ran (GPU epochs: TF32)
@@ -70,6 +76,12 @@ def test_finish_run_stages_a_complete_card(run_dir, tmp_path):
     final = torch.load(run_dir['run'] / 'last.pth.tar', weights_only=True)['state_dict']
     assert all(torch.equal(staged[k], final[k]) for k in staged)  # the final epoch, not model_best
     assert '![training curve' in card and '(spe_lambda.png)' in card and '94.03%' in card
+    # how far from the paper, from the two numbers, and where the per-epoch numbers are
+    gap = 94.03 - result['top1']
+    assert f"These weights measure {result['top1']:.2f}%: {gap:.2f} points below it, after 3 training epochs " \
+           "against the paper's 164." in card
+    assert "`args.yaml` (train.py's full arguments as of its last start: a resumed run's `resume`, `seed` and " \
+           "`device` are that start's); `summary.csv` (train.py's per-epoch" in card
     with pytest.raises(SystemExit, match='not empty'):  # never silently replaced
         cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(out)])
 
@@ -86,7 +98,7 @@ def test_finish_run_stages_the_plain_control_and_compare_reads_both(run_dir, tmp
                                       'experiment': 'resnet83-cifar10_tiny'}))
     cli(['finish-run', '--recipe', str(recipe), '--out', str(tmp_path / 'plain')])
     assert sorted(p.name for p in (tmp_path / 'plain').iterdir()) == [
-        'README.md', 'config.json', 'eval.json', 'model.safetensors', 'training_curve.png']
+        'README.md', 'config.json', 'eval.json', 'model.safetensors', 'summary.csv', 'training_curve.png']  # no args.yaml
     card = (tmp_path / 'plain' / 'README.md').read_text()
     assert 'without attention' in card and '93.62%' in card and 'spe_lambda' not in card
     cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(tmp_path / 'spe')])

@@ -279,7 +279,7 @@ def test_local_file_and_list_pretrained(hub):
                           pretrained_cfg_overlay=dict(file=str(hub['repo'] / 'model.safetensors')))
     ref = load_file(str(hub['repo'] / 'model.safetensors'))
     assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.items())
-    assert timm.list_pretrained('*spe*') == ['resnet164_spe.cifar10_cpu2h']  # only tags with weights
+    assert timm.list_pretrained('*spe*') == ['resnet164_spe.cifar10_e30']  # only tags with weights
     with pytest.raises(FileNotFoundError, match='does not exist'):
         timm.create_model('resnet83_spe', pretrained=True, pretrained_cfg_overlay=dict(file='/nonexistent.safetensors'))
     with pytest.raises(PretrainedWeightsNotFound, match='has no pretrained weights yet'):

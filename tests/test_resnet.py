@@ -177,9 +177,9 @@ def test_penalty_reaches_every_block():
 
 def test_default_tags():
     """resnet164_spe defaults to the weights trained here; the paper-schedule tags (no weights) are not listed."""
-    assert timm.create_model('resnet164_spe').pretrained_cfg['tag'] == 'cifar10_cpu2h'
+    assert timm.create_model('resnet164_spe').pretrained_cfg['tag'] == 'cifar10_e30'
     assert timm.create_model('resnet164').pretrained_cfg['tag'] == 'cifar10'
-    assert timm.list_pretrained('resnet164_spe*') == ['resnet164_spe.cifar10_cpu2h']
+    assert timm.list_pretrained('resnet164_spe*') == ['resnet164_spe.cifar10_e30']
 
 
 def _unfused_copy(model):

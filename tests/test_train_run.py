@@ -77,6 +77,40 @@ def test_a_resume_draws_new_data_order_instead_of_replaying_the_first_epochs(tmp
     assert command('--seed', '7').endswith('--seed 45 --seed 7')
 
 
+def test_a_finished_run_is_reported_never_trained_over(tmp_path):
+    """A finished run keeps summary.csv and train.log in the repo without its checkpoint: ./run.sh train must not
+    start a second run that appends to them. It says the run is finished and how to train anew (TRAIN_RUNS=DIR);
+    records without a checkpoint of an unfinished run are a one-line error."""
+    repo = tmp_path / 'repo'
+    (repo / 'train_recipes').mkdir(parents=True)
+    (repo / 'run.sh').write_bytes((ROOT / 'run.sh').read_bytes())
+    (repo / RECIPE).write_text((ROOT / RECIPE).read_text())
+    assert yaml.safe_load((repo / RECIPE).read_text())['epochs'] == 30
+    run_dir = repo / 'train_runs' / 'resnet164_spe-cifar10_e30'
+    run_dir.mkdir(parents=True)
+    header = 'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
+    (run_dir / 'summary.csv').write_text(header + ''.join(f'{e},1.0,1.0,50,90,0.1\n' for e in range(30)))
+    before = (run_dir / 'summary.csv').read_text()
+
+    def train(*args, env=None):
+        return subprocess.run(['bash', 'run.sh', 'train', '--dry-run', *args], cwd=repo, capture_output=True,
+                              text=True, env={**os.environ, 'TIMM_TRAIN_PY': '/x/train.py', **(env or {})})
+    out = train()
+    assert out.returncode == 0 and out.stdout.strip() == (
+        "run.sh: train_runs/resnet164_spe-cifar10_e30 finished all 30 epochs (its checkpoint was removed; the weights "
+        "are in hub_cards/, see README 'Results'): to train train_recipes/resnet164_spe-cifar10_e30.yaml anew, "
+        "TRAIN_RUNS=DIR ./run.sh train train_recipes/resnet164_spe-cifar10_e30.yaml")
+    out = train(env={'TRAIN_RUNS': 'runs2'})  # anew, elsewhere: a new run, the records untouched
+    assert out.returncode == 0 and 'run dir:  runs2/resnet164_spe-cifar10_e30 (new run)' in out.stdout
+    assert '--output runs2 --experiment resnet164_spe-cifar10_e30' in out.stdout
+    (run_dir / 'summary.csv').write_text(header + '0,1.0,1.0,50,90,0.1\n')  # unfinished, checkpoint gone
+    out = train()
+    assert out.returncode == 2 and out.stdout == '' and len(out.stderr.strip().splitlines()) == 1
+    assert 'has a summary.csv but no last.pth.tar to resume from: move train_runs/resnet164_spe-cifar10_e30 away' \
+           in out.stderr
+    assert before.startswith((run_dir / 'summary.csv').read_text())  # nothing written by run.sh
+
+
 def test_run_sh_refuses_a_missing_recipe_in_one_line():
     out = _dry_run('train_recipes/nope.yaml')
     assert out.returncode == 2 and out.stderr.strip().count('\n') == 0 and 'no recipe' in out.stderr
@@ -105,6 +139,23 @@ def test_run_status_plots_the_curve_so_far(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == (f'{tmp_path}: epoch 2 done, train loss 1.5000, top-1 45.50 % at this '
                                                f'epoch (eval_loss 1.4000); curve: {png}')
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_the_published_summary_reads_as_one_run(tmp_path):
+    """finish-run stages summary.csv with the weights: one header, a redone epoch once (its last row), and only the
+    epochs of the staged weights, the values as train.py wrote them."""
+    from timm_spe.train_run import summary_csv_text
+    head = 'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
+    summary = tmp_path / 'summary.csv'
+    summary.write_text(head + '0,2.0,1.9,20.0,60.0,0.1\n1,1.9,1.8,22.0,61.0,0.05\n'
+                       + head + '1,1.85,1.75,23.5,61.0,0.05\n2,1.8,1.7,25.0,62.0,0.0\n')
+    assert summary_csv_text(summary) == head + '0,2.0,1.9,20.0,60.0,0.1\n1,1.85,1.75,23.5,61.0,0.05\n' \
+                                              '2,1.8,1.7,25.0,62.0,0.0\n'
+    assert summary_csv_text(summary, until_epoch=2) == head + '0,2.0,1.9,20.0,60.0,0.1\n' \
+                                                              '1,1.85,1.75,23.5,61.0,0.05\n'
+    summary.write_text('0,2.0,1.9,20.0,60.0,0.1\n')
+    with pytest.raises(ValueError, match='before the header'):
+        summary_csv_text(summary)
 
 
 def test_epochs_by_device_follows_a_run_resumed_on_other_machines(tmp_path):

@@ -23,12 +23,15 @@ from .registry import default_hub_repo_id
 __all__ = [
     'PAPER_TOP1', 'DEFAULT_TEMPLATE', 'model_complexity', 'paper_top1', 'render_card', 'registered_cfg',
     'dataset_of_tag', 'dataset_title', 'describe_model', 'card_data', 'portable_path', 'portable_command',
-    'portable_eval_result', 'PROJECT_URL',
+    'portable_eval_result', 'PROJECT_URL', 'gap_to_paper', 'TRAIN_SUMMARY_NAME', 'TRAIN_ARGS_NAME',
 ]
 
 # The card template is package data (timm_spe/templates/hub_card.md): works from a wheel, not only a clone.
 DEFAULT_TEMPLATE = resources.files('timm_spe') / 'templates' / 'hub_card.md'
 PROJECT_URL = 'https://pypi.org/project/timm-spe/'
+# the run's records that finish-run stages next to the weights (the names train.py gives them)
+TRAIN_SUMMARY_NAME = 'summary.csv'
+TRAIN_ARGS_NAME = 'args.yaml'
 _PATH_KEYS = ('data', 'checkpoint', 'out')
 
 # Top-1 (%) from the paper's Tables 1 and 2 (ResNet backbones, 164-epoch schedule, original CIFAR).
@@ -109,7 +112,7 @@ def card_data(model_name: str, tag: str, eval_result: Optional[Dict[str, Any]] =
 
 
 def dataset_of_tag(tag: str) -> str:
-    """'cifar10_cpu2h' -> 'cifar10'."""
+    """'cifar10_e30' -> 'cifar10'."""
     return tag.split('_')[0]
 
 
@@ -137,6 +140,17 @@ def describe_model(model_name: str) -> str:
 
 def paper_top1(model_name: str, tag: str) -> Optional[float]:
     return PAPER_TOP1.get((model_name, dataset_of_tag(tag)))
+
+
+def gap_to_paper(eval_result: Dict[str, Any], paper: float) -> str:
+    """One sentence: how far the measured top-1 is from the paper's, after how many epochs (the reader's first
+    question about budget weights, so the card answers it from the numbers instead of leaving the sum to them)."""
+    diff = eval_result['top1'] - paper
+    how = (f'{-diff:.2f} points below it' if diff < 0 else
+           f'{diff:.2f} points above it' if diff > 0 else 'equal to it')
+    epochs = eval_result.get('epoch')
+    after = f', after {epochs} training epochs against the paper\'s 164' if isinstance(epochs, int) else ''
+    return f"These weights measure {eval_result['top1']:.2f}%: {how}{after}."
 
 
 def model_complexity(model_name: str, num_classes: int = 10, img_size: int = 32) -> Dict[str, float]:
@@ -169,6 +183,17 @@ def _results_section(eval_result: Optional[Dict[str, Any]], weights_sha256: str)
     ])
 
 
+def _training_files_line(names: Optional[List[str]]) -> str:
+    """The card's pointer to the run's own records staged next to it (``finish-run``: summary.csv, args.yaml)."""
+    if not names:
+        return ''
+    what = {TRAIN_SUMMARY_NAME: "train.py's per-epoch train loss and test top-1/top-5/loss",
+            TRAIN_ARGS_NAME: "train.py's full arguments as of its last start: a resumed run's `resume`, `seed` and "
+                             "`device` are that start's"}
+    return '- **Run records in this folder:** ' + '; '.join(
+        f'`{n}` ({what[n]})' if n in what else f'`{n}`' for n in names)
+
+
 def render_card(
         model_name: str,
         tag: str,
@@ -180,6 +205,7 @@ def render_card(
         num_classes: int = 10,
         template: Union[str, Path, None] = None,
         repo_id: Optional[str] = None,
+        training_files: Optional[List[str]] = None,
 ) -> str:
     """Fill the card template (``$name`` placeholders; default: the package's ``templates/hub_card.md``)."""
     template = DEFAULT_TEMPLATE if template is None else Path(template)
@@ -192,6 +218,8 @@ def render_card(
         f'The paper reports **{paper:.2f}%** top-1 for this architecture on {dataset_title(dataset)} (Tables 1-2, the '
         f'authors\' 164-epoch schedule on the original CIFAR binaries). That is the paper\'s number, not a '
         f'measurement of these weights.' if paper is not None else 'The paper reports no number for this model.')
+    if paper is not None and eval_result and eval_result.get('top1') is not None:
+        paper_line += ' ' + gap_to_paper(eval_result, paper)
     figs = '\n\n'.join(f'![{caption}]({name})\n\n*{caption}*' for name, caption in (figures or [])) or '(none)'
     values = {
         'model_name': model_name,
@@ -211,5 +239,6 @@ def render_card(
         'budget': budget or '(not given)',
         'sha256': weights_sha256,
         'figures': figs,
+        'training_files': _training_files_line(training_files),
     }
     return string.Template(template.read_text()).substitute(values)

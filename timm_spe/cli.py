@@ -41,7 +41,15 @@ from timm.models._hub import save_for_hf
 
 import timm_spe  # noqa: F401  (registers the models)
 
-from .card import dataset_of_tag, portable_eval_result, registered_cfg, render_card
+from .card import (
+    TRAIN_ARGS_NAME,
+    TRAIN_SUMMARY_NAME,
+    dataset_of_tag,
+    dataset_title,
+    portable_eval_result,
+    registered_cfg,
+    render_card,
+)
 from .compare import comparison_table, write_comparison
 from .convert import load_checkpoint_file, load_weights
 from .evaluate import evaluate
@@ -69,6 +77,7 @@ from .train_run import (
     recipe_header,
     resumed_epochs,
     run_status,
+    summary_csv_text,
 )
 from .version import __version__
 
@@ -275,6 +284,7 @@ def cmd_publish(args) -> Path:
     eval_result = read_eval_json(args.eval_json)
     _check_eval_result(eval_result, args.model, sha, args.eval_json)
     recipe, budget = _recipe_and_budget(args, info)
+    records = getattr(args, 'extra_texts', None) or {}  # finish-run: the run's summary.csv and args.yaml
     figures = [_parse_figure(f) for f in args.figure]
     if args.template and not Path(args.template).is_file():
         raise SystemExit(f"card template '{args.template}' not found (omit --template to use the package's own).")
@@ -282,11 +292,12 @@ def cmd_publish(args) -> Path:
     def card(staged_sha: str) -> str:
         return render_card(args.model, args.tag, staged_sha, eval_result=eval_result, recipe=recipe, budget=budget,
                            figures=[(p.name, c) for p, c in figures], num_classes=num_classes, template=args.template,
-                           repo_id=repo_id)
+                           repo_id=repo_id, training_files=sorted(records))
 
     out = Path(args.out) if args.out else default_out(model_tag)
     # the staged eval.json: the same numbers, with paths relative / shortened and the command quoted
-    texts = {'eval.json': json.dumps(portable_eval_result(eval_result), indent=2) + '\n'} if eval_result else None
+    texts = {'eval.json': json.dumps(portable_eval_result(eval_result), indent=2) + '\n'} if eval_result else {}
+    texts.update(records)
     staged = stage_hub_folder(model, out, card=card, figures={p.name: p for p, _ in figures},
                               extra_texts=texts, force=args.force)
     staged_sha = sha256_file(staged / SAFE_WEIGHTS_NAME)
@@ -367,9 +378,9 @@ def _finish_run(args, recipe: dict, stem: str, run_dir: Path, checkpoint: Path, 
     work = run_dir / 'publish'
     work.mkdir(exist_ok=True)
     eval_json = work / 'eval.json'
-    label = args.data_label or (f"{dataset_of_tag(tag).upper()} test split (JPEG q75 copy)"
+    label = args.data_label or (f"{dataset_title(dataset_of_tag(tag))} test split (JPEG q75 copy)"
                                 if 'jpeg' in data_dir.lower() else
-                                f'{dataset_of_tag(tag).upper()} test split (original, torchvision)')
+                                f'{dataset_title(dataset_of_tag(tag))} test split (original, torchvision)')
     result = cmd_eval(argparse.Namespace(model=f'{model_name}.{tag}', checkpoint=str(snapshot), ema=False,
                                          data_dir=data_dir, batch_size=100, limit=None, workers=args.workers,
                                          out=None, data_label=label, argv=getattr(args, 'argv', None),
@@ -386,12 +397,16 @@ def _finish_run(args, recipe: dict, stem: str, run_dir: Path, checkpoint: Path, 
                                        plot=str(lambdas)))
         figures.append(f'{lambdas}:learned lambda of every SPE block')
     budget = args.budget or _budget_from_run(rows, recipe, args.log, epoch)
+    # the run's own records go with the weights: the per-epoch numbers behind the curve, and every train.py argument
+    records = {TRAIN_SUMMARY_NAME: summary_csv_text(run_dir / 'summary.csv', until_epoch=epoch)}
+    if (run_dir / 'args.yaml').is_file():
+        records[TRAIN_ARGS_NAME] = (run_dir / 'args.yaml').read_text()
     return cmd_publish(argparse.Namespace(
         src=str(snapshot), model=model_name, tag=tag, ema=False, recipe=_recipe_with_notes(str(args.recipe)),
         budget=budget,
         eval_json=str(eval_json), figure=figures,
         out=args.out, force=args.force, template=args.template, dry_run=True, repo_id=None,
-        overwrite=False, create_pr=False, private=False))
+        overwrite=False, create_pr=False, private=False, extra_texts=records))
 
 
 def _has_spe(model_name: str) -> bool:
@@ -522,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="commit / pull request title (default: 'Add <folder> (timm-spe publish)')")
 
     def model_args(p, checkpoint_flag='--checkpoint'):
-        p.add_argument('model', help='model name, optionally with a pretrained tag (resnet164_spe.cifar10_cpu2h)')
+        p.add_argument('model', help='model name, optionally with a pretrained tag (resnet164_spe.cifar10_e30)')
         p.add_argument(checkpoint_flag, default=None,
                        help='weights: safetensors, train.py checkpoint or official SPEM checkpoint '
                             "(default: the tag's pretrained weights: shipped in the package, else from the Hub)")
@@ -585,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
             'timm-spe publish last.pth.tar --model resnet164_spe --tag cifar10 --eval-json eval.json --create-pr')
     p.add_argument('src', help='train.py checkpoint, safetensors file or official SPEM checkpoint')
     p.add_argument('--model', required=True, help='model name, e.g. resnet164_spe (required)')
-    p.add_argument('--tag', required=True, help='pretrained tag, e.g. cifar10 or cifar10_cpu2h (required)')
+    p.add_argument('--tag', required=True, help='pretrained tag, e.g. cifar10 or cifar10_e30 (required)')
     p.add_argument('--ema', action='store_true', help="use a train.py checkpoint's state_dict_ema (default: off)")
     p.add_argument('--eval-json', default=None,
                    help='result of `timm-spe eval --out` for the card (default: none, the card says "Not evaluated")')

@@ -19,7 +19,7 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .card import dataset_of_tag, dataset_title, model_complexity
 from .train_run import resumed_epochs
@@ -256,20 +256,31 @@ def comparison_table(spe_folder: PathLike, plain_folder: PathLike, benchmark: Op
     return '\n'.join(lines)
 
 
-def pending_markdown(spe_folder: PathLike = DEFAULT_SPE, plain_folder: PathLike = DEFAULT_PLAIN) -> str:
-    """What stands between the README's markers until both runs are staged: how the table will be made."""
-    spe_folder, plain_folder = Path(spe_folder), Path(plain_folder)
+def pending_markdown(spe_folder: PathLike = DEFAULT_SPE, plain_folder: PathLike = DEFAULT_PLAIN,
+                     staged: Sequence[PathLike] = ()) -> str:
+    """What stands between the README's markers until both runs are staged: which folder is still missing, and
+    the commands that make it and the table (``staged``: the folders already staged)."""
+    staged = {Path(f).as_posix() for f in staged}
+    folders = [Path(spe_folder), Path(plain_folder)]
+    done = [f for f in folders if f.as_posix() in staged]
+    todo = [f for f in folders if f.as_posix() not in staged]
+    if done:
+        head = [f'*Pending:* `{done[0].as_posix()}/` is staged; `{todo[0].as_posix()}/` is not yet:',
+                'its training run has not finished. Once it has, these commands stage it and write the',
+                'comparison here and on both cards, generated from the two `eval.json` files:']
+    else:
+        head = [f'*Pending:* `{folders[0].as_posix()}/` and `{folders[1].as_posix()}/` are not staged yet:',
+                'their training runs have not finished. Once they have, these commands stage both folders and write the',
+                'comparison here and on both cards, generated from the two `eval.json` files:']
+    # run.sh runs finish-run itself after train.py's last epoch (a second finish-run would meet a staged folder)
+    trains = [f'./run.sh train {_recipe_of(f)}' + ('   # resumes the run to its last epoch, then stages it (finish-run)'
+                                                   if i == 0 else '') for i, f in enumerate(todo)]
     return '\n'.join([
-        f'*Pending:* `{spe_folder.as_posix()}/` and `{plain_folder.as_posix()}/` are not staged yet:',
-        'their training runs have not finished. Once they have, these commands stage both folders and write the',
-        'comparison here and on both cards, generated from the two `eval.json` files:',
+        *head,
         '',
         '```bash',
-        f'./run.sh train {_recipe_of(spe_folder)}   # resumes the run until its last epoch',
-        f'./run.sh train {_recipe_of(plain_folder)}',
-        f'timm-spe finish-run --recipe {_recipe_of(spe_folder)}',
-        f'timm-spe finish-run --recipe {_recipe_of(plain_folder)}',
-        f'timm-spe compare {spe_folder.as_posix()} {plain_folder.as_posix()} --write',
+        *trains,
+        f'timm-spe compare {folders[0].as_posix()} {folders[1].as_posix()} --write',
         '```',
     ])
 
@@ -316,6 +327,7 @@ def readme_block(root: PathLike = ROOT, spe_folder: str = DEFAULT_SPE, plain_fol
     placeholder."""
     root = Path(root)
     if not all((root / f / 'eval.json').is_file() for f in (spe_folder, plain_folder)):
-        return pending_markdown(spe_folder, plain_folder)
+        return pending_markdown(spe_folder, plain_folder,
+                                staged=[f for f in (spe_folder, plain_folder) if (root / f / 'eval.json').is_file()])
     return comparison_table(root / spe_folder, root / plain_folder,
                             benchmark=benchmark if benchmark is not None else root / 'benchmarks' / 'results.json')

@@ -31,8 +31,8 @@ __all__ = [
 #                   'shipped': True (package data) and/or 'hf_hub_id': 'org/repo' (published)}
 # To ship new weights as the default: put their line first (sha256 from the staged folder's card).
 PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {
-    'resnet164_spe.cifar10_cpu2h': {
-        'sha256': 'fb0e0c273edff64b2bb9f54c923b39a72444b9b161f039d0a7d16c0c57ac398a', 'num_classes': 10,
+    'resnet164_spe.cifar10_e30': {
+        'sha256': 'c9f5778091d5907ae23c555e2c55227e44b57e3c9810105089a48ce3979b80ab', 'num_classes': 10,
         'shipped': True},
 }
 

@@ -5,12 +5,13 @@ train.py appends one ``summary.csv`` row per finished epoch and writes the heade
 so the rows are read here with repeated headers dropped and a re-run epoch kept once (its latest row).
 """
 import csv
+import io
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 __all__ = ['read_summary', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices',
-           'resumed_epochs', 'describe_resumes', 'recipe_header']
+           'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text']
 
 _DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
 _TRAIN = re.compile(r'^Train: (\d+) \[')
@@ -43,6 +44,33 @@ def read_summary(path: Union[str, Path]) -> List[Dict[str, float]]:
     if not rows:
         raise ValueError(f'{path} has no rows: is it the summary.csv of a train.py run that finished an epoch?')
     return [rows[e] for e in sorted(rows)]
+
+
+def summary_csv_text(path: Union[str, Path], until_epoch: Optional[int] = None) -> str:
+    """train.py's ``summary.csv`` as one table: one header, one row per epoch (the last one written, as
+    :func:`read_summary`), in epoch order, only the first ``until_epoch`` epochs; values as train.py wrote them.
+
+    A resumed train.py appends a second header line, and an epoch redone after a stop appends its row again:
+    the copy published with the weights should read as the single run it is.
+    """
+    read_summary(path)  # the same checks (a header first, some rows)
+    header: Optional[List[str]] = None
+    rows: Dict[int, List[str]] = {}
+    with open(path, newline='') as f:
+        for line in csv.reader(f):
+            if not line:
+                continue
+            if line[0] == 'epoch':
+                header = header or line
+                continue
+            epoch = int(float(line[0]))
+            if until_epoch is None or epoch < until_epoch:  # train.py counts epochs from 0
+                rows[epoch] = line
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator='\n')
+    writer.writerow(header)
+    writer.writerows(rows[e] for e in sorted(rows))
+    return out.getvalue()
 
 
 def completed_epochs(run_dir: Union[str, Path]) -> List[Dict[str, float]]:
