@@ -212,6 +212,43 @@ def test_the_table_says_which_resumes_replayed_the_first_epochs_data_order(pair,
             "`resnet164.cifar10_e30` was resumed 0 times: no epoch repeated another's sample order") in table
 
 
+def test_the_table_says_when_the_runs_split_their_epochs_over_devices_differently(pair, bench):
+    """CUDA epochs ran in TF32, CPU epochs in fp32: a different split is a second difference between the runs."""
+    spe, plain = pair
+    runs = spe.parent.parent / 'train_runs'
+
+    def log(recipe, *devices):
+        (runs / recipe).mkdir(parents=True, exist_ok=True)
+        (runs / recipe / 'train.log').write_text(''.join(
+            f'Training with a single process on 1 device ({d}).\n'
+            + (f"Loaded checkpoint 'x' (epoch {e - 1})\n" if e else '') + f'Train: {e} [ 0/9]\nTest: [  99/99]\n'
+            for e, d in enumerate(devices)))
+
+    log('resnet164_spe-cifar10_e30', 'cuda', 'cpu', 'cpu')
+    log('resnet164-cifar10_e30', 'cuda', 'cpu', 'cpu')
+    table = compare.comparison_table(spe, plain, benchmark=bench)
+    assert 'Devices' not in table  # the same split: nothing to say
+    log('resnet164-cifar10_e30', 'cuda', 'cuda', 'cpu')
+    table = compare.comparison_table(spe, plain, benchmark=bench)
+    assert ('`resnet164_spe.cifar10_e30` epochs 1 on cuda, 2-3 on cpu; `resnet164.cifar10_e30` epochs 1-2 on cuda, '
+            '3 on cpu (train.py logs)') in table
+    assert 'TF32' in table and 'one pair of runs cannot separate from the model' in table
+
+
+def test_plot_draws_both_runs_from_their_staged_summaries(pair, tmp_path, capsys):
+    spe, plain = pair
+    out = tmp_path / 'curves' / 'pair.png'
+    with pytest.raises(SystemExit, match=r"summary.csv' is missing: --plot draws the staged runs"):
+        cli(['compare', str(spe), str(plain), '--plot', str(out)])
+    assert not out.exists()
+    for folder, top1 in ((spe, 93.1), (plain, 92.4)):
+        (folder / 'summary.csv').write_text('epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
+                                            f'0,1.5,1.4,50.0,90.0,0.1\n1,0.5,0.6,{top1},99.0,0.0\n')
+    cli(['compare', str(spe), str(plain), '--plot', str(out)])
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and out.stat().st_size > 10_000
+    assert f'wrote {out}' in capsys.readouterr().out
+
+
 def test_update_block_replaces_only_the_block():
     text = f'a\n{compare.BEGIN}\nold\n{compare.END}\nb\n'
     assert compare.update_block(text, 'new \\1') == f'a\n{compare.BEGIN}\nnew \\1\n{compare.END}\nb\n'
@@ -250,3 +287,22 @@ def test_readme_comparison_is_what_the_generator_makes():
     assert compare.update_block(readme, compare.readme_block(ROOT)) == readme, \
         ('README comparison is stale: timm-spe compare hub_cards/resnet164_spe.cifar10_e30 '
          'hub_cards/resnet164.cifar10_e30 --write')
+
+
+def test_the_readmes_reading_of_the_pair_quotes_both_staged_summaries():
+    """The prose under the README's table: which epochs SPE led, and how the plain model fared at lr 0.1, from the
+    two committed summary.csv files (a restaged run changes them and this test names the stale sentence)."""
+    from timm_spe.train_run import read_summary
+    spe, plain = (read_summary(ROOT / f / 'summary.csv') for f in (compare.DEFAULT_SPE, compare.DEFAULT_PLAIN))
+    readme = ' '.join((ROOT / 'README.md').read_text().split())
+    led = [a['epoch'] + 1 for a, b in zip(spe, plain) if a['eval_top1'] > b['eval_top1']]
+    behind = sum(a['eval_top1'] < b['eval_top1'] for a, b in zip(spe, plain))
+    delta = spe[-1]['eval_top1'] - plain[-1]['eval_top1']
+    assert delta < 0 and f'the plain model finished {-delta:.2f} points ahead' in readme
+    assert f"was ahead at {behind} of the {len(spe)} per-epoch evaluations (SPE led at epochs {', '.join(map(str, led))} only)" in readme
+    worst = max(plain, key=lambda r: r['eval_loss'])
+    dip = min(plain[5:], key=lambda r: r['eval_top1'])
+    after = plain[dip['epoch'] + 1]
+    assert (f"(largest test loss {worst['eval_loss']:.2f}, after epoch {worst['epoch'] + 1}; one dip to "
+            f"{dip['eval_top1']:.2f} % at epoch {dip['epoch'] + 1}, {after['eval_top1']:.2f} % the next)") in readme
+    assert (ROOT / 'docs' / 'comparison_cifar10_e30.png').is_file()

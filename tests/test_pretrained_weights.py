@@ -1,10 +1,10 @@
-"""The default weights of resnet164_spe (the first registry entry, staged in hub_cards/<tag>): card, README and
-accuracy agree.
+"""Every registered pretrained tag (staged in hub_cards/<tag>): card, README and accuracy agree; and the default
+weights of resnet164_spe (its first registry entry) are what the README says about them.
 
-The tests follow the registry's default tag, so making new weights the default points them at the new folder;
-:data:`MEASURED` keeps each default's numbers as staged, so a restaged folder cannot change them unnoticed.
-The accuracy check evaluates the full CIFAR-10 test split of the shared JPEG copy (10,000 images,
-~2-3 min on 2 CPU cores) and requires at least the card's number minus 0.5 points.
+The folder tests run once per tag of the registry, so a new tag is checked as soon as it is listed;
+:data:`MEASURED` keeps each tag's numbers as staged, so a restaged folder cannot change them unnoticed (and a tag
+without an entry there fails). The accuracy check evaluates the full CIFAR-10 test split of the shared JPEG copy
+(10,000 images, ~1-3 min per tag on 2 CPU cores) and requires at least the card's number minus 0.5 points.
 """
 import json
 import tarfile
@@ -24,10 +24,12 @@ from timm_spe.train_run import read_summary
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')  # the first entry: default tag
 FOLDER = ROOT / 'hub_cards' / DEFAULT
-# what finish-run measured and wrote into each default's eval.json and card, as staged
+# what finish-run measured and wrote into each tag's eval.json and card, as staged
 MEASURED = {
     'resnet164_spe.cifar10_e30': dict(top1=88.06, top5=99.6, loss=0.37352,
                                       budget='30 of 30 epochs of batch 128 (train.py summary.csv); epochs 1-7 on cuda'),
+    'resnet164.cifar10_e30': dict(top1=89.2, top5=99.71, loss=0.33485,
+                                  budget='30 of 30 epochs of batch 128 (train.py summary.csv); epochs 1-18 on cuda'),
 }
 CIFAR_TAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 
@@ -37,22 +39,32 @@ def card_eval():
     return json.loads((FOLDER / 'eval.json').read_text())
 
 
-def test_folder_is_complete(card_eval):
-    names = {p.name for p in FOLDER.iterdir()}
-    assert {'model.safetensors', 'config.json', 'README.md', 'eval.json', 'training_curve.png',
-            'spe_lambda.png'} <= names
+@pytest.fixture(scope='module', params=list(PRETRAINED_TAGS))
+def staged(request):
+    """(tag, its hub_cards folder, its eval.json) for every tag of the registry."""
+    folder = ROOT / 'hub_cards' / request.param
+    return request.param, folder, json.loads((folder / 'eval.json').read_text())
+
+
+def test_folder_is_complete(staged):
+    tag, folder, result = staged
+    names = {p.name for p in folder.iterdir()}
+    architecture = tag.split('.')[0]
+    assert {'model.safetensors', 'config.json', 'README.md', 'eval.json', 'training_curve.png'} <= names
+    assert ('spe_lambda.png' in names) == architecture.endswith('_spe')  # the lambda plot for SPE weights only
     assert not any(n.endswith(('.bin', '.pth', '.pth.tar', '.pt')) for n in names)
-    card = (FOLDER / 'README.md').read_text()
-    assert sha256_file(FOLDER / 'model.safetensors') in card
-    assert f"{card_eval['top1']:.2f}" in card and f"{card_eval['top5']:.2f}" in card
-    assert 'JPEG q75 copy' in card and card_eval['num_images'] == 10000
-    assert json.loads((FOLDER / 'config.json').read_text())['architecture'] == 'resnet164_spe'
+    card = (folder / 'README.md').read_text()
+    assert sha256_file(folder / 'model.safetensors') in card
+    assert f"{result['top1']:.2f}" in card and f"{result['top5']:.2f}" in card
+    assert 'JPEG q75 copy' in card and result['num_images'] == 10000
+    assert json.loads((folder / 'config.json').read_text())['architecture'] == architecture
 
 
-def test_readme_quotes_the_card(card_eval):
+def test_readme_quotes_the_card(staged):
+    tag, _, result = staged
     readme = (ROOT / 'README.md').read_text()
-    row = next(line for line in readme.splitlines() if line.startswith(f'| `{DEFAULT}`'))
-    assert f"{card_eval['top1']:.2f}" in row and f"{card_eval['top5']:.2f}" in row
+    row = next(line for line in readme.splitlines() if line.startswith(f'| `{tag}`'))
+    assert f"{result['top1']:.2f}" in row and f"{result['top5']:.2f}" in row
 
 
 def test_readme_says_how_far_from_the_goal_and_what_the_lambdas_chose(card_eval):
@@ -82,12 +94,12 @@ def test_is_default_tag_and_loads_from_file():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_TAR.exists(), reason=f'needs {CIFAR_TAR} (the CIFAR-10 JPEG copy)')
-def test_accuracy_on_shared_test_split(card_eval, tmp_path):
+def test_accuracy_on_shared_test_split(staged, tmp_path):
+    tag, folder, card_eval = staged
     with tarfile.open(CIFAR_TAR) as tar:
         tar.extractall(tmp_path, members=[m for m in tar if '/test/' in m.name or m.name.endswith('/test')],
                        filter='data')
-    model = timm.create_model('resnet164_spe', pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(FOLDER / 'model.safetensors')))
+    model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors')))
     result = evaluate(model, tmp_path / 'cifar10-jpeg' / 'test', batch_size=200, progress=False)
     assert result['num_images'] == 10000
     assert result['top1'] >= card_eval['top1'] - 0.5, (result, card_eval)
@@ -190,52 +202,56 @@ def test_build_hook_ships_exactly_the_registry_tags():
 
 # --- the restaged Hub folder: what the Hub expects, nothing machine-specific ---
 
-def test_card_yaml_has_pipeline_tag_and_a_model_index_of_the_eval_json(card_eval):
-    card = ModelCard.load(FOLDER / 'README.md')
+def test_card_yaml_has_pipeline_tag_and_a_model_index_of_the_eval_json(staged):
+    tag, folder, card_eval = staged
+    card = ModelCard.load(folder / 'README.md')
     assert card.data.pipeline_tag == 'image-classification' and card.data.library_name == 'timm'
     results = {r.metric_name: r for r in card.data.eval_results}
     top1, top5 = results['Top-1 accuracy (%)'], results['Top-5 accuracy (%)']
     assert (top1.metric_type, top1.metric_value, top5.metric_value) == ('accuracy', card_eval['top1'], card_eval['top5'])
     assert top1.task_type == 'image-classification' and top1.dataset_type == 'cifar10'
     assert top1.dataset_name == 'CIFAR-10 test split (JPEG q75 copy)' and top1.dataset_split == 'test'
-    assert card.data.model_name == DEFAULT
+    assert card.data.model_name == tag
     assert 'pip install timm-spe' in card.text and 'https://' in card.text.split('Project:')[1].split('\n')[0]
     assert 'import timm_spe' in card.text and 'hf-hub:` loading works only after `import timm_spe`' in card.text
 
 
-def test_config_json_has_the_class_names():
+def test_config_json_has_the_class_names(staged):
     from timm_spe.labels import CIFAR10_LABELS
-    config = json.loads((FOLDER / 'config.json').read_text())
+    config = json.loads((staged[1] / 'config.json').read_text())
     assert config['label_names'] == list(CIFAR10_LABELS)
 
 
-def test_eval_json_keeps_its_numbers_and_nothing_staged_is_absolute(card_eval):
-    measured = MEASURED[DEFAULT]
+def test_eval_json_keeps_its_numbers_and_nothing_staged_is_absolute(staged):
+    tag, folder, card_eval = staged
+    measured = MEASURED[tag]
     assert (card_eval['top1'], card_eval['top5'], card_eval['loss'], card_eval['num_images']) == (
         measured['top1'], measured['top5'], measured['loss'], 10000)
-    assert card_eval['weights_sha256'] == sha256_file(FOLDER / 'model.safetensors')
+    assert card_eval['weights_sha256'] == sha256_file(folder / 'model.safetensors') == PRETRAINED_TAGS[tag]['sha256']
     for name in ('README.md', 'config.json', 'eval.json'):
-        text = (FOLDER / name).read_text()
+        text = (folder / name).read_text()
         assert '/work/' not in text and '/tmp/' not in text and '/root/' not in text and '/home/' not in text, name
     assert not os.path.isabs(card_eval['data'])
 
 
-def test_measured_with_command_can_be_pasted(card_eval):
+def test_measured_with_command_can_be_pasted(staged):
+    tag, folder, card_eval = staged
     argv = shlex.split(card_eval['command'])
     assert argv[:2] == ['timm-spe', 'finish-run']
     assert (ROOT / argv[argv.index('--recipe') + 1]).is_file()  # the committed recipe, relative to the clone
-    card = (FOLDER / 'README.md').read_text()
+    card = (folder / 'README.md').read_text()
     assert f"with `{card_eval['command']}`" in card
-    assert f"- **Budget actually used:** {MEASURED[DEFAULT]['budget']}" in card
+    assert f"- **Budget actually used:** {MEASURED[tag]['budget']}" in card
 
 
-def test_the_runs_records_are_staged_with_the_weights(card_eval):
+def test_the_runs_records_are_staged_with_the_weights(staged):
     """summary.csv (one row per epoch of these weights, none later) and args.yaml go to the Hub with them."""
-    rows = read_summary(FOLDER / 'summary.csv')
+    tag, folder, card_eval = staged
+    rows = read_summary(folder / 'summary.csv')
     assert [r['epoch'] for r in rows] == list(range(card_eval['epoch'])) and card_eval['epoch'] == 30
-    assert (FOLDER / 'summary.csv').read_text().count('epoch,') == 1
-    args = yaml.safe_load((FOLDER / 'args.yaml').read_text())
-    assert args['model'] == 'resnet164_spe' and args['epochs'] == card_eval['epochs_scheduled']
+    assert (folder / 'summary.csv').read_text().count('epoch,') == 1
+    args = yaml.safe_load((folder / 'args.yaml').read_text())
+    assert args['model'] == tag.split('.')[0] and args['epochs'] == card_eval['epochs_scheduled']
 
 
 def test_registry_and_models_name_the_same_hub_organisation():

@@ -176,10 +176,13 @@ def test_penalty_reaches_every_block():
 
 
 def test_default_tags():
-    """resnet164_spe defaults to the weights trained here; the paper-schedule tags (no weights) are not listed."""
+    """resnet164_spe and its plain control default to the weights trained here; the paper-schedule tags (no weights)
+    are not listed, and a model without trained weights defaults to its paper-schedule tag."""
     assert timm.create_model('resnet164_spe').pretrained_cfg['tag'] == 'cifar10_e30'
-    assert timm.create_model('resnet164').pretrained_cfg['tag'] == 'cifar10'
+    assert timm.create_model('resnet164').pretrained_cfg['tag'] == 'cifar10_e30'
+    assert timm.create_model('resnet83').pretrained_cfg['tag'] == 'cifar10'
     assert timm.list_pretrained('resnet164_spe*') == ['resnet164_spe.cifar10_e30']
+    assert timm.list_pretrained('resnet164.*') == ['resnet164.cifar10_e30']
 
 
 def _unfused_copy(model):

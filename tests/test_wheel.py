@@ -67,13 +67,19 @@ def test_version_publish_and_offline_pretrained_from_the_wheel(installed):
 import json, timm, timm_spe
 from timm_spe.registry import sha256_file
 m = timm.create_model('resnet164_spe', pretrained=True)
+import timm_spe.resnet
+ours = set(timm_spe.resnet.default_cfgs)  # the architectures this package registers
+listed = [t for t in timm.list_pretrained() if t.split('.')[0] in ours]
 print(json.dumps({'module': timm_spe.__file__, 'file': m.pretrained_cfg['file'], 'tag': m.pretrained_cfg['tag'],
-                  'sha': sha256_file(m.pretrained_cfg['file']), 'listed': timm.list_pretrained('*spe*')}))
+                  'sha': sha256_file(m.pretrained_cfg['file']), 'listed': listed,
+                  'shas': {t: sha256_file(timm.create_model(t, pretrained=True).pretrained_cfg['file'])
+                           for t in listed}}))
 ''')
     res = json.loads(out.strip().splitlines()[-1])
     assert res['module'].startswith(str(installed['purelib'])) and res['file'].startswith(str(installed['purelib']))
     assert res['tag'] == TAG and res['sha'] == PRETRAINED_TAGS[DEFAULT]['sha256']
-    assert set(res['listed']) == set(SHIPPED)
+    assert set(res['listed']) == set(SHIPPED)  # every shipped tag, the plain control's too, loads offline
+    assert res['shas'] == {t: PRETRAINED_TAGS[t]['sha256'] for t in SHIPPED}
     staged = installed['cwd'] / 'staged'
     run(bin_dir / 'timm-spe', 'publish', res['file'], '--model', 'resnet164_spe', '--tag', TAG,
         '--dry-run', '--out', staged)

@@ -7,7 +7,7 @@
                      [--out DIR] [--dry-run] [--create-pr | --overwrite]
     timm-spe upload DIR [--create-pr | --overwrite] [--revision BRANCH] [--commit-message MSG]
     timm-spe finish-run --recipe RECIPE.yaml      # eval + plots + staged Hub folder for a train.py run
-    timm-spe compare SPE_DIR PLAIN_DIR [--write]  # SPE vs its plain control: the comparison table
+    timm-spe compare SPE_DIR PLAIN_DIR [--write] [--plot PNG]  # SPE vs its plain control: the comparison table
     timm-spe run path/to/validate.py ARGS...     # any timm script with the SPE models registered
 
 Errors are one line on stderr, `timm-spe COMMAND: error: <what and the fix>`, exit status 1;
@@ -467,6 +467,15 @@ def cmd_compare(args) -> str:
         if args.readme:
             raise SystemExit('--readme is where --write writes the table: add --write, or drop --readme.')
         table, written = comparison_table(args.spe_dir, args.plain_dir), []
+    if args.plot:
+        from .plots import plot_runs
+        spe, plain = Path(args.spe_dir), Path(args.plain_dir)
+        for folder in (spe, plain):
+            if not (folder / 'summary.csv').is_file():
+                raise SystemExit(f"'{folder}/summary.csv' is missing: --plot draws the staged runs' train.py summaries "
+                                 f"(timm-spe finish-run stages them).")
+        written.append(plot_runs({spe.name: spe / 'summary.csv', plain.name: plain / 'summary.csv'}, args.plot,
+                                 title='same recipe, one seed each (train.py per-epoch eval on the test split)'))
     print(table)
     for path in written:
         print(f'wrote {path}')
@@ -673,12 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "folders' cards (default: off, print only)")
     p.add_argument('--readme', default=None, help="with --write: the README to write into (default: the clone's "
                                                    "README.md)")
+    p.add_argument('--plot', default=None, metavar='PNG',
+                   help="also draw both runs' per-epoch losses and test top-1 from their staged summary.csv into PNG "
+                        "(default: no plot)")
     p.set_defaults(func=cmd_compare)
     return parser
 
 
 def _needs_matplotlib(args) -> bool:
-    return args.command == 'finish-run' or (args.command in ('inspect', 'run-status') and bool(args.plot))
+    return args.command == 'finish-run' or (args.command in ('inspect', 'run-status', 'compare') and bool(args.plot))
 
 
 # --- errors: one line on stderr, with the fix; the traceback only with --debug ---------------------------------

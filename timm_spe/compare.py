@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .card import dataset_of_tag, dataset_title, model_complexity
-from .train_run import resumed_epochs
+from .train_run import epochs_by_device, resumed_epochs
 
 __all__ = [
     'PAPER_TABLE1', 'PAPER_TABLE1_SOURCE', 'SEED_STD_TOP1', 'SEED_SPREAD_SOURCE', 'claim_threshold', 'verdict',
-    'read_staged_eval', 'train_step_ratio', 'lambda_summary', 'comparison_table', 'pending_markdown',
+    'read_staged_eval', 'train_step_ratio', 'lambda_summary', 'data_order_note', 'device_note', 'comparison_table',
+    'pending_markdown',
     'update_block', 'write_comparison', 'readme_block', 'BEGIN', 'END', 'DEFAULT_SPE', 'DEFAULT_PLAIN',
 ]
 
@@ -165,6 +166,25 @@ def data_order_note(spe_folder: PathLike, plain_folder: PathLike) -> Optional[st
             + '; '.join(parts) + ' (train.py logs).')
 
 
+def device_note(spe_folder: PathLike, plain_folder: PathLike) -> Optional[str]:
+    """Which device trained which epochs of each run (``train_run.epochs_by_device`` on each run's train.log), when
+    the two differ: CUDA epochs ran in TF32, CPU epochs in fp32, so a different split is a difference between the two
+    runs that the recipe does not record. None unless both logs are there, or when the splits are the same."""
+    splits = []
+    for folder in (Path(spe_folder), Path(plain_folder)):
+        log = folder.parent.parent / 'train_runs' / Path(_recipe_of(folder)).stem / 'train.log'
+        if not log.is_file():
+            return None
+        splits.append((folder.name, epochs_by_device(log)))
+    if splits[0][1] == splits[1][1]:
+        return None
+    parts = [f"`{name}` epochs " + ', '.join(f"{a}-{b} on {d}" if a != b else f"{a} on {d}" for d, a, b in ranges)
+             for name, ranges in splits]
+    return ("Devices: the runs were relayed between machines, and not at the same epochs: " + '; '.join(parts)
+            + " (train.py logs). On cuda train.py enables TF32 for convolutions and matmuls; on cpu they ran in "
+            "fp32. Both are one recipe, but this is a second difference between the two runs besides the model.")
+
+
 def _num_classes(folder: Path, result: Dict[str, Any]) -> int:
     config = folder / 'config.json'
     if config.is_file():
@@ -232,10 +252,13 @@ def comparison_table(spe_folder: PathLike, plain_folder: PathLike, benchmark: Op
         lines.append(f"| **SPE - plain ({PAPER_TABLE1_SOURCE})** | | **{paper[0]['top1'] - paper[1]['top1']:+.2f}** "
                      f"| | | | | | |")
     ratio = rows[0][3]
+    notes = [n for n in (data_order_note(spe_folder, plain_folder), device_note(spe_folder, plain_folder)) if n]
     lines += [
         '',
         f"**Top-1 difference, SPE - plain (ours): {delta['top1']:+.2f} points**, "
-        + verdict(delta['top1'], std, spe=f"`{spe['model']}`", plain=f"`{plain['model']}`"),
+        + verdict(delta['top1'], std, spe=f"`{spe['model']}`", plain=f"`{plain['model']}`")
+        + (' The two runs also differed in what the notes below list, which one pair of runs cannot separate from '
+           'the model.' if notes else ''),
         '',
         f"Seed-to-seed spread: CIFAR-10 top-1 of one ResNet recipe varies by a standard deviation of about {std:.2f} "
         f"points from run to run ({SEED_SPREAD_SOURCE}). The difference of two single runs then has a standard "
@@ -247,9 +270,8 @@ def comparison_table(spe_folder: PathLike, plain_folder: PathLike, benchmark: Op
         '2-core CPU benchmark `benchmarks/results.json`, in the setting `./run.sh train` trains in (channels_last, '
         'SPE\'s CPU kernels on)' + ('.' if ratio is not None else '; not available (no benchmarks/results.json row).'),
     ]
-    order = data_order_note(spe_folder, plain_folder)
-    if order:
-        lines += ['', order]
+    for note in notes:
+        lines += ['', note]
     lam = lambda_summary(spe_folder, spe)
     if lam:
         lines += ['', lam]

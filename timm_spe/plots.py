@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Union
 
 from .train_run import read_summary
 
-__all__ = ['read_summary', 'read_train_log', 'plot_training_curve', 'spe_lambdas', 'plot_lambdas']
+__all__ = ['read_summary', 'read_train_log', 'plot_training_curve', 'plot_runs', 'spe_lambdas', 'plot_lambdas']
 
 PathLike = Union[str, Path]
 def _pyplot():
@@ -67,6 +67,32 @@ def plot_training_curve(summary_csv: PathLike, out_png: PathLike, log: Optional[
     ax_acc.set_xlabel('epoch')
     ax_acc.set_ylabel('test accuracy (%)')
     ax_acc.legend()
+    ax_acc.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def plot_runs(summaries: Dict[str, PathLike], out_png: PathLike, title: str = '') -> Path:
+    """Several runs' train.py ``summary.csv`` on shared axes, ``{label: path}``: train and test loss, and test top-1,
+    per epoch (e.g. an SPE model and its plain control trained with the same recipe)."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (label, path) in enumerate(summaries.items()):
+        rows = read_summary(path)
+        epochs = [r['epoch'] + 1 for r in rows]  # summary rows are written at the end of each epoch
+        color = f'C{i}'
+        ax_loss.plot(epochs, [r['train_loss'] for r in rows], 'o-', ms=3, color=color, label=f'{label}: train')
+        ax_loss.plot(epochs, [r['eval_loss'] for r in rows], 's--', ms=3, color=color, label=f'{label}: test')
+        ax_acc.plot(epochs, [r['eval_top1'] for r in rows], 'o-', ms=3, color=color,
+                    label=f"{label}: {rows[-1]['eval_top1']:.2f} at epoch {epochs[-1]}")
+    ax_loss.set_xlabel('epoch')
+    ax_loss.set_ylabel('cross-entropy (epoch mean)')
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_acc.set_xlabel('epoch')
+    ax_acc.set_ylabel('test top-1 (%)')
+    ax_acc.legend(fontsize=8)
     ax_acc.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
