@@ -182,7 +182,7 @@ def test_default_tags():
     assert timm.create_model('resnet164').pretrained_cfg['tag'] == 'cifar10_e30'
     assert timm.create_model('resnet83').pretrained_cfg['tag'] == 'cifar10'
     assert timm.list_pretrained('resnet164_spe*') == ['resnet164_spe.cifar10_e30']
-    assert timm.list_pretrained('resnet164.*') == ['resnet164.cifar10_e30']
+    assert timm.list_pretrained('resnet164*') == ['resnet164.cifar10_e30', 'resnet164_spe.cifar10_e30']  # docs/hub.md
 
 
 def _unfused_copy(model):
