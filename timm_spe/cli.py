@@ -471,10 +471,10 @@ def cmd_compare(args) -> str:
         from .plots import plot_runs
         spe, plain = Path(args.spe_dir), Path(args.plain_dir)
         for folder in (spe, plain):
-            if not (folder / 'summary.csv').is_file():
-                raise SystemExit(f"'{folder}/summary.csv' is missing: --plot draws the staged runs' train.py summaries "
-                                 f"(timm-spe finish-run stages them).")
-        written.append(plot_runs({spe.name: spe / 'summary.csv', plain.name: plain / 'summary.csv'}, args.plot,
+            if not (folder / TRAIN_SUMMARY_NAME).is_file():
+                raise SystemExit(f"'{folder}/{TRAIN_SUMMARY_NAME}' is missing: --plot draws the staged runs' train.py "
+                                 f"summaries (timm-spe finish-run stages them).")
+        written.append(plot_runs({f.name: f / TRAIN_SUMMARY_NAME for f in (spe, plain)}, args.plot,
                                  title='same recipe, one seed each (train.py per-epoch eval on the test split)'))
     print(table)
     for path in written:

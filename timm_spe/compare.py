@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .card import dataset_of_tag, dataset_title, model_complexity
-from .train_run import epochs_by_device, resumed_epochs
+from .train_run import device_ranges_text, epochs_by_device, resumed_epochs
 
 __all__ = [
     'PAPER_TABLE1', 'PAPER_TABLE1_SOURCE', 'SEED_STD_TOP1', 'SEED_SPREAD_SOURCE', 'claim_threshold', 'verdict',
@@ -146,13 +146,18 @@ def lambda_summary(folder: PathLike, result: Dict[str, Any]) -> Optional[str]:
             f"(min pooling), {high} above 0.9 (max pooling), {len(lams) - low - high} mixing both.")
 
 
+def _train_log(folder: Path) -> Path:
+    """The train.py log of a staged folder's run: ``train_runs/<recipe>/train.log`` beside ``hub_cards/``."""
+    return folder.parent.parent / 'train_runs' / Path(_recipe_of(folder)).stem / 'train.log'
+
+
 def data_order_note(spe_folder: PathLike, plain_folder: PathLike) -> Optional[str]:
     """What differed in the two runs' data beyond the recipe: the resumes that replayed the first epoch's sample
     order (``train_run.resumed_epochs``), from each run's ``train_runs/<recipe>/train.log`` beside ``hub_cards/``.
     None unless both logs are there."""
     parts = []
     for folder in (Path(spe_folder), Path(plain_folder)):
-        log = folder.parent.parent / 'train_runs' / Path(_recipe_of(folder)).stem / 'train.log'
+        log = _train_log(folder)
         if not log.is_file():
             return None
         resumes = resumed_epochs(log)
@@ -172,14 +177,13 @@ def device_note(spe_folder: PathLike, plain_folder: PathLike) -> Optional[str]:
     runs that the recipe does not record. None unless both logs are there, or when the splits are the same."""
     splits = []
     for folder in (Path(spe_folder), Path(plain_folder)):
-        log = folder.parent.parent / 'train_runs' / Path(_recipe_of(folder)).stem / 'train.log'
+        log = _train_log(folder)
         if not log.is_file():
             return None
         splits.append((folder.name, epochs_by_device(log)))
     if splits[0][1] == splits[1][1]:
         return None
-    parts = [f"`{name}` epochs " + ', '.join(f"{a}-{b} on {d}" if a != b else f"{a} on {d}" for d, a, b in ranges)
-             for name, ranges in splits]
+    parts = [f"`{name}` epochs {device_ranges_text(ranges)}" for name, ranges in splits]
     return ("Devices: the runs were relayed between machines, and not at the same epochs: " + '; '.join(parts)
             + " (train.py logs). On cuda train.py enables TF32 for convolutions and matmuls; on cpu they ran in "
             "fp32. Both are one recipe, but this is a second difference between the two runs besides the model.")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 __all__ = ['read_summary', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices',
-           'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text']
+           'device_ranges_text', 'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text']
 
 _DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
 _TRAIN = re.compile(r'^Train: (\d+) \[')
@@ -166,12 +166,16 @@ def describe_resumes(resumes: List[Tuple[int, bool]]) -> str:
     return text
 
 
+def device_ranges_text(ranges: List[Tuple[str, int, int]]) -> str:
+    """:func:`epochs_by_device`'s ranges in words: ``'1-7 on cuda, 8-30 on cpu'``."""
+    return ', '.join(f"{a}-{b} on {d}" if a != b else f"{a} on {d}" for d, a, b in ranges)
+
+
 def describe_devices(ranges: List[Tuple[str, int, int]]) -> str:
     """``'epochs 1-7 on cuda, 8-30 on cpu'`` (or ``''``), and on CUDA the precision that train.py actually used."""
     if not ranges:
         return ''
-    parts = [f"{a}-{b} on {d}" if a != b else f"{a} on {d}" for d, a, b in ranges]
-    text = 'epochs ' + ', '.join(parts) + " (train.py's log)"
+    text = 'epochs ' + device_ranges_text(ranges) + " (train.py's log)"
     if any(d == 'cuda' for d, _, _ in ranges):
         text += ('; on cuda train.py sets `torch.backends.cuda.matmul.allow_tf32 = True` and PyTorch\'s '
                  '`torch.backends.cudnn.allow_tf32` defaults to True, so those epochs ran their convolutions and '
