@@ -241,6 +241,12 @@ def test_plot_draws_both_runs_from_their_staged_summaries(pair, tmp_path, capsys
     with pytest.raises(SystemExit, match=r"summary.csv' is missing: --plot draws the staged runs"):
         cli(['compare', str(spe), str(plain), '--plot', str(out)])
     assert not out.exists()
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'x\n{compare.BEGIN}\nold\n{compare.END}\n')
+    cards = {f: (f / 'README.md').read_text() for f in (spe, plain)}
+    with pytest.raises(SystemExit, match=r"summary.csv' is missing"):  # with --write too: checked before writing
+        cli(['compare', str(spe), str(plain), '--write', '--readme', str(readme), '--plot', str(out)])
+    assert 'old' in readme.read_text() and {f: (f / 'README.md').read_text() for f in (spe, plain)} == cards
     for folder, top1 in ((spe, 93.1), (plain, 92.4)):
         (folder / 'summary.csv').write_text('epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
                                             f'0,1.5,1.4,50.0,90.0,0.1\n1,0.5,0.6,{top1},99.0,0.0\n')

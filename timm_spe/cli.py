@@ -460,7 +460,14 @@ def cmd_run_status(args) -> str:
 
 def cmd_compare(args) -> str:
     """Print the comparison of an SPE model's staged folder with its plain control's; ``--write`` also puts it
-    into the README (between its markers) and both cards."""
+    into the README (between its markers) and both cards, ``--plot`` draws both runs' curves. Every input is
+    checked before the first file is written."""
+    folders = (Path(args.spe_dir), Path(args.plain_dir))
+    if args.plot:
+        for folder in folders:
+            if not (folder / TRAIN_SUMMARY_NAME).is_file():
+                raise SystemExit(f"'{folder}/{TRAIN_SUMMARY_NAME}' is missing: --plot draws the staged runs' train.py "
+                                 f"summaries (timm-spe finish-run stages them).")
     if args.write:
         table, written = write_comparison(args.spe_dir, args.plain_dir, readme=args.readme)
     else:
@@ -469,12 +476,7 @@ def cmd_compare(args) -> str:
         table, written = comparison_table(args.spe_dir, args.plain_dir), []
     if args.plot:
         from .plots import plot_runs
-        spe, plain = Path(args.spe_dir), Path(args.plain_dir)
-        for folder in (spe, plain):
-            if not (folder / TRAIN_SUMMARY_NAME).is_file():
-                raise SystemExit(f"'{folder}/{TRAIN_SUMMARY_NAME}' is missing: --plot draws the staged runs' train.py "
-                                 f"summaries (timm-spe finish-run stages them).")
-        written.append(plot_runs({f.name: f / TRAIN_SUMMARY_NAME for f in (spe, plain)}, args.plot,
+        written.append(plot_runs({f.name: f / TRAIN_SUMMARY_NAME for f in folders}, args.plot,
                                  title='same recipe, one seed each (train.py per-epoch eval on the test split)'))
     print(table)
     for path in written:
