@@ -312,3 +312,6 @@ def test_the_readmes_reading_of_the_pair_quotes_both_staged_summaries():
     assert (f"(largest test loss {worst['eval_loss']:.2f}, after epoch {worst['epoch'] + 1}; one dip to "
             f"{dip['eval_top1']:.2f} % at epoch {dip['epoch'] + 1}, {after['eval_top1']:.2f} % the next)") in readme
     assert (ROOT / 'docs' / 'comparison_cifar10_e30.png').is_file()
+    plain_top1 = json.loads((ROOT / compare.DEFAULT_PLAIN / 'eval.json').read_text())['top1']
+    paper = compare.PAPER_TABLE1['resnet164']['top1']  # "Short of the goal": how much of the gap is the budget
+    assert f"reached {plain_top1:.2f}, {paper - plain_top1:.2f} points below the paper's plain {paper:.2f}" in readme
