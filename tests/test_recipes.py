@@ -58,8 +58,10 @@ def test_recipe_keys_and_model(path):
     assert cfg['num_classes'] == (100 if 'cifar100' in path.name else 10)
 
 
-PAPER_RECIPES = [p for p in RECIPES if 'cpu' not in p.name and make_recipes.BUDGET_TAG not in p.name]
+PAPER_RECIPES = [p for p in RECIPES if 'cpu' not in p.name and make_recipes.BUDGET_TAG not in p.name
+                 and make_recipes.PAPER_RUN_TAG not in p.name]
 BUDGET_RECIPES = [p for p in RECIPES if make_recipes.BUDGET_TAG in p.name]
+PAPER_RUN_RECIPES = [p for p in RECIPES if make_recipes.PAPER_RUN_TAG in p.name]
 
 
 @pytest.mark.parametrize('path', PAPER_RECIPES, ids=lambda p: p.name)
@@ -108,6 +110,22 @@ def test_budget_recipe_keeps_the_paper_method():
     assert cfg['checkpoint_hist'] == 1 and cfg['recovery_interval'] == 0  # resume state: last.pth.tar only
     assert cfg['data_dir'] == 'data/cifar10-jpeg' and cfg['val_split'] == 'test'
     _check_shared_settings(cfg)
+
+
+@pytest.mark.parametrize('path', PAPER_RUN_RECIPES, ids=lambda p: p.name)
+def test_the_164_epoch_run_trains_exactly_as_the_paper_recipe_only_data_and_machine_differ(path):
+    """The cifar10_e164 weights are the paper's schedule: against train_recipes/<model>-cifar10.yaml only where
+    the data lives and how this machine runs it may differ (the weights issue allows the data source alone to
+    differ in what trains the model)."""
+    model = path.name.split('-')[0]
+    run, paper = _load(path), _load(ROOT / 'train_recipes' / f'{model}-cifar10.yaml')
+    changed = {k for k in set(run) | set(paper) if run.get(k, '<absent>') != paper.get(k, '<absent>')}
+    assert changed == {'dataset', 'dataset_download', 'data_dir', 'device', 'workers', 'pin_mem',
+                       'checkpoint_hist', 'recovery_interval', 'output', 'experiment'}
+    assert (run['dataset'], run['data_dir'], run['val_split']) == ('', 'data/cifar10-jpeg', 'test')
+    assert run['output'] == 'train_runs' and 'experiment' not in run  # run.sh names the run after the file
+    assert run['checkpoint_hist'] == 1 and run['recovery_interval'] == 0  # resume state: last.pth.tar only
+    assert [p.name for p in PAPER_RUN_RECIPES] == ['resnet164_spe-cifar10_e164.yaml']
 
 
 def test_milestones_match_authors_drops():
