@@ -270,3 +270,38 @@ def test_compiled_train_step_matches_eager():
     torch.manual_seed(0)
     assert_compiled_train_step_matches_eager(
         timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe'), torch.randn(4, 3, 32, 32))
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_fx_feature_extraction_finds_the_blocks_named_modules_in_train_and_eval_mode(mode):
+    """What named_modules() lists is extractable in both modes (FX takes the module-by-module tail, as hooks and
+    torch.jit.trace do), with the eager values, and a train-mode extractor's backward keeps the Eq. 8 penalty."""
+    import copy
+    import warnings
+
+    from torchvision.models.feature_extraction import create_feature_extractor
+    torch.manual_seed(0)
+    m = getattr(timm.create_model('resnet83_spe'), mode)()
+    for spe in (mod for mod in m.modules() if isinstance(mod, SpeModule)):
+        torch.nn.init.normal_(spe.w_exc)
+        torch.nn.init.normal_(spe.w_rew)
+        spe.p.data = torch.rand(2)
+    names = ['layer1.0.bn3', 'layer1.0.se', 'layer1.0.act3', 'layer3.8.se']
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torchvision: train and eval graphs differ inside SpeModule
+        fx = create_feature_extractor(copy.deepcopy(m), return_nodes={n: n for n in names})
+    got = getattr(fx, mode)()(x := torch.randn(4, 3, 32, 32))
+    seen = {}
+    for n in names:
+        m.get_submodule(n).register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o.clone()))
+    m(x)
+    assert list(got) == names
+    for n in names:
+        torch.testing.assert_close(got[n], seen[n])
+    if mode == 'train':
+        for model, out in ((fx, got), (m, seen)):
+            model.zero_grad()
+            (out['layer3.8.se'].sum() * 0).backward()
+        p_fx, p_eager = fx.get_submodule('layer3.8.se').p, m.get_submodule('layer3.8.se').p
+        torch.testing.assert_close(p_fx.grad, 2 * 0.1 * p_fx.detach())  # zero loss: the penalty's gradient alone
+        torch.testing.assert_close(p_eager.grad, p_fx.grad)

@@ -152,3 +152,54 @@ def test_timm_attention_kwargs_are_accepted_others_rejected():
     assert m(torch.randn(1, 8, 2, 2)).shape == (1, 8, 2, 2)
     with pytest.raises(TypeError, match="formulaton"):
         SpeModule(8, formulaton='paper')
+
+
+@pytest.mark.parametrize('shape, says', [
+    ((2, 5, 4, 4), r'SpeModule\(6\) got an input with 5 channels'),
+    ((2, 6, 0, 0), 'empty 0 x 0 feature map'),
+    ((2, 6, 3, 0), 'empty 3 x 0 feature map'),
+])
+@pytest.mark.parametrize('train', [True, False])
+def test_a_wrong_channel_count_or_an_empty_map_gets_a_readable_error_not_a_broadcast_or_index_error(shape, says, train):
+    m = SpeModule(6).train(train)
+    with pytest.raises(ValueError, match=says) as err:
+        m(torch.randn(*shape, requires_grad=train))
+    assert len(str(err.value).splitlines()) == 1
+
+
+def _scripted(model):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.script is deprecated
+        return torch.jit.script(model)
+
+
+def test_a_scripted_model_refuses_to_train_without_the_penalty_and_says_how_in_one_line():
+    """TorchScript cannot run the penalty's autograd.Function: a scripted training forward with the automatic
+    penalty on raises (timm's train.py --torchscript would otherwise train without Eq. 8, silently)."""
+    import timm
+    model = timm.create_model('resnet83_spe').train()
+    scripted = _scripted(model)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(Exception, match='cannot add the Eq. 8 penalty') as err:
+        scripted(x)
+    message = str(err.value).splitlines()[-1]
+    assert 'set_auto_penalty(model, False)' in message and 'spe_penalty(model)' in message
+    assert 'without --torchscript' in message
+    with torch.no_grad():  # what needs no gradient runs: BN recalibration, inference
+        scripted(x)
+    scripted.eval()(x)
+
+
+def test_a_scripted_model_trains_exactly_with_spe_penalty_in_its_loss(random_spe):
+    """set_auto_penalty and spe_penalty find the layers of a scripted model (they share p and the switch with the
+    eager model): the explicit term gives the eager model's automatic-penalty gradients."""
+    x = torch.randn(3, 6, 4, 4)
+    eager = random_spe(eta=0.1).train()
+    eager(x).square().mean().backward()
+    scripted = _scripted(random_spe(eta=0.1).train())
+    assert set_auto_penalty(scripted, False) == 1
+    (scripted(x).square().mean() + spe_penalty(scripted)).backward()
+    for a, e in zip(spe_params(eager), (scripted.p, scripted.w_exc, scripted.b_exc, scripted.w_rew, scripted.b_rew)):
+        torch.testing.assert_close(e.grad, a.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(spe_penalty(scripted), 0.1 * (scripted.p * scripted.p).sum())

@@ -55,6 +55,20 @@ def mix_weights(p: torch.Tensor) -> torch.Tensor:
     return ((p_sq + tiny) / (p_sq.sum() + 2 * tiny)).to(p.dtype)
 
 
+@register_notrace_function  # shape checks: an FX leaf
+def check_spe_input(x: torch.Tensor, channels: int) -> None:
+    """Readable errors for what the pooling and the per-channel parameters would otherwise fail on obscurely: not
+    N x C x H x W, another C than the layer's, or an empty H x W map (nothing to pool)."""
+    if x.dim() != 4:
+        raise ValueError(f'SpeModule expects a 4-D N x C x H x W input, got shape {list(x.shape)}.')
+    if x.shape[1] != channels:
+        raise ValueError(f'SpeModule({channels}) got an input with {x.shape[1]} channels (shape {list(x.shape)}): '
+                         f'create it with the channel count of the feature map it follows.')
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f'SpeModule got an empty {x.shape[2]} x {x.shape[3]} feature map (shape {list(x.shape)}): '
+                         f'global max/min pooling needs at least one pixel; use a larger input.')
+
+
 def ablation_gate(
         f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
         w_rew: Optional[torch.Tensor], b_rew: Optional[torch.Tensor], w_rew_min: Optional[torch.Tensor],
@@ -104,6 +118,7 @@ def ablation_gate(
 # FX leaves wherever this module calls them (SpeModule.attn_map is a method, not a module call)
 torch.fx.wrap('with_penalty_grad')
 torch.fx.wrap('mix_weights')
+torch.fx.wrap('check_spe_input')
 torch.fx.wrap('max_min')
 torch.fx.wrap('global_max_min')
 torch.fx.wrap('spe_scale')
@@ -217,15 +232,15 @@ class SpeModule(nn.Module):
 
     @property
     def auto_penalty(self) -> bool:
-        """Whether training-mode backward adds the Eq. 8 penalty's gradient (read when the backward runs)."""
-        return self._auto_penalty
+        """Whether training-mode backward adds the Eq. 8 penalty's gradient (read when the backward runs). The
+        switch is the ``penalty_on`` buffer alone, which a scripted copy of this layer shares."""
+        return bool(self.penalty_on)
 
     @auto_penalty.setter
     def auto_penalty(self, enabled: bool) -> None:
-        self._auto_penalty = bool(enabled)
         # through .data: a backward that saved the switch reads the new value instead of failing autograd's
         # check that saved tensors are unchanged
-        self.penalty_on.data.fill_(self._auto_penalty)
+        self.penalty_on.data.fill_(bool(enabled))
 
     def reset_parameters(self) -> None:
         if self.p is not None:
@@ -243,7 +258,17 @@ class SpeModule(nn.Module):
         if lam is not None:  # made from the Python float in the parameters' dtype: exact also after .double()
             return torch.tensor([lam, 1. - lam], dtype=self.w_exc.dtype, device=self.w_exc.device)
         p = self.p
-        if not torch.jit.is_scripting() and self.training:
+        assert p is not None  # lam is None
+        if torch.jit.is_scripting():
+            # TorchScript cannot run the penalty's autograd.Function: refuse to train without the paper's objective
+            if self.training and torch.is_grad_enabled() and p.requires_grad and self.eta > 0 and bool(self.penalty_on):
+                raise RuntimeError(
+                    'SpeModule: a TorchScript model cannot add the Eq. 8 penalty in training (its gradient hook is '
+                    'a Python autograd.Function), so it would train without the paper\'s objective: train the eager '
+                    'or torch.compile\'d model (timm train.py without --torchscript), or call '
+                    'timm_spe.set_auto_penalty(model, False) before training and add timm_spe.spe_penalty(model) '
+                    'to the loss.')
+        elif self.training:
             p = with_penalty_grad(p, self)
         return mix_weights(p)
 
@@ -255,7 +280,7 @@ class SpeModule(nn.Module):
 
     def attn_map(self, x: torch.Tensor) -> torch.Tensor:
         """The channel attention map ``v_exc * v_rew`` of shape ``N x C x 1 x 1`` (``forward`` scales ``x`` by it)."""
-        torch._assert(x.ndim == 4, 'SpeModule expects a 4-D N x C x H x W input')
+        check_spe_input(x, self.channels)
         w_rew, b_rew = self.w_rew, self.b_rew
         if not self.default_variant or w_rew is None or b_rew is None:  # ablations: plain autograd ops only
             v = ablation_gate(
@@ -271,6 +296,7 @@ class SpeModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.default_variant and self._fused_ops():
+            check_spe_input(x, self.channels)
             return spe_scale(x, self)
         return x * self.attn_map(x).to(x.dtype)
 
@@ -306,14 +332,24 @@ def set_auto_penalty(model: nn.Module, enabled: bool = True, eta: Optional[float
     """
     if eta is not None:
         eta = _check_eta(eta, 'set_auto_penalty eta')
-    n = 0
-    for m in model.modules():
-        if isinstance(m, SpeModule) and m.p is not None:
-            m.auto_penalty = enabled
-            if eta is not None:
-                m.eta = eta
-            n += 1
-    return n
+    layers = _penalized_layers(model)
+    for m in layers:
+        _set_switch(m, enabled)
+        if eta is not None:
+            m.eta = eta
+    return len(layers)
+
+
+def _penalized_layers(model: nn.Module) -> list:
+    """The SPE layers with a learned ``lambda`` (a ``p``) in ``model``, eager or TorchScript (a scripted model's
+    layers are ``RecursiveScriptModule``s named after their class; they share ``p`` and the switch with the eager
+    model they were scripted from)."""
+    return [m for m in model.modules()
+            if (isinstance(m, SpeModule) or getattr(m, 'original_name', None) == 'SpeModule') and m.p is not None]
+
+
+def _set_switch(m: nn.Module, enabled: bool) -> None:
+    m.penalty_on.data.fill_(bool(enabled))  # SpeModule.auto_penalty's setter, for scripted layers too
 
 
 def spe_penalty(model: nn.Module) -> torch.Tensor:
@@ -325,12 +361,12 @@ def spe_penalty(model: nn.Module) -> torch.Tensor:
     Returns a 0-dim tensor (0. when the model has no SPE layer with a learned ``lambda``; layers with a constant
     ``lam`` have no ``p`` and no penalty).
     """
-    layers = [m for m in model.modules() if isinstance(m, SpeModule) and m.p is not None]
+    layers = _penalized_layers(model)
     if not layers:
         return torch.zeros(())
-    total = layers[0].penalty()
     for m in layers:
-        m.auto_penalty = False
+        _set_switch(m, False)
+    total = layers[0].eta * (layers[0].p * layers[0].p).sum()
     for m in layers[1:]:
-        total = total + m.penalty()
+        total = total + m.eta * (m.p * m.p).sum()
     return total

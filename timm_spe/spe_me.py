@@ -263,6 +263,13 @@ class _SpeScale(torch.autograd.Function):
         return grad_x, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None
 
 
+def is_fx_symbolic_tracing() -> bool:
+    """Whether ``torch.fx.symbolic_trace`` (FX feature extraction) is tracing; False under ``torch.export`` and
+    ``torch.compile``, which keep the fused paths. (A torch without ``is_fx_symbolic_tracing`` has only ``is_fx_tracing``.)"""
+    from torch.fx import _symbolic_trace
+    return getattr(_symbolic_trace, 'is_fx_symbolic_tracing', _symbolic_trace.is_fx_tracing)()
+
+
 def has_module_hooks(*modules: nn.Module) -> bool:
     """Whether any forward (pre-)hook or backward (pre-)hook, global or on one of ``modules``, would fire on a
     call of these modules: a fused path that skips their calls may only run where this is False."""
