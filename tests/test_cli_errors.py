@@ -168,6 +168,86 @@ def test_corrupt_safetensors_exit_status_and_stderr(weights, tmp_path):
     assert proc.stderr.startswith('timm-spe convert: error: ') and 'not a readable safetensors file' in proc.stderr
 
 
+# --- DataParallel-style and non-finite weights ---------------------------------------------------------------------
+
+def test_a_module_prefixed_safetensors_file_loads_in_every_command_as_its_pth_tar_does(tmp_path, capsys):
+    """DataParallel / DDP state dicts carry a ``module.`` prefix; the .pth.tar path dropped it, the safetensors one
+    blamed --model."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet83_spe')
+    src = tmp_path / 'dp.safetensors'
+    save_file({f'module.{k}': v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    cli(['inspect', 'resnet83_spe', '--checkpoint', str(src)])
+    assert '27 SPE blocks' in capsys.readouterr().out
+    cli(['convert', str(src), '--model', 'resnet83_spe.cifar10', '--out', str(tmp_path / 'plain.safetensors')])
+    from safetensors.torch import load_file
+    converted = load_file(str(tmp_path / 'plain.safetensors'))
+    assert set(converted) == set(model.state_dict())
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_finite_weights_are_refused_by_every_command_in_one_line(weights, tmp_path, capsys):
+    """A diverged run's checkpoint evaluated to `loss nan` with exit 0; now nothing is evaluated, inspected,
+    converted or published from it."""
+    sd = timm.create_model('resnet83_spe').state_dict()
+    sd['layer1.0.conv1.weight'] = torch.full_like(sd['layer1.0.conv1.weight'], float('nan'))
+    sd['fc.bias'] = torch.full_like(sd['fc.bias'], float('inf'))
+    nan = tmp_path / 'nan.safetensors'
+    save_file(sd, str(nan))
+    torch.save({'epoch': 3, 'arch': 'resnet83_spe', 'state_dict': sd}, tmp_path / 'nan.pth.tar')
+    for path in (nan, tmp_path / 'nan.pth.tar'):
+        for command in CORRUPT_CASES:
+            line, _ = _fails(CORRUPT_CASES[command](path, tmp_path), capsys)
+            assert f"'{path}' has non-finite weights (NaN or inf) in 2 of {len(sd)} tensors" in line, line
+            assert 'layer1.0.conv1.weight' in line and 'diverged' in line
+        assert not (tmp_path / 'o.safetensors').exists() and not (tmp_path / 's').exists()
+
+
+def test_non_finite_outputs_of_finite_weights_are_an_error_not_a_nan_result(make_image_folder, tmp_path):
+    """Weights can be finite and the logits not (a dtype overflow): evaluate reports no number then."""
+    from timm_spe.evaluate import evaluate
+    model = timm.create_model('resnet83_spe')
+    with torch.no_grad():
+        model.fc.weight.fill_(3e38)  # finite, but the logits overflow float32
+    data = make_image_folder(['airplane', 'automobile'], per_class=2)
+    with pytest.raises(ValueError, match=r'non-finite logits \(NaN or inf\) for \d+ of the 4 images of batch 1'):
+        evaluate(model, data, allow_class_subset=True, progress=False)
+
+
+def test_a_plain_pickle_is_refused_in_our_words_without_torchs_advice_or_a_stray_warning(tmp_path):
+    """torch's refusal says 'Please file an issue' (a plain pickle) or advises allow-listing the object, and warns
+    about the pickle protocol on stderr: none of it is the fix for an untrusted file."""
+    import pickle
+    plain = tmp_path / 'plain.pth.tar'
+    plain.write_bytes(pickle.dumps({'state_dict': NotAllowed()}))
+    obj = tmp_path / 'object.pth.tar'
+    torch.save({'state_dict': {}, 'args': NotAllowed()}, obj)
+    for path, says in ((plain, 'its pickle holds something other than tensors and plain containers'),
+                       (obj, 'it holds a pickled Python object (test_cli_errors.NotAllowed), not only tensors')):
+        proc = _subprocess(['inspect', 'resnet83_spe', '--checkpoint', str(path)], tmp_path)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        line = proc.stderr.strip()
+        assert f"'{path}' cannot be loaded safely: {says}." in line and 're-save the weights as safetensors' in line
+        for torch_advice in ('file an issue', 'add_safe_globals', 'UserWarning', '..'):
+            assert torch_advice not in line
+
+
+class NotAllowed:
+    """Any object outside the allow-list (importable, so a pickle of it names it)."""
+
+
+def test_help_shows_no_default_for_a_required_option():
+    from timm_spe.cli import build_parser
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    required = []
+    for name, sub in commands.items():
+        text = ' '.join(sub.format_help().split())
+        assert '(required) (default' not in text, name
+        required += [(name, a.dest) for a in sub._actions if a.required and a.option_strings]
+    assert ('eval', 'data_dir') in required  # the case the issue found
+
+
 # --- upload failures: no token, bad token, no network, offline ---------------------------------------------------
 
 def test_upload_without_a_token(hub_env, tmp_path, capsys):

@@ -161,6 +161,38 @@ def test_unreachable_hub(hub, tmp_path):
     assert out['err'].startswith('PretrainedWeightsNotFound') and 'cannot be reached' in out['err']
 
 
+def test_a_hub_answering_http_500_is_reported_as_a_server_error_not_as_unreachable(hub, tmp_path):
+    """huggingface_hub turns a 5xx answer into LocalEntryNotFoundError, as it does a dead connection: the message
+    says what the server answered."""
+    import http.server
+    import threading
+
+    class Answer500(http.server.BaseHTTPRequestHandler):
+        def _fail(self):
+            self.send_response(500)
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+        do_GET = do_HEAD = _fail
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Answer500)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = _run({**hub, 'endpoint': f'http://127.0.0.1:{server.server_address[1]}'}, '''
+            import time, types, huggingface_hub.utils._http as http  # skip the retry back-off sleeps
+            http.time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith('_')})
+            http.time.sleep = lambda s: None
+            print(json.dumps({'err': attempt(lambda: timm.create_model('resnet83_spe.cifar10', pretrained=True))}))
+        ''', tmp_path / 'hf')
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out['err'].startswith('PretrainedWeightsNotFound') and 'answered HTTP 500' in out['err'], out['err']
+    assert 'server error: retry later' in out['err'] and 'cannot be reached' not in out['err']
+
+
 def test_offline_without_cache(hub, tmp_path):
     out = _run(hub, '''
         print(json.dumps({'err': attempt(lambda: timm.create_model('resnet83_spe.cifar10', pretrained=True))}))

@@ -305,3 +305,14 @@ def test_fx_feature_extraction_finds_the_blocks_named_modules_in_train_and_eval_
         p_fx, p_eager = fx.get_submodule('layer3.8.se').p, m.get_submodule('layer3.8.se').p
         torch.testing.assert_close(p_fx.grad, 2 * 0.1 * p_fx.detach())  # zero loss: the penalty's gradient alone
         torch.testing.assert_close(p_eager.grad, p_fx.grad)
+
+
+@pytest.mark.parametrize('pretrained', [False, True])
+def test_a_tag_the_model_does_not_have_names_the_tags_it_has_and_those_with_weights(pretrained):
+    """A retired tag (cifar10_cpu2h) or a typo: timm said only 'Invalid pretrained tag'; the CLI lists the tags."""
+    with pytest.raises(RuntimeError, match=r'Invalid pretrained tag \(cifar10_cpu2h\) for resnet164_spe') as err:
+        timm.create_model('resnet164_spe.cifar10_cpu2h', pretrained=pretrained)
+    with_weights = [name.split('.', 1)[1] for name in timm.list_pretrained('resnet164_spe.*')]
+    assert with_weights and f'with weights {with_weights}' in str(err.value)
+    assert "its tags are ['cifar10', " in str(err.value) and 'pretrained_cfg_overlay' in str(err.value)
+    assert timm.create_model('resnet164_spe.cifar100').pretrained_cfg['tag'] == 'cifar100'  # known tags still work

@@ -504,12 +504,13 @@ def cmd_run(args) -> None:
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the examples' layout and appends '(default: X)' to options whose help does not state it."""
+    """Keeps the examples' layout and appends '(default: X)' to optional options whose help does not state it (a
+    required one has no default to show)."""
 
     def _get_help_string(self, action):
         text = action.help or ''
         if (action.option_strings and 'default' not in text and action.default is not argparse.SUPPRESS
-                and not isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction))):
+                and not action.required and not isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction))):
             text += ' (default: %(default)s)'
         return text
 

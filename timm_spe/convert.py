@@ -10,6 +10,7 @@
 """
 import argparse
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
@@ -66,6 +67,18 @@ def _reason(e: BaseException) -> str:
     return f'{type(e).__name__}: {line}' if line else type(e).__name__
 
 
+def _unsafe_reason(e: BaseException) -> str:
+    """What torch's safe loader refused, in our words: its own text advises allow-listing the object or filing an
+    issue, neither of which is the fix for a user holding an untrusted file."""
+    text = str(e)
+    found = re.search(r'GLOBAL ([\w.]+)', text)
+    if found:
+        return f'it holds a pickled Python object ({found.group(1)}), not only tensors'
+    if 'WeightsUnpickler' in text or 'file an issue' in text:
+        return 'its pickle holds something other than tensors and plain containers'
+    return _reason(e).rstrip('.')
+
+
 def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Load weights from a safetensors file, a train.py checkpoint or an official SPEM checkpoint, safely.
 
@@ -81,19 +94,23 @@ def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[st
             raise ValueError(f"'{path}' is a safetensors file: one set of weights, no state_dict_ema. Drop --ema, or "
                              f"give the train.py checkpoint (trained with --model-ema) it came from.")
         try:
-            return load_file(str(path)), {'format': 'safetensors'}
+            tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ValueError(
                 f"'{path}' is not a readable safetensors file ({_reason(e)}): it is truncated or corrupt. Copy or "
                 f"download it again, or write it again from its source checkpoint (`timm-spe convert SRC --model "
                 f"MODEL --out FILE.safetensors`).") from e
+        return _checked_finite(path, *_as_timm_state_dict(tensors, {'format': 'safetensors'}))
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write: the refusal below says what matters
+            warnings.simplefilter('ignore', UserWarning)
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the reason and the fix
         raise ValueError(
-            f"'{path}' cannot be loaded safely (weights_only=True, argparse.Namespace allowed): {_reason(e)}. "
-            f"timm-spe never unpickles arbitrary objects; re-save the weights as safetensors.") from e
+            f"'{path}' cannot be loaded safely: {_unsafe_reason(e)}. timm-spe never unpickles arbitrary objects "
+            f"(torch.load with weights_only=True, argparse.Namespace allowed); re-save the weights as "
+            f"safetensors.") from e
     info: Dict[str, Any] = {'format': 'state_dict'}
     if isinstance(ckpt, dict) and 'state_dict' in ckpt:
         info.update({k: ckpt[k] for k in ('epoch', 'arch', 'args', 'metric', 'acc', 'best_acc') if k in ckpt})
@@ -111,13 +128,28 @@ def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Tuple[Dict[st
         state_dict = ckpt
     else:
         raise ValueError(f"'{path}' holds no state dict (expected a dict of tensors or a dict with 'state_dict').")
+    return _checked_finite(path, *_as_timm_state_dict(state_dict, info))
+
+
+def _checked_finite(path: PathLike, state_dict: Dict[str, torch.Tensor], info: Dict[str, Any]):
+    """Refuse weights holding NaN or inf (a diverged run): they would evaluate to ``loss nan`` and be converted,
+    staged or published like any others."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ', '.join(bad[:3]) + (', ...' if len(bad) > 3 else '')
+        raise ValueError(f"'{path}' has non-finite weights (NaN or inf) in {len(bad)} of {len(state_dict)} tensors "
+                         f"({shown}): the run that wrote it diverged; use a checkpoint from before it did.")
+    return state_dict, info
+
+
+def _as_timm_state_dict(state_dict: Dict[str, torch.Tensor], info: Dict[str, Any]):
+    """Any container's weights in timm-spe's key layout: the authors' SPEM keys converted, a DataParallel /
+    DistributedDataParallel ``module.`` prefix dropped (safetensors files and pickled checkpoints alike)."""
     if is_official_state_dict(state_dict):
         info['format'] = 'official'
         info['depth'] = official_depth(state_dict)
-        state_dict = convert_official_state_dict(state_dict)
-    else:
-        state_dict = _strip_module(state_dict)
-    return state_dict, info
+        return convert_official_state_dict(state_dict), info
+    return _strip_module(state_dict), info
 
 
 def load_weights(model: torch.nn.Module, path: PathLike, use_ema: bool = False) -> Dict[str, Any]:

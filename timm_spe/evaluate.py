@@ -276,6 +276,12 @@ def evaluate(
         if logits.shape[-1] <= int(y.max()):
             raise ValueError(f'model has {logits.shape[-1]} classes but the data has label {int(y.max())}: '
                              f'wrong model/tag for this dataset?')
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):
+            raise ValueError(
+                f'the model gave non-finite logits (NaN or inf) for {int((~finite).sum())} of the {y.numel()} images '
+                f'of batch {n // batch_size + 1}: no accuracy is reported. Its weights may hold NaN/inf (a diverged '
+                f'run), or the dtype overflowed (run in float32: drop --amp).')
         loss_sum += F.cross_entropy(logits, y, reduction='sum').item()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         correct1 += (top5[:, 0] == y).sum().item()

@@ -32,7 +32,7 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from timm.models import resolve_pretrained_cfg
+from timm.models import list_models, list_pretrained, resolve_pretrained_cfg
 from timm.models._hub import hf_split, save_for_hf
 
 from .labels import label_names_for
@@ -81,9 +81,8 @@ def download_safetensors(
     # LocalEntryNotFoundError subclasses EntryNotFoundError: catch the offline/unreachable case first
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise PretrainedWeightsNotFound(
-            f"Weights for '{name}' ({hf_hub_id}/{SAFE_WEIGHTS_NAME}) are not in the Hugging Face cache and the "
-            f"Hub cannot be reached (no connection, or offline mode HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). "
-            f"Load them once while online (same HF_HOME / cache), or pass "
+            f"Weights for '{name}' ({hf_hub_id}/{SAFE_WEIGHTS_NAME}) are not in the Hugging Face cache and "
+            f"{_why_not_downloaded(e)}. Load them once while online (same HF_HOME / cache), or pass "
             f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors').") from e
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise PretrainedWeightsNotFound(
@@ -98,6 +97,19 @@ def download_safetensors(
             f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors').") from e
 
 
+def _why_not_downloaded(e: BaseException) -> str:
+    """What kept huggingface_hub from downloading: it turns a server's error answer (HTTP 5xx, ...), a connection
+    failure and offline mode alike into ``LocalEntryNotFoundError``, with the real reason as its cause."""
+    if isinstance(e, OfflineModeIsEnabled) or hf_constants.is_offline_mode():
+        return f"offline mode is on (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '1')})"
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, HfHubHTTPError):
+        status = getattr(getattr(cause, 'response', None), 'status_code', None)
+        what = 'a server error: retry later' if status is not None and status >= 500 else 'check HF_ENDPOINT / your token'
+        return f"the Hub at {hf_constants.ENDPOINT} answered HTTP {status} ({what})"
+    return f"the Hub at {hf_constants.ENDPOINT} cannot be reached (no connection: check the network / HF_ENDPOINT)"
+
+
 def _check_safetensors(path: str, source: str) -> None:
     try:
         load_file(path, device='cpu')
@@ -105,6 +117,19 @@ def _check_safetensors(path: str, source: str) -> None:
         raise PretrainedWeightsCorrupt(
             f"'{path}' (from {source}) is not a readable safetensors file ({e}). It may be truncated or corrupt: "
             f"delete it (for a Hub download, re-download with huggingface_hub's force_download=True) and retry.") from e
+
+
+def _check_named_tag(variant: str, tag: Any) -> None:
+    """``'model.tag'`` with a tag the model does not have (a typo, a retired tag): timm's own error names neither the
+    tags there are nor the ones with weights; this one does (same type and opening as timm's)."""
+    if not isinstance(tag, str):
+        return
+    tags = [name.split('.', 1)[1] for name in list_models(variant, include_tags=True) if '.' in name]
+    if tag not in tags:
+        with_weights = [name.split('.', 1)[1] for name in list_pretrained(f'{variant}.*')]
+        raise RuntimeError(
+            f"Invalid pretrained tag ({tag}) for {variant}: its tags are {tags}, with weights {with_weights}. For "
+            f"other weights create '{variant}' with pretrained_cfg_overlay=dict(file='path/to/model.safetensors').")
 
 
 def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained: bool) -> Dict[str, Any]:
@@ -116,6 +141,7 @@ def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained:
     file given with the tag named explicitly (``'model.tag'`` + ``pretrained_cfg_overlay=dict(file=...)``) -- must
     have the recorded sha256, or nothing is loaded. A file given for the bare model name is the user's own.
     """
+    _check_named_tag(variant, kwargs.get('pretrained_cfg'))
     if not pretrained:
         return kwargs
     kwargs = dict(kwargs)
