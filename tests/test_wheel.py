@@ -58,6 +58,7 @@ def test_wheel_ships_the_weights_and_the_card_template(installed):
     assert 'timm_spe/templates/hub_card.md' in names
     assert {f'timm_spe/weights/{t}.safetensors' for t in SHIPPED} <= set(names)
     assert not any(n.startswith('hub_cards/') for n in names)
+    assert 'hubconf.py' not in names  # torch.hub's entry points are the repository's, not the package's
 
 
 def test_version_publish_and_offline_pretrained_from_the_wheel(installed):

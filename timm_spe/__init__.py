@@ -14,10 +14,11 @@ from .version import __version__
 register_attn_layers()
 register_train_crop_modes()
 
-from .resnet import CIFAR_DEPTHS, CIFAR_MEAN, CIFAR_STD, HF_HUB_ORG, CifarResNet  # noqa: E402 (registers models)
+from .resnet import CIFAR_DEPTHS, CIFAR_MEAN, CIFAR_STD, HF_HUB_ORG, CifarResNet, model_names  # noqa: E402 (registers models)
 
 __all__ = [
     '__version__', 'SpeModule', 'SrmModule', 'SgeModule', 'FORMULATIONS', 'REWEIGHTS', 'spe_penalty', 'set_auto_penalty', 'set_cpu_kernels', 'cpu_kernels_enabled',
     'SPE_ATTN_LAYERS',
     'get_attn', 'register_attn_layers', 'PAD_CROP_MODE', 'register_train_crop_modes', 'CifarResNet', 'CIFAR_DEPTHS', 'CIFAR_MEAN', 'CIFAR_STD', 'HF_HUB_ORG',
+    'model_names',
 ]

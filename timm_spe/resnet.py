@@ -19,7 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerType, create_classifier, get_act_layer, get_norm_layer
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    list_models,
+    model_entrypoint,
+    register_model,
+)
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
@@ -29,9 +36,9 @@ from .hub import resolve_pretrained_weights
 from .labels import CIFAR10_LABELS, CIFAR100_LABELS
 from .registry import PAPER_TAGS, PRETRAINED_TAGS, pretrained_entry, weights_file
 from .spe import SpeModule
-from .spe_me import batch_norm_spe_add_relu, has_module_hooks
+from .spe_me import batch_norm_spe_add_relu, has_module_hooks, is_fx_symbolic_tracing
 
-__all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS']
+__all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS', 'model_names']
 
 HF_HUB_ORG = 'timm-spe'  # Hub organisation holding every pretrained tag: <org>/<model>.<tag>
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -68,8 +75,10 @@ class SpeBottleneck(Bottleneck):
 
     def _tail_unobserved(self) -> bool:
         """True where the fused tail cannot be told apart from bn3 -> se -> add -> act3 module calls: not
-        tracing (it records the module calls), and no module hooks on the three or global ones."""
-        return not torch.jit.is_tracing() and not has_module_hooks(self.bn3, self.se, self.act3)
+        tracing (torch.jit.trace and FX record the module calls: FX feature extraction names ``bn3``, ``se`` and
+        ``act3`` nodes in train and eval mode alike), and no module hooks on the three or global ones."""
+        return (not torch.jit.is_tracing() and not is_fx_symbolic_tracing()
+                and not has_module_hooks(self.bn3, self.se, self.act3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -431,3 +440,12 @@ for _name, _args in _CIFAR_VARIANTS.items():
     _register_cifar(_name, _args)
 for _name, _args in _IMAGENET_VARIANTS.items():
     _register_imagenet(_name, _args)
+
+
+def model_names() -> List[str]:
+    """Every model this package registers with timm, in ``timm.list_models`` order, read from timm's registry (the
+    models whose entry point is defined in ``timm_spe``): ``hubconf.py`` makes one torch.hub entry point of each.
+
+    ``timm.list_models(module=...)`` cannot tell them apart: timm files them under the last part of their module's
+    name, ``'resnet'``, with its own ResNets."""
+    return [name for name in list_models() if model_entrypoint(name).__module__.split('.')[0] == __name__.split('.')[0]]

@@ -58,7 +58,11 @@ def mix_weights(p: torch.Tensor) -> torch.Tensor:
 @register_notrace_function  # shape checks: an FX leaf
 def check_spe_input(x: torch.Tensor, channels: int) -> None:
     """Readable errors for what the pooling and the per-channel parameters would otherwise fail on obscurely: not
-    N x C x H x W, another C than the layer's, or an empty H x W map (nothing to pool)."""
+    N x C x H x W, another C than the layer's, or an empty H x W map (nothing to pool). Skipped while
+    torch.jit.trace records (the legacy ONNX exporter too): its shapes are the example's, and the checks would only
+    add TracerWarnings."""
+    if torch.jit.is_tracing():
+        return
     if x.dim() != 4:
         raise ValueError(f'SpeModule expects a 4-D N x C x H x W input, got shape {list(x.shape)}.')
     if x.shape[1] != channels:
