@@ -124,6 +124,33 @@ CPU_HEADER = """\
 """
 
 
+PAPER_RUN_TAG = 'cifar10_e164'
+PAPER_RUN_MODELS = ('resnet164_spe',)  # phase 1 of the paper-level weights; the plain control follows later
+
+
+def paper_run_recipe(model: str) -> Dict[str, Any]:
+    """The paper's own schedule on the CIFAR-10 this machine has (tag ``cifar10_e164``).
+
+    Identical to ``paper_recipe(model, 'cifar10')`` in everything that trains the model; what differs is where
+    the data is (the JPEG q75 image folder instead of torchvision's download) and how it is run here (CPU, one
+    loader worker, one checkpoint kept, the run folder named by run.sh).
+    """
+    cfg = paper_recipe(model, 'cifar10')
+    del cfg['experiment']
+    cfg.update({
+        'device': 'cpu',
+        'dataset': '',  # an image folder: <data_dir>/{train,test}/<class>/*.jpg
+        'dataset_download': False,
+        'data_dir': 'data/cifar10-jpeg',
+        'workers': 1,  # JPEG decoding of 32x32 images: one worker keeps up with a 2-core CPU step
+        'pin_mem': False,
+        'checkpoint_hist': 1,
+        'recovery_interval': 0,
+        'output': 'train_runs',
+    })
+    return cfg
+
+
 BUDGET_EPOCHS = 30
 BUDGET_TAG = f'cifar10_e{BUDGET_EPOCHS}'
 BUDGET_MODELS = ('resnet164_spe', 'resnet164')  # the SPE weights and their plain control: identical but the model
@@ -135,13 +162,8 @@ def budget_recipe(model: str) -> Dict[str, Any]:
     ``experiment`` is left to ``run.sh`` (the recipe's file name), so two models' recipes differ in the
     ``model`` line alone.
     """
-    cfg = paper_recipe(model, 'cifar10')
-    del cfg['experiment']
+    cfg = paper_run_recipe(model)  # the paper recipe on this machine's data, then the budget's schedule
     cfg.update({
-        'device': 'cpu',
-        'dataset': '',  # an image folder: <data_dir>/{train,test}/<class>/*.jpg
-        'dataset_download': False,
-        'data_dir': 'data/cifar10-jpeg',
         'epochs': BUDGET_EPOCHS,
         'sched': 'cosine',
         'sched_on_updates': True,
@@ -150,12 +172,7 @@ def budget_recipe(model: str) -> Dict[str, Any]:
         'weight_decay': 5.0e-4,
         'lr': 0.1,
         'min_lr': 0.0,
-        'workers': 1,  # JPEG decoding of 32x32 images: one worker keeps up with a 2-core CPU step
-        'pin_mem': False,
         'log_interval': 50,
-        'checkpoint_hist': 1,
-        'recovery_interval': 0,
-        'output': 'train_runs',
     })
     return cfg
 
@@ -183,33 +200,6 @@ BUDGET_HEADER = """\
 # so it does not pay back. Hence channels_last + CPU kernels + run.sh's allocator setting. On an H200 (train.py
 # --device cuda --workers 5-6 --pin-mem): 0.17-0.19 s per step (~75 s per epoch), in train_runs/<recipe>/train.log.
 """
-
-
-PAPER_RUN_TAG = 'cifar10_e164'
-PAPER_RUN_MODELS = ('resnet164_spe',)  # phase 1 of the paper-level weights; the plain control follows later
-
-
-def paper_run_recipe(model: str) -> Dict[str, Any]:
-    """The paper's own schedule on the CIFAR-10 this machine has (tag ``cifar10_e164``).
-
-    Identical to ``paper_recipe(model, 'cifar10')`` in everything that trains the model; what differs is where
-    the data is (the JPEG q75 image folder instead of torchvision's download) and how it is run here (CPU, one
-    loader worker, one checkpoint kept, the run folder named by run.sh).
-    """
-    cfg = paper_recipe(model, 'cifar10')
-    del cfg['experiment']
-    cfg.update({
-        'device': 'cpu',
-        'dataset': '',  # an image folder: <data_dir>/{train,test}/<class>/*.jpg
-        'dataset_download': False,
-        'data_dir': 'data/cifar10-jpeg',
-        'workers': 1,
-        'pin_mem': False,
-        'checkpoint_hist': 1,
-        'recovery_interval': 0,
-        'output': 'train_runs',
-    })
-    return cfg
 
 
 PAPER_RUN_HEADER = """\
