@@ -274,8 +274,10 @@ def test_compiled_train_step_matches_eager():
 
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 def test_fx_feature_extraction_finds_the_blocks_named_modules_in_train_and_eval_mode(mode):
-    """What named_modules() lists is extractable in both modes (FX takes the module-by-module tail, as hooks and
-    torch.jit.trace do), with the eager values, and a train-mode extractor's backward keeps the Eq. 8 penalty."""
+    """Train mode: bn3, se and act3 of every block are extractable (FX takes the module-by-module tail there, as
+    hooks and torch.jit.trace do), with the eager values, and the extractor's backward keeps the Eq. 8 penalty. Eval
+    mode keeps the inference tail so that FX equals eager bit for bit (timm's model tests): bn3 and act3 are nodes,
+    se's multiply is fused into the residual add (docs/design.md says so)."""
     import copy
     import warnings
 
@@ -286,18 +288,21 @@ def test_fx_feature_extraction_finds_the_blocks_named_modules_in_train_and_eval_
         torch.nn.init.normal_(spe.w_exc)
         torch.nn.init.normal_(spe.w_rew)
         spe.p.data = torch.rand(2)
-    names = ['layer1.0.bn3', 'layer1.0.se', 'layer1.0.act3', 'layer3.8.se']
+    names = ['layer1.0.bn3', 'layer1.0.act3', 'layer3.8.act3'] + (['layer1.0.se', 'layer3.8.se'] if mode == 'train' else [])
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # torchvision: train and eval graphs differ inside SpeModule
-        fx = create_feature_extractor(copy.deepcopy(m), return_nodes={n: n for n in names})
+        warnings.simplefilter('ignore')  # torchvision: train and eval graphs differ
+        fx = create_feature_extractor(copy.deepcopy(m), train_return_nodes={n: n for n in names},
+                                      eval_return_nodes={n: n for n in names if not n.endswith('.se')})
     got = getattr(fx, mode)()(x := torch.randn(4, 3, 32, 32))
+    if mode == 'eval':
+        assert torch.equal(got['layer3.8.act3'], m.forward_features(x))  # bit for bit
     seen = {}
     for n in names:
         m.get_submodule(n).register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o.clone()))
     m(x)
-    assert list(got) == names
-    for n in names:
-        torch.testing.assert_close(got[n], seen[n])
+    assert sorted(got) == sorted(names)
+    for n in names:  # train: the eager blocks without hooks run the fused training function (other rounding)
+        torch.testing.assert_close(got[n], seen[n], **(dict(rtol=1e-4, atol=1e-4) if mode == 'train' else {}))
     if mode == 'train':
         for model, out in ((fx, got), (m, seen)):
             model.zero_grad()

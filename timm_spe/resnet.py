@@ -75,9 +75,11 @@ class SpeBottleneck(Bottleneck):
 
     def _tail_unobserved(self) -> bool:
         """True where the fused tail cannot be told apart from bn3 -> se -> add -> act3 module calls: not
-        tracing (torch.jit.trace and FX record the module calls: FX feature extraction names ``bn3``, ``se`` and
-        ``act3`` nodes in train and eval mode alike), and no module hooks on the three or global ones."""
-        return (not torch.jit.is_tracing() and not is_fx_symbolic_tracing()
+        tracing (it records the module calls), not FX-tracing a training graph (the fused training function would
+        hide ``bn3``, ``se`` and ``act3`` from feature extraction), and no module hooks on the three or global
+        ones. (An FX eval graph keeps the inference tail, so that it equals eager bit for bit, as timm's model
+        tests demand: ``bn3`` and ``act3`` are nodes there, ``se``'s multiply is fused into the residual add.)"""
+        return (not torch.jit.is_tracing() and not (self.training and is_fx_symbolic_tracing())
                 and not has_module_hooks(self.bn3, self.se, self.act3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +101,8 @@ class SpeBottleneck(Bottleneck):
                 gate = self.se.attn_map(x)
                 if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
                     return scale_add_relu_(x, shortcut, gate)
+                if is_fx_symbolic_tracing():  # the same in-place ReLU, as an act3 node for feature extraction
+                    return self.act3(torch.addcmul(shortcut, x, gate))
                 return torch.relu_(torch.addcmul(shortcut, x, gate))
         # timm's Bottleneck tail, module by module and in its order: every hook fires and sees its own tensors. The
         # add is out of place (timm adds into se's output), so a tensor a hook keeps is never overwritten.
