@@ -509,8 +509,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ''
+        flags = (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction)
         if (action.option_strings and 'default' not in text and action.default is not argparse.SUPPRESS
-                and not action.required and not isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction))):
+                and not action.required and not isinstance(action, flags)):
             text += ' (default: %(default)s)'
         return text
 

@@ -21,6 +21,7 @@ import torch
 from timm.layers import register_notrace_function
 from torch import nn as nn
 from torch.autograd.function import once_differentiable
+from torch.fx import _symbolic_trace as _fx_trace
 
 from .cpu_kernels import bn_input_grad_, max_min_with_indices, per_map_sums, scale_add_relu_, scatter_add_at_
 
@@ -263,11 +264,10 @@ class _SpeScale(torch.autograd.Function):
         return grad_x, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None
 
 
-def is_fx_symbolic_tracing() -> bool:
-    """Whether ``torch.fx.symbolic_trace`` (FX feature extraction) is tracing; False under ``torch.export`` and
-    ``torch.compile``, which keep the fused paths. (A torch without ``is_fx_symbolic_tracing`` has only ``is_fx_tracing``.)"""
-    from torch.fx import _symbolic_trace
-    return getattr(_symbolic_trace, 'is_fx_symbolic_tracing', _symbolic_trace.is_fx_tracing)()
+# is_fx_symbolic_tracing(): whether torch.fx.symbolic_trace (FX feature extraction) is tracing; False under
+# torch.export and torch.compile, which keep the fused paths. Resolved once here, since every training block's forward
+# asks. (A torch without is_fx_symbolic_tracing has only is_fx_tracing.)
+is_fx_symbolic_tracing = getattr(_fx_trace, 'is_fx_symbolic_tracing', _fx_trace.is_fx_tracing)
 
 
 def has_module_hooks(*modules: nn.Module) -> bool:
