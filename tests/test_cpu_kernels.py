@@ -9,7 +9,7 @@ import torch
 from compile_check import assert_compiled_train_step_matches_eager
 
 import timm_spe
-from timm_spe import cpu_kernels
+from timm_spe import _cpu_build, config, cpu_kernels
 from timm_spe.cpu_kernels import (
     bn_input_grad_,
     max_min,
@@ -249,17 +249,17 @@ def test_build_failure_names_cause_and_fix(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise OSError('g++: command not found')
 
-    monkeypatch.setattr(cpu_kernels, '_state', {'enabled': False, 'loaded': False})
+    monkeypatch.setattr(config, '_state', {'enabled': False, 'loaded': False})
     monkeypatch.setattr(cpp_extension, 'load', no_compiler)
     with pytest.raises(RuntimeError, match=r'(?s)g\+\+: command not found.*C\+\+ compiler.*ninja.*set_cpu_kernels\(False\)'):
         timm_spe.set_cpu_kernels(True)
     assert not timm_spe.cpu_kernels_enabled()
     monkeypatch.setenv('TIMM_SPE_CPU_KERNELS', '1')
     with pytest.warns(UserWarning, match='C\\+\\+ compiler'):
-        cpu_kernels._from_env()
+        config._from_env()
     monkeypatch.setenv('TIMM_SPE_CPU_KERNELS', 'maybe')
     with pytest.warns(UserWarning, match='not understood'):
-        cpu_kernels._from_env()
+        config._from_env()
     assert not timm_spe.cpu_kernels_enabled()
 
 
@@ -271,7 +271,7 @@ def test_build_is_cached_per_cpu_model(monkeypatch, tmp_path):
     for i, flags in enumerate(('fpu sse2 avx2', 'fpu sse2 avx2 avx512f', 'fpu sse2 avx2')):
         info = tmp_path / f'cpuinfo{i}'
         info.write_text(f'processor\t: 0\nflags\t\t: {flags}\nbugs\t\t: none\n')
-        signatures.append(cpu_kernels._cpu_signature(str(info)))
+        signatures.append(_cpu_build._cpu_signature(str(info)))
     assert signatures[0] != signatures[1] and signatures[0] == signatures[2]
 
     names = []
@@ -280,11 +280,11 @@ def test_build_is_cached_per_cpu_model(monkeypatch, tmp_path):
         names.append(name)
         raise OSError('stop here')
 
-    monkeypatch.setattr(cpu_kernels, '_state', {'enabled': False, 'loaded': False})
+    monkeypatch.setattr(config, '_state', {'enabled': False, 'loaded': False})
     monkeypatch.setattr(cpp_extension, 'load', record)
     with pytest.raises(RuntimeError, match='stop here'):
         timm_spe.set_cpu_kernels(True)
-    assert names == [f'timm_spe_cpu_{cpu_kernels._cpu_signature()}']
+    assert names == [f'timm_spe_cpu_{_cpu_build._cpu_signature()}']
 
 
 def test_run_sh_train_switches_kernels_on_unless_set():

@@ -3,7 +3,7 @@
 ``import timm_spe`` registers the CIFAR ResNet family (``resnet164_spe`` ...) and ImageNet-style
 SPE ResNets with timm, and makes ``attn_layer='spe'`` resolvable by timm's attention factory.
 """
-from .cpu_kernels import cpu_kernels_enabled, set_cpu_kernels
+from .config import cpu_kernels_enabled, set_cpu_kernels
 from .create_attn import SPE_ATTN_LAYERS, get_attn, register_attn_layers
 from .sge import SgeModule
 from .spe import FORMULATIONS, REWEIGHTS, SpeModule, set_auto_penalty, spe_penalty

@@ -1,4 +1,4 @@
-""" Optional one-pass CPU kernels for SPE's passes over a block output: the switch and every dispatch
+""" Optional one-pass CPU kernels for SPE's passes over a block output: every eager-or-kernel dispatch
 
 PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin`` and find the argmax / argmin
 element by element; the block tail and BN's input gradient take two passes each. ``csrc/spe_cpu.cpp`` does
@@ -6,143 +6,33 @@ each in one vectorised pass: ``torch.ops.timm_spe.max_min``, ``max_min_with_indi
 ``bn_input_grad_`` and ``channels_last_per_map_sums``, and the N x C gathers / scatters at the extrema (``take_at``,
 ``scatter_add_at_``), with fake (meta) implementations, so ``torch.compile``
 and ``torch.export`` trace them. They are compiled on first use with ``torch.utils.cpp_extension`` (a C++
-compiler and ninja are needed) and cached by PyTorch, per CPU model since they are built with ``-march=native``.
+compiler and ninja are needed) and cached by PyTorch, per CPU model since they are built with ``-march=native``:
+:mod:`timm_spe._cpu_build`.
 
 Off by default: ``timm_spe.set_cpu_kernels(True)`` (or ``with timm_spe.set_cpu_kernels(True): ...``), or
-``TIMM_SPE_CPU_KERNELS=1`` in the environment (``run.sh train`` sets it). The functions at the end of this file are
-the only callers of the kernels: each runs its kernel where the switch is on and the kernel takes the input (CPU
-float32 / float64, NCHW or channels_last), and eager ops otherwise. Results are those of the eager ops bit for
-bit (values, first-extremum indices, NaN as ``max(dim)``, the rounding of ``addcmul``), except channels_last
-backward sums, which take the more precise ``(x - mean)`` form.
+``TIMM_SPE_CPU_KERNELS=1`` in the environment (``run.sh train`` sets it); the switch is in :mod:`timm_spe.config`.
+The functions of this file are the only callers of the kernels: each runs its kernel where the switch is on and the
+kernel takes the input (CPU float32 / float64, NCHW or channels_last), and eager ops otherwise. Results are those of
+the eager ops bit for bit (values, first-extremum indices, NaN as ``max(dim)``, the rounding of ``addcmul``), except
+channels_last backward sums, which take the more precise ``(x - mean)`` form.
 """
-import hashlib
-import logging
-import os
-import platform
-import warnings
-from pathlib import Path
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
+from .config import cpu_kernels_enabled
+
 __all__ = [
-    'set_cpu_kernels', 'cpu_kernels_enabled', 'kernels_apply', 'kernels_apply_per_map',
-    'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_', 'per_map_sums', 'take_at',
-    'scatter_add_at_',
+    'kernels_apply', 'kernels_apply_per_map', 'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_',
+    'per_map_sums', 'take_at', 'scatter_add_at_',
 ]
-
-_SOURCE = Path(__file__).parent / 'csrc' / 'spe_cpu.cpp'
-_ENV = 'TIMM_SPE_CPU_KERNELS'
-_state = {'enabled': False, 'loaded': False}
-
-
-def _cpu_signature(cpuinfo: str = '/proc/cpuinfo') -> str:
-    """Short hash of this CPU's feature flags: the build (``-march=native``) is cached per CPU model, so a cache
-    shared between machines (e.g. a network home) never hands one CPU's binary to another."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line for line in f if line.startswith(('flags', 'Features'))), '')
-    except OSError:
-        flags = ''
-    flags = flags or f'{platform.machine()} {platform.processor()}'
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
-
-
-def _load() -> None:
-    """Compile (or take from PyTorch's extension cache) and register the ops; raises with the cause."""
-    if _state['loaded']:
-        return
-    cpp_log = logging.getLogger('torch.utils.cpp_extension')
-    level = cpp_log.level
-    cpp_log.setLevel(logging.ERROR)  # its import warns that no CUDA runtime is found: irrelevant to a CPU build
-    try:
-        from torch.utils.cpp_extension import load
-    finally:
-        cpp_log.setLevel(level)
-    try:
-        load(name=f'timm_spe_cpu_{_cpu_signature()}', sources=[str(_SOURCE)],
-             extra_cflags=['-O3', '-march=native', '-ffp-contract=off', '-fopenmp'], extra_ldflags=['-fopenmp'],
-             is_python_module=False, verbose=False)
-    except Exception as e:  # compiler or ninja missing, build error
-        raise RuntimeError(
-            f'timm_spe could not build its CPU kernels ({type(e).__name__}: {e}). They need a C++ compiler '
-            f'(g++/clang++) and ninja (pip install ninja); without them leave the kernels off '
-            f'(set_cpu_kernels(False), or unset {_ENV}) and the eager ops are used.') from e
-
-    # fake (meta) implementations, argument names as in the C++ schemas
-    @torch.library.register_fake('timm_spe::max_min')
-    def _(x):
-        n, c = x.shape[0], x.shape[1]
-        return x.new_empty((n, c)), x.new_empty((n, c))
-
-    @torch.library.register_fake('timm_spe::max_min_with_indices')
-    def _(x):
-        n, c = x.shape[0], x.shape[1]
-        return x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long), \
-            x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long)
-
-    @torch.library.register_fake('timm_spe::scale_add_relu_')
-    def _(x, shortcut, gate):
-        return None
-
-    @torch.library.register_fake('timm_spe::channels_last_per_map_sums')
-    def _(grad, x, mean, i_max, i_min):
-        n, c = x.shape[0], x.shape[1]
-        return tuple(x.new_empty((n, c)) for _ in range(4))
-
-    @torch.library.register_fake('timm_spe::bn_input_grad_')
-    def _(out, grad, x, grad_scale, shift, x_coef, i_max, v_max, i_min, v_min):
-        return None
-
-    @torch.library.register_fake('timm_spe::take_at')
-    def _(x, index):
-        return x.new_empty((x.shape[0], x.shape[1]))
-
-    @torch.library.register_fake('timm_spe::scatter_add_at_')
-    def _(t, index, values):
-        return None
-
-    _state['loaded'] = True
-
-
-class set_cpu_kernels:
-    """Use (or stop using) the one-pass CPU kernels; builds them on first use.
-
-    Takes effect at once, like timm's ``set_layer_config``; as a context manager it restores the previous setting
-    on exit::
-
-        timm_spe.set_cpu_kernels(True)          # from here on
-        with timm_spe.set_cpu_kernels(False):   # only inside the block
-            ...
-
-    Raises ``RuntimeError`` naming the cause when they cannot be built (the setting is then unchanged).
-    ``previous`` holds the setting it replaced.
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.previous = _state['enabled']
-        if enabled:
-            _load()
-        _state['enabled'] = bool(enabled)
-
-    def __enter__(self) -> 'set_cpu_kernels':
-        return self
-
-    def __exit__(self, *args) -> None:
-        _state['enabled'] = self.previous
-
-
-def cpu_kernels_enabled() -> bool:
-    """Whether SPE's passes use the one-pass CPU kernels."""
-    return _state['enabled']
-
 
 def kernels_apply(x: torch.Tensor) -> bool:
     """The kernels are on and take ``x``: a non-empty 4-D CPU float32/float64 tensor, NCHW or channels_last."""
     return (
-        _state['enabled'] and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+        cpu_kernels_enabled() and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
         and x.ndim == 4 and x.numel() > 0
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
     )
@@ -157,19 +47,6 @@ def kernels_apply_per_map(x: torch.Tensor, like_x: torch.Tensor, per_map: torch.
         and per_map.device == x.device and per_map.dtype == x.dtype and per_map.is_contiguous()
         and per_map.numel() == x.shape[0] * x.shape[1]
     )
-
-
-def _from_env() -> None:
-    value = os.environ.get(_ENV, '').strip().lower()
-    if value in ('', '0', 'false', 'no', 'off'):
-        return
-    if value not in ('1', 'true', 'yes', 'on'):
-        warnings.warn(f'{_ENV}={value!r} is not understood (use 1 or 0); the CPU kernels stay off.', stacklevel=2)
-        return
-    try:
-        set_cpu_kernels(True)
-    except RuntimeError as e:
-        warnings.warn(f'{_ENV}=1 but {e}', stacklevel=2)
 
 
 # ---- the dispatch: each of SPE's passes on its kernel where it applies, else in eager ops with the same results
@@ -343,6 +220,3 @@ def scatter_add_at_(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor) 
         return
     view, dim = _hw_view(t)
     view.scatter_add_(dim, index.unsqueeze(dim), values.unsqueeze(dim))
-
-
-_from_env()

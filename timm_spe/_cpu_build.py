@@ -1,0 +1,82 @@
+""" Building the optional one-pass CPU kernels: ``csrc/spe_cpu.cpp`` compiled and its ops registered
+
+:func:`_load` compiles the source with ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; PyTorch
+caches the build, per CPU model since it is built with ``-march=native``: :func:`_cpu_signature`) and registers the
+fake (meta) implementations that let ``torch.compile`` and ``torch.export`` trace the ops. Called by
+:class:`timm_spe.config.set_cpu_kernels` on first enable; the switch is in :mod:`timm_spe.config`, the dispatch to the
+ops in :mod:`timm_spe.cpu_kernels`. Imports nothing from the package.
+"""
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).parent / 'csrc' / 'spe_cpu.cpp'
+
+
+def _cpu_signature(cpuinfo: str = '/proc/cpuinfo') -> str:
+    """Short hash of this CPU's feature flags: the build (``-march=native``) is cached per CPU model, so a cache
+    shared between machines (e.g. a network home) never hands one CPU's binary to another."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        flags = ''
+    flags = flags or f'{platform.machine()} {platform.processor()}'
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def _load() -> None:
+    """Compile (or take from PyTorch's extension cache) and register the ops; raises with the cause. Once per process:
+    the caller (:class:`timm_spe.config.set_cpu_kernels`) records that it succeeded."""
+    cpp_log = logging.getLogger('torch.utils.cpp_extension')
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)  # its import warns that no CUDA runtime is found: irrelevant to a CPU build
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        cpp_log.setLevel(level)
+    try:
+        load(name=f'timm_spe_cpu_{_cpu_signature()}', sources=[str(_SOURCE)],
+             extra_cflags=['-O3', '-march=native', '-ffp-contract=off', '-fopenmp'], extra_ldflags=['-fopenmp'],
+             is_python_module=False, verbose=False)
+    except Exception as e:  # compiler or ninja missing, build error
+        raise RuntimeError(
+            f'timm_spe could not build its CPU kernels ({type(e).__name__}: {e}). They need a C++ compiler '
+            f'(g++/clang++) and ninja (pip install ninja); without them leave the kernels off '
+            f'(set_cpu_kernels(False), or unset TIMM_SPE_CPU_KERNELS) and the eager ops are used.') from e
+
+    # fake (meta) implementations, argument names as in the C++ schemas
+    @torch.library.register_fake('timm_spe::max_min')
+    def _(x):
+        n, c = x.shape[0], x.shape[1]
+        return x.new_empty((n, c)), x.new_empty((n, c))
+
+    @torch.library.register_fake('timm_spe::max_min_with_indices')
+    def _(x):
+        n, c = x.shape[0], x.shape[1]
+        return x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long), \
+            x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long)
+
+    @torch.library.register_fake('timm_spe::scale_add_relu_')
+    def _(x, shortcut, gate):
+        return None
+
+    @torch.library.register_fake('timm_spe::channels_last_per_map_sums')
+    def _(grad, x, mean, i_max, i_min):
+        n, c = x.shape[0], x.shape[1]
+        return tuple(x.new_empty((n, c)) for _ in range(4))
+
+    @torch.library.register_fake('timm_spe::bn_input_grad_')
+    def _(out, grad, x, grad_scale, shift, x_coef, i_max, v_max, i_min, v_min):
+        return None
+
+    @torch.library.register_fake('timm_spe::take_at')
+    def _(x, index):
+        return x.new_empty((x.shape[0], x.shape[1]))
+
+    @torch.library.register_fake('timm_spe::scatter_add_at_')
+    def _(t, index, values):
+        return None
