@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import timm_spe  # noqa: F401
-import timm_spe.cli as cli_module
+import timm_spe.cli.evaluate as cli_evaluate
 from timm_spe.cli import main as cli
 from timm_spe.labels import CIFAR10_LABELS
 
@@ -133,7 +133,7 @@ def test_finish_run_stages_one_epoch_while_train_py_goes_on_writing_the_run(run_
     run = run_dir['run']
     _stop_after_two_epochs(run)
     epoch2 = torch.load(run / 'last.pth.tar', weights_only=True)['state_dict']
-    real_evaluate = cli_module.evaluate
+    real_evaluate = cli_evaluate.evaluate
 
     def evaluate_while_training_goes_on(*args, **kwargs):
         result = real_evaluate(*args, **kwargs)
@@ -145,7 +145,7 @@ def test_finish_run_stages_one_epoch_while_train_py_goes_on_writing_the_run(run_
             f.write('2,1.8,1.85,21.0,62.0,0.0\n')
         return result
 
-    monkeypatch.setattr(cli_module, 'evaluate', evaluate_while_training_goes_on)
+    monkeypatch.setattr(cli_evaluate, 'evaluate', evaluate_while_training_goes_on)
     out = tmp_path / 'staged'
     cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(out), '--unfinished'])
     staged = load_file(out / 'model.safetensors')

@@ -309,7 +309,7 @@ def test_upload_offline(hub_env, monkeypatch, tmp_path, capsys):
 
 
 def test_no_token_like_text_is_ever_printed(monkeypatch):
-    from timm_spe.cli import _scrub
+    from timm_spe.cli.errors import _scrub
     monkeypatch.setenv('HF_TOKEN', 'sk-anything-at-all')
     text = _scrub(f'a sk-anything-at-all b {TOKEN} c Authorization: Bearer abc.def {{"authorization": "Bearer xyz"}} '
                   f'hf_hub_id stays')
@@ -439,7 +439,7 @@ def test_run_status_plot_of_a_run_without_a_completed_epoch(tmp_path, capsys):
 def test_an_unexpected_error_is_one_line_too(monkeypatch, capsys):
     def broken(args):
         raise TypeError('something\nbroke')
-    monkeypatch.setattr('timm_spe.cli.cmd_inspect', broken)
+    monkeypatch.setattr('timm_spe.cli.evaluate.cmd_inspect', broken)
     line, _ = _fails(['inspect', 'resnet83_spe'], capsys)
     assert 'unexpected TypeError: something broke' in line and 'rerun with --debug' in line
     _, err = _fails(['inspect', 'resnet83_spe', '--debug'], capsys)  # --debug after the command works too

@@ -192,7 +192,7 @@ def test_resumed_epochs_tells_replayed_from_reseeded_starts(tmp_path):
     assert describe_resumes([(4, True)]) == "resumed 1 time (train.py --resume; train.py's log)"
     assert describe_resumes([]) == ''
     # the card's budget line says it, for the staged epochs only
-    from timm_spe.cli import _budget_from_run
+    from timm_spe.cli.runs import _budget_from_run
     recipe = {'epochs': 4, 'batch_size': 128}
     budget = _budget_from_run([{}] * 3, recipe, str(log), epochs=3)
     assert budget == ("3 of 4 epochs of batch 128 (train.py summary.csv); epochs 1-3 on cpu (train.py's log); "
