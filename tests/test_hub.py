@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 import timm_spe
 from timm_spe.cli import main as cli
 from timm_spe.hub import PretrainedWeightsNotFound, upload_hub_folder
-from timm_spe.registry import PRETRAINED_TAGS, register_pretrained
+from timm_spe.pretrained import register_pretrained
+from timm_spe.registry import PRETRAINED_TAGS
 
 ORG = timm_spe.HF_HUB_ORG
 MARKER = 'unpickled-marker'
@@ -81,7 +82,7 @@ def _run(hub, code, hf_home, offline=False, endpoint=True):
     prelude = textwrap.dedent(f'''
         import json, torch, timm, timm_spe
         from safetensors.torch import load_file
-        from timm_spe.registry import register_pretrained
+        from timm_spe.pretrained import register_pretrained
         for model_tag, sha in {published!r}.items():
             register_pretrained(model_tag, sha, num_classes=10, hf_hub_id='timm-spe/' + model_tag)
         ref = load_file({str(hub['repo'] / 'model.safetensors')!r})

@@ -1,5 +1,5 @@
-"""Every registered pretrained tag (staged in hub_cards/<tag>): card, README and accuracy agree; and the default
-weights of resnet164_spe (its first registry entry) are what the README says about them.
+"""Every registered pretrained tag (staged in hub_cards/<tag>): card, README, docs/results.md and accuracy agree; and
+the default weights of resnet164_spe (its first registry entry) are what docs/results.md says about them.
 
 The folder tests run once per tag of the registry, so a new tag is checked as soon as it is listed;
 :data:`MEASURED` keeps each tag's numbers as staged, so a restaged folder cannot change them unnoticed (and a tag
@@ -62,16 +62,16 @@ def test_folder_is_complete(staged):
 
 def test_readme_quotes_the_card(staged):
     tag, _, result = staged
-    readme = (ROOT / 'README.md').read_text()
-    row = next(line for line in readme.splitlines() if line.startswith(f'| `{tag}`'))
-    assert f"{result['top1']:.2f}" in row and f"{result['top5']:.2f}" in row
+    for doc in (ROOT / 'README.md', ROOT / 'docs' / 'results.md'):  # the weights table, and the results table
+        row = next(line for line in doc.read_text().splitlines() if line.startswith(f'| `{tag}`'))
+        assert f"{result['top1']:.2f}" in row and f"{result['top5']:.2f}" in row, doc
 
 
 def test_readme_says_how_far_from_the_goal_and_what_the_lambdas_chose(card_eval):
-    """The README's prose numbers come from the staged folder: the shortfall against the 93.0 % goal (issue 12)
-    and the paper, and the per-block choice of the learned lambdas (`timm-spe inspect`)."""
+    """The prose numbers of docs/results.md come from the staged folder: the shortfall against the 93.0 % goal
+    (issue 12) and the paper, and the per-block choice of the learned lambdas (`timm-spe inspect`)."""
     import statistics
-    readme = ' '.join((ROOT / 'README.md').read_text().split())  # the prose, whatever its line breaks
+    readme = ' '.join((ROOT / 'docs' / 'results.md').read_text().split())  # the prose, whatever its line breaks
     top1 = card_eval['top1']
     if top1 < 93.0:
         assert f'the final epoch reached {top1:.2f}, **{93.0 - top1:.2f} points short**' in readme
@@ -254,10 +254,9 @@ def test_the_runs_records_are_staged_with_the_weights(staged):
     assert args['model'] == tag.split('.')[0] and args['epochs'] == card_eval['epochs_scheduled']
 
 
-def test_registry_and_models_name_the_same_hub_organisation():
+def test_a_tag_without_a_recorded_repo_is_published_to_the_projects_organisation():
     from timm_spe import registry
-    assert registry.HF_HUB_ORG == timm_spe.HF_HUB_ORG
-    assert registry.default_hub_repo_id('resnet164_spe.cifar100') == f'{timm_spe.HF_HUB_ORG}/resnet164_spe.cifar100'
+    assert registry.default_hub_repo_id('resnet164_spe.cifar100') == 'timm-spe/resnet164_spe.cifar100'
 
 
 def test_a_shipped_tag_missing_from_the_install_falls_back_to_its_hub_repo(monkeypatch):

@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
-from spe_reference import reference_spe, spe_params
 
+from benchmarks.spe_reference import reference_spe, spe_params
 from timm_spe.cpu_kernels import max_min_with_indices, per_map_sums
-from timm_spe.spe_me import _block_tail_fusable, batch_norm_spe_add_relu, global_max_min, scale_add_relu
+from timm_spe.spe import _block_tail_fusable, batch_norm_spe_add_relu
+from timm_spe.spe_me import global_max_min, scale_add_relu
 
 
 def test_global_max_min_gradient_and_ties():

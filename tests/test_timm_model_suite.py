@@ -5,6 +5,12 @@ The sdist matching the installed timm is downloaded once with pip (PyPI is reach
 our models are registered before timm's tests parametrize over ``list_models()``; ``-k`` then
 selects our models. Skipped by design: timm's ``*_pretrained`` tests (they download weights from
 the Hub; our loading is covered against a local Hub in test_hub.py).
+
+Every registered model and tag goes through ``test_model_default_cfgs``; the forward / backward / features /
+TorchScript / FX tests run on one depth of each CIFAR attention kind (ResNet-83), the two shipped models
+(resnet164_spe, resnet164) and two ImageNet SPE ResNets. The other CIFAR depths (164 / 245 / 326 of the same
+kinds, resnet101_spe) are the same classes with more blocks per stage -- a number in the variant table, checked by
+test_resnet.py's parameter counts -- and made this test take half an hour (ResNet-326 through TorchScript and FX).
 """
 import os
 import re
@@ -19,6 +25,8 @@ import timm
 import timm_spe  # noqa: F401
 
 OUR_MODELS = sorted(timm.list_models(['resnet83*', 'resnet164*', 'resnet245*', 'resnet326*', '*_spe']))
+# the models the forward/backward/features/TorchScript/FX tests run on (see the module docstring)
+MODEL_TEST_MODELS = sorted(timm.list_models(['resnet83*', 'resnet164', 'resnet164_spe', 'resnet18_spe', 'resnet50_spe']))
 TEST_KINDS = (
     'test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_torchscript',
     'test_model_forward_features', 'test_model_forward_intermediates_features', 'test_model_forward_intermediates',
@@ -50,19 +58,27 @@ def test_timm_model_suite(tmp_path):
     src = _timm_tests_dir()
     (tmp_path / 'test_models.py').write_bytes((src / 'test_models.py').read_bytes())
     (tmp_path / 'conftest.py').write_text('import timm_spe  # register SPE models before collection\n')
-    expr = f"({' or '.join(OUR_MODELS)}) and not pretrained"
-    proc = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-v', '-p', 'no:cacheprovider', '-k', expr,
-         '-W', 'ignore::pytest.PytestUnknownMarkWarning', str(tmp_path / 'test_models.py')],
-        cwd=tmp_path, capture_output=True, text=True, timeout=3600)
+    expected = [(k, m) for k in TEST_KINDS if k != 'test_model_default_cfgs' for m in MODEL_TEST_MODELS]
+    expected += [('test_model_default_cfgs', t) for t in timm.list_models(OUR_MODELS, include_tags=True)]
+    pytest_args = [sys.executable, '-m', 'pytest', '-p', 'no:cacheprovider',
+                   '-W', 'ignore::pytest.PytestUnknownMarkWarning']
+    # timm's test ids are test_kind[<batch>-<model>]: collect them once, then run exactly the expected ones
+    collected = subprocess.run(
+        pytest_args + ['--collect-only', '-q', '-k', f"({' or '.join(OUR_MODELS)}) and not pretrained",
+                       str(tmp_path / 'test_models.py')],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    wanted = set(expected)
+    node_ids = [line for line in collected.stdout.splitlines()
+                if (m := re.search(r'::(test_\w+)\[\d+-([\w.]+)\]$', line)) and (m.group(1), m.group(2)) in wanted]
+    assert node_ids, collected.stdout[-3000:] + collected.stderr[-2000:]
+    proc = subprocess.run(pytest_args + ['-v'] + node_ids, cwd=tmp_path, capture_output=True, text=True, timeout=3600)
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     results = {}
     for kind, name, outcome in re.findall(r'::(test_\w+)\[\d+-([\w.]+)\] (PASSED|FAILED|SKIPPED|ERROR)', proc.stdout):
         results[(kind, name)] = outcome
     assert len(OUR_MODELS) == 31  # 4 depths x 7 attention kinds (CIFAR) + 3 ImageNet SPE ResNets
-    expected = [(k, m) for k in TEST_KINDS if k != 'test_model_default_cfgs' for m in OUR_MODELS]
-    expected += [('test_model_default_cfgs', t) for t in timm.list_models(OUR_MODELS, include_tags=True)]
+    assert len(MODEL_TEST_MODELS) == 11  # resnet83 x 7 kinds, resnet164(_spe), resnet18_spe, resnet50_spe
     not_passed = [(k, m, results.get((k, m))) for k, m in expected if results.get((k, m)) != 'PASSED']
     assert not not_passed, f'not passed: {not_passed[:20]}\n{tail}'
     assert len(results) == len(expected), sorted(set(results) - set(expected))[:10]

@@ -5,6 +5,7 @@ SPE ResNets with timm, and makes ``attn_layer='spe'`` resolvable by timm's atten
 """
 from .config import cpu_kernels_enabled, set_cpu_kernels
 from .create_attn import SPE_ATTN_LAYERS, get_attn, register_attn_layers
+from .pretrained import register_pretrained
 from .sge import SgeModule
 from .spe import FORMULATIONS, REWEIGHTS, SpeModule, set_auto_penalty, spe_penalty
 from .srm import SrmModule
@@ -20,5 +21,5 @@ __all__ = [
     '__version__', 'SpeModule', 'SrmModule', 'SgeModule', 'FORMULATIONS', 'REWEIGHTS', 'spe_penalty', 'set_auto_penalty', 'set_cpu_kernels', 'cpu_kernels_enabled',
     'SPE_ATTN_LAYERS',
     'get_attn', 'register_attn_layers', 'PAD_CROP_MODE', 'register_train_crop_modes', 'CifarResNet', 'CIFAR_DEPTHS', 'CIFAR_MEAN', 'CIFAR_STD', 'HF_HUB_ORG',
-    'model_names',
+    'model_names', 'register_pretrained',
 ]

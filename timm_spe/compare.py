@@ -3,14 +3,14 @@
 :func:`comparison_table` reads two staged Hub folders (``hub_cards/<model>.<tag>/``, written by ``timm-spe
 finish-run``) and returns a markdown table: top-1 / top-5 / loss of each ``eval.json`` (never typed in), the final
 epoch, params and GMACs counted on the model, the train-step time ratio of the committed CPU benchmark
-(``benchmarks/results.json``), and the paper's Table 1 figures in rows labelled as the paper's. Under the table:
+(``benchmarks/results/results.json``), and the paper's Table 1 figures in rows labelled as the paper's. Under the table:
 the top-1 difference and whether it exceeds the published seed-to-seed spread of CIFAR-10 top-1
 (:data:`SEED_STD_TOP1`); a difference inside it is never called a gain or a loss.
 
     timm-spe compare hub_cards/resnet164_spe.cifar10_e30 hub_cards/resnet164.cifar10_e30            # print it
-    timm-spe compare hub_cards/resnet164_spe.cifar10_e30 hub_cards/resnet164.cifar10_e30 --write    # + README, cards
+    timm-spe compare hub_cards/resnet164_spe.cifar10_e30 hub_cards/resnet164.cifar10_e30 --write    # + docs, cards
 
-``--write`` puts it between :data:`BEGIN` and :data:`END` in the README (the placeholder of
+``--write`` puts it between :data:`BEGIN` and :data:`END` in docs/results.md (:data:`RESULTS_DOC`; the placeholder of
 :func:`pending_markdown` stands there until both runs are staged) and in both cards. Evidence for the spread:
 docs/comparison.md.
 """
@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from ._paths import REPO_ROOT
 from .card import dataset_of_tag, dataset_title, model_complexity
 from .train_run import device_ranges_text, epochs_by_device, resumed_epochs
 
@@ -32,8 +33,9 @@ __all__ = [
 ]
 
 PathLike = Union[str, Path]
-ROOT = Path(__file__).resolve().parents[1]  # the clone (README.md, benchmarks/, hub_cards/) for an editable install
+ROOT = REPO_ROOT  # the clone (README.md, benchmarks/, hub_cards/) for an editable install
 BEGIN, END = '<!-- spe-comparison:begin -->', '<!-- spe-comparison:end -->'
+RESULTS_DOC = 'docs/results.md'  # the clone's file whose markers --write rewrites (default of --readme)
 # the pair of issue 16: the 30-epoch budget recipes, identical but for the model line
 DEFAULT_SPE, DEFAULT_PLAIN = 'hub_cards/resnet164_spe.cifar10_e30', 'hub_cards/resnet164.cifar10_e30'
 
@@ -115,7 +117,7 @@ def read_staged_eval(folder: PathLike) -> Dict[str, Any]:
 def train_step_ratio(model: str, benchmark: Optional[PathLike] = None) -> Optional[float]:
     """Train-step time of ``model`` over plain resnet164's in the committed CPU benchmark, in the setting
     ``./run.sh train`` trains in (channels_last, SPE's CPU kernels on); None if the file or the row is absent."""
-    path = Path(benchmark) if benchmark is not None else ROOT / 'benchmarks' / 'results.json'
+    path = Path(benchmark) if benchmark is not None else ROOT / 'benchmarks' / 'results' / 'results.json'
     if not path.is_file():
         return None
     ratios = json.loads(path.read_text()).get('ratios', {})
@@ -271,8 +273,9 @@ def comparison_table(spe_folder: PathLike, plain_folder: PathLike, benchmark: Op
         f"runs was not measured (one seed each). The paper's own difference comes with no number of runs or spread.",
         '',
         'Train step / resnet164: median train-step time (batch 128, 32x32) over plain resnet164\'s in the committed '
-        '2-core CPU benchmark `benchmarks/results.json`, in the setting `./run.sh train` trains in (channels_last, '
-        'SPE\'s CPU kernels on)' + ('.' if ratio is not None else '; not available (no benchmarks/results.json row).'),
+        '2-core CPU benchmark `benchmarks/results/results.json`, in the setting `./run.sh train` trains in '
+        '(channels_last, SPE\'s CPU kernels on)'
+        + ('.' if ratio is not None else '; not available (no benchmarks/results/results.json row).'),
     ]
     for note in notes:
         lines += ['', note]
@@ -284,7 +287,7 @@ def comparison_table(spe_folder: PathLike, plain_folder: PathLike, benchmark: Op
 
 def pending_markdown(spe_folder: PathLike = DEFAULT_SPE, plain_folder: PathLike = DEFAULT_PLAIN,
                      staged: Sequence[PathLike] = ()) -> str:
-    """What stands between the README's markers until both runs are staged: which folder is still missing, and
+    """What stands between the markers of docs/results.md until both runs are staged: which folder is still missing, and
     the commands that make it and the table (``staged``: the folders already staged)."""
     staged = {Path(f).as_posix() for f in staged}
     folders = [Path(spe_folder), Path(plain_folder)]
@@ -311,7 +314,7 @@ def pending_markdown(spe_folder: PathLike = DEFAULT_SPE, plain_folder: PathLike 
     ])
 
 
-def update_block(text: str, block: str, where: str = 'README.md') -> str:
+def update_block(text: str, block: str, where: str = RESULTS_DOC) -> str:
     """``text`` with what stands between :data:`BEGIN` and :data:`END` replaced by ``block``."""
     pattern = re.compile(re.escape(BEGIN) + '.*?' + re.escape(END), re.S)
     if not pattern.search(text):
@@ -330,12 +333,12 @@ def _card_with(card: str, block: str, where: str) -> str:
 
 def write_comparison(spe_folder: PathLike, plain_folder: PathLike, readme: Optional[PathLike] = None,
                      benchmark: Optional[PathLike] = None) -> Tuple[str, List[Path]]:
-    """Write the table into ``readme`` (default: the clone's README.md) and both folders' cards. Everything is
+    """Write the table into ``readme`` (default: the clone's docs/results.md) and both folders' cards. Everything is
     generated and checked before the first file is written."""
     table = comparison_table(spe_folder, plain_folder, benchmark=benchmark)
-    readme = Path(readme) if readme is not None else ROOT / 'README.md'
+    readme = Path(readme) if readme is not None else ROOT / RESULTS_DOC
     if not readme.is_file():
-        raise FileNotFoundError(f"'{readme}' does not exist: give the README to write into with --readme.")
+        raise FileNotFoundError(f"'{readme}' does not exist: give the file to write into with --readme.")
     texts = {readme: update_block(readme.read_text(), table, str(readme))}
     for folder in (Path(spe_folder), Path(plain_folder)):
         card = folder / 'README.md'
@@ -349,11 +352,12 @@ def write_comparison(spe_folder: PathLike, plain_folder: PathLike, readme: Optio
 
 def readme_block(root: PathLike = ROOT, spe_folder: str = DEFAULT_SPE, plain_folder: str = DEFAULT_PLAIN,
                  benchmark: Optional[PathLike] = None) -> str:
-    """What the README's block must be: the table of the committed folders once both have an eval.json, else the
-    placeholder."""
+    """What the block of docs/results.md must be: the table of the committed folders once both have an eval.json,
+    else the placeholder."""
     root = Path(root)
     if not all((root / f / 'eval.json').is_file() for f in (spe_folder, plain_folder)):
         return pending_markdown(spe_folder, plain_folder,
                                 staged=[f for f in (spe_folder, plain_folder) if (root / f / 'eval.json').is_file()])
-    return comparison_table(root / spe_folder, root / plain_folder,
-                            benchmark=benchmark if benchmark is not None else root / 'benchmarks' / 'results.json')
+    if benchmark is None:
+        benchmark = root / 'benchmarks' / 'results' / 'results.json'
+    return comparison_table(root / spe_folder, root / plain_folder, benchmark=benchmark)

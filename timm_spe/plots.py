@@ -104,7 +104,8 @@ def spe_lambdas(model) -> List[Dict[str, object]]:
     with a constant ``lam`` (the Table 3 ablation) have nothing learned and are left out."""
     import torch
 
-    from .spe import SpeModule, mix_weights
+    from .spe import SpeModule
+    from .spe_math import mix_weights
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, SpeModule) and getattr(m, 'p', None) is not None:

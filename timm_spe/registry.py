@@ -1,4 +1,8 @@
-""" Which pretrained tags have weights, where those weights are, and the sha256 every load is checked against
+""" Which pretrained tags have weights, and the sha256 every load is checked against: the bottom of the weights stack
+
+Imports nothing from the package (as timm's ``_pretrained.py``): the layers above it read it --
+:mod:`timm_spe.pretrained` (cfgs, where a shipped file is, runtime registration), :mod:`timm_spe.hub` (download,
+publish), :mod:`timm_spe.builder` (the checked load), :mod:`timm_spe.resnet` (the models).
 
 :data:`PRETRAINED_TAGS` is the one table. A tag is listed by ``timm.list_pretrained`` only if it is in it:
 
@@ -16,15 +20,13 @@ loaded. The first entry of a model is its default tag (``timm.create_model('resn
 stay a literal dict of literal dicts.
 """
 import hashlib
-from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 __all__ = [
     'PRETRAINED_TAGS', 'PAPER_TAGS', 'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt',
-    'PretrainedWeightsMismatch', 'pretrained_entry', 'weights_file', 'packaged_weights_file',
-    'clone_weights_file', 'tag_of_hub_id', 'verify_sha256', 'sha256_file', 'register_pretrained',
-    'default_hub_repo_id', 'no_weights_message',
+    'PretrainedWeightsMismatch', 'pretrained_entry', 'tag_of_hub_id', 'verify_sha256', 'sha256_file',
+    'default_hub_repo_id', 'no_weights_message', 'HF_HUB_ORG', 'SAFE_WEIGHTS_NAME',
 ]
 
 # '<model>.<tag>': {'sha256': sha256 of model.safetensors, 'num_classes': N,
@@ -46,7 +48,6 @@ PAPER_TAGS: Dict[str, int] = {'cifar10': 10, 'cifar100': 100}
 
 HF_HUB_ORG = 'timm-spe'  # the organisation the project publishes to: <org>/<model>.<tag>
 SAFE_WEIGHTS_NAME = 'model.safetensors'
-_CLONE_CARDS = Path(__file__).resolve().parents[1] / 'hub_cards'
 PathLike = Union[str, Path]
 
 
@@ -74,29 +75,6 @@ def sha256_file(path: PathLike) -> str:
 def pretrained_entry(model_tag: str) -> Optional[Dict[str, Any]]:
     """The table entry of ``'<model>.<tag>'`` (None: no weights recorded)."""
     return PRETRAINED_TAGS.get(model_tag)
-
-
-def packaged_weights_file(model_tag: str) -> Optional[Path]:
-    """The package-data copy of a shipped tag's weights, if this install has it."""
-    try:
-        f = resources.files('timm_spe') / 'weights' / f'{model_tag}.safetensors'
-    except (ModuleNotFoundError, TypeError):  # pragma: no cover
-        return None
-    return Path(str(f)) if f.is_file() else None
-
-
-def clone_weights_file(model_tag: str) -> Optional[Path]:
-    """``hub_cards/<model>.<tag>/model.safetensors`` of a git clone (editable install), if present."""
-    f = _CLONE_CARDS / model_tag / SAFE_WEIGHTS_NAME
-    return f if f.is_file() else None
-
-
-def weights_file(model_tag: str) -> Optional[Path]:
-    """Where a shipped tag's weights are on this machine: package data, else the clone's hub_cards/ folder."""
-    entry = pretrained_entry(model_tag)
-    if not entry or not entry.get('shipped'):
-        return None
-    return packaged_weights_file(model_tag) or clone_weights_file(model_tag)
 
 
 def tag_of_hub_id(repo_id: str) -> Optional[str]:
@@ -139,44 +117,5 @@ def no_weights_message(model_tag: str) -> str:
         f"`./run.sh train train_recipes/{variant}-{tag}.yaml`, then `timm-spe finish-run --recipe ...`), or "
         f"`timm-spe eval` + `timm-spe publish CHECKPOINT --model {variant} --tag {tag} --eval-json EVAL.json`; then "
         f"record the published file's sha256 in timm_spe/registry.py (or at runtime with "
-        f"timm_spe.registry.register_pretrained). To use a local file instead: timm.create_model('{variant}', "
+        f"timm_spe.register_pretrained). To use a local file instead: timm.create_model('{variant}', "
         f"pretrained=True, pretrained_cfg_overlay=dict(file='path/to/model.safetensors')).")
-
-
-def register_pretrained(model_tag: str, sha256: str, num_classes: int, hf_hub_id: Optional[str] = None,
-                        file: Optional[PathLike] = None, default: bool = False) -> None:
-    """Record weights for ``'<model>.<tag>'`` at runtime (e.g. a tag you published to your own organisation).
-
-    Afterwards ``timm.create_model('<model>.<tag>', pretrained=True)`` downloads ``hf_hub_id`` (or reads
-    ``file``), checks the sha256 and loads it, and ``timm.list_pretrained`` lists it. ``default`` makes it the
-    model's default tag.
-    """
-    from timm.models import _registry as reg
-
-    from .resnet import _tag_cfg
-    if not hf_hub_id and not file:
-        raise ValueError('register_pretrained needs hf_hub_id or file.')
-    variant, _, tag = model_tag.partition('.')
-    if not tag or variant not in reg._model_entrypoints:
-        raise ValueError(f"'{model_tag}' is not '<registered model>.<tag>'.")
-    entry = {'sha256': sha256, 'num_classes': int(num_classes)}
-    if hf_hub_id:
-        entry['hf_hub_id'] = hf_hub_id
-    if file:
-        entry['file'] = str(file)
-    PRETRAINED_TAGS[model_tag] = entry
-    from dataclasses import replace
-
-    from timm.models import PretrainedCfg
-    cfg = replace(PretrainedCfg(**_tag_cfg(variant, tag)), architecture=variant, tag=tag)
-    reg._model_pretrained_cfgs[model_tag] = cfg
-    reg._model_has_pretrained.add(model_tag)
-    tags: List[str] = reg._model_with_tags[variant]
-    if model_tag in tags:
-        tags.remove(model_tag)
-    if default:
-        tags.insert(0, model_tag)
-        reg._model_pretrained_cfgs[variant] = cfg
-        reg._model_has_pretrained.add(variant)
-    else:
-        tags.append(model_tag)

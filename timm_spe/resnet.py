@@ -12,7 +12,6 @@ Paper: `SPEM: Self-adaptive Pooling Enhanced Attention Module for Image Recognit
 ResNet: `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
 """
 from functools import partial
-from importlib import resources
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -20,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerType, create_classifier, get_act_layer, get_norm_layer
 from timm.models import (
-    build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
     list_models,
@@ -30,19 +28,16 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
+from ._helpers import has_module_hooks, is_fx_symbolic_tracing
+from .builder import build_spe_model
 from .cpu_kernels import scale_add_relu_
 from .create_attn import get_attn
-from .hub import resolve_pretrained_weights
-from .labels import CIFAR10_LABELS, CIFAR100_LABELS
-from .registry import PAPER_TAGS, PRETRAINED_TAGS, pretrained_entry, weights_file
-from .spe import SpeModule
-from .spe_me import batch_norm_spe_add_relu, has_module_hooks, is_fx_symbolic_tracing
+from .pretrained import CIFAR_MEAN, CIFAR_STD, cifar_cfgs, imagenet_cfg
+from .registry import HF_HUB_ORG
+from .spe import SpeModule, batch_norm_spe_add_relu
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS', 'model_names']
 
-HF_HUB_ORG = 'timm-spe'  # Hub organisation holding every pretrained tag: <org>/<model>.<tag>
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 # The variant table: depths of the paper (Table 2) x attention kinds (Table 1 baselines) as
 # (attn_layer, attn_kwargs). SE uses the exact C/16 reduction and CBAM a biased MLP with C/16
@@ -69,7 +64,7 @@ def _stage_blocks(depth: int) -> int:
 
 class SpeBottleneck(Bottleneck):
     """timm's ``Bottleneck`` with an SPE layer and a fused tail. Training: last BN, SPE, residual add and
-    ReLU as one autograd function (:func:`~timm_spe.spe_me.batch_norm_spe_add_relu`) that keeps no extra
+    ReLU as one autograd function (:func:`~timm_spe.spe.batch_norm_spe_add_relu`) that keeps no extra
     full-size activation for backward. Inference: one in-place ``addcmul`` into the block's own BN output
     and an in-place ReLU, as the plain block's ``x += shortcut``. Same parameters and keys."""
 
@@ -338,66 +333,15 @@ class CifarResNet(nn.Module):
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
-    return build_model_with_cfg(
-        CifarResNet,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-        **resolve_pretrained_weights(variant, kwargs, pretrained),
-    )
+    return build_spe_model(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    return build_model_with_cfg(ResNet, variant, pretrained, **resolve_pretrained_weights(variant, kwargs, pretrained))
-
-
-def _cfg(**kwargs) -> Dict[str, Any]:
-    """CIFAR pretrained config: 32x32 input, CIFAR mean/std, no resize or crop."""
-    return {
-        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear', 'fixed_input_size': False,
-        'mean': CIFAR_MEAN, 'std': CIFAR_STD, 'first_conv': 'conv1', 'classifier': 'fc',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2208.10322',
-        **kwargs,
-    }
-
-
-def _inet_cfg(**kwargs) -> Dict[str, Any]:
-    """ImageNet config for SPE variants of timm's ResNet (no weights)."""
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406),
-        'std': (0.229, 0.224, 0.225), 'first_conv': 'conv1', 'classifier': 'fc', 'license': 'apache-2.0',
-        **kwargs,
-    }
+    return build_spe_model(ResNet, variant, pretrained, **kwargs)
 
 
 def cifar_model_name(depth: int, attn: str = '') -> str:
     return f'resnet{depth}' + (f'_{attn}' if attn else '')
-
-
-def _tag_cfg(model_name: str, tag: str) -> Dict[str, Any]:
-    """The pretrained cfg of ``<model>.<tag>``: weights (package file or Hub repo) only if the registry records them."""
-    model_tag = f'{model_name}.{tag}'
-    entry = pretrained_entry(model_tag)
-    num_classes = entry['num_classes'] if entry else PAPER_TAGS.get(tag, 10)
-    where: Dict[str, Any] = {}
-    if entry and entry.get('file'):
-        where['file'] = entry['file']
-    elif entry and entry.get('shipped'):  # package data; in a clone hub_cards/; else where the wheel would put it
-        where['file'] = str(weights_file(model_tag) or resources.files('timm_spe') / 'weights' / f'{model_tag}.safetensors')
-    if entry and entry.get('hf_hub_id'):
-        where['hf_hub_id'] = entry['hf_hub_id']
-    labels = {10: CIFAR10_LABELS, 100: CIFAR100_LABELS}.get(num_classes)
-    return _cfg(num_classes=num_classes, **({'label_names': list(labels)} if labels else {}), **where)
-
-
-def _cifar_cfgs(model_name: str) -> Dict[str, Dict[str, Any]]:
-    """Tags with weights first (registry order: the first is the default tag), then the paper-schedule tags
-    (registered for their config, not listed by ``timm.list_pretrained`` until they have weights)."""
-    tags = [t.split('.', 1)[1] for t in PRETRAINED_TAGS if t.split('.', 1)[0] == model_name]
-    tags += [t for t in PAPER_TAGS if t not in tags]
-    return {f'{model_name}.{tag}': _tag_cfg(model_name, tag) for tag in tags}
 
 
 _CIFAR_VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -413,8 +357,8 @@ _IMAGENET_VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 
 default_cfgs = generate_default_cfgs({
-    **{k: v for name in _CIFAR_VARIANTS for k, v in _cifar_cfgs(name).items()},
-    **{f'{name}.untrained': _inet_cfg() for name in _IMAGENET_VARIANTS},
+    **{k: v for name in _CIFAR_VARIANTS for k, v in cifar_cfgs(name).items()},
+    **{f'{name}.untrained': imagenet_cfg() for name in _IMAGENET_VARIANTS},
 })
 
 

@@ -22,7 +22,7 @@ by ``groups``.
 import torch
 from torch import nn
 
-from .spe import check_timm_attn_kwargs
+from ._helpers import check_timm_attn_kwargs
 
 __all__ = ['SgeModule']
 

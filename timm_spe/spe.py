@@ -20,8 +20,9 @@ exact gradient to ``p`` during backward, so it works in unmodified training loop
 The paper's ablations (Tables 3 and 4) are options of :class:`SpeModule`: a constant ``lam`` and the reweight-module
 variants ``reweight``; see ``docs/design_space.md``. They run as plain autograd ops (no fused path, no CPU kernel).
 
+The math (Eq. 3, both gates, every ablation, the penalty) is in :mod:`timm_spe.spe_math`; this file is the layer.
 In training the default variant runs as memory-efficient autograd functions (:mod:`timm_spe.spe_me`) wherever
-nothing can tell them apart from these ops; results are the same either way.
+nothing can tell them apart from those ops; results are the same either way.
 """
 import math
 import numbers
@@ -31,28 +32,17 @@ import torch
 from timm.layers import register_notrace_function
 from torch import nn as nn
 
+from . import spe_me
+from ._helpers import check_timm_attn_kwargs
 from .cpu_kernels import max_min
-from .spe_me import global_max_min, spe_gate, spe_scale, with_penalty_grad
+from .spe_math import ablation_gate, mix_weights, penalty, spe_gate
+from .spe_me import fused_applies, global_max_min, scale_add_relu, spe_scale, with_penalty_grad
 
-__all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'spe_gate', 'ablation_gate', 'FORMULATIONS', 'REWEIGHTS']
+__all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'batch_norm_spe_add_relu', 'FORMULATIONS', 'REWEIGHTS']
 
 FORMULATIONS = ('official', 'paper')
 # the reweight module (RM) of SPE and its Table 4 / Fig. 4 ablations: 'sum' is SPE itself, then (a) ... (g), without RM
 REWEIGHTS = ('sum', 'unshared', 'no_sigmoid', 'product', 'sigmoid_sum', 'sigmoid_product', 'max', 'min', 'none')
-
-
-@register_notrace_function  # dtype branch: an FX leaf
-def mix_weights(p: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: ``(lambda, 1 - lambda) = p^2 / sum(p^2)``, finite (0.5, 0.5) when all ``p`` are 0.
-
-    Computed in float32 (float64 stays float64). The ``tiny`` offset, float32's smallest normal number,
-    leaves the result bit-identical to ``p^2 / sum(p^2)`` for any ``p^2`` above ~1e-31 and only matters
-    at exactly zero.
-    """
-    tiny = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny; a literal for TorchScript
-    acc = p if p.dtype == torch.float64 else p.float()
-    p_sq = acc * acc
-    return ((p_sq + tiny) / (p_sq.sum() + 2 * tiny)).to(p.dtype)
 
 
 @register_notrace_function  # shape checks: an FX leaf
@@ -73,52 +63,6 @@ def check_spe_input(x: torch.Tensor, channels: int) -> None:
                          f'global max/min pooling needs at least one pixel; use a larger input.')
 
 
-def ablation_gate(
-        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
-        w_rew: Optional[torch.Tensor], b_rew: Optional[torch.Tensor], w_rew_min: Optional[torch.Tensor],
-        b_rew_min: Optional[torch.Tensor], paper: bool, reweight: str,
-) -> torch.Tensor:
-    """The N x C gate of any variant (Tables 3 and 4), in plain autograd ops; for ``reweight='sum'`` the same as
-    :func:`spe_gate`. ``g_rew(f) = w_rew * f + b_rew`` (``'unshared'``: ``w_rew_min, b_rew_min`` for ``f_min``);
-    ``r_max = g_rew(f_max)``, ``r_min = g_rew(f_min)``. ``u`` mixes ``r_max, r_min`` (``'official'``) or the raw
-    pools (``'paper'``, and always for ``'none'``, which has no ``g_rew``); ``v_exc = sigmoid(w_exc * u + b_exc)``;
-    ``v_rew`` is ``sigmoid(r_max + r_min)`` (``'sum'``; Eq. 6 with ``b_rew`` once for ``'paper'``),
-    ``r_max + r_min`` (``'no_sigmoid'``), ``sigmoid(r_max * r_min)`` (``'product'``), ``sigmoid(r_max) +
-    sigmoid(r_min)`` (``'sigmoid_sum'``), ``sigmoid(r_max) * sigmoid(r_min)`` (``'sigmoid_product'``),
-    ``sigmoid(r_max)`` (``'max'``), ``sigmoid(r_min)`` (``'min'``), 1 (``'none'``)."""
-    if w_rew is None or b_rew is None:  # 'none': no reweight module
-        u = lam[0] * f_max + lam[1] * f_min
-        return torch.sigmoid(w_exc * u + b_exc)
-    r_max = w_rew * f_max + b_rew
-    if w_rew_min is not None and b_rew_min is not None:  # 'unshared'
-        r_min = w_rew_min * f_min + b_rew_min
-    else:
-        r_min = w_rew * f_min + b_rew
-    if paper:
-        u = lam[0] * f_max + lam[1] * f_min
-    else:
-        u = lam[0] * r_max + lam[1] * r_min
-    v_exc = torch.sigmoid(w_exc * u + b_exc)
-    if reweight == 'sum' or reweight == 'unshared':
-        v_rew = torch.sigmoid(w_rew * (f_max + f_min) + b_rew) if paper and reweight == 'sum' \
-            else torch.sigmoid(r_max + r_min)
-    elif reweight == 'no_sigmoid':
-        v_rew = r_max + r_min
-    elif reweight == 'product':
-        v_rew = torch.sigmoid(r_max * r_min)
-    elif reweight == 'sigmoid_sum':
-        v_rew = torch.sigmoid(r_max) + torch.sigmoid(r_min)
-    elif reweight == 'sigmoid_product':
-        v_rew = torch.sigmoid(r_max) * torch.sigmoid(r_min)
-    elif reweight == 'max':
-        v_rew = torch.sigmoid(r_max)
-    elif reweight == 'min':
-        v_rew = torch.sigmoid(r_min)
-    else:
-        raise ValueError('unknown reweight ' + reweight)
-    return v_exc * v_rew
-
-
 # FX leaves wherever this module calls them (SpeModule.attn_map is a method, not a module call)
 torch.fx.wrap('with_penalty_grad')
 torch.fx.wrap('mix_weights')
@@ -135,19 +79,6 @@ def _check_eta(eta, what: str) -> float:
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f'{what} (penalty coefficient) must be a finite number >= 0, got {eta!r}.')
     return float(eta)
-
-
-# kwargs timm models pass to attention layers in general (e.g. cspnet: act_layer; efficientnet: rd_ratio)
-_IGNORED_TIMM_ATTN_KWARGS = frozenset(
-    {'act_layer', 'gate_layer', 'norm_layer', 'rd_ratio', 'rd_channels', 'rd_divisor', 'round_chs_fn'})
-
-
-def check_timm_attn_kwargs(layer: str, accepted: str, timm_attn_kwargs: dict) -> None:
-    """Refuse arguments that neither the attention ``layer`` nor timm's generic attention kwargs name (one line)."""
-    unknown = set(timm_attn_kwargs) - _IGNORED_TIMM_ATTN_KWARGS
-    if unknown:
-        raise TypeError(f'{layer} got unexpected arguments {sorted(unknown)}; it accepts {accepted} and (ignored) '
-                        f'timm attention kwargs {sorted(_IGNORED_TIMM_ATTN_KWARGS)}.')
 
 
 class SpeModule(nn.Module):
@@ -206,7 +137,7 @@ class SpeModule(nn.Module):
         self.channels = int(channels)
         self.lam = lam
         self.reweight = reweight
-        # the fused training functions and the CPU kernels serve only this variant (see spe_me._spe_fusable)
+        # the fused training functions and the CPU kernels serve only this variant
         self.default_variant = lam is None and reweight == 'sum'
         self.formulation = formulation
         self.paper = formulation == 'paper'
@@ -273,7 +204,7 @@ class SpeModule(nn.Module):
                     'timm_spe.set_auto_penalty(model, False) before training and add timm_spe.spe_penalty(model) '
                     'to the loss.')
         elif self.training:
-            p = with_penalty_grad(p, self)
+            p = with_penalty_grad(p, self.penalty_on, self.eta)
         return mix_weights(p)
 
     def _fused_ops(self) -> bool:
@@ -301,7 +232,7 @@ class SpeModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.default_variant and self._fused_ops():
             check_spe_input(x, self.channels)
-            return spe_scale(x, self)
+            return spe_scale(x, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
         return x * self.attn_map(x).to(x.dtype)
 
     def penalty(self) -> torch.Tensor:
@@ -309,7 +240,7 @@ class SpeModule(nn.Module):
         p = self.p
         if p is None:
             return self.w_exc.new_zeros(())
-        return self.eta * (p * p).sum()
+        return penalty(p, self.eta)
 
     def extra_repr(self) -> str:
         s = f'{self.channels}, formulation={self.formulation!r}'
@@ -370,7 +301,45 @@ def spe_penalty(model: nn.Module) -> torch.Tensor:
         return torch.zeros(())
     for m in layers:
         _set_switch(m, False)
-    total = layers[0].eta * (layers[0].p * layers[0].p).sum()
+    total = penalty(layers[0].p, layers[0].eta)  # not m.penalty(): a scripted layer has no such method
     for m in layers[1:]:
-        total = total + m.eta * (m.p * m.p).sum()
+        total = total + penalty(m.p, m.eta)
     return total
+
+
+def _block_tail_fusable(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, spe: SpeModule) -> bool:
+    """:func:`~timm_spe.spe_me.fused_batch_norm_spe_add_relu` applies: the default variant in training, where
+    :func:`~timm_spe.spe_me.fused_applies`, with a training-mode ``nn.BatchNorm2d`` that tracks running statistics
+    and a shortcut of ``x``'s shape and dtype."""
+    return (
+        spe.default_variant and spe.training and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+        and bn.track_running_stats and fused_applies(x, spe.p, spe.w_exc, bn.weight)
+        and shortcut.shape == x.shape and shortcut.dtype == x.dtype
+    )
+
+
+@register_notrace_function
+def batch_norm_spe_add_relu(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, spe: SpeModule) -> torch.Tensor:
+    """``relu(spe(bn(x)) + shortcut)``: the tail of a bottleneck block with SPE, for training.
+
+    With a training-mode ``nn.BatchNorm2d``, NCHW-contiguous or channels_last input and one dtype (no
+    autocast) it runs as one autograd function (:func:`~timm_spe.spe_me.fused_batch_norm_spe_add_relu`) that saves no
+    more full-size activations for backward than the block without SPE; otherwise as ``bn``, the SPE gate and
+    :func:`~timm_spe.spe_me.scale_add_relu`; an ablation variant of ``spe`` (not ``spe.default_variant``) always as
+    ``bn``, its gate and plain ``relu(addcmul(...))``.
+    Same results either way, running statistics and ``num_batches_tracked`` included.
+    """
+    if not spe.default_variant:  # ablations (Tables 3, 4): plain autograd ops throughout
+        y = bn(x)
+        return torch.relu(torch.addcmul(shortcut, y, spe.attn_map(y)))
+    if not _block_tail_fusable(x, shortcut, bn, spe):
+        y = bn(x)
+        return scale_add_relu(y, shortcut, spe.attn_map(y))
+    momentum = 0. if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:  # nn.BatchNorm2d's own bookkeeping
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1. / float(bn.num_batches_tracked)
+    return spe_me.fused_batch_norm_spe_add_relu(
+        x, shortcut, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
+        spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)

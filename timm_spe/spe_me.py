@@ -1,36 +1,33 @@
 """ Memory-efficient autograd functions for SPE in training, and the block tail they fuse
 
-SPE (:mod:`timm_spe.spe`) reads a whole activation for two N x C pools. Written with autograd's ops, training keeps
+SPE (:mod:`timm_spe.spe`, its math in :mod:`timm_spe.spe_math`) reads a whole activation for two N x C pools. Written with autograd's ops, training keeps
 that activation and several full-size temporaries for backward; the functions here save only N x C pools, indices
 and gates (besides what the layers around them keep anyway) and compute backward in closed form, as timm's
 ``activations_me.py`` does for activations. :func:`batch_norm_spe_add_relu` fuses a bottleneck block's last
 BatchNorm, SPE, residual add and ReLU into one function that saves no more full-size activations than the block
-without SPE (used by :class:`timm_spe.resnet.SpeBottleneck`).
+without SPE (used by :class:`timm_spe.resnet.SpeBottleneck` through :func:`timm_spe.spe.batch_norm_spe_add_relu`).
 
-Each entry point checks that its fused path cannot be told apart from the plain ops (training with grad, a dense
-layout, one dtype, no autocast; the callers also check hooks and tracing) and falls back to them otherwise; the
-results are the same either way. Where a CPU kernel can do a pass in one read, the dispatch in
+Every function here takes tensors, not modules. :func:`fused_applies` says where a fused function cannot be told
+apart from the plain ops (grad enabled, a dense layout, one dtype, no autocast); :func:`spe_scale` falls back to them
+by itself, and the layers (:mod:`timm_spe.spe`) check what only they know (training mode, the variant, hooks,
+tracing) before calling in. The results are the same either way. Where a CPU kernel can do a pass in one read, the dispatch in
 :mod:`timm_spe.cpu_kernels` picks it.
 
 Paper: `SPEM: Self-adaptive Pooling Enhanced Attention Module for Image Recognition`
     (also `Mix-Pooling Strategy for Attention Mechanism`) - https://arxiv.org/abs/2208.10322
 """
-from typing import TYPE_CHECKING, Tuple
+from typing import Tuple
 
 import torch
 from timm.layers import register_notrace_function
-from torch import nn as nn
 from torch.autograd.function import once_differentiable
-from torch.fx import _symbolic_trace as _fx_trace
 
-from .cpu_kernels import bn_input_grad_, max_min_with_indices, per_map_sums, scale_add_relu_, scatter_add_at_
-
-if TYPE_CHECKING:
-    from .spe import SpeModule
+from .cpu_kernels import bn_input_grad_, max_min, max_min_with_indices, per_map_sums, scale_add_relu_, scatter_add_at_
+from .spe_math import gate_terms, penalty_grad, spe_gate
 
 __all__ = [
-    'with_penalty_grad', 'global_max_min', 'scale_add_relu', 'spe_gate', 'spe_scale', 'batch_norm_spe_add_relu',
-    'has_module_hooks',
+    'with_penalty_grad', 'global_max_min', 'scale_add_relu', 'spe_scale', 'fused_batch_norm_spe_add_relu',
+    'fused_applies',
 ]
 
 
@@ -42,44 +39,14 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format if t.is_contiguous() else torch.channels_last
 
 
-def _gate_terms(
-        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
-        w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(m_max, m_min, u, v_exc, v_rew)``: the two terms the pooling mix ``u = lambda * m_max + (1 - lambda) * m_min``
-    mixes (the reweighted pools ``w_rew * f + b_rew`` in the authors' code, the raw pools in the paper), ``u``, and the
-    two gates ``v_exc = sigmoid(w_exc * u + b_exc)`` and ``v_rew`` (``sigmoid(r_max + r_min)`` in the authors' code,
-    ``sigmoid(w_rew * (f_max + f_min) + b_rew)`` in the paper)."""
-    if paper:
-        m_max, m_min = f_max, f_min
-        v_rew = torch.sigmoid(torch.addcmul(b_rew, w_rew, f_max + f_min))
-    else:
-        m_max = torch.addcmul(b_rew, w_rew, f_max)
-        m_min = torch.addcmul(b_rew, w_rew, f_min)
-        v_rew = torch.sigmoid(m_max + m_min)
-    u = lam[0] * m_max + lam[1] * m_min
-    v_exc = torch.sigmoid(torch.addcmul(b_exc, w_exc, u))
-    return m_max, m_min, u, v_exc, v_rew
-
-
-def spe_gate(
-        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
-        w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-) -> torch.Tensor:
-    """The N x C gate ``v_exc * v_rew`` from the pools ``f_max``, ``f_min`` (N x C) and ``lam = (lambda, 1 - lambda)``;
-    ``paper`` selects Eq. 2-7 over the authors' code (see :func:`_gate_terms`)."""
-    _, _, _, v_exc, v_rew = _gate_terms(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
-    return v_exc * v_rew
-
-
 def _spe_gate_backward(
         grad: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor,
         w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Closed-form vector-Jacobian product of :func:`spe_gate` (N x C sized work only): the gradients
+    """Closed-form vector-Jacobian product of :func:`~timm_spe.spe_math.spe_gate` (N x C sized work only): the gradients
     of ``f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew`` for ``grad``, the gradient of the gate. (TorchScript
     compiles it as it is: the benchmark's primitives time the same ops run from C++.)"""
-    m_max, m_min, u, v_exc, v_rew = _gate_terms(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+    m_max, m_min, u, v_exc, v_rew = gate_terms(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
     d_exc = grad * v_rew * v_exc * (1 - v_exc)  # through sigmoid(w_exc * u + b_exc)
     d_rew = grad * v_exc * v_rew * (1 - v_rew)  # through v_rew's sigmoid
     d_u = d_exc * w_exc
@@ -97,42 +64,41 @@ def _spe_gate_backward(
 
 
 class _PenaltyGrad(torch.autograd.Function):
-    """Identity in forward; in backward adds ``2 * eta * p``, the gradient of ``eta * sum(p^2)``, where the
+    """Identity in forward; in backward adds ``2 * eta * p``, the gradient of ``eta * sum(p^2)`` (Eq. 8), where the
     owning layer's switch ``on`` (a bool tensor) is set.
 
     The switch is read at backward time, so that ``loss = task_loss + spe_penalty(model)`` (which switches the
     automatic penalty off after the forward already ran) still counts the penalty exactly once. It is a tensor,
     not a Python flag, because ``torch.compile`` traces the backward when it compiles the forward and would bake a
     Python flag in as it was then; the tensor's value is read when the backward runs, eager or compiled. ``eta``
-    is read from ``owner`` (at backward time in eager mode; compiled code guards on it).
+    is the layer's at forward time (compiled code guards on it).
 
     Forward without ``ctx`` plus :meth:`setup_context`, as ``torch.func`` transforms require (also for the other
     autograd functions here).
     """
 
     @staticmethod
-    def forward(p: torch.Tensor, on: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    def forward(p: torch.Tensor, on: torch.Tensor, eta: float) -> torch.Tensor:
         return p.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        p, on, owner = inputs
+        p, on, eta = inputs
         ctx.save_for_backward(p, on)
-        ctx.owner = owner
+        ctx.eta = eta
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         p, on = ctx.saved_tensors
-        eta = ctx.owner.eta
-        if eta > 0:
-            grad = torch.where(on, grad + (2. * eta) * p, grad)
+        if ctx.eta > 0:
+            grad = torch.where(on, grad + penalty_grad(p, ctx.eta), grad)
         return grad, None, None
 
 
 @register_notrace_function
-def with_penalty_grad(p: torch.Tensor, owner: nn.Module) -> torch.Tensor:
-    """Return ``p`` unchanged; backward adds ``owner``'s Eq. 8 penalty gradient if it is switched on."""
-    return _PenaltyGrad.apply(p, owner.penalty_on, owner)
+def with_penalty_grad(p: torch.Tensor, on: torch.Tensor, eta: float) -> torch.Tensor:
+    """Return ``p`` unchanged; backward adds the Eq. 8 penalty's gradient ``2 * eta * p`` where ``on`` is set."""
+    return _PenaltyGrad.apply(p, on, eta)
 
 
 class _GlobalMaxMin(torch.autograd.Function):
@@ -264,40 +230,28 @@ class _SpeScale(torch.autograd.Function):
         return grad_x, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None
 
 
-# is_fx_symbolic_tracing(): whether torch.fx.symbolic_trace (FX feature extraction) is tracing; False under
-# torch.export and torch.compile, which keep the fused paths. Resolved once here, since every training block's forward
-# asks. (A torch without is_fx_symbolic_tracing has only is_fx_tracing.)
-is_fx_symbolic_tracing = getattr(_fx_trace, 'is_fx_symbolic_tracing', _fx_trace.is_fx_tracing)
-
-
-def has_module_hooks(*modules: nn.Module) -> bool:
-    """Whether any forward (pre-)hook or backward (pre-)hook, global or on one of ``modules``, would fire on a
-    call of these modules: a fused path that skips their calls may only run where this is False."""
-    from torch.nn.modules import module as nn_module
-    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
-
-
-def _spe_fusable(x: torch.Tensor, spe: 'SpeModule') -> bool:
-    """The fused training functions apply: the default variant (learned ``lambda``, ``reweight='sum'``; every
-    ablation takes plain autograd ops), training with grad, a dense layout, one dtype, no autocast."""
+def fused_applies(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """The fused training functions apply to ``x`` and the layer's ``params``: grad enabled, a dense layout
+    (NCHW-contiguous or channels_last), one dtype, no autocast. (The layers check the rest: training mode, the
+    default variant, hooks and tracing.)"""
     dtype = x.dtype
-    return (
-        spe.default_variant and spe.training and torch.is_grad_enabled() and _dense_layout(x)
-        and spe.p.dtype == dtype and spe.w_exc.dtype == dtype and not torch.is_autocast_enabled(x.device.type)
-    )
+    return (torch.is_grad_enabled() and _dense_layout(x) and all(t.dtype == dtype for t in params)
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 @register_notrace_function
-def spe_scale(x: torch.Tensor, spe: 'SpeModule') -> torch.Tensor:
-    """``x * spe.attn_map(x)`` for training: one autograd function (:class:`_SpeScale`) for NCHW-contiguous or
-    channels_last input of the parameters' dtype without autocast; plain autograd ops otherwise. Same results."""
-    if not _spe_fusable(x, spe):
-        return x * spe.attn_map(x).to(x.dtype)
-    return _SpeScale.apply(x, spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)[0]
+def spe_scale(
+        x: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor,
+        b_rew: torch.Tensor, paper: bool,
+) -> torch.Tensor:
+    """``x * spe_gate(x)`` of the default SPE variant in training: one autograd function (:class:`_SpeScale`) where
+    :func:`fused_applies`, else the plain ops (:func:`global_max_min` with grad, the gate, a multiply). Same results.
+    ``lam`` is ``(lambda, 1 - lambda)`` (:func:`~timm_spe.spe_math.mix_weights`)."""
+    if fused_applies(x, lam, w_exc):
+        return _SpeScale.apply(x, lam, w_exc, b_exc, w_rew, b_rew, paper)[0]
+    f_max, f_min = global_max_min(x) if torch.is_grad_enabled() else max_min(x)
+    gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+    return x * gate.unsqueeze(-1).unsqueeze(-1).to(x.dtype)
 
 
 class _BatchNormSpeAddReLU(torch.autograd.Function):
@@ -374,38 +328,17 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
                 g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None)
 
 
-def _block_tail_fusable(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, spe: 'SpeModule') -> bool:
-    """:class:`_BatchNormSpeAddReLU` applies: as :func:`_spe_fusable`, with a training-mode ``nn.BatchNorm2d`` that
-    tracks running statistics and a shortcut of ``x``'s shape and dtype."""
-    return (
-        _spe_fusable(x, spe) and type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
-        and shortcut.shape == x.shape and shortcut.dtype == x.dtype and bn.weight.dtype == x.dtype
-    )
-
-
 @register_notrace_function
-def batch_norm_spe_add_relu(
-        x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, spe: 'SpeModule') -> torch.Tensor:
-    """``relu(spe(bn(x)) + shortcut)``: the tail of a bottleneck block with SPE, for training.
-
-    With a training-mode ``nn.BatchNorm2d``, NCHW-contiguous or channels_last input and one dtype (no
-    autocast) it runs as one autograd function (see :class:`_BatchNormSpeAddReLU`) that saves no more
-    full-size activations for backward than the block without SPE; otherwise as ``bn``, the SPE gate and
-    :func:`scale_add_relu`; an ablation variant of ``spe`` (not ``spe.default_variant``) always as ``bn``, its gate
-    and plain ``relu(addcmul(...))``.
-    Same results either way, running statistics and ``num_batches_tracked`` included.
-    """
-    if not spe.default_variant:  # ablations (Tables 3, 4): plain autograd ops throughout
-        y = bn(x)
-        return torch.relu(torch.addcmul(shortcut, y, spe.attn_map(y)))
-    if not _block_tail_fusable(x, shortcut, bn, spe):
-        y = bn(x)
-        return scale_add_relu(y, shortcut, spe.attn_map(y))
-    momentum = 0. if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:  # nn.BatchNorm2d's own bookkeeping
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1. / float(bn.num_batches_tracked)
+def fused_batch_norm_spe_add_relu(
+        x: torch.Tensor, shortcut: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+        running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
+        lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor,
+        paper: bool,
+) -> torch.Tensor:
+    """``relu(y * spe_gate(y) + shortcut)`` with ``y`` a training-mode batch norm of ``x`` (``momentum`` as
+    ``F.batch_norm`` takes it; the caller keeps ``num_batches_tracked``), as one autograd function that saves no more
+    full-size activations for backward than the block without SPE (see :class:`_BatchNormSpeAddReLU`). Only where
+    :func:`fused_applies` (:func:`timm_spe.spe.batch_norm_spe_add_relu` checks, with the modules)."""
     return _BatchNormSpeAddReLU.apply(
-        x, shortcut, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
-        spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)[0]
+        x, shortcut, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+        lam, w_exc, b_exc, w_rew, b_rew, paper)[0]

@@ -23,7 +23,7 @@ needs a batch of at least 2, and the standard deviation needs at least 2 spatial
 import torch
 from torch import nn
 
-from .spe import check_timm_attn_kwargs
+from ._helpers import check_timm_attn_kwargs
 
 __all__ = ['SrmModule']
 
