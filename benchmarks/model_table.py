@@ -1,7 +1,7 @@
-"""The README's model table: parameters and GMACs (32x32, batch 1) of every registered CIFAR model.
+"""The model table of docs/models.md: parameters and GMACs (32x32, batch 1) of every registered CIFAR model.
 
     python benchmarks/model_table.py            # print the markdown table
-    python benchmarks/model_table.py --readme   # rewrite the table between the README's markers
+    python benchmarks/model_table.py --readme   # rewrite the table between the markers of docs/models.md
 
 MACs are counted with torch.utils.flop_counter (convolutions and matmuls; elementwise work such as
 BN, ReLU and the attention gates is not counted) as FLOPs / 2.
@@ -16,6 +16,7 @@ from timm_spe.card import model_complexity
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = '<!-- model-table:begin -->', '<!-- model-table:end -->'
+TARGET = ROOT / 'docs' / 'models.md'  # the file whose markers --readme rewrites
 
 
 def model_stats(name: str, num_classes: int = 10) -> Dict[str, float]:
@@ -40,17 +41,17 @@ def table() -> str:
 def update_readme(text: str, new_table: str) -> str:
     pattern = re.compile(re.escape(BEGIN) + '.*?' + re.escape(END), re.S)
     if not pattern.search(text):
-        raise SystemExit(f'README.md has no {BEGIN} ... {END} block')
+        raise SystemExit(f'{TARGET.relative_to(ROOT)} has no {BEGIN} ... {END} block')
     return pattern.sub(f'{BEGIN}\n{new_table}\n{END}', text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--readme', action='store_true', help='write the table into README.md')
+    parser.add_argument('--readme', action='store_true', help='write the table into docs/models.md')
     args = parser.parse_args()
     t = table()
     if args.readme:
-        readme = ROOT / 'README.md'
+        readme = TARGET
         readme.write_text(update_readme(readme.read_text(), t))
     print(t)
 

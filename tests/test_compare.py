@@ -1,4 +1,5 @@
-"""Does SPE help? `timm-spe compare`: the table of two staged folders, the seed-spread rule, the README's block."""
+"""Does SPE help? `timm-spe compare`: the table of two staged folders, the seed-spread rule, the block of
+docs/results.md."""
 import json
 from pathlib import Path
 
@@ -287,20 +288,22 @@ def test_readme_block_is_the_placeholder_until_both_folders_are_staged(pair, ben
 
 
 def test_readme_comparison_is_what_the_generator_makes():
-    """The README's block: the placeholder while the e30 folders lack eval.json, else their generated table."""
-    readme = (ROOT / 'README.md').read_text()
+    """The block of docs/results.md (where --write writes by default): the placeholder while the e30 folders lack
+    eval.json, else their generated table."""
+    assert compare.RESULTS_DOC == 'docs/results.md'
+    readme = (ROOT / compare.RESULTS_DOC).read_text()
     assert readme.count(compare.BEGIN) == 1 and readme.count(compare.END) == 1
     assert compare.update_block(readme, compare.readme_block(ROOT)) == readme, \
-        ('README comparison is stale: timm-spe compare hub_cards/resnet164_spe.cifar10_e30 '
+        ('docs/results.md comparison is stale: timm-spe compare hub_cards/resnet164_spe.cifar10_e30 '
          'hub_cards/resnet164.cifar10_e30 --write')
 
 
 def test_the_readmes_reading_of_the_pair_quotes_both_staged_summaries():
-    """The prose under the README's table: which epochs SPE led, and how the plain model fared at lr 0.1, from the
-    two committed summary.csv files (a restaged run changes them and this test names the stale sentence)."""
+    """The prose under the table of docs/results.md: which epochs SPE led, and how the plain model fared at lr 0.1,
+    from the two committed summary.csv files (a restaged run changes them and this test names the stale sentence)."""
     from timm_spe.train_run import read_summary
     spe, plain = (read_summary(ROOT / f / 'summary.csv') for f in (compare.DEFAULT_SPE, compare.DEFAULT_PLAIN))
-    readme = ' '.join((ROOT / 'README.md').read_text().split())
+    readme = ' '.join((ROOT / 'docs' / 'results.md').read_text().split())
     led = [a['epoch'] + 1 for a, b in zip(spe, plain) if a['eval_top1'] > b['eval_top1']]
     behind = sum(a['eval_top1'] < b['eval_top1'] for a, b in zip(spe, plain))
     delta = spe[-1]['eval_top1'] - plain[-1]['eval_top1']
