@@ -197,7 +197,7 @@ case "${1:-}" in
         setup
         keep_freed_memory
         shift
-        [ $# -gt 0 ] || set -- --repeats 15 --out benchmarks/results.json --plot benchmarks/results.png
+        [ $# -gt 0 ] || set -- --repeats 15 --out benchmarks/results/results.json --plot benchmarks/results/results.png
         exec "$PY" benchmarks/benchmark.py "$@" ;;
     train)
         shift

@@ -3,8 +3,8 @@
     python benchmarks/profile_step.py [--channels-last] [--cpu-kernels] [--steps 3] [--batch 128] [--top 25]
     python benchmarks/profile_step.py --blocks [--channels-last] [--cpu-kernels] [--steps 30]
 
-Both models' train steps are the benchmark's own (``benchmark.model_workloads``: forward, backward, SGD step on a
-fixed random batch); after warm-up they are profiled alternately, one step of each per round, ``--steps`` rounds. Prints, per aten / timm_spe op, the self CPU time per step of each model and the
+Both models' train steps are the benchmark's own (``benchmarks.workloads.model_workloads``: forward, backward, SGD
+step on a fixed random batch); after warm-up they are profiled alternately, one step of each per round, ``--steps`` rounds. Prints, per aten / timm_spe op, the self CPU time per step of each model and the
 difference, sorted by the difference: the rows at the top are where resnet164_spe spends the time resnet164 does
 not. Wall times are the median of the same profiled steps. Run it with nothing else on the cores.
 
@@ -29,16 +29,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_spe
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file (python benchmarks/profile_step.py): the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # the benchmark's own models, train steps and interleaved timer
-from benchmark import (  # noqa: E402
+from benchmarks.timing import per_round_ratios, timed_interleaved  # noqa: E402
+from benchmarks.workloads import (  # noqa: E402
     CHANNELS_LAST,
     KERNELS,
-    _memory_format,
     create,
+    memory_format,
     model_workloads,
-    per_round_ratios,
-    timed_interleaved,
     uses_kernels,
 )
 
@@ -86,7 +86,7 @@ def block_workloads(name: str, batch: int, size: int = 0) -> Dict[str, Tuple[Cal
     maps of ``size x size`` instead of the stage's own (tiny inputs leave a block's fixed cost per call)."""
     torch.manual_seed(0)
     model = create(name).train()
-    memory_format = _memory_format(name)
+    layout = memory_format(name)
     shapes = {}
     stages = [n for n, _ in model.named_children() if n.startswith('layer')]
     hooks = [getattr(model, s)[-1].register_forward_pre_hook(
@@ -101,8 +101,8 @@ def block_workloads(name: str, batch: int, size: int = 0) -> Dict[str, Tuple[Cal
         blocks = getattr(model, stage)
         block = blocks[len(blocks) // 2]
         shape = (batch,) + shapes[stage][1:2] + ((size, size) if size else shapes[stage][2:])
-        x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
-        grad = torch.randn(shape).contiguous(memory_format=memory_format)
+        x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+        grad = torch.randn(shape).contiguous(memory_format=layout)
 
         def fn(block=block, x=x, grad=grad):
             timm_spe.set_cpu_kernels(kernels)

@@ -9,10 +9,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from spe_reference import reference_gate
 from timm.models.resnet import Bottleneck
 
 import timm_spe  # noqa: F401  (registers the models)
+from benchmarks.spe_reference import reference_gate
 from timm_spe import SpeModule, set_auto_penalty, spe_me, spe_penalty
 from timm_spe import spe as spe_mod
 from timm_spe.spe import REWEIGHTS

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import allocator, full_run, goals, primitives, timing, workloads
+from benchmarks.spe_reference import UnfusedSpeReference
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-import benchmark  # noqa: E402
+RESULTS = ROOT / 'benchmarks' / 'results'  # the committed runs
 
 
 def test_unfused_reference_matches_spe():
@@ -18,7 +20,7 @@ def test_unfused_reference_matches_spe():
 
     from timm_spe import SpeModule
     torch.manual_seed(0)
-    ref, spe = benchmark.UnfusedSpeReference(8), SpeModule(8)
+    ref, spe = UnfusedSpeReference(8), SpeModule(8)
     with torch.no_grad():
         for name_ref, name in (('w1', 'w_exc'), ('b1', 'b_exc'), ('w2', 'w_rew'), ('b2', 'b_rew')):
             v = torch.randn(8)
@@ -55,11 +57,11 @@ def test_allocator_settings_are_recorded(monkeypatch):
     for k in list(os.environ):
         if k.startswith('MALLOC_') or k in ('GLIBC_TUNABLES', 'LD_PRELOAD'):
             monkeypatch.delenv(k)
-    assert benchmark.fmt_allocator(benchmark.allocator_settings()) == 'glibc malloc defaults'
+    assert allocator.fmt_allocator(allocator.allocator_settings()) == 'glibc malloc defaults'
     monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '7')
     monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.mmap_threshold=9')
     monkeypatch.setenv('MALLOCX', 'unrelated')  # not a MALLOC_* name: not recorded
-    assert benchmark.allocator_settings() == {
+    assert allocator.allocator_settings() == {
         'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=9', 'MALLOC_TRIM_THRESHOLD_': '7'}
 
 
@@ -74,19 +76,19 @@ def test_quick_run(tmp_path):
     r = json.loads(out.read_text())
     assert {k: v for k, v in r['meta']['allocator'].items() if k.startswith('MALLOC_')} == RUN_SH_ALLOCATOR
     assert 'MALLOC_MMAP_THRESHOLD_=2147483647' in r['table'].splitlines()[0]
-    assert set(r['models']) == set(benchmark.MODELS)
-    for name in benchmark.MODELS:
+    assert set(r['models']) == set(workloads.MODELS)
+    for name in workloads.MODELS:
         for kind in ('eval_forward', 'train_step'):
             t = r['models'][name][kind]
             assert 0 < t['min_ms'] <= t['median_ms'] <= t['max_ms']
         assert r['memory'][name]['saved_for_backward_mib'] > 0
     assert r['ratios']['resnet164']['train_step'] == 1.0
-    assert r['ratios']['resnet164' + benchmark.CHANNELS_LAST]['train_step'] == 1.0  # its own baseline
+    assert r['ratios']['resnet164' + workloads.CHANNELS_LAST]['train_step'] == 1.0  # its own baseline
     assert r['ratios']['resnet164']['train_step_per_round'] == {'median': 1.0, 'min': 1.0, 'max': 1.0}
     q = r['ratios']['resnet164_spe']['eval_forward_per_round']
     assert 0 < q['min'] <= q['median'] <= q['max']
-    assert '| resnet164_spe | ' + benchmark.fmt_ratio(q) in proc.stdout
-    assert r['meta']['cpu_kernels'] and 'resnet164_spe' + benchmark.KERNELS in r['models']
+    assert '| resnet164_spe | ' + timing.fmt_ratio(q) in proc.stdout
+    assert r['meta']['cpu_kernels'] and 'resnet164_spe' + workloads.KERNELS in r['models']
     assert {m['module'] for m in r['modules']} == {'SpeModule', 'SpeModule +cpu_kernels', 'SEModule'}
     assert len(r['modules']) == 6
     assert len(r['reductions']) == 42 and all(row['time']['median_ms'] > 0 for row in r['reductions'])  # 21 ops x 2
@@ -99,7 +101,7 @@ def test_quick_run(tmp_path):
     # SPE adds no matmul / conv work: the same FLOPs to 0.1 %
     assert abs(g['resnet164_spe']['train_step'] / g['resnet164']['train_step'] - 1) < 1e-3
     assert set(r['fraction_of_gemm_peak']) == {  # resnet164 and resnet164_spe, in every layout and with the kernels
-        n for n in benchmark.MODELS if n.removesuffix(benchmark.CHANNELS_LAST).removesuffix(benchmark.KERNELS)
+        n for n in workloads.MODELS if n.removesuffix(workloads.CHANNELS_LAST).removesuffix(workloads.KERNELS)
         in ('resnet164', 'resnet164_spe')}
     assert all(0 < q['train_step'] and 0 < q['eval_forward'] for q in r['fraction_of_gemm_peak'].values())
     assert 'train step, fraction of GEMM peak' in proc.stdout
@@ -123,11 +125,11 @@ def test_primitives_alone_write_their_table(tmp_path):
 
 
 def test_model_names_with_and_without_cpu_kernels():
-    assert benchmark.model_names(True) == list(benchmark.MODELS)
-    without = benchmark.model_names(False)
-    assert 'resnet164_spe' in without and not any(benchmark.uses_kernels(n) for n in without)
+    assert workloads.model_names(True) == list(workloads.MODELS)
+    without = workloads.model_names(False)
+    assert 'resnet164_spe' in without and not any(workloads.uses_kernels(n) for n in without)
     import torch
-    model = benchmark.create('resnet164_spe' + benchmark.KERNELS + benchmark.CHANNELS_LAST)
+    model = workloads.create('resnet164_spe' + workloads.KERNELS + workloads.CHANNELS_LAST)
     assert type(model).__name__ == 'CifarResNet' and model.layer1[0].se is not None
     conv = next(p for p in model.parameters() if p.ndim == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -136,7 +138,7 @@ def test_model_names_with_and_without_cpu_kernels():
 def test_timed_interleaved_rotates_order_and_keeps_rounds():
     calls = []
     fns = {k: (lambda k=k: calls.append(k)) for k in 'abc'}
-    r = benchmark.timed_interleaved(fns, warmup=1, repeats=4)
+    r = timing.timed_interleaved(fns, warmup=1, repeats=4)
     assert calls[:3] == list('abc')  # warm-up
     assert calls[3:] == list('abc' 'bca' 'cab' 'abc')  # each round starts one later
     assert all(len(t['times_ms']) == 4 for t in r.values())
@@ -144,11 +146,11 @@ def test_timed_interleaved_rotates_order_and_keeps_rounds():
 
 def test_per_round_ratios_pair_rounds():
     # round 2 is slow for both (drift): paired ratios stay 1.5; the ratio of medians would not see the pairing
-    model = benchmark.summarize([0.003, 0.030, 0.0045])
-    base = benchmark.summarize([0.002, 0.020, 0.003])
-    assert benchmark.per_round_ratios(model, base) == pytest.approx({'median': 1.5, 'min': 1.5, 'max': 1.5})
+    model = timing.summarize([0.003, 0.030, 0.0045])
+    base = timing.summarize([0.002, 0.020, 0.003])
+    assert timing.per_round_ratios(model, base) == pytest.approx({'median': 1.5, 'min': 1.5, 'max': 1.5})
     assert model['median_ms'] / base['median_ms'] == pytest.approx(1.5)  # same here; differs when rounds cross
-    crossed = benchmark.per_round_ratios(benchmark.summarize([0.030, 0.003]), benchmark.summarize([0.002, 0.020]))
+    crossed = timing.per_round_ratios(timing.summarize([0.030, 0.003]), timing.summarize([0.002, 0.020]))
     assert crossed == pytest.approx({'median': 7.575, 'min': 0.15, 'max': 15.0})
 
 
@@ -185,32 +187,34 @@ def test_profile_step_blocks_times_one_block_per_stage():
 
 
 def test_readme_performance_summary_is_the_committed_runs():
-    """README.md's Performance figures (ratios, memory, fraction of GEMM peak) are those of benchmarks/results.json."""
-    results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
+    """README.md's Performance figures (ratios, memory, fraction of GEMM peak) are those of
+    benchmarks/results/results.json."""
+    results = json.loads((RESULTS / 'results.json').read_text())
     readme = ' '.join((ROOT / 'README.md').read_text().split())
-    summary = benchmark.performance_summary(results)
+    summary = full_run.performance_summary(results)
     assert summary in readme, f'README.md Performance is stale; write: {summary}'
 
 
 def test_readme_goal_tables_are_the_committed_runs():
-    """benchmarks/README.md's goal tables are those of benchmarks/results.json and the two earlier runs beside it."""
-    runs = [json.loads((ROOT / 'benchmarks' / f).read_text())
+    """benchmarks/README.md's goal tables are those of benchmarks/results/results.json and the two earlier runs beside
+    it."""
+    runs = [json.loads((RESULTS / f).read_text())
             for f in ('results.json', 'results_2026-11-30-0531.json', 'results_2026-11-25.json')]
-    tables = benchmark.goals_tables(runs)
+    tables = goals.goals_tables(runs)
     assert tables in (ROOT / 'benchmarks' / 'README.md').read_text(), \
         f'benchmarks/README.md goal tables are stale; paste:\n{tables}'
 
 
 def test_readme_pooled_goals_are_the_runs_of_2026_11_30():
     """The verdicts on issue 17's goals in benchmarks/README.md are `--pool`'s over the three committed runs of 11-30."""
-    files = [str(ROOT / 'benchmarks' / f)
+    files = [str(RESULTS / f)
              for f in ('results.json', 'results_2026-11-30-0531.json', 'results_cl_kernels_2026-11-30.json')]
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--pool', *files],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith('| goal | ratio goal | rounds (runs) |')
     # 15 rounds of each full run for every goal, 45 more of the pair the third run timed for its two goals
-    assert proc.stdout.count(' | 30 (2) | ') == len(benchmark.ISSUE_17_GOALS) - 2
+    assert proc.stdout.count(' | 30 (2) | ') == len(goals.ISSUE_17_GOALS) - 2
     assert proc.stdout.count(' | 75 (3) | ') == 2
     assert proc.stdout.strip() in (ROOT / 'benchmarks' / 'README.md').read_text(), \
         f'benchmarks/README.md pooled goals are stale; paste:\n{proc.stdout}'
@@ -228,7 +232,7 @@ def test_models_run_times_the_named_pairs_for_pooling(tmp_path):
     assert list(result['models']) == ['resnet164 (channels_last)', 'resnet164_spe (channels_last)']
     assert all(len(result['models'][m][k]['times_ms']) == 2 for m in result['models']
                for k in ('eval_forward', 'train_step'))
-    table = benchmark.pooled_goals_table([result])
+    table = goals.pooled_goals_table([result])
     assert [row.split(' | ')[0] for row in table.splitlines()[2:]] == ['| default path, channels_last: train step']
     bad = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--models', 'resnet999'],
                          capture_output=True, text=True, timeout=300)
@@ -239,26 +243,27 @@ def test_median_interval_is_the_distribution_free_95_percent_interval():
     """n = 30: ranks 10 and 21 (P(Binomial(30, 1/2) <= 9) = 0.021 <= 0.025 < P(<= 10) = 0.049); n = 9: ranks 2 and
     8; up to 8 values: the whole range."""
     values = [float(v) for v in range(30, 0, -1)]  # unsorted on purpose
-    assert benchmark.median_interval(values) == (15.5, 10., 21.)
-    assert benchmark.median_interval([float(v) for v in range(1, 10)]) == (5., 2., 8.)
-    assert benchmark.median_interval([3., 1., 2.]) == (2., 1., 3.)
-    assert benchmark.median_interval([float(v) for v in range(1, 9)]) == (4.5, 1., 8.)
+    assert goals.median_interval(values) == (15.5, 10., 21.)
+    assert goals.median_interval([float(v) for v in range(1, 10)]) == (5., 2., 8.)
+    assert goals.median_interval([3., 1., 2.]) == (2., 1., 3.)
+    assert goals.median_interval([float(v) for v in range(1, 9)]) == (4.5, 1., 8.)
 
 
 def test_readme_shows_committed_results():
-    """benchmarks/README.md's performance table is the one benchmarks/results.json was written with."""
-    results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
+    """benchmarks/README.md's performance table is the one benchmarks/results/results.json was written with."""
+    results = json.loads((RESULTS / 'results.json').read_text())
     readme = (ROOT / 'benchmarks' / 'README.md').read_text()
     assert results['table'] in readme, \
-        'benchmarks/README.md performance table is stale: paste benchmarks/results.json["table"]'
+        'benchmarks/README.md performance table is stale: paste benchmarks/results/results.json["table"]'
 
 
 def test_readme_shows_committed_primitives():
-    """benchmarks/README.md's primitives table (the default path's reasons) is benchmarks/results_primitives.json's."""
-    results = json.loads((ROOT / 'benchmarks' / 'results_primitives.json').read_text())
-    assert results['table'] == benchmark.reductions_table(results['reductions'])
+    """benchmarks/README.md's primitives table (the default path's reasons) is
+    benchmarks/results/results_primitives.json's."""
+    results = json.loads((RESULTS / 'results_primitives.json').read_text())
+    assert results['table'] == primitives.reductions_table(results['reductions'])
     assert results['table'] in (ROOT / 'benchmarks' / 'README.md').read_text(), \
-        'benchmarks/README.md primitives table is stale: paste benchmarks/results_primitives.json["table"]'
+        'benchmarks/README.md primitives table is stale: paste benchmarks/results/results_primitives.json["table"]'
 
 
 def test_compile_option_rejects_unknown_models():
@@ -270,17 +275,17 @@ def test_compile_option_rejects_unknown_models():
 def test_readme_shows_allocator_comparison_of_committed_runs():
     """benchmarks/README.md's allocator table is `--compare` of the committed glibc-defaults run and the run of the
     same code on the same machine with freed memory kept (results_2026-11-25.json, the main run then)."""
-    default = json.loads((ROOT / 'benchmarks' / 'results_malloc_default.json').read_text())
-    kept = json.loads((ROOT / 'benchmarks' / 'results_2026-11-25.json').read_text())
+    default = json.loads((RESULTS / 'results_malloc_default.json').read_text())
+    kept = json.loads((RESULTS / 'results_2026-11-25.json').read_text())
     assert default['meta']['allocator'] == {} and kept['meta']['allocator'] == RUN_SH_ALLOCATOR
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--compare',
-                           str(ROOT / 'benchmarks' / 'results_malloc_default.json'),
-                           str(ROOT / 'benchmarks' / 'results_2026-11-25.json')],
+                           str(RESULTS / 'results_malloc_default.json'),
+                           str(RESULTS / 'results_2026-11-25.json')],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.strip()
-    assert table == benchmark.compare_table(default, kept)
-    shared = [n for n in benchmark.COMPARED if n in kept['models'] and n in default['models']]
+    assert table == allocator.compare_table(default, kept)
+    shared = [n for n in allocator.COMPARED if n in kept['models'] and n in default['models']]
     assert len(shared) >= 4 and len(table.splitlines()) == 2 + 2 * len(shared)
     assert 'glibc malloc defaults' in table.splitlines()[0]
     assert table in (ROOT / 'benchmarks' / 'README.md').read_text(), \

@@ -6,9 +6,9 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from spe_reference import authors_gate, authors_mix
 
 import timm_spe  # noqa: F401
+from benchmarks.spe_reference import authors_gate, authors_mix
 from timm_spe.convert import (
     convert_official_state_dict,
     is_official_state_dict,

@@ -1,12 +1,11 @@
 """benchmarks/model_table.py: the model table of docs/models.md is what the script computes."""
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import model_table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-import model_table  # noqa: E402
 
 
 def test_stats_of_one_model():

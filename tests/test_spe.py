@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from spe_reference import reference_spe, spe_params
 
+from benchmarks.spe_reference import reference_spe, spe_params
 from timm_spe import SpeModule, set_auto_penalty, spe_penalty
 from timm_spe.spe import mix_weights
 

@@ -194,9 +194,9 @@ BUDGET_HEADER = """\
 # - weight decay 5e-4 instead of 1e-4, on every parameter as the paper: the value of Wide ResNets
 #   (Zagoruyko & Komodakis 2016, arXiv 1605.07146) and of the common short-schedule CIFAR ResNet
 #   baselines; with fewer epochs a stronger decay regularises more per step.
-# Speed, measured (batch 128 train step): on the 2-core CPU, `./run.sh bench` (benchmarks/results.json) gives
+# Speed, measured (batch 128 train step): on the 2-core CPU, `./run.sh bench` (benchmarks/results/results.json) gives
 # 2.16 s in channels_last with the CPU kernels (the fastest: ~14 min of training per epoch), 2.43 s channels_last
-# eager, 3.15 s NCHW with the kernels; torch.compile 2.82 s after a 236 s first call (benchmarks/results_compile.json),
+# eager, 3.15 s NCHW with the kernels; torch.compile 2.82 s after a 236 s first call (benchmarks/results/results_compile.json),
 # so it does not pay back. Hence channels_last + CPU kernels + run.sh's allocator setting. On an H200 (train.py
 # --device cuda --workers 5-6 --pin-mem): 0.17-0.19 s per step (~75 s per epoch), in train_runs/<recipe>/train.log.
 """

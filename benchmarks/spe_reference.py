@@ -3,6 +3,7 @@
 ``authors_gate`` is the SPE part of the authors' ``models/spem.py`` Bottleneck, op by op and with their names
 (``w1, b1`` excitation, ``w2, b2`` reweighting, 1 x C x 1 x 1); ``reference_gate`` adds the paper's Eq. 2-7 and every
 Table 3 / Table 4 (Fig. 4) variant around it. Nothing here is fused, custom or shared with ``timm_spe``.
+Imported by the tests and the benchmark alike as ``benchmarks.spe_reference``.
 """
 import torch
 import torch.nn as nn
