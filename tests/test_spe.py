@@ -5,7 +5,7 @@ import torch
 
 from benchmarks.spe_reference import reference_spe, spe_params
 from timm_spe import SpeModule, set_auto_penalty, spe_penalty
-from timm_spe.spe import mix_weights
+from timm_spe.spe_math import mix_weights
 
 
 def test_init_matches_paper():
