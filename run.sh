@@ -27,7 +27,7 @@ PY="$VENV/bin/python"
 TIMM_VERSION=1.0.28   # the lowest timm pyproject allows; train.py / validate.py and tests/data/train_args.txt match it
 # The newest timm in pyproject's range (timm>=1.0.28,<1.1) that PyPI offered when last checked (2026-11-30):
 # `./run.sh test` also runs the fast tier against it. Pinned so that CI is reproducible; raise it when timm
-# publishes a newer 1.0.x, or override it (TIMM_NEWEST=1.0.32 ./run.sh test-newest). tests/test_versions.py
+# publishes a newer 1.0.x, or override it (TIMM_NEWEST=1.0.32 ./run.sh test-newest). tests/unit/test_versions.py
 # checks both pins against pyproject's range.
 TIMM_NEWEST=${TIMM_NEWEST:-1.0.31}
 NEWEST_VENV=${TIMM_NEWEST_VENV:-${VENV%/}-timm-newest}

@@ -1,4 +1,8 @@
-"""Shared fixtures; test helpers live next to the tests (hub_server.py, spe_reference.py, compile_check.py)."""
+"""Shared fixtures, one per kind of setup: image folders, an SPE layer with random parameters, a finished train.py run,
+small weights (and a corrupt copy), the shipped Hub folders. Helpers that are no fixture are in helpers.py (the repo
+root, a minimal staged folder, a random SPE layer), hub_server.py (a local Hub) and compile_check.py; the SPE
+reference is benchmarks/spe_reference.py. Unit tests are in unit/, integration tests (all slow) in integration/."""
+import json
 import sys
 from pathlib import Path
 
@@ -7,6 +11,15 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from helpers import ROOT, random_spe_module  # noqa: E402 (tests/ on sys.path first)
+from safetensors.torch import save_file  # noqa: E402
+
+from timm_spe.labels import CIFAR10_LABELS  # noqa: E402
+from timm_spe.registry import PRETRAINED_TAGS  # noqa: E402
 
 
 @pytest.fixture()
@@ -38,18 +51,61 @@ def cpu_kernels_on():
 
 @pytest.fixture()
 def random_spe():
-    """``random_spe(channels=6, formulation='official', seed=0, **kwargs)``: a default-variant SpeModule with random
-    parameters (``lambda`` away from 0 and 1), so that a wrong term or gradient shows."""
-    import torch
+    """``random_spe(channels=6, formulation='official', seed=0, **kwargs)``: :func:`helpers.random_spe_module`."""
+    return random_spe_module
 
-    from timm_spe import SpeModule
 
-    def make(channels=6, formulation='official', seed=0, **kwargs):
-        torch.manual_seed(seed)
-        m = SpeModule(channels, formulation=formulation, **kwargs)
-        with torch.no_grad():
-            for t in (m.w_exc, m.b_exc, m.w_rew, m.b_rew):
-                t.normal_()
-            m.p.uniform_(0.2, 1.5)
-        return m
-    return make
+@pytest.fixture()
+def run_dir(tmp_path):
+    """A fake finished train.py run of resnet83_spe (3 of 3 epochs), with a tiny test-image folder. Its
+    model_best.pth.tar holds other weights than last.pth.tar: only the final epoch may be staged."""
+    data = tmp_path / 'data'
+    for c, name in enumerate(CIFAR10_LABELS):  # eval maps class folders to the model's classes by name
+        (data / 'test' / name).mkdir(parents=True)
+        Image.new('RGB', (32, 32), (25 * c, 0, 0)).save(data / 'test' / name / '0.png')
+    run = tmp_path / 'output' / 'resnet83_spe-cifar10_tiny'
+    run.mkdir(parents=True)
+    (run / 'args.yaml').write_text('model: resnet83_spe\n')
+    (run / 'summary.csv').write_text(
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,2.0,1.9,20.0,60.0,0.1\n1,1.9,1.8,22.0,61.0,0.05\n'
+        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n2,1.8,1.85,21.0,62.0,0.0\n')  # resumed once
+    torch.manual_seed(0)
+    torch.save({'epoch': 2, 'arch': 'resnet83_spe', 'state_dict': timm.create_model('resnet83_spe').state_dict()},
+               run / 'last.pth.tar')
+    torch.save({'epoch': 1, 'arch': 'resnet83_spe', 'state_dict': timm.create_model('resnet83_spe').state_dict()},
+               run / 'model_best.pth.tar')
+    (run / 'train.log').write_text(  # epoch 1 on a GPU, epochs 2-3 resumed on a CPU
+        'Training with a single process on 1 device (cuda).\nTrain: 0 [   0/2 (  0%)]  Loss: 2.3 (2.3)\n'
+        'Test: [   0/1]  Loss: 1.9\nTest: [   1/1]  Loss: 1.9\n'
+        'Training with a single process on 1 device (cpu).\nTrain: 1 [   0/2 (  0%)]  Loss: 2.0 (2.0)\n'
+        'Test: [   1/1]  Loss: 1.8\nTrain: 2 [   0/2 (  0%)]  Loss: 1.9 (1.9)\nTest: [   1/1]  Loss: 1.85\n')
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('# A tiny recipe for the tests.\n# Differences from the paper: 3 epochs.\n' + yaml.safe_dump({
+        'model': 'resnet83_spe', 'experiment': 'resnet83_spe-cifar10_tiny', 'output': str(tmp_path / 'output'),
+        'data_dir': str(data), 'val_split': 'test', 'epochs': 3, 'batch_size': 128, 'device': 'cpu'}))
+    return {'recipe': recipe, 'run': run, 'data': data}
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """Real weights of a small model, and a truncated copy of them."""
+    work = tmp_path_factory.mktemp('weights')
+    torch.manual_seed(0)
+    good = work / 'good.safetensors'
+    save_file(timm.create_model('resnet83_spe').state_dict(), str(good))
+    corrupt = work / 'corrupt.safetensors'
+    corrupt.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    return {'good': good, 'corrupt': corrupt}
+
+
+@pytest.fixture(scope='module')
+def card_eval():
+    default = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')  # the default tag
+    return json.loads((ROOT / 'hub_cards' / default / 'eval.json').read_text())
+
+
+@pytest.fixture(scope='module', params=list(PRETRAINED_TAGS))
+def staged(request):
+    """(tag, its hub_cards folder, its eval.json) for every tag of the registry."""
+    folder = ROOT / 'hub_cards' / request.param
+    return request.param, folder, json.loads((folder / 'eval.json').read_text())

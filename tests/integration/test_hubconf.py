@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import ROOT
 
 import timm_spe
 from timm_spe.registry import PRETRAINED_TAGS, sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')  # the first entry: default tag
 REPO = 'timm-spe-owner/timm-spe:main'  # any owner: torch.hub finds it in the cache below
 

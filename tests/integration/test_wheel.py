@@ -14,12 +14,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 import timm_spe
 from timm_spe.registry import PRETRAINED_TAGS
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # 50-80 s on 2 busy cores: build, venv, install, six runs
+# 50-80 s on 2 busy cores: build, venv, install, six runs
 SHIPPED = [t for t, e in PRETRAINED_TAGS.items() if e.get('shipped')]
 DEFAULT = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')  # the first entry: default tag
 TAG = DEFAULT.split('.')[1]

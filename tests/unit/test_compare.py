@@ -1,10 +1,10 @@
 """Does SPE help? `timm-spe compare`: the table of two staged folders, the seed-spread rule, the block of
 docs/results.md."""
 import json
-from pathlib import Path
 
 import pytest
 import timm
+from helpers import ROOT
 from safetensors.torch import save_file
 
 import timm_spe  # noqa: F401  (registers the models)
@@ -12,8 +12,6 @@ from timm_spe import compare
 from timm_spe.card import PAPER_TOP1
 from timm_spe.cli import main as cli
 from timm_spe.hub import sha256_file
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _eval(model, top1, top5=99.5, loss=0.25, **kw):

@@ -1,12 +1,11 @@
 """The optional one-pass CPU kernels: same values and first-extremum indices as PyTorch's ops, same model
 results with them on and off, traceable by torch.compile, and a clear error when they cannot be built."""
 import copy
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from compile_check import assert_compiled_train_step_matches_eager
+from helpers import ROOT
 
 import timm_spe
 from timm_spe import _cpu_build, config, cpu_kernels
@@ -201,20 +200,6 @@ def test_channels_last_per_map_sums_are_more_precise(cpu_kernels_on):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_compile_traces_kernels_without_graph_breaks(cpu_kernels_on):
-    from torch import _dynamo
-    torch.manual_seed(0)
-    m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe')
-    x = torch.randn(4, 3, 32, 32)
-    for mode in (True, False):
-        with torch.no_grad():
-            m.train(mode)
-            explained = _dynamo.explain(m)(x)
-            assert explained.graph_break_count == 0
-            assert any('timm_spe' in str(node.target) for g in explained.graphs for node in g.graph.nodes)
-    assert_compiled_train_step_matches_eager(m, x)
-
-
 def test_export_keeps_kernel_ops_for_inference(cpu_kernels_on):
     """Exported under no_grad (inference), the program calls the kernels; with grad enabled, the plain ops."""
     torch.manual_seed(0)
@@ -288,6 +273,6 @@ def test_build_is_cached_per_cpu_model(monkeypatch, tmp_path):
 
 
 def test_run_sh_train_switches_kernels_on_unless_set():
-    run_sh = (Path(__file__).resolve().parents[1] / 'run.sh').read_text()
+    run_sh = (ROOT / 'run.sh').read_text()
     branch = run_sh.split('    train)\n', 1)[1].split(';;', 1)[0]
     assert 'export TIMM_SPE_CPU_KERNELS="${TIMM_SPE_CPU_KERNELS:-1}"' in branch

@@ -17,7 +17,8 @@ from timm.data import create_loader
 
 tomllib = pytest.importorskip('tomllib')  # Python 3.11+
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 RUN_SH = (ROOT / 'run.sh').read_text()
 
 

@@ -25,7 +25,8 @@ from timm_spe.labels import CIFAR10_LABELS
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 TIMM_SCRIPTS = ROOT / '.cache' / 'pytorch-image-models'
 CIFAR_TAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 EXPORTERS = ['legacy', 'dynamo']
@@ -132,10 +133,10 @@ def test_training_mode_export_with_the_legacy_exporter_is_the_train_mode_forward
     np.testing.assert_allclose(_run(path, x), reference, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow  # four exports, two torch.export-based: 15-30 s on 2 busy cores
+# four exports, two torch.export-based: 15-30 s on 2 busy cores
 def test_with_the_cpu_kernels_on_export_with_grad_enabled_or_the_legacy_exporter(cpu_kernels_on, tmp_path):
     """The kernels stay out of both exporters' graphs with grad enabled; under ``torch.no_grad()`` torch.export
-    keeps them as ops (tests/test_cpu_kernels.py), which the ONNX exporter cannot translate: docs/export.md."""
+    keeps them as ops (tests/unit/test_cpu_kernels.py), which the ONNX exporter cannot translate: docs/export.md."""
     model = _spe_model()
     x = _input(3, seed=5)
     with torch.no_grad():
@@ -172,7 +173,7 @@ def _test_images(tmp_path):
     return data
 
 
-@pytest.mark.slow  # onnx_export.py takes ~80 s on 2 busy cores (timm 1.0.28: torch.export-based on torch >= 2.9)
+# onnx_export.py takes ~80 s on 2 busy cores (timm 1.0.28: torch.export-based on torch >= 2.9)
 @pytest.mark.skipif(not (TIMM_SCRIPTS / 'onnx_export.py').is_file(),
                     reason=f"needs timm's onnx_export.py and onnx_validate.py in {TIMM_SCRIPTS} (a pytorch-image-models clone)")
 def test_timm_onnx_export_py_and_onnx_validate_py_run_our_pretrained_model(tmp_path):

@@ -53,7 +53,7 @@ def _timm_tests_dir() -> Path:
     return target
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_timm_model_suite(tmp_path):
     src = _timm_tests_dir()
     (tmp_path / 'test_models.py').write_bytes((src / 'test_models.py').read_bytes())

@@ -6,19 +6,18 @@ train_recipes/list_train_args.py. (The recipes were run with the real train.py: 
 """
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
+from helpers import ROOT
 from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 import timm_spe
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / 'train_recipes').glob('*.yaml'))
 TRAIN_ARGS = {
     line.strip() for line in (ROOT / 'tests' / 'data' / 'train_args.txt').read_text().splitlines()

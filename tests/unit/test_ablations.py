@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import random_spe_module
 from timm.models.resnet import Bottleneck
 
 import timm_spe  # noqa: F401  (registers the models)
@@ -22,14 +23,7 @@ ABLATIONS = [dict(lam=lam) for lam in (0.1, 0.3, 0.5, 0.7, 0.9)] + [
 
 
 def _randomized(channels=3, formulation='official', seed=0, dtype=torch.float64, **kwargs):
-    torch.manual_seed(seed)
-    m = SpeModule(channels, formulation=formulation, dtype=dtype, **kwargs)
-    with torch.no_grad():
-        for t in m.parameters():
-            t.normal_()
-        if m.p is not None:
-            m.p.uniform_(0.2, 1.5)
-    return m
+    return random_spe_module(channels, formulation, seed, dtype=dtype, **kwargs)
 
 
 def _lam(m):

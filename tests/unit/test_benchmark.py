@@ -1,0 +1,141 @@
+"""benchmarks/benchmark.py runs end to end (quick mode) and reports every measurement it promises."""
+import json
+import os
+import subprocess
+
+import pytest
+from helpers import ROOT
+
+from benchmarks import allocator, full_run, goals, primitives, timing, workloads
+from benchmarks.spe_reference import UnfusedSpeReference
+
+RESULTS = ROOT / 'benchmarks' / 'results'  # the committed runs
+
+
+def test_unfused_reference_matches_spe():
+    """The benchmark's unfused reference computes the same function as SpeModule (same init)."""
+    import torch
+
+    from timm_spe import SpeModule
+    torch.manual_seed(0)
+    ref, spe = UnfusedSpeReference(8), SpeModule(8)
+    with torch.no_grad():
+        for name_ref, name in (('w1', 'w_exc'), ('b1', 'b_exc'), ('w2', 'w_rew'), ('b2', 'b_rew')):
+            v = torch.randn(8)
+            getattr(ref, name_ref).copy_(v.view(1, -1, 1, 1))
+            getattr(spe, name).copy_(v)
+        ref.p.copy_(torch.tensor([0.3, 0.9]))
+        spe.p.copy_(torch.tensor([0.3, 0.9]))
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(spe(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+RUN_SH_ALLOCATOR = {'MALLOC_MMAP_THRESHOLD_': '2147483647', 'MALLOC_TRIM_THRESHOLD_': '2147483647'}
+
+
+def _run_sh_allocator(env: dict) -> dict:
+    """The MALLOC_* variables after run.sh's keep_freed_memory, starting from ``env``."""
+    script = (f'eval "$(sed -n \'/^keep_freed_memory()/,/^}}/p\' {ROOT / "run.sh"})"; keep_freed_memory; env -0')
+    proc = subprocess.run(['bash', '-c', script], capture_output=True, text=True, env=env, check=True)
+    pairs = (item.split('=', 1) for item in proc.stdout.split('\0') if item.startswith('MALLOC_'))
+    return dict(pairs)
+
+
+def test_run_sh_keeps_freed_memory_for_train_and_bench():
+    base = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    assert _run_sh_allocator(base) == RUN_SH_ALLOCATOR
+    assert _run_sh_allocator({**base, 'MALLOC_TRIM_THRESHOLD_': '0'})['MALLOC_TRIM_THRESHOLD_'] == '0'  # user's wins
+    run_sh = (ROOT / 'run.sh').read_text()
+    for command in ('bench)', 'train)'):
+        branch = run_sh.split(f'    {command}\n', 1)[1].split(';;', 1)[0]
+        assert 'keep_freed_memory' in branch, command
+
+
+def test_allocator_settings_are_recorded(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith('MALLOC_') or k in ('GLIBC_TUNABLES', 'LD_PRELOAD'):
+            monkeypatch.delenv(k)
+    assert allocator.fmt_allocator(allocator.allocator_settings()) == 'glibc malloc defaults'
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '7')
+    monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.mmap_threshold=9')
+    monkeypatch.setenv('MALLOCX', 'unrelated')  # not a MALLOC_* name: not recorded
+    assert allocator.allocator_settings() == {
+        'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=9', 'MALLOC_TRIM_THRESHOLD_': '7'}
+
+
+def test_model_names_with_and_without_cpu_kernels():
+    assert workloads.model_names(True) == list(workloads.MODELS)
+    without = workloads.model_names(False)
+    assert 'resnet164_spe' in without and not any(workloads.uses_kernels(n) for n in without)
+    import torch
+    model = workloads.create('resnet164_spe' + workloads.KERNELS + workloads.CHANNELS_LAST)
+    assert type(model).__name__ == 'CifarResNet' and model.layer1[0].se is not None
+    conv = next(p for p in model.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_timed_interleaved_rotates_order_and_keeps_rounds():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in 'abc'}
+    r = timing.timed_interleaved(fns, warmup=1, repeats=4)
+    assert calls[:3] == list('abc')  # warm-up
+    assert calls[3:] == list('abc' 'bca' 'cab' 'abc')  # each round starts one later
+    assert all(len(t['times_ms']) == 4 for t in r.values())
+
+
+def test_per_round_ratios_pair_rounds():
+    # round 2 is slow for both (drift): paired ratios stay 1.5; the ratio of medians would not see the pairing
+    model = timing.summarize([0.003, 0.030, 0.0045])
+    base = timing.summarize([0.002, 0.020, 0.003])
+    assert timing.per_round_ratios(model, base) == pytest.approx({'median': 1.5, 'min': 1.5, 'max': 1.5})
+    assert model['median_ms'] / base['median_ms'] == pytest.approx(1.5)  # same here; differs when rounds cross
+    crossed = timing.per_round_ratios(timing.summarize([0.030, 0.003]), timing.summarize([0.002, 0.020]))
+    assert crossed == pytest.approx({'median': 7.575, 'min': 0.15, 'max': 15.0})
+
+
+def test_readme_performance_summary_is_the_committed_runs():
+    """README.md's Performance figures (ratios, memory, fraction of GEMM peak) are those of
+    benchmarks/results/results.json."""
+    results = json.loads((RESULTS / 'results.json').read_text())
+    readme = ' '.join((ROOT / 'README.md').read_text().split())
+    summary = full_run.performance_summary(results)
+    assert summary in readme, f'README.md Performance is stale; write: {summary}'
+
+
+def test_readme_goal_tables_are_the_committed_runs():
+    """benchmarks/README.md's goal tables are those of benchmarks/results/results.json and the two earlier runs beside
+    it."""
+    runs = [json.loads((RESULTS / f).read_text())
+            for f in ('results.json', 'results_2026-11-30-0531.json', 'results_2026-11-25.json')]
+    tables = goals.goals_tables(runs)
+    assert tables in (ROOT / 'benchmarks' / 'README.md').read_text(), \
+        f'benchmarks/README.md goal tables are stale; paste:\n{tables}'
+
+
+def test_median_interval_is_the_distribution_free_95_percent_interval():
+    """n = 30: ranks 10 and 21 (P(Binomial(30, 1/2) <= 9) = 0.021 <= 0.025 < P(<= 10) = 0.049); n = 9: ranks 2 and
+    8; up to 8 values: the whole range."""
+    values = [float(v) for v in range(30, 0, -1)]  # unsorted on purpose
+    assert goals.median_interval(values) == (15.5, 10., 21.)
+    assert goals.median_interval([float(v) for v in range(1, 10)]) == (5., 2., 8.)
+    assert goals.median_interval([3., 1., 2.]) == (2., 1., 3.)
+    assert goals.median_interval([float(v) for v in range(1, 9)]) == (4.5, 1., 8.)
+
+
+def test_readme_shows_committed_results():
+    """benchmarks/README.md's performance table is the one benchmarks/results/results.json was written with."""
+    results = json.loads((RESULTS / 'results.json').read_text())
+    readme = (ROOT / 'benchmarks' / 'README.md').read_text()
+    assert results['table'] in readme, \
+        'benchmarks/README.md performance table is stale: paste benchmarks/results/results.json["table"]'
+
+
+def test_readme_shows_committed_primitives():
+    """benchmarks/README.md's primitives table (the default path's reasons) is
+    benchmarks/results/results_primitives.json's."""
+    results = json.loads((RESULTS / 'results_primitives.json').read_text())
+    assert results['table'] == primitives.reductions_table(results['reductions'])
+    assert results['table'] in (ROOT / 'benchmarks' / 'README.md').read_text(), \
+        'benchmarks/README.md primitives table is stale: paste benchmarks/results/results_primitives.json["table"]'
+
+
