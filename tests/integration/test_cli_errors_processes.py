@@ -39,7 +39,7 @@ def test_a_plain_pickle_is_refused_in_our_words_without_torchs_advice_or_a_stray
     obj = tmp_path / 'object.pth.tar'
     torch.save({'state_dict': {}, 'args': NotAllowed()}, obj)
     for path, says in ((plain, 'its pickle holds something other than tensors and plain containers'),
-                       (obj, 'it holds a pickled Python object (test_cli_errors.NotAllowed), not only tensors')):
+                       (obj, 'it holds a pickled Python object (test_cli_errors_processes.NotAllowed), not only tensors')):
         proc = _subprocess(['inspect', 'resnet83_spe', '--checkpoint', str(path)], tmp_path)
         assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         line = proc.stderr.strip()

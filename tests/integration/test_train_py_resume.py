@@ -24,25 +24,17 @@ def _train_py():
     pytest.skip('timm train.py not available (set TIMM_TRAIN_PY or run ./run.sh train once)')
 
 
-def _image_folder(root: Path, per_class: int = 4):
-    from PIL import Image
-    gen = torch.Generator().manual_seed(0)
-    for split in ('train', 'test'):
-        for c in ('airplane', 'automobile'):
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                arr = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(root / split / c / f'{i}.jpg')
+CLASSES = [f'{split}/{c}' for split in ('train', 'test') for c in ('airplane', 'automobile')]  # 2 classes, 2 splits
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path):
+def test_resume_matches_an_uninterrupted_run(tmp_path, make_image_folder):
     """2 epochs in one go vs 1 epoch + resume for 1: same epoch count, same lr schedule, and the resumed
     run starts from the saved SPE p and optimizer momentum. Not bit-identical: the data order (train.py
     seeds at every start: here, with the same seed, the resumed epoch sees the first epoch's order; ./run.sh
     train passes a seed of its own, see the next test) and hence the weights."""
     train_py = _train_py()
     data = tmp_path / 'data'
-    _image_folder(data, per_class=32)  # 16 steps per epoch: time to interrupt epoch 1
+    make_image_folder(CLASSES, per_class=32, root=data)  # 16 steps per epoch: time to interrupt epoch 1
     recipe = yaml.safe_load((ROOT / 'train_recipes' / 'resnet164_spe-cifar10_e30.yaml').read_text())
     recipe.update(model='resnet83_spe', data_dir=str(data), epochs=2, warmup_epochs=1, batch_size=4,
                   validation_batch_size=4, workers=1, log_interval=1, channels_last=False)
@@ -86,14 +78,14 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert after_one['optimizer']['state'] and len(end['optimizer']['state']) == len(after_one['optimizer']['state'])
 
 
-def test_a_resume_with_the_recipes_seed_replays_the_first_epochs_batches(tmp_path):
+def test_a_resume_with_the_recipes_seed_replays_the_first_epochs_batches(tmp_path, make_image_folder):
     """Measured with lr 0, so the weights never change and an epoch's mean train loss depends on its batches
     alone: the second epoch of one train.py process draws new batches, a resume with the recipe's seed trains on
     exactly the first epoch's batches again (order and augmentation), and a resume with the seed ./run.sh train
     gives it (the recipe's seed + the epoch it resumes at) draws its own."""
     train_py = _train_py()
     data = tmp_path / 'data'
-    _image_folder(data, per_class=16)  # 8 steps of batch 4
+    make_image_folder(CLASSES, per_class=16, root=data)  # 8 steps of batch 4
     recipe = yaml.safe_load((ROOT / RECIPE).read_text())
     recipe.update(model='resnet83_spe', data_dir=str(data), epochs=2, warmup_epochs=0, lr=0., lr_base=0., warmup_lr=0.,
                   min_lr=0., batch_size=4, validation_batch_size=8, workers=1, log_interval=50, channels_last=False)
