@@ -1,6 +1,5 @@
 """The CIFAR ResNets through TorchScript, FX, torch.export and torch.compile: they trace, and a compiled train step equals eager."""
 import pytest
-import timm
 import torch
 from compile_check import assert_compiled_train_step_matches_eager
 
@@ -10,13 +9,14 @@ import timm_spe
 @pytest.mark.parametrize('cpu_kernels', [False, True])
 def test_torchscript_fx_export_compile(cpu_kernels):
     """TorchScript, FX (and TorchScript of the FX graph, as timm's own model tests do), torch.export and dynamo,
-    with SPE's CPU kernels off and on (scripted code runs the plain ops)."""
+    with SPE's CPU kernels off and on (scripted code runs the plain ops). A depth-11 network: the same classes as
+    the registered depths with one block a stage (timm's model suite scripts and traces resnet83_* itself)."""
     import warnings
 
     from timm.models import get_notrace_functions, get_notrace_modules
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
     with timm_spe.set_cpu_kernels(cpu_kernels):
-        m = timm.create_model('resnet83_spe').eval()
+        m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe').eval()  # resnet83_spe's blocks, one a stage
         x = torch.randn(2, 3, 32, 32)
         ref = m(x)
         with warnings.catch_warnings():

@@ -7,6 +7,7 @@ import tarfile
 
 import pytest
 import timm
+import torch
 from helpers import ROOT
 
 from timm_spe.evaluate import evaluate
@@ -16,14 +17,26 @@ DEFAULT = next(t for t in PRETRAINED_TAGS if t.split('.')[0] == 'resnet164_spe')
 CIFAR_TAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 
 
-@pytest.mark.skipif(not CIFAR_TAR.exists(), reason=f'needs {CIFAR_TAR} (the CIFAR-10 JPEG copy)')
-def test_accuracy_on_shared_test_split(staged, tmp_path):
-    tag, folder, card_eval = staged
+@pytest.fixture(scope='module')
+def cifar_test_split(tmp_path_factory):
+    """The 10,000 test images of the CIFAR-10 JPEG copy, extracted once for every tag."""
+    root = tmp_path_factory.mktemp('cifar')
     with tarfile.open(CIFAR_TAR) as tar:
-        tar.extractall(tmp_path, members=[m for m in tar if '/test/' in m.name or m.name.endswith('/test')],
-                       filter='data')
+        tar.extractall(root, members=[m for m in tar if '/test/' in m.name or m.name.endswith('/test')], filter='data')
+    return root / 'cifar10-jpeg' / 'test'
+
+
+@pytest.mark.skipif(not CIFAR_TAR.exists(), reason=f'needs {CIFAR_TAR} (the CIFAR-10 JPEG copy)')
+def test_accuracy_on_shared_test_split(staged, cifar_test_split):
+    """Each shipped file re-evaluated on all 10,000 test images reaches its card's top-1 (within 0.5 points).
+
+    channels_last in batches of 50 (``timm-spe eval --channels-last --batch-size 50``): the same weights and
+    arithmetic in another memory layout (float rounding may flip an image or two), about twice as fast on a 2-core
+    CPU as contiguous batches of 200 (14 s against 35 s per 1,000 images, measured on one).
+    """
+    tag, folder, card_eval = staged
     model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors')))
-    result = evaluate(model, tmp_path / 'cifar10-jpeg' / 'test', batch_size=200, progress=False)
+    result = evaluate(model.to(memory_format=torch.channels_last), cifar_test_split, batch_size=50, progress=False)
     assert result['num_images'] == 10000
     assert result['top1'] >= card_eval['top1'] - 0.5, (result, card_eval)
 
