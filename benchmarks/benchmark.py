@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only this: eval forward and train step of these comma-separated models and their "
                              "resnet164 baselines, interleaved, written to --out (e.g. 'resnet164_spe +cpu_kernels "
                              "(channels_last)' with many --repeats, to pool with --pool)")
+    parser.add_argument('--autocast', default=None, choices=('bfloat16', 'float16'),
+                        help='with --models: forward passes under CPU autocast to this dtype (as train.py --amp)')
     parser.add_argument('--pool', nargs='+', default=None, metavar='RESULTS.json',
                         help="only this: issue 17's goals from the per-round ratios of these full runs pooled, with "
                              "a 95 %% interval of the median and a verdict")
@@ -100,6 +102,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             timm_spe.set_cpu_kernels(True)  # build (or load) once, before anything is timed
         except RuntimeError as e:
             parser.error(f'{e} Or run with --no-cpu-kernels.')
+    if args.autocast and not args.models:
+        parser.error('--autocast times only the --models pairs (the full run, memory and primitives are float32)')
     if args.models:
         return pairs.run_models(args, parser, meta)
     if args.primitives:

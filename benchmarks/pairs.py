@@ -3,6 +3,8 @@ interleaved (e.g. one pair with many ``--repeats``, to pool with other runs by `
 import argparse
 from typing import Dict
 
+import torch
+
 from benchmarks.timing import fmt, fmt_ratio, per_round_ratios, write_result
 from benchmarks.workloads import MODELS, baseline, bench_models, uses_kernels
 
@@ -16,7 +18,9 @@ def run_models(args: argparse.Namespace, parser: argparse.ArgumentParser, meta: 
     if args.no_cpu_kernels and any(uses_kernels(n) for n in names):
         parser.error('--models: a +cpu_kernels model cannot run with --no-cpu-kernels')
     names = list(dict.fromkeys(baseline(n) for n in names)) + [n for n in names if n != baseline(n)]
-    result = {'meta': meta, 'models': bench_models(names, args.batch, args.warmup, args.repeats)}
+    autocast = getattr(torch, args.autocast) if args.autocast else None
+    result = {'meta': {**meta, 'autocast': args.autocast},
+              'models': bench_models(names, args.batch, args.warmup, args.repeats, autocast=autocast)}
     for name in names:
         r, base = result['models'][name], result['models'][baseline(name)]
         print(f"{name}: eval forward {fmt(r['eval_forward'])} ms, train step {fmt(r['train_step'])} ms; per-round "

@@ -1,6 +1,6 @@
 """The benchmark's models (its rows), their eval forward and train step as timed workloads, and their FLOPs
 against this machine's GEMM peak."""
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
@@ -55,9 +55,11 @@ def input_batch(name: str, batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32).contiguous(memory_format=memory_format(name))
 
 
-def model_workloads(name: str, batch: int, compiled: bool = False) -> Dict[str, Callable[[], None]]:
+def model_workloads(name: str, batch: int, compiled: bool = False, autocast: Optional[torch.dtype] = None
+                    ) -> Dict[str, Callable[[], None]]:
     """``{'eval_forward': fn, 'train_step': fn}`` for one model on a fixed random batch (optionally the model
-    wrapped in ``torch.compile``, default inductor backend; the first calls compile)."""
+    wrapped in ``torch.compile``, default inductor backend; the first calls compile). ``autocast``: the forward
+    passes under CPU autocast to that dtype (bfloat16 / float16), as ``train.py --amp`` runs them."""
     torch.manual_seed(0)
     module = create(name)
     model = torch.compile(module) if compiled else module
@@ -67,26 +69,31 @@ def model_workloads(name: str, batch: int, compiled: bool = False) -> Dict[str, 
 
     kernels = uses_kernels(name)
 
+    amp = dict(device_type='cpu', dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+
     def eval_forward():
         timm_spe.set_cpu_kernels(kernels)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(**amp):
             model(x)
 
     def train_step():
         timm_spe.set_cpu_kernels(kernels)
         model.train()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(**amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     return {'eval_forward': eval_forward, 'train_step': train_step}
 
 
-def bench_models(names: List[str], batch: int, warmup: int, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
+def bench_models(names: List[str], batch: int, warmup: int, repeats: int, autocast: Optional[torch.dtype] = None
+                 ) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Time every model, interleaved (see :func:`~benchmarks.timing.timed_interleaved`) instead of whichever runs
     first getting a different machine."""
-    work = {name: model_workloads(name, batch) for name in names}
+    work = {name: model_workloads(name, batch, autocast=autocast) for name in names}
     results: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in names}
     for kind in tqdm(('eval_forward', 'train_step'), desc='models'):
         for name, t in timed_interleaved({name: work[name][kind] for name in names}, warmup, repeats).items():

@@ -55,16 +55,16 @@ def _first_at(t: torch.Tensor, value: torch.Tensor, largest: bool) -> torch.Tens
     """Index of the first element of each row of ``t`` (R x L, contiguous) that is ``>= value`` (``<=`` with
     ``largest=False``), i.e. of the first maximum (minimum) when ``value`` is the row's max (min).
 
-    Three vectorised passes (compare into float flags, multiply by ``L-1, ..., 0``, ``amax``) instead of
-    ``max(dim)``'s scalar index loop. Rows without a hit (NaN) give ``L - 1``.
+    Three vectorised passes (compare, ``L-1, ..., 0`` where it holds and 0 elsewhere, ``amax``) instead of
+    ``max(dim)``'s scalar index loop; no op mixes dtypes (the CPU would copy a whole operand first). Rows without a
+    hit (NaN) give ``L - 1``.
     """
     length = t.shape[1]
     flag_dtype = torch.float32 if length <= 2 ** 24 else torch.float64  # exact integers up to L
-    flags = torch.empty(t.shape, dtype=flag_dtype, device=t.device)
     compare = torch.ge if largest else torch.le
-    compare(t, value.unsqueeze(1), out=flags)
-    flags.mul_(torch.arange(length - 1, -1, -1, dtype=flag_dtype, device=t.device))
-    return (length - 1) - flags.amax(1).long()
+    hits = compare(t, value.unsqueeze(1))
+    reversed_index = torch.arange(length - 1, -1, -1, dtype=flag_dtype, device=t.device)
+    return (length - 1) - torch.where(hits, reversed_index, 0.).amax(1).long()
 
 
 def _max_over_rows(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +183,14 @@ def per_map_sums(
         sum_grad, sum_grad_centered, x_max, x_min = torch.ops.timm_spe.channels_last_per_map_sums(
             grad, x, mean.contiguous(), i_max, i_min)
         return sum_grad, invstd * sum_grad_centered, x_max, x_min
+    if x.dtype in (torch.bfloat16, torch.float16):
+        # centred on the mean rounded to x's dtype (no cancellation in 8 or 11 bits), its offset added back in float32;
+        # no mixed-dtype full-size op and no sum(dtype=float32): the CPU would copy a whole tensor to float32 first
+        mean_low = mean.to(x.dtype)
+        centred = torch.sub(x, mean_low.view(1, c, 1, 1), out=buf).mul_(grad)
+        sum_grad, sum_centred = grad.sum((2, 3)).float(), centred.sum((2, 3)).float()
+        sum_grad_xc = sum_centred + (mean_low.float() - mean) * sum_grad
+        return sum_grad, invstd * sum_grad_xc, take_at(x, i_max), take_at(x, i_min)
     sum_grad = grad.sum((2, 3))
     sum_grad_x = torch.mul(grad, x, out=buf).sum((2, 3))
     return sum_grad, invstd * (sum_grad_x - mean * sum_grad), take_at(x, i_max), take_at(x, i_min)
@@ -214,9 +222,17 @@ def take_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def scatter_add_at_(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
     """In place, no autograd: ``t[n, c].flatten()[index[n, c]] += values[n, c]`` for every (n, c). N x C adds on
-    the kernel where it applies, else ``scatter_add_``; same results."""
+    the kernel where it applies, else ``scatter_add_``; same results. bfloat16 / float16 on the CPU: ``index_put_``
+    at the flat offsets, since the CPU's ``scatter_add_`` copies the whole tensor to float32 and back for them."""
     if _index_kernel_applies(t, index) and values.dtype == t.dtype and values.is_contiguous():
         torch.ops.timm_spe.scatter_add_at_(t, index, values)
+        return
+    if t.dtype in (torch.bfloat16, torch.float16) and t.device.type == 'cpu':
+        n, c = t.shape[0], t.shape[1]
+        offsets = (torch.arange(n, device=t.device).view(n, 1) * t.stride(0)
+                   + torch.arange(c, device=t.device) * t.stride(1) + index * t.stride(3))
+        flat = t.as_strided((t.numel(),), (1,), t.storage_offset())
+        flat.index_put_((offsets.view(-1),), values.to(t.dtype).reshape(-1), accumulate=True)
         return
     view, dim = _hw_view(t)
     view.scatter_add_(dim, index.unsqueeze(dim), values.unsqueeze(dim))

@@ -322,19 +322,21 @@ def _block_tail_fusable(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, 
 def batch_norm_spe_add_relu(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Module, spe: SpeModule) -> torch.Tensor:
     """``relu(spe(bn(x)) + shortcut)``: the tail of a bottleneck block with SPE, for training.
 
-    With a training-mode ``nn.BatchNorm2d``, NCHW-contiguous or channels_last input and one dtype (no
-    autocast) it runs as one autograd function (:func:`~timm_spe.spe_me.fused_batch_norm_spe_add_relu`) that saves no
+    With a training-mode ``nn.BatchNorm2d``, NCHW-contiguous or channels_last input and one dtype (or, under
+    autocast / AMP, bfloat16 / float16 activations with float32 parameters) it runs as one autograd function (:func:`~timm_spe.spe_me.fused_batch_norm_spe_add_relu`) that saves no
     more full-size activations for backward than the block without SPE; otherwise as ``bn``, the SPE gate and
     :func:`~timm_spe.spe_me.scale_add_relu`; an ablation variant of ``spe`` (not ``spe.default_variant``) always as
     ``bn``, its gate and plain ``relu(addcmul(...))``.
-    Same results either way, running statistics and ``num_batches_tracked`` included.
+    Same results either way, running statistics and ``num_batches_tracked`` included. The gate (float32 under
+    autocast) is rounded to the activations' dtype before it scales them, as :meth:`SpeModule.forward` does: the block
+    output keeps the dtype the block without SPE gives, with no full-size cast.
     """
     if not spe.default_variant:  # ablations (Tables 3, 4): plain autograd ops throughout
         y = bn(x)
-        return torch.relu(torch.addcmul(shortcut, y, spe.attn_map(y)))
+        return torch.relu(torch.addcmul(shortcut, y, spe.attn_map(y).to(y.dtype)))
     if not _block_tail_fusable(x, shortcut, bn, spe):
         y = bn(x)
-        return scale_add_relu(y, shortcut, spe.attn_map(y))
+        return scale_add_relu(y, shortcut, spe.attn_map(y).to(y.dtype))
     momentum = 0. if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:  # nn.BatchNorm2d's own bookkeeping
         bn.num_batches_tracked.add_(1)

@@ -39,6 +39,17 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format if t.is_contiguous() else torch.channels_last
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def sum_hw(t: torch.Tensor) -> torch.Tensor:
+    """Per-(n, c) sums over H x W, as float32 for a bfloat16 / float16 ``t`` (the N x C math after it is float32).
+
+    Summed in ``t``'s own dtype (the reduction accumulates in float32; only the N x C result is rounded), as autograd's
+    ops do: ``sum(dtype=torch.float32)`` would copy the whole tensor to float32 first on the CPU."""
+    return t.sum((2, 3)).float() if t.dtype in LOW_PRECISION else t.sum((2, 3))
+
+
 def _spe_gate_backward(
         grad: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor,
         w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
@@ -201,7 +212,7 @@ class _SpeScale(torch.autograd.Function):
         them; marked non-differentiable)."""
         n, ch = x.shape[0], x.shape[1]
         f_max, i_max, f_min, i_min = max_min_with_indices(x)
-        gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+        gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper).to(x.dtype)
         return x * gate.view(n, ch, 1, 1), gate, f_max, f_min, i_max, i_min
 
     @staticmethod
@@ -221,22 +232,27 @@ class _SpeScale(torch.autograd.Function):
         x, gate, f_max, f_min, i_max, i_min, lam, w_exc, b_exc, w_rew, b_rew = ctx.saved_tensors
         n, ch = x.shape[0], x.shape[1]
         grad_x = torch.mul(grad.contiguous(memory_format=_memory_format(x)), x)
-        grad_gate = grad_x.sum((2, 3))
+        grad_gate = sum_hw(grad_x)
         g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
             grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
         torch.mul(grad, gate.view(n, ch, 1, 1), out=grad_x)
-        scatter_add_at_(grad_x, i_max, g_max)
-        scatter_add_at_(grad_x, i_min, g_min)
+        scatter_add_at_(grad_x, i_max, g_max.to(x.dtype))
+        scatter_add_at_(grad_x, i_min, g_min.to(x.dtype))
         return grad_x, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None
 
 
 def fused_applies(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """The fused training functions apply to ``x`` and the layer's ``params``: grad enabled, a dense layout
-    (NCHW-contiguous or channels_last), one dtype, no autocast. (The layers check the rest: training mode, the
-    default variant, hooks and tracing.)"""
+    (NCHW-contiguous or channels_last), and one dtype, or mixed precision as autocast / AMP makes it: ``x`` in
+    bfloat16 or float16 and float32 parameters. Then the full-size work stays in ``x``'s dtype and the N x C gate
+    math in float32, as the plain ops do it (the gate is rounded to ``x``'s dtype before it scales ``x``). (The layers
+    check the rest: training mode, the default variant, hooks and tracing.)"""
+    if not (torch.is_grad_enabled() and _dense_layout(x)):
+        return False
     dtype = x.dtype
-    return (torch.is_grad_enabled() and _dense_layout(x) and all(t.dtype == dtype for t in params)
-            and not torch.is_autocast_enabled(x.device.type))
+    if dtype in LOW_PRECISION and all(t.dtype == torch.float32 for t in params):
+        return True
+    return all(t.dtype == dtype for t in params)
 
 
 @register_notrace_function
@@ -252,6 +268,31 @@ def spe_scale(
     f_max, f_min = global_max_min(x) if torch.is_grad_enabled() else max_min(x)
     gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
     return x * gate.unsqueeze(-1).unsqueeze(-1).to(x.dtype)
+
+
+def _bn_input_grad_low_precision_(
+        out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, grad_scale: torch.Tensor, shift: torch.Tensor,
+        x_coef: torch.Tensor, mean: torch.Tensor, i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor,
+        v_min: torch.Tensor,
+) -> torch.Tensor:
+    """BN's input gradient ``grad * grad_scale - (x - mean) * x_coef - shift`` (N x C / C coefficients in float32)
+    for a bfloat16 / float16 ``x``, written into ``out`` with ``v_max`` / ``v_min`` added at the extrema.
+
+    The float32 form (``grad * grad_scale + (mean * x_coef - shift) - x * x_coef``, :func:`bn_input_grad_`) rounds an
+    intermediate whose terms cancel when ``|mean| >> std``: in 8 or 11 mantissa bits that would lose the gradient. Here
+    ``x`` is centred first on ``mean`` rounded to ``x``'s dtype (the rounding's offset folded into the constant), so
+    every intermediate is of the result's size; every full-size op is in ``x``'s dtype (no float32 copies)."""
+    n, c = x.shape[0], x.shape[1]
+    dtype = x.dtype
+    mean_low = mean.to(dtype)
+    constant = shift + (mean_low.float() - mean) * x_coef  # (x - mean) = (x - mean_low) + (mean_low - mean)
+    torch.sub(x, mean_low.view(1, c, 1, 1), out=out)
+    torch.addcmul(constant.to(dtype).neg_().view(1, c, 1, 1), out, x_coef.to(dtype).view(1, c, 1, 1), value=-1,
+                  out=out)
+    out.addcmul_(grad, grad_scale.to(dtype).view(n, c, 1, 1))
+    scatter_add_at_(out, i_max, v_max.to(dtype))
+    scatter_add_at_(out, i_min, v_min.to(dtype))
+    return out
 
 
 class _BatchNormSpeAddReLU(torch.autograd.Function):
@@ -280,7 +321,7 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
         n, c = x.shape[0], x.shape[1]
         f_max, i_max, f_min, i_min = max_min_with_indices(y)
-        gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)
+        gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper).to(y.dtype)
         out = scale_add_relu_(y, shortcut, gate.view(n, c, 1, 1))
         return out, mean, invstd, f_max, f_min, i_max, i_min, gate
 
@@ -322,8 +363,12 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
             # the pooling gradients added at the argmax / argmin
             scale = bn_weight * invstd
             x_coef = scale * invstd * sum_dy_xhat / count
-            grad_x = bn_input_grad_(buf, grad, x, scale * gate, mean * x_coef - scale * sum_dy / count, x_coef,
-                                    i_max, scale * g_max, i_min, scale * g_min)
+            if x.dtype in LOW_PRECISION:
+                grad_x = _bn_input_grad_low_precision_(buf, grad, x, scale * gate, scale * sum_dy / count, x_coef,
+                                                       mean, i_max, scale * g_max, i_min, scale * g_min)
+            else:
+                grad_x = bn_input_grad_(buf, grad, x, scale * gate, mean * x_coef - scale * sum_dy / count, x_coef,
+                                        i_max, scale * g_max, i_min, scale * g_min)
         return (grad_x, grad if ctx.needs_input_grad[1] else None, sum_dy_xhat, sum_dy, None, None, None, None,
                 g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None)
 
