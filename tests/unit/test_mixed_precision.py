@@ -127,3 +127,25 @@ def test_no_full_size_casts_under_autocast_that_the_plain_block_does_not_make(dt
     assert _full_size_casts(block, x, grad, dtype) == _full_size_casts(plain, x, grad, dtype)
     spe = timm_spe.SpeModule(ch).train()
     assert _full_size_casts(spe, x, grad, dtype) == []
+
+
+@pytest.mark.parametrize('dtype', LOW, ids=['bfloat16', 'float16'])
+def test_the_penalty_gradient_stays_exact_under_autocast(dtype):
+    """Eq. 8's gradient ``2 * eta * p`` is added in float32 to ``p``'s float32 gradient, bit for bit the same sum as
+    with the penalty off plus that term, in every SPE layer of a model trained under autocast."""
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model('resnet83_spe', num_classes=10)).train()
+    x = torch.randn(2, 3, 16, 16)
+    grads = []
+    for on in (True, False):
+        m = copy.deepcopy(model)
+        timm_spe.set_auto_penalty(m, on)
+        torch.manual_seed(1)
+        with torch.autocast('cpu', dtype=dtype):
+            loss = m(x).float().square().mean()
+        loss.backward()
+        grads.append([(mod.p.grad, mod.p.detach(), mod.eta) for mod in m.modules()
+                      if isinstance(mod, timm_spe.SpeModule)])
+    for (with_penalty, p, eta), (without, _, _) in zip(*grads):
+        assert with_penalty.dtype == torch.float32
+        assert torch.equal(with_penalty, without + 2. * eta * p)
