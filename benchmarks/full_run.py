@@ -1,13 +1,10 @@
 """The default run: every model's eval forward, train step and memory, the SPE module against SE, the primitives and
 the GEMM peak, in one run; ratios to resnet164, the table, the README's Performance sentences and the plot."""
 import argparse
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
 
-from tqdm import tqdm
-
 from benchmarks.allocator import fmt_allocator
-from benchmarks.memory import memory
+from benchmarks.memory import memory_of_models
 from benchmarks.primitives import bench_modules, bench_reductions, reductions_table
 from benchmarks.timing import fmt, fmt_ratio, per_round_ratios, write_result
 from benchmarks.workloads import (
@@ -28,12 +25,7 @@ def run_full(args: argparse.Namespace, meta: Dict[str, object]) -> None:
     (``--plot``)."""
     names = model_names(not args.no_cpu_kernels)
     results = {'meta': meta, 'models': {}, 'modules': [], 'reductions': [], 'memory': {}}
-    # first, while this process is small; two subprocesses at a time (each measures only itself, and mostly waits
-    # on imports): the quick run's nine take ~45 s instead of ~80
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        mems = tqdm(pool.map(lambda n: memory(n, args.batch), names), total=len(names),
-                    desc='models (memory, subprocesses)')
-        results['memory'] = dict(zip(names, mems))
+    results['memory'] = memory_of_models(names, args.batch)  # first, while this process is small
     results['models'] = bench_models(names, args.batch, args.warmup, args.repeats)
     results['modules'] = bench_modules(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)
     results['reductions'] = bench_reductions(args.warmup, args.repeats + 3, args.quick, not args.no_cpu_kernels)

@@ -161,3 +161,14 @@ def test_readme_shows_allocator_comparison_of_committed_runs():
     assert 'glibc malloc defaults' in table.splitlines()[0]
     assert table in (ROOT / 'benchmarks' / 'README.md').read_text(), \
         'benchmarks/README.md allocator table is stale: paste the --compare output'
+
+
+def test_tail_autocast_times_the_three_tails_per_stage():
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'tail_autocast.py'), '--batch', '2',
+                           '--rounds', '3', '--dtype', 'float16'], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith('float16 autocast, channels_last, batch 2')
+    for stage in ('layer1 2x64x32x32', 'layer2 2x128x16x16', 'layer3 2x256x8x8'):
+        assert any(line.startswith(stage + ': plain tail ') and 'SPE fused' in line for line in lines), proc.stdout
+    assert lines[-1].startswith('SPE over the plain tails, all blocks (ms per train step): SPE fused ')
