@@ -1,0 +1,66 @@
+"""ATen ops an SPE block adds over the plain block in a train step: what every extra kernel launch costs on a GPU.
+
+    python benchmarks/count_ops.py
+
+Counts, with a ``TorchDispatchMode``, the ops one inner block of each resnet164 stage (at that stage's map size,
+batch 2) dispatches in forward + backward, for resnet164_spe and resnet164_se against resnet164, in float32 and under
+bfloat16 autocast, NCHW and channels_last, with the CPU kernels off: the code CUDA runs (the count does not depend on
+the device or the batch). Issue 32's goal: at most 30 extra ops per SPE block (SE: 24).
+"""
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+if not __package__:  # run as a file: the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm_spe  # noqa: E402,F401  (registers the models)
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def block_ops(model_name: str, stage: str, size: int, dtype=None, channels_last: bool = False) -> int:
+    """Ops of one forward + backward of the middle block of ``stage`` on a 2 x C x size x size input (after one
+    uncounted call), under CPU autocast to ``dtype`` (None: float32)."""
+    torch.manual_seed(0)
+    blocks = getattr(timm.create_model(model_name).train(), stage)
+    block = blocks[len(blocks) // 2]
+    x = torch.randn(2, block.conv1.in_channels, size, size)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x.requires_grad_()
+
+    def step():
+        with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = block(x)
+        out.backward(torch.ones_like(out))
+
+    step()
+    with _Count() as counter:
+        step()
+    return counter.count
+
+
+def main() -> None:
+    timm_spe.set_cpu_kernels(False)
+    stages = (('layer1', 32), ('layer2', 16), ('layer3', 8))
+    print('extra ATen ops per block over resnet164 (forward + backward; layer1 32x32 / layer2 16x16 / layer3 8x8)')
+    for dtype in (None, torch.bfloat16):
+        for channels_last in (False, True):
+            row = {name: [block_ops(name, s, n, dtype, channels_last) - block_ops('resnet164', s, n, dtype, channels_last)
+                          for s, n in stages] for name in ('resnet164_spe', 'resnet164_se')}
+            print(f"{'float32' if dtype is None else 'bfloat16 autocast'}, {'channels_last' if channels_last else 'NCHW'}: "
+                  + '; '.join(f"{name} {' / '.join(map(str, counts))}" for name, counts in row.items()))
+
+
+if __name__ == '__main__':
+    main()
