@@ -5,14 +5,20 @@
 Counts, with a ``TorchDispatchMode``, the ops one inner block of each resnet164 stage (at that stage's map size,
 batch 2) dispatches in forward + backward, for resnet164_spe and resnet164_se against resnet164, in float32 and under
 bfloat16 autocast, NCHW and channels_last, with the CPU kernels off: the code CUDA runs (the count does not depend on
-the device or the batch). Issue 32's goal: at most 30 extra ops per SPE block (SE: 24).
+the device or the batch). Issue 32's goal: at most 30 extra ops per SPE block (SE: 24). The last rows count
+resnet164_spe with the opt-in Triton kernels of its block tail (``timm_spe.set_triton_kernels``, the CUDA path), run
+here by Triton's interpreter: each of their ops is one kernel launch.
 """
+import os
 import sys
 from pathlib import Path
 
-import timm
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+# Triton's interpreter runs the kernels on CPU tensors; Triton reads this when torch imports it
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 if not __package__:  # run as a file: the package from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +41,8 @@ def block_ops(model_name: str, stage: str, size: int, dtype=None, channels_last:
     torch.manual_seed(0)
     blocks = getattr(timm.create_model(model_name).train(), stage)
     block = blocks[len(blocks) // 2]
-    x = torch.randn(2, block.conv1.in_channels, size, size)
+    # under autocast a block's input is the previous block's output: in the low-precision dtype
+    x = torch.randn(2, block.conv1.in_channels, size, size, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x.requires_grad_()
 
@@ -58,6 +65,11 @@ def main() -> None:
         for channels_last in (False, True):
             row = {name: [block_ops(name, s, n, dtype, channels_last) - block_ops('resnet164', s, n, dtype, channels_last)
                           for s, n in stages] for name in ('resnet164_spe', 'resnet164_se')}
+            with timm_spe.set_triton_kernels(True):
+                row['resnet164_spe, Triton tail'] = [
+                    block_ops('resnet164_spe', s, n, dtype, channels_last) - block_ops('resnet164', s, n, dtype,
+                                                                                       channels_last)
+                    for s, n in stages]
             print(f"{'float32' if dtype is None else 'bfloat16 autocast'}, {'channels_last' if channels_last else 'NCHW'}: "
                   + '; '.join(f"{name} {' / '.join(map(str, counts))}" for name, counts in row.items()))
 

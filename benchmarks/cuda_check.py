@@ -6,11 +6,14 @@ For each model kind (CIFAR ResNet with SPE, with drop-path, the paper formulatio
 - fp32 on CUDA vs fp32 on CPU: loss, logits and gradients agree (the CUDA path computes the same thing);
 - autocast bf16 / fp16 on CUDA vs fp32 on CUDA: the step runs, loss and gradients are finite and close
   (relative error of the whole gradient vector, reported; low-precision rounding is expected);
+- fp32 on CUDA with the opt-in Triton kernels of the block tail (``timm_spe.set_triton_kernels``) vs without;
 - eval forward on CUDA vs CPU.
 
-Then one timing per model at batch 128 (train step, channels_last, fp32): resnet164 vs resnet164_spe.
+Then the train-step timing of issue 32's goal 3 (batch 128, 32 x 32, channels_last): resnet164, resnet164_spe (stock
+ops and on the Triton kernels) and resnet164_se, each eager fp32, eager under bf16 autocast and ``torch.compile``d
+(fp32), interleaved over rounds (medians); the ratios to resnet164 in the same setting are in the report.
 
-Run on a machine with a GPU:  python benchmarks/cuda_check.py [--out cuda_check.json]
+Run on a machine with a GPU:  python benchmarks/cuda_check.py [--out cuda_check.json] [--rounds 3]
 Exit code 1 if any case failed (exception, non-finite values, or fp32 CUDA/CPU disagreement).
 """
 import argparse
@@ -74,6 +77,10 @@ def check_kind(name, make, size, memory_format, cuda):
     # drop-path draws its masks from each device's own generator: CUDA and CPU steps differ there
     stochastic = 'drop_path' in name
     ok = stochastic or (res['fp32_cuda_vs_cpu']['grad_rel'] < 1e-2 and res['fp32_cuda_vs_cpu']['logits_rel'] < 1e-2)
+    with timm_spe.set_triton_kernels(True):
+        loss_t, out_t, g_t = _step(copy.deepcopy(ref), x, y, cuda, memory_format)
+    res['fp32_triton_vs_stock'] = {'loss': abs(float(loss_t - loss_gpu)), 'grad_rel': _rel(g_t, g_gpu)}
+    ok &= stochastic or res['fp32_triton_vs_stock']['grad_rel'] < 1e-3
     for dtype in (torch.bfloat16, torch.float16):
         loss_a, out_a, g_a = _step(copy.deepcopy(ref), x, y, cuda, memory_format, dtype)
         finite = bool(torch.isfinite(g_a).all() and torch.isfinite(loss_a))
@@ -91,30 +98,59 @@ def check_kind(name, make, size, memory_format, cuda):
     return res
 
 
-def time_train_step(model_name, cuda, steps=20, batch=128):
+SETTINGS = ('fp32', 'bf16_autocast', 'compiled')
+TIMED = (('resnet164', False), ('resnet164_spe', False), ('resnet164_spe', True), ('resnet164_se', False))
+
+
+def _timed_step(model_name, triton, setting, cuda, batch=128):
+    """A closure running one train step (forward, backward, SGD) of ``model_name`` in ``setting``."""
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=10).to(cuda).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32, device=cuda).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=cuda)
-    times = []
-    for i in range(steps + 5):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+    run = torch.compile(model) if setting == 'compiled' else model
+    dtype = torch.bfloat16 if setting == 'bf16_autocast' else None
+
+    def step():
+        with timm_spe.set_triton_kernels(triton):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast('cuda', dtype=dtype, enabled=dtype is not None):
+                loss = nn.functional.cross_entropy(run(x), y)
+            loss.backward()
+            opt.step()
+    return step
+
+
+def time_train_steps(cuda, rounds=3, steps=10, warmup=5):
+    """Median ms per train step of every (model, Triton, setting), interleaved: each round runs every configuration
+    ``steps`` times (after ``warmup`` steps, compilation included, once); and the ratios to resnet164's."""
+    steps_of = {}
+    for setting in SETTINGS:
+        for model_name, triton in TIMED:
+            key = f'{model_name}{"+triton" if triton else ""}/{setting}'
+            steps_of[key] = _timed_step(model_name, triton, setting, cuda)
+            for _ in range(warmup):
+                steps_of[key]()
+    times = {key: [] for key in steps_of}
+    for _ in range(rounds):
+        for key, step in steps_of.items():
+            for _ in range(steps):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                times[key].append(time.perf_counter() - t)
+    ms = {key: sorted(t)[len(t) // 2] * 1e3 for key, t in times.items()}
+    ratios = {key: ms[key] / ms[f'resnet164/{key.split("/")[1]}'] for key in ms if not key.startswith('resnet164/')}
+    return {'ms': ms, 'ratio_to_resnet164': ratios}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default=None, help='write the results as JSON here (default: print only)')
     parser.add_argument('--no-timing', action='store_true', help='skip the batch-128 train-step timing')
+    parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds (default 3)')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('cuda_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine.')
@@ -137,8 +173,8 @@ def main():
             report['cases'].append(res)
             print(json.dumps(res), flush=True)
     if not args.no_timing:
-        report['train_step_ms_b128_channels_last'] = {m: time_train_step(m, cuda) for m in ('resnet164', 'resnet164_spe')}
-        print('train step ms (batch 128, channels_last, fp32):', report['train_step_ms_b128_channels_last'])
+        report['train_step_b128_channels_last'] = time_train_steps(cuda, rounds=args.rounds)
+        print('train step (batch 128, channels_last):', json.dumps(report['train_step_b128_channels_last'], indent=1))
     report['failed'] = failed
     print(f'cuda_check: {len(report["cases"]) - failed} passed, {failed} failed')
     if args.out:

@@ -3,8 +3,13 @@ small weights (and a corrupt copy), the shipped Hub folders. Helpers that are no
 root, a minimal staged folder, a random SPE layer), hub_server.py (a local Hub) and compile_check.py; the SPE
 reference is benchmarks/spe_reference.py. Unit tests are in unit/, integration tests (all slow) in integration/."""
 import json
+import os
 import sys
 from pathlib import Path
+
+# Triton's interpreter for the Triton kernels' tests (unit/test_spe_triton.py) on CPU tensors: Triton reads this when
+# it is imported, which importing torch does. Set TRITON_INTERPRET=0 to test them compiled on a GPU.
+os.environ.setdefault('TRITON_INTERPRET', '1')
 
 import numpy as np
 import pytest

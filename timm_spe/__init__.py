@@ -3,7 +3,7 @@
 ``import timm_spe`` registers the CIFAR ResNet family (``resnet164_spe`` ...) and ImageNet-style
 SPE ResNets with timm, and makes ``attn_layer='spe'`` resolvable by timm's attention factory.
 """
-from .config import cpu_kernels_enabled, set_cpu_kernels
+from .config import cpu_kernels_enabled, set_cpu_kernels, set_triton_kernels, triton_kernels_enabled
 from .create_attn import SPE_ATTN_LAYERS, get_attn, register_attn_layers
 from .pretrained import register_pretrained
 from .sge import SgeModule
@@ -19,6 +19,7 @@ from .resnet import CIFAR_DEPTHS, CIFAR_MEAN, CIFAR_STD, HF_HUB_ORG, CifarResNet
 
 __all__ = [
     '__version__', 'SpeModule', 'SrmModule', 'SgeModule', 'FORMULATIONS', 'REWEIGHTS', 'spe_penalty', 'set_auto_penalty', 'set_cpu_kernels', 'cpu_kernels_enabled',
+    'set_triton_kernels', 'triton_kernels_enabled',
     'SPE_ATTN_LAYERS',
     'get_attn', 'register_attn_layers', 'PAD_CROP_MODE', 'register_train_crop_modes', 'CifarResNet', 'CIFAR_DEPTHS', 'CIFAR_MEAN', 'CIFAR_STD', 'HF_HUB_ORG',
     'model_names', 'register_pretrained',

@@ -4,16 +4,22 @@ The one-pass CPU kernels (:mod:`timm_spe.cpu_kernels`): off by default; ``set_cp
 ``with set_cpu_kernels(True): ...``) switches them on and builds them on first use (:mod:`timm_spe._cpu_build`),
 ``TIMM_SPE_CPU_KERNELS=1`` in the environment switches them on at ``import timm_spe`` (``run.sh train`` sets it),
 ``cpu_kernels_enabled()`` tells. Imports only the builder from the package.
+
+The Triton kernels of SPE's block tail (:mod:`timm_spe.spe_triton`, for CUDA tensors): off by default;
+``set_triton_kernels(True)`` (also a context manager) or ``TIMM_SPE_TRITON_KERNELS=1`` at import switches them on,
+``triton_kernels_enabled()`` tells. Opt-in until a GPU run has timed them (``benchmarks/cuda_check.py``).
 """
 import os
 import warnings
 
 from ._cpu_build import _load
 
-__all__ = ['set_cpu_kernels', 'cpu_kernels_enabled']
+__all__ = ['set_cpu_kernels', 'cpu_kernels_enabled', 'set_triton_kernels', 'triton_kernels_enabled']
 
 _ENV = 'TIMM_SPE_CPU_KERNELS'
 _state = {'enabled': False, 'loaded': False}
+_triton_state = {'enabled': False}
+_TRITON_ENV = 'TIMM_SPE_TRITON_KERNELS'
 
 
 class set_cpu_kernels:
@@ -49,17 +55,49 @@ def cpu_kernels_enabled() -> bool:
     return _state['enabled']
 
 
-def _from_env() -> None:
-    value = os.environ.get(_ENV, '').strip().lower()
+class set_triton_kernels:
+    """Run SPE's block tail on its Triton kernels for CUDA tensors (or stop); like :class:`set_cpu_kernels`, also a
+    context manager. Raises ``RuntimeError`` when Triton cannot be imported (the setting is then unchanged)."""
+
+    def __init__(self, enabled: bool = True):
+        self.previous = _triton_state['enabled']
+        if enabled:
+            try:
+                import triton  # noqa: F401
+            except ImportError as e:
+                raise RuntimeError(
+                    f"the Triton kernels need the triton package ({e}); install it (PyTorch's CUDA wheels bring it) "
+                    "or leave them off.") from None
+        _triton_state['enabled'] = bool(enabled)
+
+    def __enter__(self) -> 'set_triton_kernels':
+        return self
+
+    def __exit__(self, *args) -> None:
+        _triton_state['enabled'] = self.previous
+
+
+def triton_kernels_enabled() -> bool:
+    """Whether SPE's block tail runs on its Triton kernels where they take the input."""
+    return _triton_state['enabled']
+
+
+def _switch_from_env(name: str, switch, what: str) -> None:
+    value = os.environ.get(name, '').strip().lower()
     if value in ('', '0', 'false', 'no', 'off'):
         return
     if value not in ('1', 'true', 'yes', 'on'):
-        warnings.warn(f'{_ENV}={value!r} is not understood (use 1 or 0); the CPU kernels stay off.', stacklevel=2)
+        warnings.warn(f'{name}={value!r} is not understood (use 1 or 0); the {what} stay off.', stacklevel=4)
         return
     try:
-        set_cpu_kernels(True)
+        switch(True)
     except RuntimeError as e:
-        warnings.warn(f'{_ENV}=1 but {e}', stacklevel=2)
+        warnings.warn(f'{name}=1 but {e}', stacklevel=4)
+
+
+def _from_env() -> None:
+    _switch_from_env(_ENV, set_cpu_kernels, 'CPU kernels')
+    _switch_from_env(_TRITON_ENV, set_triton_kernels, 'Triton kernels')
 
 
 _from_env()

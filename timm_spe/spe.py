@@ -32,7 +32,7 @@ import torch
 from timm.layers import register_notrace_function
 from torch import nn as nn
 
-from . import spe_me
+from . import spe_me, spe_triton
 from ._helpers import check_timm_attn_kwargs
 from .cpu_kernels import max_min
 from .spe_math import ablation_gate, mix_weights, penalty, spe_gate
@@ -342,6 +342,10 @@ def batch_norm_spe_add_relu(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Modu
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             momentum = 1. / float(bn.num_batches_tracked)
+    if spe_triton.applies(x):  # opt-in (CUDA): one kernel per pass, Eq. 3 and the penalty inside
+        return spe_triton.fused_batch_norm_spe_add_relu(
+            x, shortcut, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
+            spe.p, spe.penalty_on, spe.eta, spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)
     return spe_me.fused_batch_norm_spe_add_relu(
         x, shortcut, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
         spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)

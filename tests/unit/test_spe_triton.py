@@ -1,0 +1,159 @@
+"""The Triton block tail (the opt-in CUDA path), run here by Triton's interpreter on CPU tensors: it computes what the
+stock-op functions compute, adds the Eq. 8 penalty as they do, and issues at most 30 ATen ops per SPE block beyond the
+plain block's (issue 32's goal; SE adds 24)."""
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import timm_spe
+from benchmarks.count_ops import block_ops
+from timm_spe import spe_triton
+from timm_spe.spe import SpeModule, batch_norm_spe_add_relu
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def interpreted():
+    """Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before torch imports Triton)."""
+    kernels = importlib.import_module('timm_spe._triton_kernels')
+    if type(kernels._tail_kernel).__name__ != 'InterpretedFunction':
+        pytest.skip('TRITON_INTERPRET=0: the kernels are compiled for a GPU, these tests run CPU tensors')
+
+
+def _tail_inputs(n=3, c=20, h=7, w=9, dtype=None, memory_format=torch.contiguous_format, formulation='official',
+                 seed=0):
+    """Block-tail inputs whose every gate term matters: random BN and SPE parameters, a BN input with mean >> 0."""
+    torch.manual_seed(seed)
+    x, shortcut = torch.randn(n, c, h, w) * 2 + 3, torch.randn(n, c, h, w)
+    x, shortcut = (t.to(dtype or torch.float32).contiguous(memory_format=memory_format) for t in (x, shortcut))
+    bn, spe = nn.BatchNorm2d(c), SpeModule(c, formulation=formulation)
+    with torch.no_grad():
+        for p in list(bn.parameters()) + list(spe.parameters()):
+            p.copy_(torch.randn_like(p) * 0.5)
+    return x, shortcut, bn, spe, torch.randn(n, c, h, w)
+
+
+def _tail_step(triton, x, shortcut, bn, spe, grad, dtype=None):
+    """Output, gradients of x, shortcut and every parameter, running statistics (on copies of the modules)."""
+    bn, spe = copy.deepcopy(bn), copy.deepcopy(spe)
+    x, shortcut = x.clone().requires_grad_(), shortcut.clone().requires_grad_()
+    with timm_spe.set_triton_kernels(triton), \
+            torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = batch_norm_spe_add_relu(x, shortcut, bn, spe)
+    out.backward(grad.to(out.dtype))
+    return [out, x.grad, shortcut.grad, *(p.grad for p in [*bn.parameters(), *spe.parameters()]),
+            bn.running_mean, bn.running_var]
+
+
+def _float64_reference(x, shortcut, bn, spe, grad):
+    """The same tail in float64 plain autograd ops, from the same (rounded) inputs."""
+    bn, spe = copy.deepcopy(bn).double(), copy.deepcopy(spe).double()
+    x, shortcut = x.double().requires_grad_(), shortcut.double().requires_grad_()
+    y = bn(x)
+    out = torch.relu(y * spe.attn_map(y) + shortcut)
+    out.backward(grad.double())
+    return [out, x.grad, shortcut.grad, *(p.grad for p in [*bn.parameters(), *spe.parameters()])]
+
+
+def _relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_the_kernels_run_only_where_switched_on_and_the_input_suits_them():
+    x = torch.randn(2, 3, 4, 4)
+    assert not timm_spe.triton_kernels_enabled() and not spe_triton.applies(x)  # off by default
+    with timm_spe.set_triton_kernels(True):
+        assert spe_triton.applies(x) and spe_triton.applies(x.bfloat16()) and spe_triton.applies(x.half())
+        assert not spe_triton.applies(x.double())
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv('TRITON_INTERPRET')
+            assert not spe_triton.applies(x)  # CPU tensors need the interpreter
+    assert not timm_spe.triton_kernels_enabled()
+
+
+@pytest.mark.parametrize('formulation', ['official', 'paper'])
+@pytest.mark.parametrize('memory_format', LAYOUTS, ids=['nchw', 'channels_last'])
+def test_the_triton_tail_gives_the_stock_functions_results_in_float32(formulation, memory_format):
+    x, shortcut, bn, spe, grad = _tail_inputs(memory_format=memory_format, formulation=formulation)
+    stock = _tail_step(False, x, shortcut, bn, spe, grad)
+    triton = _tail_step(True, x, shortcut, bn, spe, grad)
+    assert triton[0].is_contiguous(memory_format=memory_format)
+    assert triton[1].is_contiguous(memory_format=memory_format)
+    for a, b in zip(triton, stock):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize('memory_format', LAYOUTS, ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bfloat16', 'float16'])
+def test_under_autocast_the_triton_tail_is_as_close_to_float64_as_the_stock_functions(dtype, memory_format):
+    """Rounding differs (float32 accumulation, other summation orders), and a low-precision rounding that flips one
+    ReLU mask moves a parameter gradient by a percent: over six random draws, each result's worst error against the
+    float64 truth must be within 1.5 times the stock path's worst."""
+    names = ['out', 'x', 'shortcut', 'bn.weight', 'bn.bias', 'p', 'w_exc', 'b_exc', 'w_rew', 'b_rew']
+    worst_stock, worst_triton = [0.] * len(names), [0.] * len(names)
+    for seed in range(6):
+        x, shortcut, bn, spe, grad = _tail_inputs(n=4, c=24, h=8, w=8, dtype=dtype, memory_format=memory_format,
+                                                  seed=seed)
+        truth = _float64_reference(x, shortcut, bn, spe, grad)
+        stock = _tail_step(False, x, shortcut, bn, spe, grad, dtype)
+        triton = _tail_step(True, x, shortcut, bn, spe, grad, dtype)
+        assert triton[0].dtype == dtype and triton[1].dtype == dtype and triton[5].dtype == torch.float32
+        for i, (a, b, t) in enumerate(zip(triton, stock, truth)):
+            worst_triton[i] = max(worst_triton[i], _relative(a, t))
+            worst_stock[i] = max(worst_stock[i], _relative(b, t))
+    for name, a, b in zip(names, worst_triton, worst_stock):
+        assert a <= 1.5 * b, f'{name}: {a:.2e} against the stock path\'s {b:.2e}'
+
+
+def test_the_penalty_gradient_is_added_where_the_switch_is_on_when_backward_runs():
+    x, shortcut, bn, spe, grad = _tail_inputs()
+    with_penalty = _tail_step(True, x, shortcut, bn, spe, grad)[5]
+    spe_off = copy.deepcopy(spe)
+    spe_off.auto_penalty = False
+    without = _tail_step(True, x, shortcut, bn, spe_off, grad)[5]
+    # float32 rounding of the larger gradient is all the difference may show
+    atol = 2 * torch.finfo(torch.float32).eps * with_penalty.abs().max().item()
+    torch.testing.assert_close(with_penalty - without, 2 * spe.eta * spe.p.detach(), rtol=0, atol=atol)
+    # switched off after the forward (spe_penalty's hand-over): the backward reads the switch then
+    spe_late = copy.deepcopy(spe)
+    xg = x.clone().requires_grad_()
+    with timm_spe.set_triton_kernels(True):
+        out = batch_norm_spe_add_relu(xg, shortcut, copy.deepcopy(bn), spe_late)
+    loss = (out * grad).sum() + timm_spe.spe_penalty(spe_late)
+    loss.backward()
+    torch.testing.assert_close(spe_late.p.grad, with_penalty, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cifar_resnet_trains_the_same_on_the_triton_tail():
+    torch.manual_seed(0)
+    model = timm_spe.CifarResNet(depth=11, attn_layer='spe').train()  # resnet83_spe's blocks, one a stage
+    with torch.no_grad():  # SPE's initial parameters make a constant gate: make every term matter
+        for m in model.modules():
+            if isinstance(m, SpeModule):
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    grads = []
+    for on in (False, True):
+        m = copy.deepcopy(model)
+        with timm_spe.set_triton_kernels(on):
+            nn.functional.cross_entropy(m(x), y).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16], ids=['float32', 'bfloat16_autocast'])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_an_spe_block_on_the_triton_tail_adds_at_most_30_aten_ops_over_the_plain_block(dtype, channels_last):
+    """The op counter of benchmarks/count_ops.py over resnet164's layer3 block: each custom op is one Triton launch."""
+    plain = block_ops('resnet164', 'layer3', 8, dtype, channels_last)
+    with timm_spe.set_triton_kernels(True):
+        spe = block_ops('resnet164_spe', 'layer3', 8, dtype, channels_last)
+    stock = block_ops('resnet164_spe', 'layer3', 8, dtype, channels_last)
+    assert spe - plain <= 30 < stock - plain

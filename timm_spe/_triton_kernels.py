@@ -1,0 +1,319 @@
+""" SPE's block tail as four Triton kernels: the CUDA path's launches, one per pass over the data
+
+On a GPU every ATen op is a kernel launch, and SPE's N x C gate math in stock ops is ~150 tiny launches per block
+(``benchmarks/count_ops.py``). Here each pass is one kernel, registered with ``torch.library.triton_op`` so that
+``torch.compile`` sees through it and an op counter sees one op per launch:
+
+* ``timm_spe::bn_spe_tail_`` (forward): per (n, c) the max / min over H x W and their first indices, the gate from
+  them and ``p`` (Eq. 3 inside), and ``relu(y * gate + shortcut)`` written over ``y``;
+* ``timm_spe::map_sums`` (backward): per (n, c) ``sum_hw(g)``, ``sum_hw(g * (x - mean))`` and ``x`` at the extrema;
+* ``timm_spe::gate_backward``: the gate's closed-form backward, the per-channel parameter gradients and BN's
+  ``sum(dy)``, ``sum(dy * xhat)``, per channel block;
+* ``timm_spe::mix_backward``: the gradient of ``p`` through Eq. 3, with the Eq. 8 penalty's where it is switched on;
+* ``timm_spe::bn_input_grad``: BN's input gradient in one pass, the pooling gradients added at the extrema.
+
+Each op allocates its outputs and launches exactly one kernel. The math is :mod:`timm_spe.spe_math`'s (the tests
+compare against it with ``TRITON_INTERPRET=1`` on the CPU); float32 accumulation throughout, so results agree with
+the stock ops to rounding, not bit for bit. Imported on first use (:func:`timm_spe.spe_triton.ops`): Triton fixes
+the interpreter-or-compiler choice when a kernel is defined, so a process that sets ``TRITON_INTERPRET=1`` before then
+runs them on CPU tensors. The autograd function and the switch are in :mod:`timm_spe.spe_triton`.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+@triton.jit
+def _rounded(v, ptr):
+    """float32 ``v`` in ``ptr``'s element type, rounded to nearest even. bfloat16 by its bits: the interpreter's cast
+    truncates (on the GPU the cast rounds to nearest even, as this does)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _gate(f_max, f_min, lam0, lam1, w_exc, b_exc, w_rew, b_rew, PAPER: tl.constexpr):
+    """``(m_max, m_min, u, v_exc, v_rew)`` of spe_math.gate_terms, float32."""
+    if PAPER:
+        m_max = f_max
+        m_min = f_min
+        v_rew = tl.sigmoid(b_rew + w_rew * (f_max + f_min))
+    else:
+        m_max = b_rew + w_rew * f_max
+        m_min = b_rew + w_rew * f_min
+        v_rew = tl.sigmoid(m_max + m_min)
+    u = lam0 * m_max + lam1 * m_min
+    v_exc = tl.sigmoid(b_exc + w_exc * u)
+    return m_max, m_min, u, v_exc, v_rew
+
+@triton.jit
+def _lam(p_ptr):
+    p0 = tl.load(p_ptr).to(tl.float32)
+    p1 = tl.load(p_ptr + 1).to(tl.float32)
+    q0 = p0 * p0
+    q1 = p1 * p1
+    den = (q0 + q1) + 2 * 1.1754943508222875e-38
+    return (q0 + 1.1754943508222875e-38) / den, (q1 + 1.1754943508222875e-38) / den
+
+@triton.jit
+def _tail_kernel(y_ptr, s_ptr, p_ptr, w_exc_ptr, b_exc_ptr, w_rew_ptr, b_rew_ptr,
+                 fmax_ptr, fmin_ptr, imax_ptr, imin_ptr, gate_ptr, C, HW, s_n, s_c, s_hw,
+                 PAPER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    base = n * s_n + c * s_c
+    run_max = tl.full([BLOCK_C], float('-inf'), tl.float32)
+    run_min = tl.full([BLOCK_C], float('inf'), tl.float32)
+    i_max = tl.zeros([BLOCK_C], tl.int32)
+    i_min = tl.zeros([BLOCK_C], tl.int32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        ok = c_ok[:, None] & (hw < HW)[None, :]
+        v = tl.load(y_ptr + base[:, None] + hw[None, :] * s_hw, mask=ok, other=0.).to(tl.float32)
+        m, im = tl.max(tl.where(ok, v, float('-inf')), axis=1, return_indices=True)
+        k, ik = tl.min(tl.where(ok, v, float('inf')), axis=1, return_indices=True)
+        i_max = tl.where(m > run_max, start + im, i_max)  # strict: the first extremum wins
+        run_max = tl.maximum(m, run_max)
+        i_min = tl.where(k < run_min, start + ik, i_min)
+        run_min = tl.minimum(k, run_min)
+    run_max = tl.where(c_ok, run_max, 0.)  # no infinities in the gate math of the masked lanes
+    run_min = tl.where(c_ok, run_min, 0.)
+    lam0, lam1 = _lam(p_ptr)
+    _, _, _, v_exc, v_rew = _gate(
+        run_max, run_min, lam0, lam1, tl.load(w_exc_ptr + c, mask=c_ok, other=0.),
+        tl.load(b_exc_ptr + c, mask=c_ok, other=0.), tl.load(w_rew_ptr + c, mask=c_ok, other=0.),
+        tl.load(b_rew_ptr + c, mask=c_ok, other=0.), PAPER)
+    nc = n * C + c
+    tl.store(fmax_ptr + nc, _rounded(run_max, fmax_ptr), mask=c_ok)  # exact: a stored value
+    tl.store(fmin_ptr + nc, _rounded(run_min, fmin_ptr), mask=c_ok)
+    tl.store(imax_ptr + nc, i_max.to(tl.int64), mask=c_ok)
+    tl.store(imin_ptr + nc, i_min.to(tl.int64), mask=c_ok)
+    gate = _rounded(v_exc * v_rew, gate_ptr)  # rounded to the activations' dtype, as the layer does
+    tl.store(gate_ptr + nc, gate, mask=c_ok)
+    g = gate.to(tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        ok = c_ok[:, None] & (hw < HW)[None, :]
+        off = base[:, None] + hw[None, :] * s_hw
+        v = tl.load(y_ptr + off, mask=ok, other=0.).to(tl.float32)
+        r = tl.load(s_ptr + off, mask=ok, other=0.).to(tl.float32)
+        tl.store(y_ptr + off, _rounded(tl.maximum(v * g[:, None] + r, 0.), y_ptr), mask=ok)
+
+@triton.jit
+def _sums_kernel(g_ptr, x_ptr, mean_ptr, imax_ptr, imin_ptr, sg_ptr, sgx_ptr, xmax_ptr, xmin_ptr,
+                 C, HW, s_n, s_c, s_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    base = n * s_n + c * s_c
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+    acc_g = tl.zeros([BLOCK_C], tl.float32)
+    acc_gx = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        ok = c_ok[:, None] & (hw < HW)[None, :]
+        off = base[:, None] + hw[None, :] * s_hw
+        g = tl.load(g_ptr + off, mask=ok, other=0.).to(tl.float32)
+        x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
+        acc_g += tl.sum(g, axis=1)
+        acc_gx += tl.sum(g * tl.where(ok, x - mean[:, None], 0.), axis=1)
+    nc = n * C + c
+    tl.store(sg_ptr + nc, acc_g, mask=c_ok)
+    tl.store(sgx_ptr + nc, acc_gx, mask=c_ok)
+    i_max = tl.load(imax_ptr + nc, mask=c_ok, other=0)
+    i_min = tl.load(imin_ptr + nc, mask=c_ok, other=0)
+    tl.store(xmax_ptr + nc, tl.load(x_ptr + base + i_max * s_hw, mask=c_ok, other=0.).to(tl.float32), mask=c_ok)
+    tl.store(xmin_ptr + nc, tl.load(x_ptr + base + i_min * s_hw, mask=c_ok, other=0.).to(tl.float32), mask=c_ok)
+
+@triton.jit
+def _gate_backward_kernel(sg_ptr, sgx_ptr, xmax_ptr, xmin_ptr, fmax_ptr, fmin_ptr, gate_ptr, mean_ptr,
+                          invstd_ptr, bn_w_ptr, bn_b_ptr, p_ptr, w_exc_ptr, b_exc_ptr, w_rew_ptr, b_rew_ptr,
+                          vmax_ptr, vmin_ptr, gwe_ptr, gbe_ptr, gwr_ptr, gbr_ptr, sdy_ptr, sdyx_ptr, glam_ptr,
+                          N, C, PAPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.)
+    invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.)
+    bn_w = tl.load(bn_w_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+    bn_b = tl.load(bn_b_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+    w_exc = tl.load(w_exc_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+    b_exc = tl.load(b_exc_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+    w_rew = tl.load(w_rew_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+    b_rew = tl.load(b_rew_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+    scale = bn_w * invstd
+    lam0, lam1 = _lam(p_ptr)
+    acc_we = tl.zeros([BLOCK_C], tl.float32)
+    acc_be = tl.zeros([BLOCK_C], tl.float32)
+    acc_wr = tl.zeros([BLOCK_C], tl.float32)
+    acc_br = tl.zeros([BLOCK_C], tl.float32)
+    acc_dy = tl.zeros([BLOCK_C], tl.float32)
+    acc_dyx = tl.zeros([BLOCK_C], tl.float32)
+    acc_l0 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    acc_l1 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        ok = (n < N)[:, None] & c_ok[None, :]
+        nc = n[:, None] * C + c[None, :]
+        sg = tl.load(sg_ptr + nc, mask=ok, other=0.)
+        sgx = invstd[None, :] * tl.load(sgx_ptr + nc, mask=ok, other=0.)  # sum_hw(g * xhat)
+        f_max = tl.load(fmax_ptr + nc, mask=ok, other=0.).to(tl.float32)
+        f_min = tl.load(fmin_ptr + nc, mask=ok, other=0.).to(tl.float32)
+        gate = tl.load(gate_ptr + nc, mask=ok, other=0.).to(tl.float32)
+        grad = bn_w[None, :] * sgx + bn_b[None, :] * sg
+        m_max, m_min, u, v_exc, v_rew = _gate(f_max, f_min, lam0, lam1, w_exc[None, :], b_exc[None, :],
+                                              w_rew[None, :], b_rew[None, :], PAPER)
+        d_exc = tl.where(ok, grad * v_rew * v_exc * (1 - v_exc), 0.)
+        d_rew = tl.where(ok, grad * v_exc * v_rew * (1 - v_rew), 0.)
+        d_u = d_exc * w_exc[None, :]
+        acc_we += tl.sum(d_exc * u, axis=0)
+        acc_be += tl.sum(d_exc, axis=0)
+        acc_l0 += d_u * m_max
+        acc_l1 += d_u * m_min
+        if PAPER:
+            d_pooled = d_rew * w_rew[None, :]
+            g_max = d_u * lam0 + d_pooled
+            g_min = d_u * lam1 + d_pooled
+            acc_wr += tl.sum(d_rew * (f_max + f_min), axis=0)
+            acc_br += tl.sum(d_rew, axis=0)
+        else:
+            d_max = d_u * lam0 + d_rew
+            d_min = d_u * lam1 + d_rew
+            g_max = d_max * w_rew[None, :]
+            g_min = d_min * w_rew[None, :]
+            acc_wr += tl.sum(d_max * f_max + d_min * f_min, axis=0)
+            acc_br += tl.sum(d_max + d_min, axis=0)
+        xhat_max = (tl.load(xmax_ptr + nc, mask=ok, other=0.) - mean[None, :]) * invstd[None, :]
+        xhat_min = (tl.load(xmin_ptr + nc, mask=ok, other=0.) - mean[None, :]) * invstd[None, :]
+        acc_dy += tl.sum(tl.where(ok, gate * sg + g_max + g_min, 0.), axis=0)
+        acc_dyx += tl.sum(tl.where(ok, gate * sgx + g_max * xhat_max + g_min * xhat_min, 0.), axis=0)
+        tl.store(vmax_ptr + nc, scale[None, :] * g_max, mask=ok)
+        tl.store(vmin_ptr + nc, scale[None, :] * g_min, mask=ok)
+    tl.store(gwe_ptr + c, acc_we, mask=c_ok)
+    tl.store(gbe_ptr + c, acc_be, mask=c_ok)
+    tl.store(gwr_ptr + c, acc_wr, mask=c_ok)
+    tl.store(gbr_ptr + c, acc_br, mask=c_ok)
+    tl.store(sdy_ptr + c, acc_dy, mask=c_ok)
+    tl.store(sdyx_ptr + c, acc_dyx, mask=c_ok)
+    tl.store(glam_ptr + 2 * pid, tl.sum(tl.sum(acc_l0, axis=1), axis=0))
+    tl.store(glam_ptr + 2 * pid + 1, tl.sum(tl.sum(acc_l1, axis=1), axis=0))
+
+@triton.jit
+def _mix_backward_kernel(glam_ptr, p_ptr, on_ptr, gp_ptr, NUM, eta, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    g0 = tl.sum(tl.load(glam_ptr + 2 * i, mask=i < NUM, other=0.), axis=0)
+    g1 = tl.sum(tl.load(glam_ptr + 2 * i + 1, mask=i < NUM, other=0.), axis=0)
+    p0 = tl.load(p_ptr).to(tl.float32)
+    p1 = tl.load(p_ptr + 1).to(tl.float32)
+    q0 = p0 * p0
+    q1 = p1 * p1
+    den = (q0 + q1) + 2 * 1.1754943508222875e-38
+    common = (g0 * (q0 + 1.1754943508222875e-38) + g1 * (q1 + 1.1754943508222875e-38)) / (den * den)
+    gp0 = 2 * p0 * (g0 / den - common)
+    gp1 = 2 * p1 * (g1 / den - common)
+    on = tl.load(on_ptr).to(tl.int1)
+    gp0 = tl.where(on, gp0 + (2. * eta) * p0, gp0)  # Eq. 8's gradient, where the layer's switch is on
+    gp1 = tl.where(on, gp1 + (2. * eta) * p1, gp1)
+    tl.store(gp_ptr, _rounded(gp0, gp_ptr))
+    tl.store(gp_ptr + 1, _rounded(gp1, gp_ptr))
+
+@triton.jit
+def _input_grad_kernel(g_ptr, x_ptr, dx_ptr, gate_ptr, mean_ptr, invstd_ptr, bn_w_ptr, sdy_ptr, sdyx_ptr,
+                       imax_ptr, vmax_ptr, imin_ptr, vmin_ptr, C, HW, count, s_n, s_c, s_hw,
+                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    nc = n * C + c
+    base = n * s_n + c * s_c
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.)
+    invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.)
+    scale = tl.load(bn_w_ptr + c, mask=c_ok, other=0.).to(tl.float32) * invstd
+    x_coef = scale * invstd * tl.load(sdyx_ptr + c, mask=c_ok, other=0.) / count
+    shift = scale * tl.load(sdy_ptr + c, mask=c_ok, other=0.) / count
+    a = scale * tl.load(gate_ptr + nc, mask=c_ok, other=0.).to(tl.float32)
+    i_max = tl.load(imax_ptr + nc, mask=c_ok, other=-1)
+    i_min = tl.load(imin_ptr + nc, mask=c_ok, other=-1)
+    v_max = tl.load(vmax_ptr + nc, mask=c_ok, other=0.)
+    v_min = tl.load(vmin_ptr + nc, mask=c_ok, other=0.)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        ok = c_ok[:, None] & (hw < HW)[None, :]
+        off = base[:, None] + hw[None, :] * s_hw
+        g = tl.load(g_ptr + off, mask=ok, other=0.).to(tl.float32)
+        x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
+        dx = g * a[:, None] - (x - mean[:, None]) * x_coef[:, None] - shift[:, None]
+        dx += tl.where(hw[None, :] == i_max[:, None], v_max[:, None], 0.)
+        dx += tl.where(hw[None, :] == i_min[:, None], v_min[:, None], 0.)
+        tl.store(dx_ptr + off, _rounded(dx, dx_ptr), mask=ok)
+
+def _geometry(t):
+    n, c, h, w = t.shape
+    block_c = min(triton.next_power_of_2(c), 16)
+    block_hw = max(16, min(triton.next_power_of_2(h * w), 4096 // block_c))
+    return n, c, h * w, (n, triton.cdiv(c, block_c)), block_c, block_hw
+
+@triton_op('timm_spe::bn_spe_tail_', mutates_args={'y'})
+def bn_spe_tail_(y: torch.Tensor, shortcut: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor,
+                 b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, c, hw, grid, block_c, block_hw = _geometry(y)
+    f_max, f_min, gate = (y.new_empty((n, c)) for _ in range(3))
+    i_max, i_min = (y.new_empty((n, c), dtype=torch.long) for _ in range(2))
+    wrap_triton(_tail_kernel)[grid](
+        y, shortcut, p, w_exc, b_exc, w_rew, b_rew, f_max, f_min, i_max, i_min, gate, c, hw,
+        y.stride(0), y.stride(1), y.stride(3), PAPER=paper, BLOCK_C=block_c, BLOCK_HW=block_hw)
+    return f_max, f_min, i_max, i_min, gate
+
+@triton_op('timm_spe::map_sums', mutates_args=())
+def map_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, i_max: torch.Tensor, i_min: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, c, hw, grid, block_c, block_hw = _geometry(x)
+    sg, sgx, x_max, x_min = (x.new_empty((n, c), dtype=torch.float32) for _ in range(4))
+    wrap_triton(_sums_kernel)[grid](grad, x, mean, i_max, i_min, sg, sgx, x_max, x_min, c, hw,
+                                    x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c, BLOCK_HW=block_hw)
+    return sg, sgx, x_max, x_min
+
+@triton_op('timm_spe::gate_backward', mutates_args=())
+def gate_backward(sg: torch.Tensor, sgx: torch.Tensor, x_max: torch.Tensor, x_min: torch.Tensor,
+                  f_max: torch.Tensor, f_min: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
+                  invstd: torch.Tensor, bn_w: torch.Tensor, bn_b: torch.Tensor, p: torch.Tensor,
+                  w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, c = sg.shape
+    block_c = min(triton.next_power_of_2(c), 32)
+    block_n = min(triton.next_power_of_2(n), 64)
+    num = triton.cdiv(c, block_c)
+    v_max, v_min = (sg.new_empty((n, c)) for _ in range(2))
+    g_we, g_be, g_wr, g_br, s_dy, s_dyx = (sg.new_empty((c,)) for _ in range(6))
+    g_lam = sg.new_empty((num, 2))
+    wrap_triton(_gate_backward_kernel)[(num,)](
+        sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew,
+        v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam, n, c, PAPER=paper, BLOCK_N=block_n,
+        BLOCK_C=block_c)
+    return v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam
+
+@triton_op('timm_spe::mix_backward', mutates_args=())
+def mix_backward(g_lam: torch.Tensor, p: torch.Tensor, on: torch.Tensor, eta: float) -> torch.Tensor:
+    g_p = torch.empty_like(p)
+    num = g_lam.shape[0]
+    wrap_triton(_mix_backward_kernel)[(1,)](g_lam, p, on, g_p, num, eta, BLOCK=triton.next_power_of_2(num))
+    return g_p
+
+@triton_op('timm_spe::bn_input_grad', mutates_args=())
+def bn_input_grad(grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
+                  invstd: torch.Tensor, bn_w: torch.Tensor, s_dy: torch.Tensor, s_dyx: torch.Tensor,
+                  i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor, v_min: torch.Tensor,
+                  ) -> torch.Tensor:
+    n, c, hw, grid, block_c, block_hw = _geometry(x)
+    dx = torch.empty_like(x)
+    wrap_triton(_input_grad_kernel)[grid](
+        grad, x, dx, gate, mean, invstd, bn_w, s_dy, s_dyx, i_max, v_max, i_min, v_min, c, hw, float(n * hw),
+        x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c, BLOCK_HW=block_hw)
+    return dx
