@@ -1,4 +1,4 @@
-""" SPE's block tail as four Triton kernels: the CUDA path's launches, one per pass over the data
+""" SPE's training passes as Triton kernels: the CUDA path's launches, one per pass over the data
 
 On a GPU every ATen op is a kernel launch, and SPE's N x C gate math in stock ops is ~150 tiny launches per block
 (``benchmarks/count_ops.py``). Here each pass is one kernel, registered with ``torch.library.triton_op`` so that
@@ -7,10 +7,13 @@ On a GPU every ATen op is a kernel launch, and SPE's N x C gate math in stock op
 * ``timm_spe::bn_spe_tail_`` (forward): per (n, c) the max / min over H x W and their first indices, the gate from
   them and ``p`` (Eq. 3 inside), and ``relu(y * gate + shortcut)`` written over ``y``;
 * ``timm_spe::map_sums`` (backward): per (n, c) ``sum_hw(g)``, ``sum_hw(g * (x - mean))`` and ``x`` at the extrema;
-* ``timm_spe::gate_backward``: the gate's closed-form backward, the per-channel parameter gradients and BN's
+* ``timm_spe::bn_gate_backward``: the gate's closed-form backward, the per-channel parameter gradients and BN's
   ``sum(dy)``, ``sum(dy * xhat)``, per channel block;
 * ``timm_spe::mix_backward``: the gradient of ``p`` through Eq. 3, with the Eq. 8 penalty's where it is switched on;
 * ``timm_spe::bn_input_grad``: BN's input gradient in one pass, the pooling gradients added at the extrema.
+
+The SPE layer alone (``x * gate``, e.g. in timm's ResNets with ``attn_layer='spe'``) takes the same passes without BN:
+``spe_scale``, ``map_dot`` (``sum_hw(g * x)``), ``gate_backward``, ``mix_backward`` and ``scale_input_grad``.
 
 Each op allocates its outputs and launches exactly one kernel. The math is :mod:`timm_spe.spe_math`'s (the tests
 compare against it with ``TRITON_INTERPRET=1`` on the CPU); float32 accumulation throughout, so results agree with
@@ -60,9 +63,10 @@ def _lam(p_ptr):
     return (q0 + 1.1754943508222875e-38) / den, (q1 + 1.1754943508222875e-38) / den
 
 @triton.jit
-def _tail_kernel(y_ptr, s_ptr, p_ptr, w_exc_ptr, b_exc_ptr, w_rew_ptr, b_rew_ptr,
+def _tail_kernel(y_ptr, s_ptr, out_ptr, p_ptr, w_exc_ptr, b_exc_ptr, w_rew_ptr, b_rew_ptr,
                  fmax_ptr, fmin_ptr, imax_ptr, imin_ptr, gate_ptr, C, HW, s_n, s_c, s_hw,
-                 PAPER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                 PAPER: tl.constexpr, TAIL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Pools, gate and ``out = y * gate``; with ``TAIL``, ``out = relu(y * gate + shortcut)``."""
     n = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -100,9 +104,10 @@ def _tail_kernel(y_ptr, s_ptr, p_ptr, w_exc_ptr, b_exc_ptr, w_rew_ptr, b_rew_ptr
         hw = start + tl.arange(0, BLOCK_HW)
         ok = c_ok[:, None] & (hw < HW)[None, :]
         off = base[:, None] + hw[None, :] * s_hw
-        v = tl.load(y_ptr + off, mask=ok, other=0.).to(tl.float32)
-        r = tl.load(s_ptr + off, mask=ok, other=0.).to(tl.float32)
-        tl.store(y_ptr + off, _rounded(tl.maximum(v * g[:, None] + r, 0.), y_ptr), mask=ok)
+        v = tl.load(y_ptr + off, mask=ok, other=0.).to(tl.float32) * g[:, None]
+        if TAIL:
+            v = tl.maximum(v + tl.load(s_ptr + off, mask=ok, other=0.).to(tl.float32), 0.)
+        tl.store(out_ptr + off, _rounded(v, out_ptr), mask=ok)
 
 @triton.jit
 def _sums_kernel(g_ptr, x_ptr, mean_ptr, imax_ptr, imin_ptr, sg_ptr, sgx_ptr, xmax_ptr, xmin_ptr,
@@ -131,22 +136,42 @@ def _sums_kernel(g_ptr, x_ptr, mean_ptr, imax_ptr, imin_ptr, sg_ptr, sgx_ptr, xm
     tl.store(xmin_ptr + nc, tl.load(x_ptr + base + i_min * s_hw, mask=c_ok, other=0.).to(tl.float32), mask=c_ok)
 
 @triton.jit
+def _dot_kernel(g_ptr, x_ptr, out_ptr, C, HW, s_n, s_c, s_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Per (n, c) ``sum_hw(g * x)``: the gradient of the gate of ``x * gate``."""
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    base = n * s_n + c * s_c
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        ok = c_ok[:, None] & (hw < HW)[None, :]
+        off = base[:, None] + hw[None, :] * s_hw
+        acc += tl.sum(tl.load(g_ptr + off, mask=ok, other=0.).to(tl.float32)
+                      * tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32), axis=1)
+    tl.store(out_ptr + n * C + c, acc, mask=c_ok)
+
+
+@triton.jit
 def _gate_backward_kernel(sg_ptr, sgx_ptr, xmax_ptr, xmin_ptr, fmax_ptr, fmin_ptr, gate_ptr, mean_ptr,
                           invstd_ptr, bn_w_ptr, bn_b_ptr, p_ptr, w_exc_ptr, b_exc_ptr, w_rew_ptr, b_rew_ptr,
                           vmax_ptr, vmin_ptr, gwe_ptr, gbe_ptr, gwr_ptr, gbr_ptr, sdy_ptr, sdyx_ptr, glam_ptr,
-                          N, C, PAPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                          N, C, PAPER: tl.constexpr, BN: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """With ``BN``, the gate's gradient from the per-map sums and BN's sums; else ``sgx`` is the gate's gradient."""
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.)
-    invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.)
-    bn_w = tl.load(bn_w_ptr + c, mask=c_ok, other=0.).to(tl.float32)
-    bn_b = tl.load(bn_b_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+    if BN:
+        mean = tl.load(mean_ptr + c, mask=c_ok, other=0.)
+        invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.)
+        bn_w = tl.load(bn_w_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+        bn_b = tl.load(bn_b_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+        scale = bn_w * invstd
     w_exc = tl.load(w_exc_ptr + c, mask=c_ok, other=0.).to(tl.float32)
     b_exc = tl.load(b_exc_ptr + c, mask=c_ok, other=0.).to(tl.float32)
     w_rew = tl.load(w_rew_ptr + c, mask=c_ok, other=0.).to(tl.float32)
     b_rew = tl.load(b_rew_ptr + c, mask=c_ok, other=0.).to(tl.float32)
-    scale = bn_w * invstd
     lam0, lam1 = _lam(p_ptr)
     acc_we = tl.zeros([BLOCK_C], tl.float32)
     acc_be = tl.zeros([BLOCK_C], tl.float32)
@@ -160,12 +185,14 @@ def _gate_backward_kernel(sg_ptr, sgx_ptr, xmax_ptr, xmin_ptr, fmax_ptr, fmin_pt
         n = start + tl.arange(0, BLOCK_N)
         ok = (n < N)[:, None] & c_ok[None, :]
         nc = n[:, None] * C + c[None, :]
-        sg = tl.load(sg_ptr + nc, mask=ok, other=0.)
-        sgx = invstd[None, :] * tl.load(sgx_ptr + nc, mask=ok, other=0.)  # sum_hw(g * xhat)
         f_max = tl.load(fmax_ptr + nc, mask=ok, other=0.).to(tl.float32)
         f_min = tl.load(fmin_ptr + nc, mask=ok, other=0.).to(tl.float32)
-        gate = tl.load(gate_ptr + nc, mask=ok, other=0.).to(tl.float32)
-        grad = bn_w[None, :] * sgx + bn_b[None, :] * sg
+        if BN:
+            sg = tl.load(sg_ptr + nc, mask=ok, other=0.)
+            sgx = invstd[None, :] * tl.load(sgx_ptr + nc, mask=ok, other=0.)  # sum_hw(g * xhat)
+            grad = bn_w[None, :] * sgx + bn_b[None, :] * sg
+        else:
+            grad = tl.load(sgx_ptr + nc, mask=ok, other=0.)
         m_max, m_min, u, v_exc, v_rew = _gate(f_max, f_min, lam0, lam1, w_exc[None, :], b_exc[None, :],
                                               w_rew[None, :], b_rew[None, :], PAPER)
         d_exc = tl.where(ok, grad * v_rew * v_exc * (1 - v_exc), 0.)
@@ -188,18 +215,23 @@ def _gate_backward_kernel(sg_ptr, sgx_ptr, xmax_ptr, xmin_ptr, fmax_ptr, fmin_pt
             g_min = d_min * w_rew[None, :]
             acc_wr += tl.sum(d_max * f_max + d_min * f_min, axis=0)
             acc_br += tl.sum(d_max + d_min, axis=0)
-        xhat_max = (tl.load(xmax_ptr + nc, mask=ok, other=0.) - mean[None, :]) * invstd[None, :]
-        xhat_min = (tl.load(xmin_ptr + nc, mask=ok, other=0.) - mean[None, :]) * invstd[None, :]
-        acc_dy += tl.sum(tl.where(ok, gate * sg + g_max + g_min, 0.), axis=0)
-        acc_dyx += tl.sum(tl.where(ok, gate * sgx + g_max * xhat_max + g_min * xhat_min, 0.), axis=0)
-        tl.store(vmax_ptr + nc, scale[None, :] * g_max, mask=ok)
-        tl.store(vmin_ptr + nc, scale[None, :] * g_min, mask=ok)
+        if BN:
+            gate = tl.load(gate_ptr + nc, mask=ok, other=0.).to(tl.float32)
+            xhat_max = (tl.load(xmax_ptr + nc, mask=ok, other=0.) - mean[None, :]) * invstd[None, :]
+            xhat_min = (tl.load(xmin_ptr + nc, mask=ok, other=0.) - mean[None, :]) * invstd[None, :]
+            acc_dy += tl.sum(tl.where(ok, gate * sg + g_max + g_min, 0.), axis=0)
+            acc_dyx += tl.sum(tl.where(ok, gate * sgx + g_max * xhat_max + g_min * xhat_min, 0.), axis=0)
+            g_max = scale[None, :] * g_max  # BN's input gradient adds them scaled
+            g_min = scale[None, :] * g_min
+        tl.store(vmax_ptr + nc, g_max, mask=ok)
+        tl.store(vmin_ptr + nc, g_min, mask=ok)
     tl.store(gwe_ptr + c, acc_we, mask=c_ok)
     tl.store(gbe_ptr + c, acc_be, mask=c_ok)
     tl.store(gwr_ptr + c, acc_wr, mask=c_ok)
     tl.store(gbr_ptr + c, acc_br, mask=c_ok)
-    tl.store(sdy_ptr + c, acc_dy, mask=c_ok)
-    tl.store(sdyx_ptr + c, acc_dyx, mask=c_ok)
+    if BN:
+        tl.store(sdy_ptr + c, acc_dy, mask=c_ok)
+        tl.store(sdyx_ptr + c, acc_dyx, mask=c_ok)
     tl.store(glam_ptr + 2 * pid, tl.sum(tl.sum(acc_l0, axis=1), axis=0))
     tl.store(glam_ptr + 2 * pid + 1, tl.sum(tl.sum(acc_l1, axis=1), axis=0))
 
@@ -225,18 +257,21 @@ def _mix_backward_kernel(glam_ptr, p_ptr, on_ptr, gp_ptr, NUM, eta, BLOCK: tl.co
 @triton.jit
 def _input_grad_kernel(g_ptr, x_ptr, dx_ptr, gate_ptr, mean_ptr, invstd_ptr, bn_w_ptr, sdy_ptr, sdyx_ptr,
                        imax_ptr, vmax_ptr, imin_ptr, vmin_ptr, C, HW, count, s_n, s_c, s_hw,
-                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                       BN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """With ``BN``, BN's input gradient of ``dy = g * gate + (v at the extrema)``; else ``dy`` itself."""
     n = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     nc = n * C + c
     base = n * s_n + c * s_c
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.)
-    invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.)
-    scale = tl.load(bn_w_ptr + c, mask=c_ok, other=0.).to(tl.float32) * invstd
-    x_coef = scale * invstd * tl.load(sdyx_ptr + c, mask=c_ok, other=0.) / count
-    shift = scale * tl.load(sdy_ptr + c, mask=c_ok, other=0.) / count
-    a = scale * tl.load(gate_ptr + nc, mask=c_ok, other=0.).to(tl.float32)
+    a = tl.load(gate_ptr + nc, mask=c_ok, other=0.).to(tl.float32)
+    if BN:
+        mean = tl.load(mean_ptr + c, mask=c_ok, other=0.)
+        invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.)
+        scale = tl.load(bn_w_ptr + c, mask=c_ok, other=0.).to(tl.float32) * invstd
+        x_coef = scale * invstd * tl.load(sdyx_ptr + c, mask=c_ok, other=0.) / count
+        shift = scale * tl.load(sdy_ptr + c, mask=c_ok, other=0.) / count
+        a = scale * a
     i_max = tl.load(imax_ptr + nc, mask=c_ok, other=-1)
     i_min = tl.load(imin_ptr + nc, mask=c_ok, other=-1)
     v_max = tl.load(vmax_ptr + nc, mask=c_ok, other=0.)
@@ -246,74 +281,146 @@ def _input_grad_kernel(g_ptr, x_ptr, dx_ptr, gate_ptr, mean_ptr, invstd_ptr, bn_
         ok = c_ok[:, None] & (hw < HW)[None, :]
         off = base[:, None] + hw[None, :] * s_hw
         g = tl.load(g_ptr + off, mask=ok, other=0.).to(tl.float32)
-        x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
-        dx = g * a[:, None] - (x - mean[:, None]) * x_coef[:, None] - shift[:, None]
+        dx = g * a[:, None]
+        if BN:
+            x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
+            dx = dx - (x - mean[:, None]) * x_coef[:, None] - shift[:, None]
         dx += tl.where(hw[None, :] == i_max[:, None], v_max[:, None], 0.)
         dx += tl.where(hw[None, :] == i_min[:, None], v_min[:, None], 0.)
         tl.store(dx_ptr + off, _rounded(dx, dx_ptr), mask=ok)
 
+
 def _geometry(t):
+    """``(N, C, HW, grid, BLOCK_C, BLOCK_HW)`` of the per-(n, c) kernels: a program per n and block of channels."""
     n, c, h, w = t.shape
     block_c = min(triton.next_power_of_2(c), 16)
     block_hw = max(16, min(triton.next_power_of_2(h * w), 4096 // block_c))
     return n, c, h * w, (n, triton.cdiv(c, block_c)), block_c, block_hw
 
-@triton_op('timm_spe::bn_spe_tail_', mutates_args={'y'})
-def bn_spe_tail_(y: torch.Tensor, shortcut: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor,
-                 b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def _pools_and_gate(y, shortcut, out, p, w_exc, b_exc, w_rew, b_rew, paper):
     n, c, hw, grid, block_c, block_hw = _geometry(y)
     f_max, f_min, gate = (y.new_empty((n, c)) for _ in range(3))
     i_max, i_min = (y.new_empty((n, c), dtype=torch.long) for _ in range(2))
     wrap_triton(_tail_kernel)[grid](
-        y, shortcut, p, w_exc, b_exc, w_rew, b_rew, f_max, f_min, i_max, i_min, gate, c, hw,
-        y.stride(0), y.stride(1), y.stride(3), PAPER=paper, BLOCK_C=block_c, BLOCK_HW=block_hw)
+        y, y if shortcut is None else shortcut, out, p, w_exc, b_exc, w_rew, b_rew, f_max, f_min, i_max, i_min, gate,
+        c, hw, y.stride(0), y.stride(1), y.stride(3), PAPER=paper, TAIL=shortcut is not None, BLOCK_C=block_c,
+        BLOCK_HW=block_hw)
     return f_max, f_min, i_max, i_min, gate
+
+
+@triton_op('timm_spe::bn_spe_tail_', mutates_args={'y'})
+def bn_spe_tail_(y: torch.Tensor, shortcut: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor,
+                 b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``relu(y * gate + shortcut)`` written over ``y``; the pools, their indices and the gate returned."""
+    return _pools_and_gate(y, shortcut, y, p, w_exc, b_exc, w_rew, b_rew, paper)
+
+
+@triton_op('timm_spe::spe_scale', mutates_args=())
+def spe_scale(x: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor,
+              b_rew: torch.Tensor, paper: bool,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x * gate`` (a new tensor), then the pools, their indices and the gate."""
+    out = torch.empty_like(x)
+    return (out, *_pools_and_gate(x, None, out, p, w_exc, b_exc, w_rew, b_rew, paper))
+
 
 @triton_op('timm_spe::map_sums', mutates_args=())
 def map_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, i_max: torch.Tensor, i_min: torch.Tensor,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (n, c): ``sum_hw(grad)``, ``sum_hw(grad * (x - mean))``, ``x`` at the max and at the min (float32)."""
     n, c, hw, grid, block_c, block_hw = _geometry(x)
     sg, sgx, x_max, x_min = (x.new_empty((n, c), dtype=torch.float32) for _ in range(4))
     wrap_triton(_sums_kernel)[grid](grad, x, mean, i_max, i_min, sg, sgx, x_max, x_min, c, hw,
                                     x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c, BLOCK_HW=block_hw)
     return sg, sgx, x_max, x_min
 
-@triton_op('timm_spe::gate_backward', mutates_args=())
-def gate_backward(sg: torch.Tensor, sgx: torch.Tensor, x_max: torch.Tensor, x_min: torch.Tensor,
-                  f_max: torch.Tensor, f_min: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
-                  invstd: torch.Tensor, bn_w: torch.Tensor, bn_b: torch.Tensor, p: torch.Tensor,
-                  w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                             torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, c = sg.shape
+
+@triton_op('timm_spe::map_dot', mutates_args=())
+def map_dot(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per (n, c): ``sum_hw(grad * x)`` (float32)."""
+    n, c, hw, grid, block_c, block_hw = _geometry(x)
+    out = x.new_empty((n, c), dtype=torch.float32)
+    wrap_triton(_dot_kernel)[grid](grad, x, out, c, hw, x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c,
+                                   BLOCK_HW=block_hw)
+    return out
+
+
+def _gate_backward(sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew,
+                   b_rew, paper, bn):
+    n, c = sgx.shape
     block_c = min(triton.next_power_of_2(c), 32)
     block_n = min(triton.next_power_of_2(n), 64)
     num = triton.cdiv(c, block_c)
-    v_max, v_min = (sg.new_empty((n, c)) for _ in range(2))
-    g_we, g_be, g_wr, g_br, s_dy, s_dyx = (sg.new_empty((c,)) for _ in range(6))
-    g_lam = sg.new_empty((num, 2))
+    v_max, v_min = (sgx.new_empty((n, c)) for _ in range(2))
+    g_we, g_be, g_wr, g_br = (sgx.new_empty((c,)) for _ in range(4))
+    s_dy, s_dyx = (sgx.new_empty((c if bn else 0,)) for _ in range(2))
+    g_lam = sgx.new_empty((num, 2))
     wrap_triton(_gate_backward_kernel)[(num,)](
         sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew,
-        v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam, n, c, PAPER=paper, BLOCK_N=block_n,
+        v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam, n, c, PAPER=paper, BN=bn, BLOCK_N=block_n,
         BLOCK_C=block_c)
     return v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam
 
+
+@triton_op('timm_spe::bn_gate_backward', mutates_args=())
+def bn_gate_backward(sg: torch.Tensor, sgx: torch.Tensor, x_max: torch.Tensor, x_min: torch.Tensor,
+                     f_max: torch.Tensor, f_min: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
+                     invstd: torch.Tensor, bn_w: torch.Tensor, bn_b: torch.Tensor, p: torch.Tensor,
+                     w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate's backward behind a training-mode BN: the pooling gradients scaled for BN's input gradient
+    (``v_max, v_min``), the gradients of ``w_exc, b_exc, w_rew, b_rew``, BN's ``sum(dy)`` and ``sum(dy * xhat)``, and
+    per channel block the two partial gradients of ``(lambda, 1 - lambda)``."""
+    return _gate_backward(sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc,
+                          w_rew, b_rew, paper, True)
+
+
+@triton_op('timm_spe::gate_backward', mutates_args=())
+def gate_backward(grad_gate: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, p: torch.Tensor,
+                  w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor]:
+    """The gate's backward for its gradient ``grad_gate``: the pooling gradients, the gradients of ``w_exc, b_exc,
+    w_rew, b_rew`` and the partial gradients of ``(lambda, 1 - lambda)``."""
+    v_max, v_min, g_we, g_be, g_wr, g_br, _, _, g_lam = _gate_backward(
+        grad_gate, grad_gate, grad_gate, grad_gate, f_max, f_min, grad_gate, grad_gate, grad_gate, grad_gate,
+        grad_gate, p, w_exc, b_exc, w_rew, b_rew, paper, False)
+    return v_max, v_min, g_we, g_be, g_wr, g_br, g_lam
+
+
 @triton_op('timm_spe::mix_backward', mutates_args=())
 def mix_backward(g_lam: torch.Tensor, p: torch.Tensor, on: torch.Tensor, eta: float) -> torch.Tensor:
+    """``p``'s gradient from the partial gradients of ``(lambda, 1 - lambda)``, plus ``2 * eta * p`` where ``on``."""
     g_p = torch.empty_like(p)
     num = g_lam.shape[0]
     wrap_triton(_mix_backward_kernel)[(1,)](g_lam, p, on, g_p, num, eta, BLOCK=triton.next_power_of_2(num))
     return g_p
+
 
 @triton_op('timm_spe::bn_input_grad', mutates_args=())
 def bn_input_grad(grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
                   invstd: torch.Tensor, bn_w: torch.Tensor, s_dy: torch.Tensor, s_dyx: torch.Tensor,
                   i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor, v_min: torch.Tensor,
                   ) -> torch.Tensor:
+    """BN's input gradient for ``dy = grad * gate + (v_max, v_min at the extrema)``, in ``x``'s dtype and layout."""
     n, c, hw, grid, block_c, block_hw = _geometry(x)
     dx = torch.empty_like(x)
     wrap_triton(_input_grad_kernel)[grid](
         grad, x, dx, gate, mean, invstd, bn_w, s_dy, s_dyx, i_max, v_max, i_min, v_min, c, hw, float(n * hw),
-        x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c, BLOCK_HW=block_hw)
+        x.stride(0), x.stride(1), x.stride(3), BN=True, BLOCK_C=block_c, BLOCK_HW=block_hw)
+    return dx
+
+
+@triton_op('timm_spe::scale_input_grad', mutates_args=())
+def scale_input_grad(grad: torch.Tensor, gate: torch.Tensor, i_max: torch.Tensor, g_max: torch.Tensor,
+                     i_min: torch.Tensor, g_min: torch.Tensor) -> torch.Tensor:
+    """``x``'s gradient of ``x * gate``: ``grad * gate``, with ``g_max, g_min`` added at the extrema."""
+    n, c, hw, grid, block_c, block_hw = _geometry(grad)
+    dx = torch.empty_like(grad)
+    wrap_triton(_input_grad_kernel)[grid](
+        grad, grad, dx, gate, gate, gate, gate, gate, gate, i_max, g_max, i_min, g_min, c, hw, 1.,
+        grad.stride(0), grad.stride(1), grad.stride(3), BN=False, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return dx

@@ -232,6 +232,9 @@ class SpeModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.default_variant and self._fused_ops():
             check_spe_input(x, self.channels)
+            if spe_triton.applies(x) and fused_applies(x, self.p, self.w_exc):  # opt-in (CUDA)
+                return spe_triton.spe_scale(
+                    x, self.p, self.penalty_on, self.eta, self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
             return spe_scale(x, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
         return x * self.attn_map(x).to(x.dtype)
 

@@ -5,6 +5,7 @@ import copy
 import importlib
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -157,3 +158,64 @@ def test_an_spe_block_on_the_triton_tail_adds_at_most_30_aten_ops_over_the_plain
         spe = block_ops('resnet164_spe', 'layer3', 8, dtype, channels_last)
     stock = block_ops('resnet164_spe', 'layer3', 8, dtype, channels_last)
     assert spe - plain <= 30 < stock - plain
+
+
+def _layer_step(triton, x, spe, grad, dtype=None):
+    """The SPE layer alone (``x * gate``): output, gradients of x and of every parameter."""
+    spe = copy.deepcopy(spe).train()
+    x = x.clone().requires_grad_()
+    with timm_spe.set_triton_kernels(triton), \
+            torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = spe(x)
+    out.backward(grad.to(out.dtype))
+    return [out, x.grad, *(p.grad for p in spe.parameters())]
+
+
+@pytest.mark.parametrize('formulation', ['official', 'paper'])
+@pytest.mark.parametrize('memory_format', LAYOUTS, ids=['nchw', 'channels_last'])
+def test_the_spe_layer_alone_on_the_triton_kernels_gives_the_stock_results_in_float32(formulation, memory_format):
+    x, _, _, spe, grad = _tail_inputs(memory_format=memory_format, formulation=formulation)
+    stock = _layer_step(False, x, spe, grad)
+    triton = _layer_step(True, x, spe, grad)
+    assert triton[0].is_contiguous(memory_format=memory_format)
+    for a, b in zip(triton, stock):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bfloat16', 'float16'])
+def test_the_spe_layer_alone_under_autocast_is_as_close_to_float64_as_the_stock_function(dtype):
+    worst_stock, worst_triton = [0.] * 7, [0.] * 7
+    for seed in range(6):
+        x, _, _, spe, grad = _tail_inputs(n=4, c=24, h=8, w=8, dtype=dtype, seed=seed)
+        truth = _layer_step(False, x.double(), copy.deepcopy(spe).double(), grad.double())
+        stock = _layer_step(False, x, spe, grad, dtype)
+        triton = _layer_step(True, x, spe, grad, dtype)
+        assert triton[0].dtype == dtype and triton[1].dtype == dtype and triton[2].dtype == torch.float32
+        for i, (a, b, t) in enumerate(zip(triton, stock, truth)):
+            worst_triton[i] = max(worst_triton[i], _relative(a, t))
+            worst_stock[i] = max(worst_stock[i], _relative(b, t))
+    for name, a, b in zip(['out', 'x', 'p', 'w_exc', 'b_exc', 'w_rew', 'b_rew'], worst_triton, worst_stock):
+        assert a <= 1.5 * b, f'{name}: {a:.2e} against the stock path\'s {b:.2e}'
+
+
+def test_in_timms_resnet_an_spe_block_on_the_triton_kernels_adds_at_most_30_aten_ops():
+    """timm's Bottleneck with attn_layer='spe' (the layer alone): counted as count_ops counts, layer2's middle block."""
+    from benchmarks.count_ops import _Count
+
+    def ops(attn_layer, triton):
+        torch.manual_seed(0)
+        model = timm.create_model('resnet26', block_args=dict(attn_layer=attn_layer)).train()
+        block = model.layer2[1]
+        x = torch.randn(2, block.conv1.in_channels, 8, 8, requires_grad=True)
+
+        def step():
+            out = block(x)
+            out.backward(torch.ones_like(out))
+        with timm_spe.set_triton_kernels(triton):
+            step()
+            with _Count() as counter:
+                step()
+        return counter.count
+    plain = ops(None, False)
+    assert ops('spe', True) - plain <= 30 < ops('spe', False) - plain
