@@ -1,6 +1,6 @@
 """ATen ops an SPE block adds over the plain block in a train step: what every extra kernel launch costs on a GPU.
 
-    python benchmarks/count_ops.py
+    python benchmarks/count_ops.py [--out F.json]
 
 Counts, with a ``TorchDispatchMode``, the ops one inner block of each resnet164 stage (at that stage's map size,
 batch 2) dispatches in forward + backward, for resnet164_spe and resnet164_se against resnet164, in float32 and under
@@ -9,6 +9,8 @@ the device or the batch). Issue 32's goal: at most 30 extra ops per SPE block (S
 resnet164_spe with the opt-in Triton kernels of its block tail (``timm_spe.set_triton_kernels``, the CUDA path), run
 here by Triton's interpreter: each of their ops is one kernel launch.
 """
+import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -57,21 +59,38 @@ def block_ops(model_name: str, stage: str, size: int, dtype=None, channels_last:
     return counter.count
 
 
-def main() -> None:
+def _extra_ops(name, triton, stages, dtype, channels_last) -> list:
+    with timm_spe.set_triton_kernels(triton):
+        return [block_ops(name, s, n, dtype, channels_last) - block_ops('resnet164', s, n, dtype, channels_last)
+                for s, n in stages]
+
+
+def count_table() -> dict:
+    """``{setting: {model: [extra ops per block, layer1 / layer2 / layer3]}}`` with the CPU kernels off."""
     timm_spe.set_cpu_kernels(False)
     stages = (('layer1', 32), ('layer2', 16), ('layer3', 8))
-    print('extra ATen ops per block over resnet164 (forward + backward; layer1 32x32 / layer2 16x16 / layer3 8x8)')
+    table = {}
     for dtype in (None, torch.bfloat16):
         for channels_last in (False, True):
-            row = {name: [block_ops(name, s, n, dtype, channels_last) - block_ops('resnet164', s, n, dtype, channels_last)
-                          for s, n in stages] for name in ('resnet164_spe', 'resnet164_se')}
-            with timm_spe.set_triton_kernels(True):
-                row['resnet164_spe, Triton tail'] = [
-                    block_ops('resnet164_spe', s, n, dtype, channels_last) - block_ops('resnet164', s, n, dtype,
-                                                                                       channels_last)
-                    for s, n in stages]
-            print(f"{'float32' if dtype is None else 'bfloat16 autocast'}, {'channels_last' if channels_last else 'NCHW'}: "
-                  + '; '.join(f"{name} {' / '.join(map(str, counts))}" for name, counts in row.items()))
+            setting = f"{'float32' if dtype is None else 'bfloat16 autocast'}, {'channels_last' if channels_last else 'NCHW'}"
+            table[setting] = {label: _extra_ops(name, triton, stages, dtype, channels_last) for label, name, triton in (
+                ('resnet164_spe', 'resnet164_spe', False), ('resnet164_se', 'resnet164_se', False),
+                ('resnet164_spe, Triton kernels', 'resnet164_spe', True))}
+    return table
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--out', help='also write the counts as JSON here')
+    args = ap.parse_args(argv)
+    table = count_table()
+    print('extra ATen ops per block over resnet164 (forward + backward; layer1 32x32 / layer2 16x16 / layer3 8x8)')
+    for setting, row in table.items():
+        print(f'{setting}: ' + '; '.join(f"{name} {' / '.join(map(str, counts))}" for name, counts in row.items()))
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump({'torch': torch.__version__, 'timm': timm.__version__, 'extra_ops_per_block': table}, f,
+                      indent=1)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """SPE's block tail under CPU autocast: what the fused path costs over the plain block's tail, and what the plain ops cost.
 
-    python benchmarks/tail_autocast.py [--dtype bfloat16|float16] [--batch 128] [--rounds 12] [--nchw]
+    python benchmarks/tail_autocast.py [--dtype bfloat16|float16] [--batch 128] [--rounds 12] [--nchw] [--out F.json]
 
 One block per stage of resnet164_spe (32x32 / 16x16 / 8x8 maps, batch 128, channels_last by default), its tail alone:
 forward + backward of ``relu(bn3(x) + shortcut)`` (the plain block), of ``timm_spe.spe.batch_norm_spe_add_relu`` (BN,
@@ -12,6 +12,8 @@ the cores.
 """
 import argparse
 import copy
+import json
+import platform
 import statistics
 import sys
 import time
@@ -58,6 +60,7 @@ def main(argv=None):
     ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--rounds', type=int, default=12, help='interleaved rounds, the first two are warm-up')
     ap.add_argument('--nchw', action='store_true', help='NCHW instead of channels_last')
+    ap.add_argument('--out', help='also write the medians as JSON here')
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     layout = torch.contiguous_format if args.nchw else torch.channels_last
@@ -66,6 +69,9 @@ def main(argv=None):
     print(f'{args.dtype} autocast, {"NCHW" if args.nchw else "channels_last"}, batch {args.batch}, '
           f'{torch.get_num_threads()} threads; median ms of forward + backward, {args.rounds - 2} rounds')
     extra = {'SPE fused': 0., 'SPE plain ops': 0.}
+    report = {'dtype': args.dtype, 'layout': 'NCHW' if args.nchw else 'channels_last', 'batch': args.batch,
+              'threads': torch.get_num_threads(), 'rounds': args.rounds - 2, 'torch': torch.__version__,
+              'cpu': platform.processor() or platform.machine(), 'stages': {}}
     for stage, hw in (('layer1', 32), ('layer2', 16), ('layer3', 8)):
         blocks = getattr(model, stage)
         block = blocks[len(blocks) // 2]
@@ -81,9 +87,14 @@ def main(argv=None):
         med = {name: statistics.median(t) for name, t in times.items()}
         for name in extra:
             extra[name] += (med[name] - med['plain tail']) * len(blocks)
+        report['stages'][stage] = {'shape': list(x.shape), 'blocks': len(blocks), 'median_ms': med}
         print(f'{stage} {"x".join(map(str, x.shape))}: ' + ', '.join(f'{n} {t:.1f}' for n, t in med.items()))
     print('SPE over the plain tails, all blocks (ms per train step): '
           + ', '.join(f'{name} {ms:.0f}' for name, ms in extra.items()))
+    report['spe_over_plain_tails_ms_per_step'] = extra
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -163,10 +163,17 @@ def test_readme_shows_allocator_comparison_of_committed_runs():
         'benchmarks/README.md allocator table is stale: paste the --compare output'
 
 
-def test_tail_autocast_times_the_three_tails_per_stage():
+def test_tail_autocast_times_the_three_tails_per_stage(tmp_path):
+    out = tmp_path / 'tails.json'
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'tail_autocast.py'), '--batch', '2',
-                           '--rounds', '3', '--dtype', 'float16'], capture_output=True, text=True, timeout=600)
+                           '--rounds', '3', '--dtype', 'float16', '--out', str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report['dtype'] == 'float16' and report['layout'] == 'channels_last' and report['rounds'] == 1
+    assert list(report['stages']) == ['layer1', 'layer2', 'layer3']
+    assert report['stages']['layer3']['blocks'] == 18
+    assert set(report['stages']['layer1']['median_ms']) == {'plain tail', 'SPE fused', 'SPE plain ops'}
     lines = proc.stdout.splitlines()
     assert lines[0].startswith('float16 autocast, channels_last, batch 2')
     for stage in ('layer1 2x64x32x32', 'layer2 2x128x16x16', 'layer3 2x256x8x8'):
