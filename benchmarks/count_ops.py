@@ -79,6 +79,16 @@ def count_table() -> dict:
     return table
 
 
+def markdown_table(table: dict) -> str:
+    """The table benchmarks/README.md shows (CUDA section), from :func:`count_table`'s ``table``."""
+    names = list(next(iter(table.values())))
+    lines = ['| extra ATen ops per block (layer1 / layer2 / layer3) | ' + ' | '.join(names) + ' |',
+             '|---' * (len(names) + 1) + '|']
+    for setting, row in table.items():
+        lines.append(f'| {setting} | ' + ' | '.join(' / '.join(map(str, row[name])) for name in names) + ' |')
+    return '\n'.join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--out', help='also write the counts as JSON here')

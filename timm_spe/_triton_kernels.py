@@ -53,6 +53,7 @@ def _gate(f_max, f_min, lam0, lam1, w_exc, b_exc, w_rew, b_rew, PAPER: tl.conste
     v_exc = tl.sigmoid(b_exc + w_exc * u)
     return m_max, m_min, u, v_exc, v_rew
 
+
 @triton.jit
 def _lam(p_ptr):
     p0 = tl.load(p_ptr).to(tl.float32)
@@ -61,6 +62,7 @@ def _lam(p_ptr):
     q1 = p1 * p1
     den = (q0 + q1) + 2 * 1.1754943508222875e-38
     return (q0 + 1.1754943508222875e-38) / den, (q1 + 1.1754943508222875e-38) / den
+
 
 @triton.jit
 def _tail_kernel(y_ptr, s_ptr, out_ptr, p_ptr, w_exc_ptr, b_exc_ptr, w_rew_ptr, b_rew_ptr,
@@ -109,6 +111,7 @@ def _tail_kernel(y_ptr, s_ptr, out_ptr, p_ptr, w_exc_ptr, b_exc_ptr, w_rew_ptr, 
             v = tl.maximum(v + tl.load(s_ptr + off, mask=ok, other=0.).to(tl.float32), 0.)
         tl.store(out_ptr + off, _rounded(v, out_ptr), mask=ok)
 
+
 @triton.jit
 def _sums_kernel(g_ptr, x_ptr, mean_ptr, imax_ptr, imin_ptr, sg_ptr, sgx_ptr, xmax_ptr, xmin_ptr,
                  C, HW, s_n, s_c, s_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -134,6 +137,7 @@ def _sums_kernel(g_ptr, x_ptr, mean_ptr, imax_ptr, imin_ptr, sg_ptr, sgx_ptr, xm
     i_min = tl.load(imin_ptr + nc, mask=c_ok, other=0)
     tl.store(xmax_ptr + nc, tl.load(x_ptr + base + i_max * s_hw, mask=c_ok, other=0.).to(tl.float32), mask=c_ok)
     tl.store(xmin_ptr + nc, tl.load(x_ptr + base + i_min * s_hw, mask=c_ok, other=0.).to(tl.float32), mask=c_ok)
+
 
 @triton.jit
 def _dot_kernel(g_ptr, x_ptr, out_ptr, C, HW, s_n, s_c, s_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -235,6 +239,7 @@ def _gate_backward_kernel(sg_ptr, sgx_ptr, xmax_ptr, xmin_ptr, fmax_ptr, fmin_pt
     tl.store(glam_ptr + 2 * pid, tl.sum(tl.sum(acc_l0, axis=1), axis=0))
     tl.store(glam_ptr + 2 * pid + 1, tl.sum(tl.sum(acc_l1, axis=1), axis=0))
 
+
 @triton.jit
 def _mix_backward_kernel(glam_ptr, p_ptr, on_ptr, gp_ptr, NUM, eta, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
@@ -253,6 +258,7 @@ def _mix_backward_kernel(glam_ptr, p_ptr, on_ptr, gp_ptr, NUM, eta, BLOCK: tl.co
     gp1 = tl.where(on, gp1 + (2. * eta) * p1, gp1)
     tl.store(gp_ptr, _rounded(gp0, gp_ptr))
     tl.store(gp_ptr + 1, _rounded(gp1, gp_ptr))
+
 
 @triton.jit
 def _input_grad_kernel(g_ptr, x_ptr, dx_ptr, gate_ptr, mean_ptr, invstd_ptr, bn_w_ptr, sdy_ptr, sdyx_ptr,

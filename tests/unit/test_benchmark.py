@@ -139,3 +139,31 @@ def test_readme_shows_committed_primitives():
         'benchmarks/README.md primitives table is stale: paste benchmarks/results/results_primitives.json["table"]'
 
 
+def test_readme_op_count_table_is_the_committed_count():
+    """benchmarks/README.md's CUDA op-count table is benchmarks/results/count_ops.json's, and the Triton path's counts
+    in it are within issue 32's 30 per block."""
+    from benchmarks.count_ops import markdown_table
+    table = json.loads((RESULTS / 'count_ops.json').read_text())['extra_ops_per_block']
+    assert markdown_table(table) in (ROOT / 'benchmarks' / 'README.md').read_text(), \
+        f'benchmarks/README.md op-count table is stale; paste:\n{markdown_table(table)}'
+    assert all(n <= 30 for row in table.values() for n in row['resnet164_spe, Triton kernels'])
+
+
+def test_readme_autocast_figures_are_the_committed_runs():
+    """The bf16 ratios and the tails' milliseconds benchmarks/README.md and the README quote come from the committed
+    autocast runs."""
+    runs = json.loads((RESULTS / 'results_autocast_bf16.json').read_text())['models']
+    bench_readme = ' '.join((ROOT / 'benchmarks' / 'README.md').read_text().split())
+    readme = ' '.join((ROOT / 'README.md').read_text().split())
+
+    def ratio(name, base, mode):
+        return timing.per_round_ratios(runs[name][mode], runs[base][mode])['median']
+    spe = ratio('resnet164_spe (channels_last)', 'resnet164 (channels_last)', 'train_step')
+    se = ratio('resnet164_se', 'resnet164', 'train_step')
+    assert f'**{spe:.3f}x**' in bench_readme and f'{spe:.2f}x resnet164\'s train step' in readme
+    assert f'{ratio("resnet164_spe (channels_last)", "resnet164 (channels_last)", "eval_forward"):.3f}x' in bench_readme
+    assert f'resnet164_se costs {se:.3f}x' in bench_readme and f'(SE: {se:.2f}x)' in readme
+    for dtype in ('bf16', 'fp16'):
+        tails = json.loads((RESULTS / f'tail_autocast_{dtype}.json').read_text())['spe_over_plain_tails_ms_per_step']
+        assert f"{tails['SPE fused']:.0f} ms" in bench_readme
+        assert f"{tails['SPE plain ops']:.0f}" in bench_readme
