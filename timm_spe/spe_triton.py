@@ -18,6 +18,7 @@ import os
 
 import torch
 from timm.layers import register_notrace_function
+from torch.autograd.function import once_differentiable
 
 from .config import triton_kernels_enabled
 from .spe_me import LOW_PRECISION, _memory_format
@@ -66,6 +67,7 @@ class _BatchNormSpeAddReLUTriton(torch.autograd.Function):
         ctx.eta, ctx.paper = eta, paper
 
     @staticmethod
+    @once_differentiable  # double backward raises instead of returning a wrong gradient
     def backward(ctx, grad: torch.Tensor, *unused):
         if grad is None:
             return (None,) * 16
@@ -120,6 +122,7 @@ class _SpeScaleTriton(torch.autograd.Function):
         ctx.eta, ctx.paper = eta, paper
 
     @staticmethod
+    @once_differentiable  # double backward raises instead of returning a wrong gradient
     def backward(ctx, grad: torch.Tensor, *unused):
         if grad is None:
             return (None,) * 9

@@ -130,6 +130,17 @@ def test_the_penalty_gradient_is_added_where_the_switch_is_on_when_backward_runs
     torch.testing.assert_close(spe_late.p.grad, with_penalty, rtol=1e-5, atol=1e-6)
 
 
+def test_double_backward_through_the_triton_functions_raises_instead_of_a_wrong_gradient():
+    x, shortcut, bn, spe, _ = _tail_inputs()
+    for run in (lambda a: batch_norm_spe_add_relu(a, shortcut, bn, spe), spe.train()):
+        a = x.clone().requires_grad_()
+        with timm_spe.set_triton_kernels(True):
+            out = run(a)
+        (g,) = torch.autograd.grad(out.square().sum(), a, create_graph=True)
+        with pytest.raises(RuntimeError, match='once_differentiable'):
+            g.sum().backward()
+
+
 def test_a_cifar_resnet_trains_the_same_on_the_triton_tail():
     torch.manual_seed(0)
     model = timm_spe.CifarResNet(depth=11, attn_layer='spe').train()  # resnet83_spe's blocks, one a stage
