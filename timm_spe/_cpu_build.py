@@ -1,4 +1,4 @@
-""" Building the optional one-pass CPU kernels: ``csrc/spe_cpu.cpp`` compiled and its ops registered
+""" Building the optional one-pass CPU kernels: ``csrc/*.cpp`` compiled and their ops registered
 
 :func:`_load` compiles the source with ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; PyTorch
 caches the build, per CPU model since it is built with ``-march=native``: :func:`_cpu_signature`) and registers the
@@ -13,7 +13,17 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).parent / 'csrc' / 'spe_cpu.cpp'
+_CSRC = Path(__file__).parent / 'csrc'
+_SOURCES = [_CSRC / name for name in ('spe_cpu.cpp', 'max_min.cpp', 'passes.cpp')]
+
+
+def _source_signature() -> str:
+    """Short hash of every file in ``csrc/``, the shared header included: part of the build's name, so that a changed
+    header rebuilds too (PyTorch's cache watches only the listed sources)."""
+    digest = hashlib.sha1()
+    for path in sorted(p for p in _CSRC.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b'\0' + path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def _cpu_signature(cpuinfo: str = '/proc/cpuinfo') -> str:
@@ -39,7 +49,7 @@ def _load() -> None:
     finally:
         cpp_log.setLevel(level)
     try:
-        load(name=f'timm_spe_cpu_{_cpu_signature()}', sources=[str(_SOURCE)],
+        load(name=f'timm_spe_cpu_{_cpu_signature()}_{_source_signature()}', sources=[str(p) for p in _SOURCES],
              extra_cflags=['-O3', '-march=native', '-ffp-contract=off', '-fopenmp'], extra_ldflags=['-fopenmp'],
              is_python_module=False, verbose=False)
     except Exception as e:  # compiler or ninja missing, build error

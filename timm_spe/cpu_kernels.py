@@ -1,7 +1,7 @@
 """ Optional one-pass CPU kernels for SPE's passes over a block output: every eager-or-kernel dispatch
 
 PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin`` and find the argmax / argmin
-element by element; the block tail and BN's input gradient take two passes each. ``csrc/spe_cpu.cpp`` does
+element by element; the block tail and BN's input gradient take two passes each. ``csrc/`` (``max_min.cpp``, ``passes.cpp``; registered by ``spe_cpu.cpp``, shared code in ``spe_cpu.h``) does
 each in one vectorised pass: ``torch.ops.timm_spe.max_min``, ``max_min_with_indices``, ``scale_add_relu_``,
 ``bn_input_grad_`` and ``channels_last_per_map_sums``, and the N x C gathers / scatters at the extrema (``take_at``,
 ``scatter_add_at_``), with fake (meta) implementations, so ``torch.compile``

@@ -53,9 +53,11 @@ def installed(tmp_path_factory):
     return {'wheel': wheel, 'venv': venv, 'py': py, 'run': run, 'cwd': cwd, 'purelib': Path(purelib)}
 
 
-def test_wheel_ships_the_weights_and_the_card_template(installed):
+def test_wheel_ships_the_weights_the_card_template_and_the_kernel_sources(installed):
     names = zipfile.ZipFile(installed['wheel']).namelist()
     assert 'timm_spe/templates/hub_card.md' in names
+    csrc = ROOT / 'timm_spe' / 'csrc'
+    assert {f'timm_spe/csrc/{p.name}' for p in csrc.iterdir()} <= set(names)  # built on first use: header too
     assert {f'timm_spe/weights/{t}.safetensors' for t in SHIPPED} <= set(names)
     assert not any(n.startswith('hub_cards/') for n in names)
     assert 'hubconf.py' not in names  # torch.hub's entry points are the repository's, not the package's

@@ -269,7 +269,18 @@ def test_build_is_cached_per_cpu_model(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp_extension, 'load', record)
     with pytest.raises(RuntimeError, match='stop here'):
         timm_spe.set_cpu_kernels(True)
-    assert names == [f'timm_spe_cpu_{_cpu_build._cpu_signature()}']
+    assert names == [f'timm_spe_cpu_{_cpu_build._cpu_signature()}_{_cpu_build._source_signature()}']
+
+
+def test_the_build_is_named_by_every_source_file_the_header_included(monkeypatch, tmp_path):
+    """PyTorch's extension cache watches only the listed .cpp files: a changed header must change the build's name."""
+    for name in ('spe_cpu.h', 'spe_cpu.cpp'):
+        (tmp_path / name).write_text('// one\n')
+    monkeypatch.setattr(_cpu_build, '_CSRC', tmp_path)
+    before = _cpu_build._source_signature()
+    (tmp_path / 'spe_cpu.h').write_text('// two\n')
+    assert _cpu_build._source_signature() != before
+    assert [p.name for p in _cpu_build._SOURCES] == ['spe_cpu.cpp', 'max_min.cpp', 'passes.cpp']
 
 
 def test_run_sh_train_switches_kernels_on_unless_set():

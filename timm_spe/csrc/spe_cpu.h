@@ -1,0 +1,177 @@
+// One-pass per-channel global max and min (and the index of the first of each) over H x W, for CPU.
+//
+// PyTorch's CPU kernels read the input once for amax and once more for amin, and max(dim) / min(dim) find
+// the index element by element. Here one pass keeps, per SIMD lane, the running max, min and (optionally)
+// the position of the first of each, and a short lane reduction at the end picks the first overall.
+// NCHW-contiguous input: one row of H*W values per (n, c). channels_last: per n, H*W rows of C values,
+// vectorised over C. NaN behaves as in max(dim) / amax: a row with NaN gives NaN and the index of its
+// first NaN. Registered as torch.ops.timm_spe.max_min and torch.ops.timm_spe.max_min_with_indices.
+//
+// The gated block tail relu(x * gate + shortcut), written into x in one pass (eager PyTorch takes an addcmul
+// pass and a relu pass), with addcmul's rounding (PyTorch's vectorised CPU kernels are built with FMA where the
+// CPU has it, so x * gate + shortcut is one fused multiply-add there, and a multiply and an add otherwise) and
+// relu's NaN: torch.ops.timm_spe.scale_add_relu_.
+//
+// BatchNorm's input gradient in the fused block backward in one pass (bn_input_grad_), the per-map sums it needs in
+// channels_last (channels_last_per_map_sums), both handling the block's extrema in the same pass, and the N x C
+// loads / adds at the extrema's positions for the other functions (take_at, scatter_add_at_; PyTorch's gather /
+// scatter_add_ take a generic strided loop for them).
+//
+// This header: the SIMD helpers, the rounding helper and the argument checks the kernels share, and the ops' declarations.
+#pragma once
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+#include <tuple>
+
+namespace timm_spe_cpu {
+
+template <typename T> struct Simd;
+template <> struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef int32_t Index;
+  static constexpr int lanes = 8;
+};
+template <> struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+  typedef int64_t Index;
+  static constexpr int lanes = 4;
+};
+
+template <typename V, typename T> inline V load(const T* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+template <typename V, typename T> inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+
+// Lanes rotated by Step: out[k] = v[(k + Step) % lanes] (a constant shuffle).
+template <int Step, typename Vec> inline Vec rotate(Vec v) {
+  constexpr int n = sizeof(Vec) / sizeof(v[0]);
+  using Mask = std::conditional_t<sizeof(v[0]) == 4, int32_t, int64_t>;
+  typedef Mask M __attribute__((vector_size(sizeof(Vec))));
+  if constexpr (n == 8) {
+    return __builtin_shuffle(v, M{Step % 8, (1 + Step) % 8, (2 + Step) % 8, (3 + Step) % 8,
+                                  (4 + Step) % 8, (5 + Step) % 8, (6 + Step) % 8, (7 + Step) % 8});
+  } else {
+    static_assert(n == 4, "4 or 8 lanes");
+    return __builtin_shuffle(v, M{Step % 4, (1 + Step) % 4, (2 + Step) % 4, (3 + Step) % 4});
+  }
+}
+
+// Every lane set to the largest (Greater) or smallest lane value of v, NaN-free lanes.
+template <bool Greater, typename Vec> inline Vec all_lanes(Vec v) {
+  constexpr int n = sizeof(Vec) / sizeof(v[0]);
+  Vec r = rotate<1>(v);
+  v = (Greater ? r > v : r < v) ? r : v;
+  r = rotate<2>(v);
+  v = (Greater ? r > v : r < v) ? r : v;
+  if constexpr (n == 8) {
+    r = rotate<4>(v);
+    v = (Greater ? r > v : r < v) ? r : v;
+  }
+  return v;
+}
+
+// First NaN of a row of n values with stride s (-1 if none).
+template <typename T> inline int64_t first_nan(const T* p, int64_t n, int64_t s) {
+  for (int64_t i = 0; i < n; ++i) if (std::isnan(p[i * s])) return i;
+  return -1;
+}
+
+// a * b + c rounded as PyTorch's CPU addcmul rounds it (see the top); built with -ffp-contract=off.
+inline float mul_add(float a, float b, float c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+inline double mul_add(double a, double b, double c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+template <typename V> inline V mul_add(V a, V b, V c) {
+#ifdef __FMA__
+  if constexpr (sizeof(a[0]) == 4) {
+    __m256 r = _mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c));
+    return reinterpret_cast<V>(r);
+  } else {
+    __m256d r = _mm256_fmadd_pd(reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), reinterpret_cast<__m256d>(c));
+    return reinterpret_cast<V>(r);
+  }
+#else
+  return a * b + c;
+#endif
+}
+
+// Checks a 4-D float32/float64 tensor in NCHW or channels_last for `op`; true for channels_last.
+inline bool channels_last_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, " expects N x C x H x W tensors, got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              op, " supports float32 and float64, got ", x.scalar_type());
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), op, ": x must be NCHW or channels_last");
+  return channels_last;
+}
+
+inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() && t.scalar_type() == x.scalar_type(),
+              op, ": ", name, " must have x's shape, strides and dtype");
+}
+
+inline void check_vector(const at::Tensor& t, int64_t numel, const at::Tensor& x, const char* op, const char* what) {
+  TORCH_CHECK(t.numel() == numel && t.is_contiguous() && t.scalar_type() == x.scalar_type(),
+              op, ": ", what, " must be contiguous, of x's dtype");
+}
+
+// fn(begin, end) in parallel over the N * C maps (NCHW) or the N * H * W pixels (channels_last).
+template <typename Fn>
+void for_maps_or_pixels(bool channels_last, int64_t n, int64_t c, int64_t hw, const Fn& fn) {
+  if (channels_last) {
+    at::parallel_for(0, n * hw, std::max<int64_t>(1, 32768 / c), fn);
+  } else {
+    at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / hw), fn);
+  }
+}
+
+// Values at, and additions to, one H x W position per (n, c): x[n, c].flatten()[index[n, c]] (gather, and
+// scatter_add_ of one value per map). PyTorch's gather / scatter_add_ walk N x C x 1 index tensors with generic
+// strided loops (~0.2-0.6 ms per call on a block output here); these are N x C loads / adds at computed offsets.
+// Offsets: NCHW (n * C + c) * HW + i, channels_last (n * HW + i) * C + c.
+inline void check_index(const at::Tensor& index, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == x.size(0) * x.size(1),
+              op, ": index must be a contiguous N x C int64 tensor");
+}
+
+inline void check_index_range(const int64_t* index, int64_t numel, int64_t hw, const char* op) {
+  for (int64_t r = 0; r < numel; ++r) {
+    TORCH_CHECK(index[r] >= 0 && index[r] < hw, op, ": index ", index[r], " out of range for H x W = ", hw);
+  }
+}
+
+// The ops (registered in spe_cpu.cpp): max_min.cpp, passes.cpp.
+std::tuple<at::Tensor, at::Tensor> max_min(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> max_min_with_indices(const at::Tensor& x);
+void scale_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor& gate);
+at::Tensor take_at(const at::Tensor& x, const at::Tensor& index);
+void scatter_add_at_(at::Tensor& t, const at::Tensor& index, const at::Tensor& values);
+void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_scale,
+                    const at::Tensor& shift, const at::Tensor& x_coef, const at::Tensor& i_max, const at::Tensor& v_max,
+                    const at::Tensor& i_min, const at::Tensor& v_min);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channels_last_per_map_sums(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& i_max,
+    const at::Tensor& i_min);
+
+}  // namespace timm_spe_cpu
