@@ -20,21 +20,11 @@ os.environ.setdefault('TRITON_INTERPRET', '1')
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 if not __package__:  # run as a file: the package from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm_spe  # noqa: E402,F401  (registers the models)
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+from benchmarks.profile_step import aten_ops  # noqa: E402
 
 
 def block_ops(model_name: str, stage: str, size: int, dtype=None, channels_last: bool = False) -> int:
@@ -54,9 +44,7 @@ def block_ops(model_name: str, stage: str, size: int, dtype=None, channels_last:
         out.backward(torch.ones_like(out))
 
     step()
-    with _Count() as counter:
-        step()
-    return counter.count
+    return aten_ops(step)
 
 
 def _extra_ops(name, triton, stages, dtype, channels_last) -> list:

@@ -22,7 +22,21 @@ _triton_state = {'enabled': False}
 _TRITON_ENV = 'TIMM_SPE_TRITON_KERNELS'
 
 
-class set_cpu_kernels:
+class _Switch:
+    """A switch that takes effect when made and, as a context manager, restores the setting it replaced on exit."""
+    previous: bool
+
+    def _settings(self) -> dict:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        self._settings()['enabled'] = self.previous
+
+
+class set_cpu_kernels(_Switch):
     """Use (or stop using) the one-pass CPU kernels; builds them on first use.
 
     Takes effect at once, like timm's ``set_layer_config``; as a context manager it restores the previous setting
@@ -43,11 +57,8 @@ class set_cpu_kernels:
             _state['loaded'] = True
         _state['enabled'] = bool(enabled)
 
-    def __enter__(self) -> 'set_cpu_kernels':
-        return self
-
-    def __exit__(self, *args) -> None:
-        _state['enabled'] = self.previous
+    def _settings(self) -> dict:
+        return _state
 
 
 def cpu_kernels_enabled() -> bool:
@@ -55,7 +66,7 @@ def cpu_kernels_enabled() -> bool:
     return _state['enabled']
 
 
-class set_triton_kernels:
+class set_triton_kernels(_Switch):
     """Run SPE's block tail on its Triton kernels for CUDA tensors (or stop); like :class:`set_cpu_kernels`, also a
     context manager. Raises ``RuntimeError`` when Triton cannot be imported (the setting is then unchanged)."""
 
@@ -70,11 +81,8 @@ class set_triton_kernels:
                     "or leave them off.") from None
         _triton_state['enabled'] = bool(enabled)
 
-    def __enter__(self) -> 'set_triton_kernels':
-        return self
-
-    def __exit__(self, *args) -> None:
-        _triton_state['enabled'] = self.previous
+    def _settings(self) -> dict:
+        return _triton_state
 
 
 def triton_kernels_enabled() -> bool:

@@ -76,6 +76,36 @@ def test_the_kernels_run_only_where_switched_on_and_the_input_suits_them():
     assert not timm_spe.triton_kernels_enabled()
 
 
+def test_without_triton_the_switch_says_so_in_one_line_and_stays_off(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, 'triton', None)  # import triton raises ImportError
+    with pytest.raises(RuntimeError, match=r"^the Triton kernels need the triton package \(.*\); install it"):
+        timm_spe.set_triton_kernels(True)
+    assert not timm_spe.triton_kernels_enabled()
+
+
+def test_the_switch_acts_at_once_restores_as_a_context_manager_and_reads_the_environment(monkeypatch):
+    from timm_spe import config
+    switch = timm_spe.set_triton_kernels(True)
+    try:
+        assert timm_spe.triton_kernels_enabled() and switch.previous is False
+        with timm_spe.set_triton_kernels(False):
+            assert not timm_spe.triton_kernels_enabled()
+        assert timm_spe.triton_kernels_enabled()
+    finally:
+        timm_spe.set_triton_kernels(False)
+    monkeypatch.setenv('TIMM_SPE_TRITON_KERNELS', 'maybe')
+    with pytest.warns(UserWarning, match='TIMM_SPE_TRITON_KERNELS=.maybe. is not understood.*Triton kernels stay off'):
+        config._from_env()
+    assert not timm_spe.triton_kernels_enabled()
+    monkeypatch.setenv('TIMM_SPE_TRITON_KERNELS', '1')
+    try:
+        config._from_env()
+        assert timm_spe.triton_kernels_enabled()
+    finally:
+        timm_spe.set_triton_kernels(False)
+
+
 @pytest.mark.parametrize('formulation', ['official', 'paper'])
 @pytest.mark.parametrize('memory_format', LAYOUTS, ids=['nchw', 'channels_last'])
 def test_the_triton_tail_gives_the_stock_functions_results_in_float32(formulation, memory_format):
@@ -212,7 +242,7 @@ def test_the_spe_layer_alone_under_autocast_is_as_close_to_float64_as_the_stock_
 
 def test_in_timms_resnet_an_spe_block_on_the_triton_kernels_adds_at_most_30_aten_ops():
     """timm's Bottleneck with attn_layer='spe' (the layer alone): counted as count_ops counts, layer2's middle block."""
-    from benchmarks.count_ops import _Count
+    from benchmarks.profile_step import aten_ops
 
     def ops(attn_layer, triton):
         torch.manual_seed(0)
@@ -225,8 +255,6 @@ def test_in_timms_resnet_an_spe_block_on_the_triton_kernels_adds_at_most_30_aten
             out.backward(torch.ones_like(out))
         with timm_spe.set_triton_kernels(triton):
             step()
-            with _Count() as counter:
-                step()
-        return counter.count
+            return aten_ops(step)
     plain = ops(None, False)
     assert ops('spe', True) - plain <= 30 < ops('spe', False) - plain
