@@ -19,7 +19,8 @@
 # and TIMM_NEWEST_VENV (its environment, default .venv-timm-newest); TIMM_TRAIN_PY (an existing train.py of timm
 # v1.0.28; else the pytorch-image-models repo is cloned at that tag into .cache/); CIFAR10_JPEG_TAR (the CIFAR-10 JPEG
 # copy, default ../shared/data/cifar10-jpeg.tar.gz) for the CPU recipe; TIMM_SPE_CPU_KERNELS (train: default 1,
-# SPE's one-pass CPU kernels, built on first use); TRAIN_RUNS (train: the folder of the runs, default train_runs).
+# SPE's one-pass CPU kernels, built on first use); TRAIN_RUNS (train: the folder of the runs, default train_runs);
+# RUN_SH_SETUP=0 (no set-up: $VENV/bin/python as it is, e.g. a GPU machine's PyTorch; docs/development.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -34,6 +35,12 @@ NEWEST_VENV=${TIMM_NEWEST_VENV:-${VENV%/}-timm-newest}
 NEWEST_PY="$NEWEST_VENV/bin/python"
 
 setup() {
+    if [ "${RUN_SH_SETUP:-1}" = 0 ]; then  # an environment made elsewhere (a GPU machine's PyTorch): used as it is
+        "$PY" -c 'import torch, timm, timm_spe' 2>/dev/null || { echo "run.sh: RUN_SH_SETUP=0, but $PY cannot import" \
+            "torch, timm and timm_spe: set VENV to an environment that has torch and timm, with PYTHONPATH=$PWD" >&2
+            exit 1; }
+        return
+    fi
     [ -x "$PY" ] || python3 -m venv "$VENV"
     "$PY" -m pip install -q --disable-pip-version-check \
         torch==2.14.1 torchvision==0.29.1 "timm==$TIMM_VERSION" -e '.[dev]'

@@ -6,6 +6,7 @@ train.py on a tiny image folder where train.py is available (TIMM_TRAIN_PY, or .
 """
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,15 @@ def test_torchvision_cifar10_download_where_the_network_allows(tmp_path):
     import torchvision
     ds = torchvision.datasets.CIFAR10(str(tmp_path), train=False, download=True)
     assert len(ds) == 10000 and ds.classes[0] == 'airplane'
+
+
+def test_run_sh_setup_0_uses_the_given_environment_as_it_is_or_says_what_is_missing(tmp_path):
+    """A GPU machine's own PyTorch (no package index): RUN_SH_SETUP=0 installs nothing and checks the imports."""
+    env = {**os.environ, 'RUN_SH_SETUP': '0', 'PYTHONPATH': str(ROOT)}
+    ok = subprocess.run(['bash', 'run.sh', 'setup'], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**env, 'VENV': sys.prefix})
+    assert ok.returncode == 0 and ok.stderr == '', ok.stderr
+    missing = subprocess.run(['bash', 'run.sh', 'setup'], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env={**env, 'VENV': str(tmp_path / 'nothing')})
+    assert missing.returncode == 1
+    assert missing.stderr.count('\n') == 1 and 'RUN_SH_SETUP=0, but' in missing.stderr and 'set VENV' in missing.stderr
