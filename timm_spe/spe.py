@@ -332,7 +332,9 @@ def batch_norm_spe_add_relu(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Modu
     ``bn``, its gate and plain ``relu(addcmul(...))``.
     Same results either way, running statistics and ``num_batches_tracked`` included. The gate (float32 under
     autocast) is rounded to the activations' dtype before it scales them, as :meth:`SpeModule.forward` does: the block
-    output keeps the dtype the block without SPE gives, with no full-size cast.
+    output keeps the dtype the block without SPE gives, with no full-size cast. Where the fused function would run and
+    the opt-in Triton kernels take ``x`` (:func:`timm_spe.spe_triton.applies`: CUDA), they run instead: same values to
+    float32 rounding, one kernel per pass.
     """
     if not spe.default_variant:  # ablations (Tables 3, 4): plain autograd ops throughout
         y = bn(x)
