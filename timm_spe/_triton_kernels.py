@@ -1,30 +1,26 @@
 """ SPE's training passes as Triton kernels: the CUDA path's launches, one per pass over the data
 
 On a GPU every ATen op is a kernel launch, and SPE's N x C gate math in stock ops is ~150 tiny launches per block
-(``benchmarks/count_ops.py``). Here each pass is one kernel, registered with ``torch.library.triton_op`` so that
-``torch.compile`` sees through it and an op counter sees one op per launch:
+(``benchmarks/count_ops.py``). Here each pass is one kernel (wrapped as an op by :mod:`timm_spe._triton_ops`):
 
-* ``timm_spe::bn_spe_tail_`` (forward): per (n, c) the max / min over H x W and their first indices, the gate from
-  them and ``p`` (Eq. 3 inside), and ``relu(y * gate + shortcut)`` written over ``y``;
-* ``timm_spe::map_sums`` (backward): per (n, c) ``sum_hw(g)``, ``sum_hw(g * (x - mean))`` and ``x`` at the extrema;
-* ``timm_spe::bn_gate_backward``: the gate's closed-form backward, the per-channel parameter gradients and BN's
+* ``_tail_kernel`` (forward): per (n, c) the max / min over H x W and their first indices, the gate from them and ``p``
+  (Eq. 3 inside), and ``relu(y * gate + shortcut)`` written over ``y`` (the layer alone: ``x * gate``, a new tensor);
+* ``_sums_kernel`` (backward): per (n, c) ``sum_hw(g)``, ``sum_hw(g * (x - mean))`` and ``x`` at the extrema
+  (the layer alone: ``_dot_kernel``, ``sum_hw(g * x)``);
+* ``_gate_backward_kernel``: the gate's closed-form backward, the per-channel parameter gradients and, behind BN, BN's
   ``sum(dy)``, ``sum(dy * xhat)``, per channel block;
-* ``timm_spe::mix_backward``: the gradient of ``p`` through Eq. 3, with the Eq. 8 penalty's where it is switched on;
-* ``timm_spe::bn_input_grad``: BN's input gradient in one pass, the pooling gradients added at the extrema.
+* ``_mix_backward_kernel``: the gradient of ``p`` through Eq. 3, with the Eq. 8 penalty's where it is switched on;
+* ``_input_grad_kernel``: BN's input gradient in one pass, the pooling gradients added at the extrema (the layer
+  alone: ``g * gate`` plus them).
 
-The SPE layer alone (``x * gate``, e.g. in timm's ResNets with ``attn_layer='spe'``) takes the same passes without BN:
-``spe_scale``, ``map_dot`` (``sum_hw(g * x)``), ``gate_backward``, ``mix_backward`` and ``scale_input_grad``.
-
-Each op allocates its outputs and launches exactly one kernel. The math is :mod:`timm_spe.spe_math`'s (the tests
-compare against it with ``TRITON_INTERPRET=1`` on the CPU); float32 accumulation throughout, so results agree with
-the stock ops to rounding, not bit for bit. Imported on first use (:func:`timm_spe.spe_triton.ops`): Triton fixes
-the interpreter-or-compiler choice when a kernel is defined, so a process that sets ``TRITON_INTERPRET=1`` before then
-runs them on CPU tensors. The autograd function and the switch are in :mod:`timm_spe.spe_triton`.
+The math is :mod:`timm_spe.spe_math`'s (the tests compare against the stock functions with ``TRITON_INTERPRET=1`` on
+the CPU); float32 accumulation throughout, so results agree with the stock ops to rounding, not bit for bit. Imported
+when the switch is turned on (:class:`timm_spe.config.set_triton_kernels`): Triton fixes the interpreter-or-compiler
+choice when ``triton.language`` is imported, so a process with ``TRITON_INTERPRET=1`` set before torch is imported runs
+them on CPU tensors. The autograd functions are in :mod:`timm_spe.spe_triton`.
 """
-import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
@@ -294,139 +290,3 @@ def _input_grad_kernel(g_ptr, x_ptr, dx_ptr, gate_ptr, mean_ptr, invstd_ptr, bn_
         dx += tl.where(hw[None, :] == i_max[:, None], v_max[:, None], 0.)
         dx += tl.where(hw[None, :] == i_min[:, None], v_min[:, None], 0.)
         tl.store(dx_ptr + off, _rounded(dx, dx_ptr), mask=ok)
-
-
-def _geometry(t):
-    """``(N, C, HW, grid, BLOCK_C, BLOCK_HW)`` of the per-(n, c) kernels: a program per n and block of channels."""
-    n, c, h, w = t.shape
-    block_c = min(triton.next_power_of_2(c), 16)
-    block_hw = max(16, min(triton.next_power_of_2(h * w), 4096 // block_c))
-    return n, c, h * w, (n, triton.cdiv(c, block_c)), block_c, block_hw
-
-
-def _pools_and_gate(y, shortcut, out, p, w_exc, b_exc, w_rew, b_rew, paper):
-    n, c, hw, grid, block_c, block_hw = _geometry(y)
-    f_max, f_min, gate = (y.new_empty((n, c)) for _ in range(3))
-    i_max, i_min = (y.new_empty((n, c), dtype=torch.long) for _ in range(2))
-    wrap_triton(_tail_kernel)[grid](
-        y, y if shortcut is None else shortcut, out, p, w_exc, b_exc, w_rew, b_rew, f_max, f_min, i_max, i_min, gate,
-        c, hw, y.stride(0), y.stride(1), y.stride(3), PAPER=paper, TAIL=shortcut is not None, BLOCK_C=block_c,
-        BLOCK_HW=block_hw)
-    return f_max, f_min, i_max, i_min, gate
-
-
-@triton_op('timm_spe::bn_spe_tail_', mutates_args={'y'})
-def bn_spe_tail_(y: torch.Tensor, shortcut: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor,
-                 b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``relu(y * gate + shortcut)`` written over ``y``; the pools, their indices and the gate returned."""
-    return _pools_and_gate(y, shortcut, y, p, w_exc, b_exc, w_rew, b_rew, paper)
-
-
-@triton_op('timm_spe::spe_scale', mutates_args=())
-def spe_scale(x: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor,
-              b_rew: torch.Tensor, paper: bool,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x * gate`` (a new tensor), then the pools, their indices and the gate."""
-    out = torch.empty_like(x)
-    return (out, *_pools_and_gate(x, None, out, p, w_exc, b_exc, w_rew, b_rew, paper))
-
-
-@triton_op('timm_spe::map_sums', mutates_args=())
-def map_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, i_max: torch.Tensor, i_min: torch.Tensor,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (n, c): ``sum_hw(grad)``, ``sum_hw(grad * (x - mean))``, ``x`` at the max and at the min (float32)."""
-    n, c, hw, grid, block_c, block_hw = _geometry(x)
-    sg, sgx, x_max, x_min = (x.new_empty((n, c), dtype=torch.float32) for _ in range(4))
-    wrap_triton(_sums_kernel)[grid](grad, x, mean, i_max, i_min, sg, sgx, x_max, x_min, c, hw,
-                                    x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c, BLOCK_HW=block_hw)
-    return sg, sgx, x_max, x_min
-
-
-@triton_op('timm_spe::map_dot', mutates_args=())
-def map_dot(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per (n, c): ``sum_hw(grad * x)`` (float32)."""
-    n, c, hw, grid, block_c, block_hw = _geometry(x)
-    out = x.new_empty((n, c), dtype=torch.float32)
-    wrap_triton(_dot_kernel)[grid](grad, x, out, c, hw, x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c,
-                                   BLOCK_HW=block_hw)
-    return out
-
-
-def _gate_backward(sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew,
-                   b_rew, paper, bn):
-    n, c = sgx.shape
-    block_c = min(triton.next_power_of_2(c), 32)
-    block_n = min(triton.next_power_of_2(n), 64)
-    num = triton.cdiv(c, block_c)
-    v_max, v_min = (sgx.new_empty((n, c)) for _ in range(2))
-    g_we, g_be, g_wr, g_br = (sgx.new_empty((c,)) for _ in range(4))
-    s_dy, s_dyx = (sgx.new_empty((c if bn else 0,)) for _ in range(2))
-    g_lam = sgx.new_empty((num, 2))
-    wrap_triton(_gate_backward_kernel)[(num,)](
-        sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew,
-        v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam, n, c, PAPER=paper, BN=bn, BLOCK_N=block_n,
-        BLOCK_C=block_c)
-    return v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam
-
-
-@triton_op('timm_spe::bn_gate_backward', mutates_args=())
-def bn_gate_backward(sg: torch.Tensor, sgx: torch.Tensor, x_max: torch.Tensor, x_min: torch.Tensor,
-                     f_max: torch.Tensor, f_min: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
-                     invstd: torch.Tensor, bn_w: torch.Tensor, bn_b: torch.Tensor, p: torch.Tensor,
-                     w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gate's backward behind a training-mode BN: the pooling gradients scaled for BN's input gradient
-    (``v_max, v_min``), the gradients of ``w_exc, b_exc, w_rew, b_rew``, BN's ``sum(dy)`` and ``sum(dy * xhat)``, and
-    per channel block the two partial gradients of ``(lambda, 1 - lambda)``."""
-    return _gate_backward(sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc,
-                          w_rew, b_rew, paper, True)
-
-
-@triton_op('timm_spe::gate_backward', mutates_args=())
-def gate_backward(grad_gate: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, p: torch.Tensor,
-                  w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                             torch.Tensor]:
-    """The gate's backward for its gradient ``grad_gate``: the pooling gradients, the gradients of ``w_exc, b_exc,
-    w_rew, b_rew`` and the partial gradients of ``(lambda, 1 - lambda)``."""
-    v_max, v_min, g_we, g_be, g_wr, g_br, _, _, g_lam = _gate_backward(
-        grad_gate, grad_gate, grad_gate, grad_gate, f_max, f_min, grad_gate, grad_gate, grad_gate, grad_gate,
-        grad_gate, p, w_exc, b_exc, w_rew, b_rew, paper, False)
-    return v_max, v_min, g_we, g_be, g_wr, g_br, g_lam
-
-
-@triton_op('timm_spe::mix_backward', mutates_args=())
-def mix_backward(g_lam: torch.Tensor, p: torch.Tensor, on: torch.Tensor, eta: float) -> torch.Tensor:
-    """``p``'s gradient from the partial gradients of ``(lambda, 1 - lambda)``, plus ``2 * eta * p`` where ``on``."""
-    g_p = torch.empty_like(p)
-    num = g_lam.shape[0]
-    wrap_triton(_mix_backward_kernel)[(1,)](g_lam, p, on, g_p, num, eta, BLOCK=triton.next_power_of_2(num))
-    return g_p
-
-
-@triton_op('timm_spe::bn_input_grad', mutates_args=())
-def bn_input_grad(grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
-                  invstd: torch.Tensor, bn_w: torch.Tensor, s_dy: torch.Tensor, s_dyx: torch.Tensor,
-                  i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor, v_min: torch.Tensor,
-                  ) -> torch.Tensor:
-    """BN's input gradient for ``dy = grad * gate + (v_max, v_min at the extrema)``, in ``x``'s dtype and layout."""
-    n, c, hw, grid, block_c, block_hw = _geometry(x)
-    dx = torch.empty_like(x)
-    wrap_triton(_input_grad_kernel)[grid](
-        grad, x, dx, gate, mean, invstd, bn_w, s_dy, s_dyx, i_max, v_max, i_min, v_min, c, hw, float(n * hw),
-        x.stride(0), x.stride(1), x.stride(3), BN=True, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    return dx
-
-
-@triton_op('timm_spe::scale_input_grad', mutates_args=())
-def scale_input_grad(grad: torch.Tensor, gate: torch.Tensor, i_max: torch.Tensor, g_max: torch.Tensor,
-                     i_min: torch.Tensor, g_min: torch.Tensor) -> torch.Tensor:
-    """``x``'s gradient of ``x * gate``: ``grad * gate``, with ``g_max, g_min`` added at the extrema."""
-    n, c, hw, grid, block_c, block_hw = _geometry(grad)
-    dx = torch.empty_like(grad)
-    wrap_triton(_input_grad_kernel)[grid](
-        grad, grad, dx, gate, gate, gate, gate, gate, gate, i_max, g_max, i_min, g_min, c, hw, 1.,
-        grad.stride(0), grad.stride(1), grad.stride(3), BN=False, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    return dx

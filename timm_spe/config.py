@@ -9,6 +9,7 @@ The Triton kernels of SPE's block tail (:mod:`timm_spe.spe_triton`, for CUDA ten
 ``set_triton_kernels(True)`` (also a context manager) or ``TIMM_SPE_TRITON_KERNELS=1`` at import switches them on,
 ``triton_kernels_enabled()`` tells. Opt-in until a GPU run has timed them (``benchmarks/cuda_check.py``).
 """
+import importlib
 import os
 import warnings
 
@@ -79,6 +80,9 @@ class set_triton_kernels(_Switch):
                 raise RuntimeError(
                     f"the Triton kernels need the triton package ({e}); install it (PyTorch's CUDA wheels bring it) "
                     "or leave them off.") from None
+            # define the kernels and register their ops now, outside any torch.compile'd region (which calls them
+            # as torch.ops.timm_spe.*)
+            importlib.import_module('timm_spe._triton_ops')
         _triton_state['enabled'] = bool(enabled)
 
     def _settings(self) -> dict:

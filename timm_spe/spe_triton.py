@@ -13,7 +13,6 @@ Opt-in: ``timm_spe.set_triton_kernels(True)`` or ``TIMM_SPE_TRITON_KERNELS=1`` (
 tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (how the tests run it). Where :func:`applies` says no, the
 stock-op function runs. Same values as it to float32 rounding (summation order differs), same saved tensors.
 """
-import importlib
 import os
 
 import torch
@@ -27,8 +26,8 @@ __all__ = ['applies', 'fused_batch_norm_spe_add_relu', 'spe_scale']
 
 
 def ops():
-    """The kernels' module, imported (its kernels defined and ops registered) on first use."""
-    return importlib.import_module('timm_spe._triton_kernels')
+    """The kernels' ops (registered when the switch was turned on: :class:`timm_spe.config.set_triton_kernels`)."""
+    return torch.ops.timm_spe
 
 
 def _interpreting() -> bool:

@@ -21,6 +21,7 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 def interpreted():
     """Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before torch imports Triton)."""
     kernels = importlib.import_module('timm_spe._triton_kernels')
+    importlib.import_module('timm_spe._triton_ops')  # registered, as set_triton_kernels(True) does
     if type(kernels._tail_kernel).__name__ != 'InterpretedFunction':
         pytest.skip('TRITON_INTERPRET=0: the kernels are compiled for a GPU, these tests run CPU tensors')
 
@@ -188,6 +189,20 @@ def test_a_cifar_resnet_trains_the_same_on_the_triton_tail():
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+def test_a_compiled_train_step_on_the_triton_kernels_traces_whole_and_equals_eager():
+    """Each op is opaque to torch.compile (a custom op with a fake implementation): fullgraph, same results."""
+    from compile_check import assert_compiled_train_step_matches_eager
+    torch.manual_seed(0)
+    model = timm_spe.CifarResNet(depth=11, attn_layer='spe')
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SpeModule):
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+    with timm_spe.set_triton_kernels(True):
+        assert_compiled_train_step_matches_eager(model, torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize('dtype', [None, torch.bfloat16], ids=['float32', 'bfloat16_autocast'])
