@@ -4,8 +4,9 @@
 
 One block per stage of resnet164_spe (32x32 / 16x16 / 8x8 maps, batch 128, channels_last by default), its tail alone:
 forward + backward of ``relu(bn3(x) + shortcut)`` (the plain block), of ``timm_spe.spe.batch_norm_spe_add_relu`` (BN,
-SPE, add, ReLU fused: what SPE blocks run in training) and of the same with the fused function switched off (the
-plain autograd ops every SPE block ran under autocast before the fused paths took low-precision activations), on a
+SPE, add, ReLU fused: what SPE blocks run in training), of the same with the CPU kernels on (``set_cpu_kernels``: one
+pass each for the max/min, the tail, the backward sums and BN's input gradient) and with the fused function switched
+off (the plain autograd ops every SPE block ran under autocast before the fused paths took low-precision activations), on a
 random activation in the autocast dtype. Interleaved rounds, median ms of each after two warm-up rounds. Convolutions
 are left out: on a CPU without native bf16 they dominate a step and hide what SPE adds. Run it with nothing else on
 the cores.
@@ -24,6 +25,7 @@ import torch
 
 if not __package__:  # run as a file: the package from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm_spe  # noqa: E402
 import timm_spe.spe as spe_mod  # noqa: E402
 
 
@@ -37,21 +39,23 @@ def tail_workloads(bn3, spe, x, shortcut, grad, dtype):
             out = torch.relu(plain_bn(a) + s)
         out.backward(grad)
 
-    def with_spe(fused):
+    def with_spe(fused, kernels=False):
         def step():
             a, s = x.clone().requires_grad_(), shortcut.clone().requires_grad_()
             fusable = spe_mod._block_tail_fusable
             if not fused:
                 spe_mod._block_tail_fusable = lambda *args: False
             try:
-                with torch.autocast('cpu', dtype=dtype):
-                    out = spe_mod.batch_norm_spe_add_relu(a, s, spe_bn, spe)
+                with timm_spe.set_cpu_kernels(kernels):
+                    with torch.autocast('cpu', dtype=dtype):
+                        out = spe_mod.batch_norm_spe_add_relu(a, s, spe_bn, spe)
+                    out.backward(grad)
             finally:
                 spe_mod._block_tail_fusable = fusable
-            out.backward(grad)
         return step
 
-    return {'plain tail': plain, 'SPE fused': with_spe(True), 'SPE plain ops': with_spe(False)}
+    return {'plain tail': plain, 'SPE fused': with_spe(True), 'SPE fused +cpu_kernels': with_spe(True, True),
+            'SPE plain ops': with_spe(False)}
 
 
 def main(argv=None):
@@ -68,7 +72,7 @@ def main(argv=None):
     model = timm.create_model('resnet164_spe').train()
     print(f'{args.dtype} autocast, {"NCHW" if args.nchw else "channels_last"}, batch {args.batch}, '
           f'{torch.get_num_threads()} threads; median ms of forward + backward, {args.rounds - 2} rounds')
-    extra = {'SPE fused': 0., 'SPE plain ops': 0.}
+    extra = {'SPE fused': 0., 'SPE fused +cpu_kernels': 0., 'SPE plain ops': 0.}
     report = {'dtype': args.dtype, 'layout': 'NCHW' if args.nchw else 'channels_last', 'batch': args.batch,
               'threads': torch.get_num_threads(), 'rounds': args.rounds - 2, 'torch': torch.__version__,
               'cpu': platform.processor() or platform.machine(), 'stages': {}}

@@ -12,9 +12,12 @@ compiler and ninja are needed) and cached by PyTorch, per CPU model since they a
 Off by default: ``timm_spe.set_cpu_kernels(True)`` (or ``with timm_spe.set_cpu_kernels(True): ...``), or
 ``TIMM_SPE_CPU_KERNELS=1`` in the environment (``run.sh train`` sets it); the switch is in :mod:`timm_spe.config`.
 The functions of this file are the only callers of the kernels: each runs its kernel where the switch is on and the
-kernel takes the input (CPU float32 / float64, NCHW or channels_last), and eager ops otherwise. Results are those of
-the eager ops bit for bit (values, first-extremum indices, NaN as ``max(dim)``, the rounding of ``addcmul``), except
-channels_last backward sums, which take the more precise ``(x - mean)`` form.
+kernel takes the input (CPU float32 / float64 / bfloat16 / float16, NCHW or channels_last), and eager ops otherwise.
+Results are those of the eager ops bit for bit (values, first-extremum indices, NaN as ``max(dim)``, the rounding of
+``addcmul``), except two backward passes, which are more precise than their eager forms: channels_last per-map sums
+take the ``(x - mean)`` form, and for bfloat16 / float16 input BN's input gradient and the per-map sums compute in
+float32 with float32 coefficients and round once (eager: several 16-bit roundings). The kernels load 16-bit values
+into float32 lanes, so autocast / AMP training reads each block output as often as the fp32 path does.
 """
 from typing import Tuple
 
@@ -25,25 +28,39 @@ from timm.layers import register_notrace_function
 from .config import cpu_kernels_enabled
 
 __all__ = [
-    'kernels_apply', 'kernels_apply_per_map', 'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_',
+    'kernels_apply', 'kernels_apply_per_map', 'coef_dtype', 'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_',
     'per_map_sums', 'take_at', 'scatter_add_at_',
 ]
 
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def kernels_apply(x: torch.Tensor) -> bool:
-    """The kernels are on and take ``x``: a non-empty 4-D CPU float32/float64 tensor, NCHW or channels_last."""
+    """The kernels are on and take ``x``: a non-empty 4-D CPU float32/float64/bfloat16/float16 tensor, NCHW or
+    channels_last."""
     return (
-        cpu_kernels_enabled() and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+        cpu_kernels_enabled() and x.device.type == 'cpu' and x.dtype in KERNEL_DTYPES
         and x.ndim == 4 and x.numel() > 0
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
     )
+
+
+def coef_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the per-channel / per-map coefficients and sums that go with ``x`` in the backward passes: float32
+    for bfloat16 / float16 ``x`` (as autocast keeps the N x C math), ``x``'s own otherwise."""
+    return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
+def _laid_out_as(t: torch.Tensor, x: torch.Tensor) -> bool:
+    return t.device == x.device and t.dtype == x.dtype and t.shape == x.shape and t.stride() == x.stride()
 
 
 def kernels_apply_per_map(x: torch.Tensor, like_x: torch.Tensor, per_map: torch.Tensor) -> bool:
     """The elementwise kernels (block tail, BN's input gradient) take ``x`` (:func:`kernels_apply`), ``like_x`` laid
     out as ``x`` and a contiguous ``per_map`` tensor of N x C (x 1 x 1) values, all of one dtype."""
     return (
-        kernels_apply(x) and like_x.device == x.device and like_x.dtype == x.dtype
-        and like_x.shape == x.shape and like_x.stride() == x.stride()
+        kernels_apply(x) and _laid_out_as(like_x, x)
         and per_map.device == x.device and per_map.dtype == x.dtype and per_map.is_contiguous()
         and per_map.numel() == x.shape[0] * x.shape[1]
     )
@@ -137,20 +154,41 @@ def scale_add_relu_(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor)
 
 
 def bn_input_grad_(
-        out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, grad_scale: torch.Tensor, shift: torch.Tensor,
-        x_coef: torch.Tensor, i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor, v_min: torch.Tensor,
+        out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, grad_scale: torch.Tensor, sum_term: torch.Tensor,
+        x_coef: torch.Tensor, mean: torch.Tensor, i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor,
+        v_min: torch.Tensor,
 ) -> torch.Tensor:
-    """``grad * grad_scale + shift - x * x_coef`` written into ``out`` (``grad_scale`` N x C, ``shift`` and ``x_coef``
-    C), then ``v_max`` / ``v_min`` (N x C) added at the flattened H x W positions ``i_max`` / ``i_min``, and ``out``
-    returned: two multiply-add passes and two scatters, or one pass on the kernel where it applies (same results)."""
+    """BN's input gradient ``grad * grad_scale - sum_term - (x - mean) * x_coef`` written into ``out`` (``grad_scale``
+    N x C; ``sum_term``, ``x_coef``, ``mean`` C; all of :func:`coef_dtype`), then ``v_max`` / ``v_min`` (N x C) added at
+    the flattened H x W positions ``i_max`` / ``i_min``, and ``out`` returned.
+
+    On the kernel where it applies: one pass of ``grad * grad_scale + shift - x * x_coef`` with ``shift = mean * x_coef
+    - sum_term``. Eager float32 / float64: the same formula in two multiply-add passes and two scatters (same results
+    bit for bit). Eager bfloat16 / float16: that form would round an intermediate whose terms cancel when ``|mean| >>
+    std`` (8 or 11 mantissa bits would lose the gradient), so ``x`` is centred first on ``mean`` rounded to ``x``'s
+    dtype (the rounding's offset folded into the constant) and every intermediate is of the result's size, all
+    full-size ops in ``x``'s dtype (no float32 copies). The kernel computes in float32 and rounds once."""
     n, c = x.shape[0], x.shape[1]
-    if kernels_apply_per_map(x, grad, grad_scale) and out.stride() == x.stride() and out.dtype == x.dtype \
-            and shift.dtype == x.dtype and x_coef.dtype == x.dtype and _index_kernel_applies(x, i_max) \
-            and _index_kernel_applies(x, i_min) and v_max.dtype == x.dtype and v_min.dtype == x.dtype:
+    coef = coef_dtype(x)
+    if kernels_apply(x) and _laid_out_as(grad, x) and _laid_out_as(out, x) \
+            and all(t.dtype == coef and t.device == x.device for t in (grad_scale, sum_term, x_coef, mean, v_max, v_min)) \
+            and _index_kernel_applies(x, i_max) and _index_kernel_applies(x, i_min):
         torch.ops.timm_spe.bn_input_grad_(
-            out, grad, x, grad_scale.contiguous(), shift.contiguous(), x_coef.contiguous(), i_max, v_max.contiguous(),
-            i_min, v_min.contiguous())
+            out, grad, x, grad_scale.contiguous(), (mean * x_coef - sum_term).contiguous(), x_coef.contiguous(),
+            i_max, v_max.contiguous(), i_min, v_min.contiguous())
         return out
+    if x.dtype in LOW_PRECISION:
+        dtype = x.dtype
+        mean_low = mean.to(dtype)
+        constant = sum_term + (mean_low.float() - mean) * x_coef  # (x - mean) = (x - mean_low) + (mean_low - mean)
+        torch.sub(x, mean_low.view(1, c, 1, 1), out=out)
+        torch.addcmul(constant.to(dtype).neg_().view(1, c, 1, 1), out, x_coef.to(dtype).view(1, c, 1, 1), value=-1,
+                      out=out)
+        out.addcmul_(grad, grad_scale.to(dtype).view(n, c, 1, 1))
+        scatter_add_at_(out, i_max, v_max.to(dtype))
+        scatter_add_at_(out, i_min, v_min.to(dtype))
+        return out
+    shift = mean * x_coef - sum_term
     out = torch.addcmul(shift.view(1, c, 1, 1), grad, grad_scale.view(n, c, 1, 1), out=out)
     out.addcmul_(x, x_coef.view(1, c, 1, 1), value=-1)
     scatter_add_at_(out, i_max, v_max)
@@ -169,7 +207,7 @@ def per_map_sums(
     NCHW on CPU: BatchNorm's own backward kernel on the 1 x NC x H x W views, i.e. with every (n, c) map as a channel,
     returns exactly the two sums as its bias and weight gradients, from one read of both tensors; the values at the
     extrema by :func:`take_at`. channels_last (no such view): on the kernel, all four in one read of both, the sums
-    in the ``(x - mean)`` form; else ``sum_hw(grad * x)`` through ``buf`` (scratch of ``grad``'s shape), which loses
+    in the ``(x - mean)`` form (float32 sums and ``mean`` for bfloat16 / float16 ``x``); else ``sum_hw(grad * x)`` through ``buf`` (scratch of ``grad``'s shape), which loses
     relative precision ~``|mean| / std`` of ``x`` against the ``(x - mean)`` form.
     """
     n, c, h, w = x.shape
@@ -178,7 +216,7 @@ def per_map_sums(
             grad.view(1, n * c, h, w), x.view(1, n * c, h, w), None, None, None,
             mean.repeat(n), invstd.repeat(n), True, 0., [False, True, True])
         return sum_grad.view(n, c), sum_grad_xhat.view(n, c), take_at(x, i_max), take_at(x, i_min)
-    if kernels_apply(x) and grad.stride() == x.stride() and grad.dtype == x.dtype and mean.dtype == x.dtype \
+    if kernels_apply(x) and grad.stride() == x.stride() and grad.dtype == x.dtype and mean.dtype == coef_dtype(x) \
             and _index_kernel_applies(x, i_max) and _index_kernel_applies(x, i_min):
         sum_grad, sum_grad_centered, x_max, x_min = torch.ops.timm_spe.channels_last_per_map_sums(
             grad, x, mean.contiguous(), i_max, i_min)

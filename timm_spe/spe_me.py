@@ -22,7 +22,15 @@ import torch
 from timm.layers import register_notrace_function
 from torch.autograd.function import once_differentiable
 
-from .cpu_kernels import bn_input_grad_, max_min, max_min_with_indices, per_map_sums, scale_add_relu_, scatter_add_at_
+from .cpu_kernels import (
+    LOW_PRECISION,
+    bn_input_grad_,
+    max_min,
+    max_min_with_indices,
+    per_map_sums,
+    scale_add_relu_,
+    scatter_add_at_,
+)
 from .spe_math import gate_terms, penalty_grad, spe_gate
 
 __all__ = [
@@ -37,9 +45,6 @@ def _dense_layout(t: torch.Tensor) -> bool:
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format if t.is_contiguous() else torch.channels_last
-
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def sum_hw(t: torch.Tensor) -> torch.Tensor:
@@ -270,31 +275,6 @@ def spe_scale(
     return x * gate.unsqueeze(-1).unsqueeze(-1).to(x.dtype)
 
 
-def _bn_input_grad_low_precision_(
-        out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, grad_scale: torch.Tensor, shift: torch.Tensor,
-        x_coef: torch.Tensor, mean: torch.Tensor, i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor,
-        v_min: torch.Tensor,
-) -> torch.Tensor:
-    """BN's input gradient ``grad * grad_scale - (x - mean) * x_coef - shift`` (N x C / C coefficients in float32)
-    for a bfloat16 / float16 ``x``, written into ``out`` with ``v_max`` / ``v_min`` added at the extrema.
-
-    The float32 form (``grad * grad_scale + (mean * x_coef - shift) - x * x_coef``, :func:`bn_input_grad_`) rounds an
-    intermediate whose terms cancel when ``|mean| >> std``: in 8 or 11 mantissa bits that would lose the gradient. Here
-    ``x`` is centred first on ``mean`` rounded to ``x``'s dtype (the rounding's offset folded into the constant), so
-    every intermediate is of the result's size; every full-size op is in ``x``'s dtype (no float32 copies)."""
-    n, c = x.shape[0], x.shape[1]
-    dtype = x.dtype
-    mean_low = mean.to(dtype)
-    constant = shift + (mean_low.float() - mean) * x_coef  # (x - mean) = (x - mean_low) + (mean_low - mean)
-    torch.sub(x, mean_low.view(1, c, 1, 1), out=out)
-    torch.addcmul(constant.to(dtype).neg_().view(1, c, 1, 1), out, x_coef.to(dtype).view(1, c, 1, 1), value=-1,
-                  out=out)
-    out.addcmul_(grad, grad_scale.to(dtype).view(n, c, 1, 1))
-    scatter_add_at_(out, i_max, v_max.to(dtype))
-    scatter_add_at_(out, i_min, v_min.to(dtype))
-    return out
-
-
 class _BatchNormSpeAddReLU(torch.autograd.Function):
     """``relu(y * spe_gate(y) + shortcut)`` with ``y = batch_norm(x)`` in training mode, as one function.
 
@@ -363,12 +343,8 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
             # the pooling gradients added at the argmax / argmin
             scale = bn_weight * invstd
             x_coef = scale * invstd * sum_dy_xhat / count
-            if x.dtype in LOW_PRECISION:
-                grad_x = _bn_input_grad_low_precision_(buf, grad, x, scale * gate, scale * sum_dy / count, x_coef,
-                                                       mean, i_max, scale * g_max, i_min, scale * g_min)
-            else:
-                grad_x = bn_input_grad_(buf, grad, x, scale * gate, mean * x_coef - scale * sum_dy / count, x_coef,
-                                        i_max, scale * g_max, i_min, scale * g_min)
+            grad_x = bn_input_grad_(buf, grad, x, scale * gate, scale * sum_dy / count, x_coef, mean,
+                                    i_max, scale * g_max, i_min, scale * g_min)
         return (grad_x, grad if ctx.needs_input_grad[1] else None, sum_dy_xhat, sum_dy, None, None, None, None,
                 g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None)
 

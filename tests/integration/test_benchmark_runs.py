@@ -163,7 +163,7 @@ def test_readme_shows_allocator_comparison_of_committed_runs():
         'benchmarks/README.md allocator table is stale: paste the --compare output'
 
 
-def test_tail_autocast_times_the_three_tails_per_stage(tmp_path):
+def test_tail_autocast_times_the_four_tails_per_stage(tmp_path):
     out = tmp_path / 'tails.json'
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'tail_autocast.py'), '--batch', '2',
                            '--rounds', '3', '--dtype', 'float16', '--out', str(out)],
@@ -173,9 +173,11 @@ def test_tail_autocast_times_the_three_tails_per_stage(tmp_path):
     assert report['dtype'] == 'float16' and report['layout'] == 'channels_last' and report['rounds'] == 1
     assert list(report['stages']) == ['layer1', 'layer2', 'layer3']
     assert report['stages']['layer3']['blocks'] == 18
-    assert set(report['stages']['layer1']['median_ms']) == {'plain tail', 'SPE fused', 'SPE plain ops'}
+    assert set(report['stages']['layer1']['median_ms']) == {'plain tail', 'SPE fused', 'SPE fused +cpu_kernels',
+                                                            'SPE plain ops'}
     lines = proc.stdout.splitlines()
     assert lines[0].startswith('float16 autocast, channels_last, batch 2')
     for stage in ('layer1 2x64x32x32', 'layer2 2x128x16x16', 'layer3 2x256x8x8'):
-        assert any(line.startswith(stage + ': plain tail ') and 'SPE fused' in line for line in lines), proc.stdout
+        assert any(line.startswith(stage + ': plain tail ') and 'SPE fused +cpu_kernels' in line for line in lines), \
+            proc.stdout
     assert lines[-1].startswith('SPE over the plain tails, all blocks (ms per train step): SPE fused ')

@@ -1,5 +1,6 @@
-"""The optional one-pass CPU kernels: same values and first-extremum indices as PyTorch's ops, same model
-results with them on and off, traceable by torch.compile, and a clear error when they cannot be built."""
+"""The optional one-pass CPU kernels: same values and first-extremum indices as PyTorch's ops (float32, float64,
+bfloat16, float16), same model results with them on and off, more precise 16-bit backward passes, traceable by
+torch.compile, and a clear error when they cannot be built."""
 import copy
 
 import pytest
@@ -32,9 +33,13 @@ def _inputs(shape, dtype, values):
     return x
 
 
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LOW = [torch.bfloat16, torch.float16]
+
+
 @pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 3, 1, 7), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16), (2, 3, 32, 64)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('values', ['distinct', 'ties', 'nan'])
 def test_ops_match_torch(cpu_kernels_on, shape, memory_format, dtype, values):
     x = _inputs(shape, dtype, values).contiguous(memory_format=memory_format)
@@ -50,21 +55,31 @@ def test_ops_match_torch(cpu_kernels_on, shape, memory_format, dtype, values):
 
 @pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_tail_ops_match_torch_bit_for_bit(cpu_kernels_on, shape, memory_format, dtype):
-    """The fused passes round as the eager ops they replace (addcmul, relu_; BN's input-gradient multiply-adds)."""
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_block_tail_kernel_rounds_as_addcmul_and_relu_bit_for_bit(cpu_kernels_on, shape, memory_format, dtype):
+    """bfloat16 / float16 too: addcmul computes those in float32 and rounds once, as the kernel does."""
     torch.manual_seed(0)
     n, c = shape[0], shape[1]
-    x, s, g = (torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format) for _ in range(3))
+    x, s = (torch.randn(shape).to(dtype).contiguous(memory_format=memory_format) for _ in range(2))
     x[0, 0, 0, 0] = float('nan')
     s[-1, -1, -1, -1] = float('inf')
-    gate = torch.rand(n, c, 1, 1, dtype=dtype)
+    gate = torch.rand(n, c, 1, 1).to(dtype)
     expected = torch.addcmul(s, x, gate).relu_()
     out = x.clone()
     torch.ops.timm_spe.scale_add_relu_(out, s, gate)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
     assert scale_add_relu_(x.clone(), s, gate).eq(expected).logical_or(expected.isnan()).all()
 
+
+@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16)])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_bn_input_grad_kernel_rounds_as_the_eager_multiply_adds_bit_for_bit(cpu_kernels_on, shape, memory_format, dtype):
+    """float32 / float64: BN's input-gradient multiply-adds and the additions at the extrema as eager rounds them."""
+    torch.manual_seed(0)
+    n, c = shape[0], shape[1]
+    x, g = (torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format) for _ in range(2))
+    x[0, 0, 0, 0] = float('nan')
     scale, shift, coef = torch.randn(n, c, dtype=dtype), torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
     hw = shape[2] * shape[3]
     i_max, i_min = torch.randint(0, hw, (n, c)), torch.randint(0, hw, (n, c))
@@ -77,21 +92,81 @@ def test_tail_ops_match_torch_bit_for_bit(cpu_kernels_on, shape, memory_format, 
     out = torch.empty_like(x)
     torch.ops.timm_spe.bn_input_grad_(out, g, x, scale, shift, coef, i_max, v_max, i_min, v_min)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
-    args = (g, x, scale, shift, coef, i_max, v_max, i_min, v_min)
+    # the dispatch's form: shift = mean * coef - sum_term; mean 0 and sum_term -shift give shift exactly
+    args = (g, x, scale, -shift, coef, torch.zeros_like(shift), i_max, v_max, i_min, v_min)
     torch.testing.assert_close(bn_input_grad_(torch.empty_like(x), *args), expected, rtol=0, atol=0, equal_nan=True)
     with timm_spe.set_cpu_kernels(False):  # the eager fallback: two multiply-adds and two scatters
         torch.testing.assert_close(bn_input_grad_(torch.empty_like(x), *args), expected, rtol=0, atol=0,
                                    equal_nan=True)
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last], ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('dtype', LOW)
+def test_16_bit_backward_passes_compute_in_float32_and_round_once(cpu_kernels_on, dtype, memory_format):
+    """BN's input gradient and the per-map sums for bfloat16 / float16 activations (autocast): float32 coefficients,
+    float32 arithmetic and one rounding per element, so that against a float64 reference the kernel is within half a
+    16-bit unit (plus float32's error) and never worse than the eager 16-bit ops, on activations whose mean is far from
+    0 (where the eager form would cancel)."""
+    torch.manual_seed(0)
+    n, c, h, w = 8, 24, 16, 16
+    x = (torch.randn(n, c, h, w) * 0.5 + 6).to(dtype).contiguous(memory_format=memory_format)
+    g = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=memory_format)
+    mean, invstd = x.float().mean((0, 2, 3)), x.float().var((0, 2, 3)).rsqrt()
+    gate, coef = torch.rand(n, c) + 0.5, torch.randn(c) * invstd
+    sum_term = torch.randn(c) * 0.1
+    f_max, i_max, f_min, i_min = max_min_with_indices(x)
+    v_max, v_min = torch.randn(n, c), torch.randn(n, c)
+    args = (g, x, gate, sum_term, coef, mean, i_max, v_max, i_min, v_min)
+
+    d = {name: t.double() for name, t in zip(('g', 'x', 'gate', 'sum', 'coef', 'mean'), args[:6])}
+    exact = (d['g'] * d['gate'].view(n, c, 1, 1) - d['sum'].view(1, c, 1, 1)
+             - (d['x'] - d['mean'].view(1, c, 1, 1)) * d['coef'].view(1, c, 1, 1)).flatten(2)
+    exact = exact.scatter_add(2, i_max.unsqueeze(2), v_max.double().unsqueeze(2))
+    exact = exact.scatter_add(2, i_min.unsqueeze(2), v_min.double().unsqueeze(2)).view(n, c, h, w)
+    kernel = bn_input_grad_(torch.empty_like(x), *args)
+    with timm_spe.set_cpu_kernels(False):
+        eager = bn_input_grad_(torch.empty_like(x), *args)
+    assert kernel.dtype == eager.dtype == dtype and kernel.stride() == x.stride()
+    # one rounding: the nearest 16-bit value of the float32 result, whose own error is ~2^-24 * |terms|
+    ulp = torch.finfo(dtype).eps * exact.abs()
+    kernel_err, eager_err = (kernel.double() - exact).abs(), (eager.double() - exact).abs()
+    assert (kernel_err <= 0.5 * ulp + 1e-5 * (1 + exact.abs())).all()
+    assert kernel_err.max() <= eager_err.max() and kernel_err.mean() < eager_err.mean()
+
+    sums = per_map_sums(g, x, mean, invstd, torch.empty_like(g), i_max, i_min)
+    exact_sums = (d['g'].sum((2, 3)), (d['g'] * (d['x'] - d['mean'].view(1, c, 1, 1))
+                                        * invstd.double().view(1, c, 1, 1)).sum((2, 3)))
+    for got, ref in zip(sums[:2], exact_sums):
+        assert got.dtype == torch.float32
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    for got, index in zip(sums[2:], (i_max, i_min)):  # x at the extrema: x's values, exact
+        assert got.dtype == dtype and torch.equal(got, x.flatten(2).gather(2, index.unsqueeze(2)).squeeze(2))
+    torch.testing.assert_close(sums[2], f_max, rtol=0, atol=0)
+    torch.testing.assert_close(sums[3], f_min, rtol=0, atol=0)
+
+
+def test_16_bit_kernels_take_float32_coefficients_only(cpu_kernels_on):
+    x = torch.randn(2, 4, 3, 3).bfloat16()
+    c16, index = torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match='shift .C. must be contiguous, Float for BFloat16 x'):
+        torch.ops.timm_spe.bn_input_grad_(torch.empty_like(x), x, x, torch.ones(2, 4), c16, torch.zeros(4),
+                                          index, torch.zeros(2, 4), index, torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match='mean .C. must be contiguous, Float for BFloat16 x'):
+        torch.ops.timm_spe.channels_last_per_map_sums(x.contiguous(memory_format=torch.channels_last),
+                                                      x.contiguous(memory_format=torch.channels_last), c16, index,
+                                                      index)
+    with pytest.raises(RuntimeError, match='supports float32, float64, bfloat16 and float16, got Int'):
+        torch.ops.timm_spe.max_min(x.int())
+
+
 @pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('dtype', DTYPES)
 def test_values_at_and_additions_at_the_extrema_match_gather_and_scatter_add(cpu_kernels_on, shape, memory_format, dtype):
     torch.manual_seed(0)
     n, c, h, w = shape
-    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format)
-    index, values = torch.randint(0, h * w, (n, c)), torch.randn(n, c, dtype=dtype)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
+    index, values = torch.randint(0, h * w, (n, c)), torch.randn(n, c).to(dtype)
     flat = x.flatten(2)  # a copy for channels_last: the expected values in NCHW order
     torch.testing.assert_close(torch.ops.timm_spe.take_at(x, index), flat.gather(2, index.unsqueeze(2)).squeeze(2),
                                rtol=0, atol=0)
@@ -109,9 +184,10 @@ def test_values_at_and_additions_at_the_extrema_match_gather_and_scatter_add(cpu
         torch.ops.timm_spe.take_at(x, torch.full((n, c), h * w))
     with pytest.raises(RuntimeError, match='out of range'):
         torch.ops.timm_spe.scatter_add_at_(x.clone(), torch.full((n, c), -1), values)
+    coef = values.to(cpu_kernels.coef_dtype(x))
     with pytest.raises(RuntimeError, match='out of range'):
-        torch.ops.timm_spe.bn_input_grad_(torch.empty_like(x), x, x, values, x.new_zeros(c), x.new_zeros(c),
-                                          index, values, torch.full((n, c), h * w), values)
+        torch.ops.timm_spe.bn_input_grad_(torch.empty_like(x), x, x, coef, coef.new_zeros(c), coef.new_zeros(c),
+                                          index, coef, torch.full((n, c), h * w), coef)
 
 
 def test_tail_kernels_take_only_matching_layouts(cpu_kernels_on):
@@ -120,7 +196,7 @@ def test_tail_kernels_take_only_matching_layouts(cpu_kernels_on):
     assert cpu_kernels.kernels_apply_per_map(x, s, gate)
     for args in ((x, s.contiguous(memory_format=torch.channels_last), gate), (x, s.double(), gate),
                  (x, s, gate.double()), (x, s, torch.rand(6, 4, 1, 1).transpose(0, 1)), (x, s, gate[:2]),
-                 (x.bfloat16(), s.bfloat16(), gate.bfloat16())):
+                 (x.bfloat16(), s.bfloat16(), gate)):
         assert not cpu_kernels.kernels_apply_per_map(*args)
         expected = torch.addcmul(args[1], args[0], args[2]).relu_() if args[2].shape == gate.shape else None
         if expected is not None:  # the eager ops take the rest
@@ -133,8 +209,8 @@ def test_tail_kernels_take_only_matching_layouts(cpu_kernels_on):
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 def test_spe_functions_use_kernels_only_where_they_apply(cpu_kernels_on, memory_format):
     x = torch.randn(4, 6, 8, 8).contiguous(memory_format=memory_format)
-    assert cpu_kernels.kernels_apply(x)
-    for t in (x.bfloat16(), x.transpose(2, 3) if memory_format == torch.contiguous_format else x.permute(0, 1, 3, 2),
+    assert cpu_kernels.kernels_apply(x) and cpu_kernels.kernels_apply(x.bfloat16()) and cpu_kernels.kernels_apply(x.half())
+    for t in (x.int(), x.transpose(2, 3) if memory_format == torch.contiguous_format else x.permute(0, 1, 3, 2),
               x[:, :, :0], x.flatten(2)):
         assert not cpu_kernels.kernels_apply(t)
     with torch.no_grad():
@@ -175,6 +251,38 @@ def test_model_results_equal_with_and_without_kernels(memory_format):
     exact = dict(rtol=0, atol=0) if memory_format == torch.contiguous_format else {}
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, **exact, msg=name)
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last], ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('dtype', LOW)
+def test_model_under_autocast_gives_the_same_outputs_with_and_without_kernels(memory_format, dtype):
+    """bfloat16 / float16 autocast: the kernels run (max/min, tail, backward sums, BN's input gradient) and the train
+    and eval outputs are equal bit for bit; the whole gradient with the kernels is as close to a float64 model's as
+    the eager 16-bit one, and the two differ by less than either differs from float64 (the kernels round once where
+    eager 16-bit ops round several times)."""
+    torch.manual_seed(0)
+    m = timm_spe.resnet.CifarResNet(depth=20, attn_layer='spe', num_classes=10).to(memory_format=memory_format)
+    with torch.no_grad():  # resnet83_spe's blocks, two a stage
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=memory_format)
+    outputs, grads = {}, {}
+    for name, kernels in (('float64', False), ('eager', False), ('kernels', True)):
+        model = copy.deepcopy(m).double() if name == 'float64' else copy.deepcopy(m)
+        with timm_spe.set_cpu_kernels(kernels), torch.autocast('cpu', dtype=dtype, enabled=name != 'float64'):
+            out = model.train()(x.to(next(model.parameters()).dtype))
+            out.double().square().mean().backward()
+            with torch.no_grad():
+                outputs[name] = (out, model.eval()(x.to(out.dtype)))
+        grads[name] = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    assert outputs['kernels'][0].dtype == dtype
+    for a, b in zip(outputs['kernels'], outputs['eager']):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def distance(a, b):
+        return ((grads[a] - grads[b]).norm() / grads[b].norm()).item()
+    assert distance('kernels', 'float64') <= 1.05 * distance('eager', 'float64')
+    assert distance('kernels', 'eager') < distance('eager', 'float64')
 
 
 def test_channels_last_per_map_sums_are_more_precise(cpu_kernels_on):

@@ -1,5 +1,6 @@
 """SPE under autocast (bfloat16 / float16 activations, float32 parameters): the fused training functions run there
-too, give what the plain ops give, and cast no full-size activation that the block without SPE does not."""
+too, with the CPU kernels on and off, give what the plain ops give, and cast no full-size activation that the block
+without SPE does not."""
 import copy
 import math
 
@@ -14,6 +15,7 @@ from timm_spe.spe import _block_tail_fusable
 
 LOW = [torch.bfloat16, torch.float16]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
+KERNELS = pytest.mark.parametrize('kernels', [False, True], ids=['eager', 'cpu_kernels'])
 
 
 def _perturbed(model):
@@ -55,9 +57,10 @@ def test_the_block_tail_fuses_for_low_precision_activations_with_float32_paramet
     assert not _block_tail_fusable(c.bfloat16(), c.bfloat16(), bn, copy.deepcopy(spe).double())
 
 
+@KERNELS
 @pytest.mark.parametrize('memory_format', LAYOUTS, ids=['nchw', 'channels_last'])
 @pytest.mark.parametrize('dtype', LOW, ids=['bfloat16', 'float16'])
-def test_fused_block_tail_under_autocast_gives_the_plain_ops_results(monkeypatch, dtype, memory_format):
+def test_fused_block_tail_under_autocast_gives_the_plain_ops_results(monkeypatch, dtype, memory_format, kernels):
     """The same output bit for bit and the same running statistics; gradients up to the dtype's rounding (the fused
     backward sums in float32 from per-map sums where autograd's ops round each product)."""
     block, ch = _inner_block()
@@ -65,7 +68,8 @@ def test_fused_block_tail_under_autocast_gives_the_plain_ops_results(monkeypatch
     x = (torch.randn(8, ch, 16, 16) * 2 + 3).to(dtype).contiguous(memory_format=memory_format)  # mean >> 0
     grad = torch.randn(8, ch, 16, 16).to(dtype).contiguous(memory_format=memory_format)
     plain = copy.deepcopy(block)
-    out, gx, gp = _block_step(block, x, grad, dtype)
+    with timm_spe.set_cpu_kernels(kernels):
+        out, gx, gp = _block_step(block, x, grad, dtype)
     monkeypatch.setattr(timm_spe.spe, '_block_tail_fusable', lambda *args: False)
     ref, ref_gx, ref_gp = _block_step(plain, x, grad, dtype)
     assert out.dtype == ref.dtype == dtype
@@ -80,8 +84,9 @@ def test_fused_block_tail_under_autocast_gives_the_plain_ops_results(monkeypatch
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+@KERNELS
 @pytest.mark.parametrize('dtype', LOW, ids=['bfloat16', 'float16'])
-def test_fused_spe_layer_under_autocast_gives_the_plain_ops_results(monkeypatch, dtype):
+def test_fused_spe_layer_under_autocast_gives_the_plain_ops_results(monkeypatch, dtype, kernels):
     """SpeModule on its own (any timm model with attn_layer='spe'): the fused x * gate under autocast."""
     torch.manual_seed(0)
     spe = _perturbed(torch.nn.Sequential(timm_spe.SpeModule(16))).train()
@@ -91,7 +96,8 @@ def test_fused_spe_layer_under_autocast_gives_the_plain_ops_results(monkeypatch,
     calls = []
     apply = spe_me._SpeScale.apply
     monkeypatch.setattr(spe_me._SpeScale, 'apply', lambda *a: calls.append(1) or apply(*a))
-    out, gx, gp = _block_step(spe, x, grad, dtype)
+    with timm_spe.set_cpu_kernels(kernels):
+        out, gx, gp = _block_step(spe, x, grad, dtype)
     assert calls  # the fused function ran
     monkeypatch.setattr(spe_me, 'fused_applies', lambda *args: False)
     ref, ref_gx, ref_gp = _block_step(plain, x, grad, dtype)
@@ -115,22 +121,25 @@ def _full_size_casts(block, x, grad, dtype):
                   and math.prod(e.input_shapes[0]) == x.numel())
 
 
+@KERNELS
 @pytest.mark.parametrize('memory_format', LAYOUTS, ids=['nchw', 'channels_last'])
 @pytest.mark.parametrize('dtype', LOW, ids=['bfloat16', 'float16'])
-def test_no_full_size_casts_under_autocast_that_the_plain_block_does_not_make(dtype, memory_format):
+def test_no_full_size_casts_under_autocast_that_the_plain_block_does_not_make(dtype, memory_format, kernels):
     """The block output stays in the autocast dtype and nothing copies a whole activation to float32 (the CPU does
     that silently for any elementwise op mixing a float32 gate with bfloat16 activations)."""
     block, ch = _inner_block()
     plain = timm.create_model('resnet83').train().layer2[2]
     x = torch.randn(4, ch, 8, 8).to(dtype).contiguous(memory_format=memory_format)
     grad = torch.randn(4, ch, 8, 8).to(dtype).contiguous(memory_format=memory_format)
-    assert _full_size_casts(block, x, grad, dtype) == _full_size_casts(plain, x, grad, dtype)
-    spe = timm_spe.SpeModule(ch).train()
-    assert _full_size_casts(spe, x, grad, dtype) == []
+    with timm_spe.set_cpu_kernels(kernels):
+        assert _full_size_casts(block, x, grad, dtype) == _full_size_casts(plain, x, grad, dtype)
+        spe = timm_spe.SpeModule(ch).train()
+        assert _full_size_casts(spe, x, grad, dtype) == []
 
 
+@KERNELS
 @pytest.mark.parametrize('dtype', LOW, ids=['bfloat16', 'float16'])
-def test_the_penalty_gradient_stays_exact_under_autocast(dtype):
+def test_the_penalty_gradient_stays_exact_under_autocast(dtype, kernels):
     """Eq. 8's gradient ``2 * eta * p`` is added in float32 to ``p``'s float32 gradient, bit for bit the same sum as
     with the penalty off plus that term, in every SPE layer of a model trained under autocast."""
     torch.manual_seed(0)
@@ -141,9 +150,10 @@ def test_the_penalty_gradient_stays_exact_under_autocast(dtype):
         m = copy.deepcopy(model)
         timm_spe.set_auto_penalty(m, on)
         torch.manual_seed(1)
-        with torch.autocast('cpu', dtype=dtype):
-            loss = m(x).float().square().mean()
-        loss.backward()
+        with timm_spe.set_cpu_kernels(kernels):
+            with torch.autocast('cpu', dtype=dtype):
+                loss = m(x).float().square().mean()
+            loss.backward()
         grads.append([(mod.p.grad, mod.p.detach(), mod.eta) for mod in m.modules()
                       if isinstance(mod, timm_spe.SpeModule)])
     for (with_penalty, p, eta), (without, _, _) in zip(*grads):

@@ -4,11 +4,12 @@
 namespace timm_spe_cpu {
 namespace {
 
-// NCHW: rows [begin, end) of length len.
+// NCHW: rows [begin, end) of length len. T: storage type; compared in acc_t<T> (exact: 16-bit values are float32's).
 template <typename T, bool WithIndex>
 void rows_max_min(const T* x, int64_t begin, int64_t end, int64_t len,
                   T* out_max, T* out_min, int64_t* idx_max, int64_t* idx_min) {
-  using S = Simd<T>;
+  using A = acc_t<T>;
+  using S = Simd<A>;
   using V = typename S::V;
   using I = typename S::I;
   constexpr int L = S::lanes;
@@ -16,15 +17,15 @@ void rows_max_min(const T* x, int64_t begin, int64_t end, int64_t len,
   for (int k = 0; k < L; ++k) lane[k] = k;
   for (int64_t r = begin; r < end; ++r) {
     const T* p = x + r * len;
-    T best_max = p[0], best_min = p[0];
+    A best_max = loads(p), best_min = best_max;
     int64_t at_max = 0, at_min = 0, i = 1;
-    bool nan = std::isnan(p[0]);
+    bool nan = std::isnan(best_max);
     if (len >= 2 * L) {
-      V mx = load<V>(p), mn = mx;
+      V mx = loadv(p), mn = mx;
       I ix = lane, in = lane, pos = lane;
       I seen_nan = (mx != mx);
       for (i = L; i + L <= len; i += L) {
-        V v = load<V>(p + i);
+        V v = loadv(p + i);
         pos += L;
         I gt = v > mx, lt = v < mn;
         mx = gt ? v : mx;
@@ -45,49 +46,49 @@ void rows_max_min(const T* x, int64_t begin, int64_t end, int64_t len,
       for (int k = 0; k < L; ++k) nan |= seen_nan[k] != 0;
     }
     for (; i < len; ++i) {  // remainder (and short rows): later positions win only when strictly better
-      T v = p[i];
+      A v = loads(p + i);
       if (v > best_max) { best_max = v; at_max = i; }
       if (v < best_min) { best_min = v; at_min = i; }
       nan |= std::isnan(v);
     }
     if (nan) {
       at_max = at_min = first_nan(p, len, 1);
-      best_max = best_min = std::numeric_limits<T>::quiet_NaN();
+      best_max = best_min = std::numeric_limits<A>::quiet_NaN();
     }
-    out_max[r] = best_max;
-    out_min[r] = best_min;
+    stores(out_max + r, best_max);
+    stores(out_min + r, best_min);
     if (WithIndex) { idx_max[r] = at_max; idx_min[r] = at_min; }
   }
 }
 
-// channels_last: image n is hw rows of c values; per channel the max and min over rows (vectorised over c).
+// channels_last: image n is hw rows of c values; per channel the max and min over rows (vectorised over c), kept
+// in acc_t<T> and stored at the end.
 template <typename T, bool WithIndex>
 void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
                            T* out_max, T* out_min, int64_t* idx_max, int64_t* idx_min) {
-  using S = Simd<T>;
+  using A = acc_t<T>;
+  using S = Simd<A>;
   using V = typename S::V;
   using I = typename S::I;
   using Index = typename S::Index;
   constexpr int L = S::lanes;
-  std::vector<Index> ix(c), in(c), nan(c);
+  std::vector<Index> ix(c, 0), in(c, 0), nan(c);
+  std::vector<A> mx(c), mn(c);
   const T* img = x + n * hw * c;
-  T* mx = out_max + n * c;
-  T* mn = out_min + n * c;
-  std::memcpy(mx, img, c * sizeof(T));
-  std::memcpy(mn, img, c * sizeof(T));
-  std::fill(ix.begin(), ix.end(), 0);
-  std::fill(in.begin(), in.end(), 0);
-  for (int64_t j = 0; j < c; ++j) nan[j] = std::isnan(img[j]) ? -1 : 0;
+  for (int64_t j = 0; j < c; ++j) {
+    mx[j] = mn[j] = loads(img + j);
+    nan[j] = std::isnan(mx[j]) ? -1 : 0;
+  }
   const int64_t j_vec = c - c % L;
   for (int64_t r = 1; r < hw; ++r) {
     const T* row = img + r * c;
     I pos;
     for (int k = 0; k < L; ++k) pos[k] = static_cast<Index>(r);
     for (int64_t j = 0; j < j_vec; j += L) {
-      V v = load<V>(row + j), a = load<V>(mx + j), b = load<V>(mn + j);
+      V v = loadv(row + j), a = load<V>(mx.data() + j), b = load<V>(mn.data() + j);
       I gt = v > a, lt = v < b;
-      store(mx + j, gt ? v : a);
-      store(mn + j, lt ? v : b);
+      store(mx.data() + j, gt ? v : a);
+      store(mn.data() + j, lt ? v : b);
       if (WithIndex) {
         store(ix.data() + j, gt ? pos : load<I>(ix.data() + j));
         store(in.data() + j, lt ? pos : load<I>(in.data() + j));
@@ -95,7 +96,7 @@ void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
       store(nan.data() + j, load<I>(nan.data() + j) | (v != v));
     }
     for (int64_t j = j_vec; j < c; ++j) {
-      T v = row[j];
+      A v = loads(row + j);
       if (v > mx[j]) { mx[j] = v; ix[j] = r; }
       if (v < mn[j]) { mn[j] = v; in[j] = r; }
       if (std::isnan(v)) nan[j] = -1;
@@ -103,9 +104,11 @@ void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
   }
   for (int64_t j = 0; j < c; ++j) {
     if (nan[j]) {
-      mx[j] = mn[j] = std::numeric_limits<T>::quiet_NaN();
+      mx[j] = mn[j] = std::numeric_limits<A>::quiet_NaN();
       ix[j] = in[j] = static_cast<Index>(first_nan(img + j, hw, c));
     }
+    stores(out_max + n * c + j, mx[j]);
+    stores(out_min + n * c + j, mn[j]);
   }
   if (WithIndex) {
     for (int64_t j = 0; j < c; ++j) { idx_max[n * c + j] = ix[j]; idx_min[n * c + j] = in[j]; }
@@ -115,8 +118,8 @@ void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
 template <bool WithIndex>
 std::vector<at::Tensor> max_min_impl(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "timm_spe::max_min expects an N x C x H x W tensor, got ", x.dim(), " dims");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "timm_spe::max_min supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(supported_dtype(x.scalar_type()),
+              "timm_spe::max_min supports float32, float64, bfloat16 and float16, got ", x.scalar_type());
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   TORCH_CHECK(hw > 0, "timm_spe::max_min needs a non-empty H x W");
   TORCH_CHECK(hw < (int64_t(1) << 31), "timm_spe::max_min: H x W must be below 2^31");
@@ -128,7 +131,7 @@ std::vector<at::Tensor> max_min_impl(const at::Tensor& x) {
     idx_max = at::empty({n, c}, x.options().dtype(at::kLong));
     idx_min = at::empty({n, c}, x.options().dtype(at::kLong));
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_max_min", [&] {
+  TIMM_SPE_DISPATCH(x.scalar_type(), "timm_spe_max_min", [&] {
     const scalar_t* px = input.data_ptr<scalar_t>();
     scalar_t* pmax = out_max.data_ptr<scalar_t>();
     scalar_t* pmin = out_min.data_ptr<scalar_t>();

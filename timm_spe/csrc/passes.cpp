@@ -7,22 +7,23 @@ namespace timm_spe_cpu {
 // relu(x * g + s) into x for n_rows rows of len values, row r scaled by g[r] (NCHW: rows are maps).
 template <typename T>
 void rows_scale_add_relu(T* x, const T* s, const T* g, int64_t begin, int64_t end, int64_t len) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::lanes;
+  using A = acc_t<T>;
+  using V = VecOf<T>;
+  constexpr int L = Simd<A>::lanes;
   const V zero = {};
   for (int64_t r = begin; r < end; ++r) {
     T* px = x + r * len;
     const T* ps = s + r * len;
-    const T gr = g[r];
+    const A gr = loads(g + r);
     V gv = zero + gr;
     int64_t i = 0;
     for (; i + L <= len; i += L) {
-      V v = mul_add(load<V>(px + i), gv, load<V>(ps + i));
-      store(px + i, (v < zero) ? zero : v);
+      V v = mul_add(loadv(px + i), gv, loadv(ps + i));
+      storev(px + i, (v < zero) ? zero : v);
     }
     for (; i < len; ++i) {
-      T v = mul_add(px[i], gr, ps[i]);
-      px[i] = v < T(0) ? T(0) : v;
+      A v = mul_add(loads(px + i), gr, loads(ps + i));
+      stores(px + i, v < A(0) ? A(0) : v);
     }
   }
 }
@@ -30,8 +31,9 @@ void rows_scale_add_relu(T* x, const T* s, const T* g, int64_t begin, int64_t en
 // channels_last: pixels [begin, end) of c values each; pixel p of image p / hw scaled by that image's gate row.
 template <typename T>
 void pixels_scale_add_relu(T* x, const T* s, const T* g, int64_t begin, int64_t end, int64_t hw, int64_t c) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::lanes;
+  using A = acc_t<T>;
+  using V = VecOf<T>;
+  constexpr int L = Simd<A>::lanes;
   const V zero = {};
   for (int64_t p = begin; p < end; ++p) {
     T* px = x + p * c;
@@ -39,12 +41,12 @@ void pixels_scale_add_relu(T* x, const T* s, const T* g, int64_t begin, int64_t 
     const T* pg = g + (p / hw) * c;
     int64_t j = 0;
     for (; j + L <= c; j += L) {
-      V v = mul_add(load<V>(px + j), load<V>(pg + j), load<V>(ps + j));
-      store(px + j, (v < zero) ? zero : v);
+      V v = mul_add(loadv(px + j), loadv(pg + j), loadv(ps + j));
+      storev(px + j, (v < zero) ? zero : v);
     }
     for (; j < c; ++j) {
-      T v = mul_add(px[j], pg[j], ps[j]);
-      px[j] = v < T(0) ? T(0) : v;
+      A v = mul_add(loads(px + j), loads(pg + j), loads(ps + j));
+      stores(px + j, v < A(0) ? A(0) : v);
     }
   }
 }
@@ -56,7 +58,7 @@ void scale_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   check_vector(gate, n * c, x, op, "gate (N x C, or N x C x 1 x 1)");
   if (x.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_scale_add_relu_", [&] {
+  TIMM_SPE_DISPATCH(x.scalar_type(), "timm_spe_scale_add_relu_", [&] {
     scalar_t* px = x.data_ptr<scalar_t>();
     const scalar_t* ps = shortcut.data_ptr<scalar_t>();
     const scalar_t* pg = gate.data_ptr<scalar_t>();
@@ -73,7 +75,7 @@ at::Tensor take_at(const at::Tensor& x, const at::Tensor& index) {
   check_index(index, x, op);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   at::Tensor out = at::empty({n, c}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_take_at", [&] {
+  TIMM_SPE_DISPATCH(x.scalar_type(), "timm_spe_take_at", [&] {
     const scalar_t* px = x.data_ptr<scalar_t>();
     const int64_t* pi = index.data_ptr<int64_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
@@ -99,7 +101,7 @@ void scatter_add_at_(at::Tensor& t, const at::Tensor& index, const at::Tensor& v
   check_index(index, t, op);
   const int64_t n = t.size(0), c = t.size(1), hw = t.size(2) * t.size(3);
   check_vector(values, n * c, t, op, "values (N x C)");
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "timm_spe_scatter_add_at_", [&] {
+  TIMM_SPE_DISPATCH(t.scalar_type(), "timm_spe_scatter_add_at_", [&] {
     scalar_t* pt = t.data_ptr<scalar_t>();
     const int64_t* pi = index.data_ptr<int64_t>();
     const scalar_t* pv = values.data_ptr<scalar_t>();
@@ -123,66 +125,80 @@ void scatter_add_at_(at::Tensor& t, const at::Tensor& index, const at::Tensor& v
 // out = grad * grad_scale[n, c] + shift[c] - x * x_coef[c], rounded as addcmul(shift, grad, grad_scale) then
 // addcmul_(x, x_coef, value=-1); then out[n, c, i_max[n, c]] += v_max[n, c] and out[n, c, i_min[n, c]] += v_min[n, c]
 // in that order, as two scatter_add_ calls would add them (with the output still in cache instead of N x C random
-// accesses afterwards).
+// accesses afterwards). 16-bit x: float32 coefficients, everything in float32 and one rounding per element, the
+// additions at the extrema included.
 template <typename T>
-void rows_bn_input_grad(T* out, const T* g, const T* x, const T* grad_scale, const T* shift, const T* x_coef,
-                        const int64_t* i_max, const T* v_max, const int64_t* i_min, const T* v_min,
-                        int64_t begin, int64_t end, int64_t c, int64_t len) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::lanes;
+void rows_bn_input_grad(T* out, const T* g, const T* x, const acc_t<T>* grad_scale, const acc_t<T>* shift,
+                        const acc_t<T>* x_coef, const int64_t* i_max, const acc_t<T>* v_max, const int64_t* i_min,
+                        const acc_t<T>* v_min, int64_t begin, int64_t end, int64_t c, int64_t len) {
+  using A = acc_t<T>;
+  using V = VecOf<T>;
+  constexpr int L = Simd<A>::lanes;
   const V zero = {};
   for (int64_t r = begin; r < end; ++r) {
     const int64_t ch = r % c, off = r * len;
-    const T a = grad_scale[r], b = shift[ch], m = -x_coef[ch];
+    const A a = grad_scale[r], b = shift[ch], m = -x_coef[ch];
     const V av = zero + a, bv = zero + b, mv = zero + m;
+    const int64_t at_max = i_max[r], at_min = i_min[r];
+    A out_max = 0, out_min = 0;
+    if constexpr (is_16bit<T>) {  // the extrema's values before the pass (which may overwrite g or x in place)
+      auto value = [&](int64_t i) { return mul_add(loads(x + off + i), m, mul_add(loads(g + off + i), a, b)); };
+      out_max = value(at_max) + v_max[r];
+      out_min = (at_min == at_max ? out_max : value(at_min)) + v_min[r];
+    }
     int64_t i = 0;
     for (; i + L <= len; i += L)
-      store(out + off + i, mul_add(load<V>(x + off + i), mv, mul_add(load<V>(g + off + i), av, bv)));
-    for (; i < len; ++i) out[off + i] = mul_add(x[off + i], m, mul_add(g[off + i], a, b));
-    out[off + i_max[r]] += v_max[r];
-    out[off + i_min[r]] += v_min[r];
+      storev(out + off + i, mul_add(loadv(x + off + i), mv, mul_add(loadv(g + off + i), av, bv)));
+    for (; i < len; ++i) stores(out + off + i, mul_add(loads(x + off + i), m, mul_add(loads(g + off + i), a, b)));
+    if constexpr (is_16bit<T>) {
+      stores(out + off + at_max, out_max);
+      stores(out + off + at_min, out_min);  // the sum of both where they coincide
+    } else {
+      out[off + at_max] += v_max[r];
+      out[off + at_min] += v_min[r];
+    }
   }
 }
 
 // channels_last: i_max / i_min as int32 (N x C), compared lane by lane with each pixel's position.
 template <typename T>
-void pixels_bn_input_grad(T* out, const T* g, const T* x, const T* grad_scale, const T* shift, const T* x_coef,
-                          const int32_t* i_max, const T* v_max, const int32_t* i_min, const T* v_min,
-                          int64_t begin, int64_t end, int64_t hw, int64_t c) {
-  using V = typename Simd<T>::V;
-  using I = typename Simd<T>::I;
-  using Index = typename Simd<T>::Index;
-  constexpr int L = Simd<T>::lanes;
-  const V zero = {};
-  std::vector<T> m(c);
+void pixels_bn_input_grad(T* out, const T* g, const T* x, const acc_t<T>* grad_scale, const acc_t<T>* shift,
+                          const acc_t<T>* x_coef, const int32_t* i_max, const acc_t<T>* v_max, const int32_t* i_min,
+                          const acc_t<T>* v_min, int64_t begin, int64_t end, int64_t hw, int64_t c) {
+  using A = acc_t<T>;
+  using V = VecOf<T>;
+  using I = typename Simd<A>::I;
+  using Index = typename Simd<A>::Index;
+  constexpr int L = Simd<A>::lanes;
+  std::vector<A> m(c);
   std::vector<Index> jmax(c), jmin(c);
   for (int64_t j = 0; j < c; ++j) m[j] = -x_coef[j];
   int64_t image = -1;
   for (int64_t p = begin; p < end; ++p) {
     const int64_t off = p * c, b = p / hw;
-    if (b != image) {  // this image's extrema positions, in the lane width of T
+    if (b != image) {  // this image's extrema positions, in the lane width of A
       image = b;
       for (int64_t j = 0; j < c; ++j) { jmax[j] = i_max[b * c + j]; jmin[j] = i_min[b * c + j]; }
     }
-    const T* a = grad_scale + b * c;
-    const T* vx = v_max + b * c;
-    const T* vn = v_min + b * c;
+    const A* a = grad_scale + b * c;
+    const A* vx = v_max + b * c;
+    const A* vn = v_min + b * c;
     const Index pos = static_cast<Index>(p - b * hw);
     I posv;
     for (int k = 0; k < L; ++k) posv[k] = pos;
     int64_t j = 0;
     for (; j + L <= c; j += L) {
-      V v = mul_add(load<V>(x + off + j), load<V>(m.data() + j),
-                    mul_add(load<V>(g + off + j), load<V>(a + j), load<V>(shift + j)));
+      V v = mul_add(loadv(x + off + j), load<V>(m.data() + j),
+                    mul_add(loadv(g + off + j), load<V>(a + j), load<V>(shift + j)));
       v = (load<I>(jmax.data() + j) == posv) ? v + load<V>(vx + j) : v;
       v = (load<I>(jmin.data() + j) == posv) ? v + load<V>(vn + j) : v;
-      store(out + off + j, v);
+      storev(out + off + j, v);
     }
     for (; j < c; ++j) {
-      T v = mul_add(x[off + j], m[j], mul_add(g[off + j], a[j], shift[j]));
+      A v = mul_add(loads(x + off + j), m[j], mul_add(loads(g + off + j), a[j], shift[j]));
       if (jmax[j] == pos) v += vx[j];
       if (jmin[j] == pos) v += vn[j];
-      out[off + j] = v;
+      stores(out + off + j, v);
     }
   }
 }
@@ -195,25 +211,26 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
   check_like_x(out, x, op, "out");
   check_like_x(grad, x, op, "grad");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  check_vector(grad_scale, n * c, x, op, "grad_scale (N x C)");
-  check_vector(shift, c, x, op, "shift (C)");
-  check_vector(x_coef, c, x, op, "x_coef (C)");
+  check_coef(grad_scale, n * c, x, op, "grad_scale (N x C)");
+  check_coef(shift, c, x, op, "shift (C)");
+  check_coef(x_coef, c, x, op, "x_coef (C)");
   check_index(i_max, x, op);
   check_index(i_min, x, op);
-  check_vector(v_max, n * c, x, op, "v_max (N x C)");
-  check_vector(v_min, n * c, x, op, "v_min (N x C)");
+  check_coef(v_max, n * c, x, op, "v_max (N x C)");
+  check_coef(v_min, n * c, x, op, "v_min (N x C)");
   if (x.numel() == 0) return;
   check_index_range(i_max.data_ptr<int64_t>(), n * c, hw, op);
   check_index_range(i_min.data_ptr<int64_t>(), n * c, hw, op);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_bn_input_grad_", [&] {
+  TIMM_SPE_DISPATCH(x.scalar_type(), "timm_spe_bn_input_grad_", [&] {
+    using A = acc_t<scalar_t>;
     scalar_t* po = out.data_ptr<scalar_t>();
     const scalar_t* pg = grad.data_ptr<scalar_t>();
     const scalar_t* px = x.data_ptr<scalar_t>();
-    const scalar_t* pgs = grad_scale.data_ptr<scalar_t>();
-    const scalar_t* p0 = shift.data_ptr<scalar_t>();
-    const scalar_t* p1 = x_coef.data_ptr<scalar_t>();
-    const scalar_t* pvx = v_max.data_ptr<scalar_t>();
-    const scalar_t* pvn = v_min.data_ptr<scalar_t>();
+    const A* pgs = grad_scale.data_ptr<A>();
+    const A* p0 = shift.data_ptr<A>();
+    const A* p1 = x_coef.data_ptr<A>();
+    const A* pvx = v_max.data_ptr<A>();
+    const A* pvn = v_min.data_ptr<A>();
     if (channels_last) {
       const at::Tensor jmax = i_max.to(at::kInt), jmin = i_min.to(at::kInt);  // hw < 2^31 (max_min's check)
       const int32_t* pjx = jmax.data_ptr<int32_t>();
@@ -234,20 +251,20 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
 // channels_last: per-(n, c) sums over H x W of grad and of grad * (x - mean[c]) in one read of both, and x at the
 // positions i_max / i_min (what the backward needs of x at the extrema, picked up in the same read instead of N x C
 // random accesses). NCHW takes BatchNorm's backward kernel on 1 x NC x H x W views instead: see
-// timm_spe.cpu_kernels.per_map_sums.
+// timm_spe.cpu_kernels.per_map_sums. 16-bit input: float32 mean and sums (accumulated in float32).
 template <typename T>
-void channels_last_map_sums(const T* g, const T* x, const T* mean, const int64_t* i_max, const int64_t* i_min,
-                            T* sum_g, T* sum_gx, T* x_max, T* x_min, int64_t n, int64_t hw, int64_t c) {
-  using V = typename Simd<T>::V;
-  using I = typename Simd<T>::I;
-  using Index = typename Simd<T>::Index;
-  constexpr int L = Simd<T>::lanes;
-  T* a = sum_g + n * c;
-  T* b = sum_gx + n * c;
-  T* xa = x_max + n * c;
-  T* xb = x_min + n * c;
-  std::fill(a, a + c, T(0));
-  std::fill(b, b + c, T(0));
+void channels_last_map_sums(const T* g, const T* x, const acc_t<T>* mean, const int64_t* i_max, const int64_t* i_min,
+                            acc_t<T>* sum_g, acc_t<T>* sum_gx, T* x_max, T* x_min, int64_t n, int64_t hw, int64_t c) {
+  using A = acc_t<T>;
+  using V = VecOf<T>;
+  using I = typename Simd<A>::I;
+  using Index = typename Simd<A>::Index;
+  constexpr int L = Simd<A>::lanes;
+  A* a = sum_g + n * c;
+  A* b = sum_gx + n * c;
+  std::vector<A> xa(c, A(0)), xb(c, A(0));
+  std::fill(a, a + c, A(0));
+  std::fill(b, b + c, A(0));
   std::vector<Index> jmax(c), jmin(c);
   for (int64_t j = 0; j < c; ++j) { jmax[j] = i_max[n * c + j]; jmin[j] = i_min[n * c + j]; }
   const int64_t j_vec = c - c % L;
@@ -257,18 +274,23 @@ void channels_last_map_sums(const T* g, const T* x, const T* mean, const int64_t
     for (int k = 0; k < L; ++k) posv[k] = static_cast<Index>(p);
     int64_t j = 0;
     for (; j < j_vec; j += L) {
-      const V gv = load<V>(g + off + j), xv = load<V>(x + off + j);
+      const V gv = loadv(g + off + j), xv = loadv(x + off + j);
       store(a + j, load<V>(a + j) + gv);
       store(b + j, mul_add(gv, xv - load<V>(mean + j), load<V>(b + j)));
-      store(xa + j, (load<I>(jmax.data() + j) == posv) ? xv : load<V>(xa + j));
-      store(xb + j, (load<I>(jmin.data() + j) == posv) ? xv : load<V>(xb + j));
+      store(xa.data() + j, (load<I>(jmax.data() + j) == posv) ? xv : load<V>(xa.data() + j));
+      store(xb.data() + j, (load<I>(jmin.data() + j) == posv) ? xv : load<V>(xb.data() + j));
     }
     for (; j < c; ++j) {
-      a[j] += g[off + j];
-      b[j] = mul_add(g[off + j], x[off + j] - mean[j], b[j]);
-      if (jmax[j] == p) xa[j] = x[off + j];
-      if (jmin[j] == p) xb[j] = x[off + j];
+      const A gs = loads(g + off + j), xs = loads(x + off + j);
+      a[j] += gs;
+      b[j] = mul_add(gs, xs - mean[j], b[j]);
+      if (jmax[j] == p) xa[j] = xs;
+      if (jmin[j] == p) xb[j] = xs;
     }
+  }
+  for (int64_t j = 0; j < c; ++j) {  // values of x: exact in T
+    stores(x_max + n * c + j, xa[j]);
+    stores(x_min + n * c + j, xb[j]);
   }
 }
 
@@ -276,25 +298,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channels_last_per_map
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& i_max,
     const at::Tensor& i_min) {
   const char* op = "timm_spe::channels_last_per_map_sums";
-  channels_last_input(x, op);  // 4-D, float32/float64
+  channels_last_input(x, op);  // 4-D, a supported dtype
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": x must be channels_last");
   check_like_x(grad, x, op, "grad");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  check_vector(mean, c, x, op, "mean (C)");
+  check_coef(mean, c, x, op, "mean (C)");
   check_index(i_max, x, op);
   check_index(i_min, x, op);
   check_index_range(i_max.data_ptr<int64_t>(), n * c, hw, op);
   check_index_range(i_min.data_ptr<int64_t>(), n * c, hw, op);
-  at::Tensor sum_g = at::empty({n, c}, x.options()), sum_gx = at::empty({n, c}, x.options());
+  const auto acc_options = x.options().dtype(acc_type(x));
+  at::Tensor sum_g = at::empty({n, c}, acc_options), sum_gx = at::empty({n, c}, acc_options);
   at::Tensor x_max = at::empty({n, c}, x.options()), x_min = at::empty({n, c}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timm_spe_channels_last_per_map_sums", [&] {
+  TIMM_SPE_DISPATCH(x.scalar_type(), "timm_spe_channels_last_per_map_sums", [&] {
+    using A = acc_t<scalar_t>;
     const scalar_t* pg = grad.data_ptr<scalar_t>();
     const scalar_t* px = x.data_ptr<scalar_t>();
-    const scalar_t* pm = mean.data_ptr<scalar_t>();
+    const A* pm = mean.data_ptr<A>();
     const int64_t* pix = i_max.data_ptr<int64_t>();
     const int64_t* pin = i_min.data_ptr<int64_t>();
-    scalar_t* pa = sum_g.data_ptr<scalar_t>();
-    scalar_t* pb = sum_gx.data_ptr<scalar_t>();
+    A* pa = sum_g.data_ptr<A>();
+    A* pb = sum_gx.data_ptr<A>();
     scalar_t* pxa = x_max.data_ptr<scalar_t>();
     scalar_t* pxb = x_min.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {

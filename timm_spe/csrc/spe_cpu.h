@@ -17,14 +17,26 @@
 // loads / adds at the extrema's positions for the other functions (take_at, scatter_add_at_; PyTorch's gather /
 // scatter_add_ take a generic strided loop for them).
 //
-// This header: the SIMD helpers, the rounding helper and the argument checks the kernels share, and the ops' declarations.
+// bfloat16 / float16 (autocast, AMP): every kernel loads the 16-bit values into float32 lanes, computes in float32 and
+// rounds each result once, to nearest even. max_min, take_at and scatter_add_at_ then give the eager ops' results bit
+// for bit (values and first indices; scatter_add_ on the CPU adds in float32 and rounds too), and so does
+// scale_add_relu_ (addcmul computes in float32 for 16-bit tensors and rounds once; the product of two 16-bit values is
+// exact in float32, so FMA or not gives the same). bn_input_grad_ and channels_last_per_map_sums take float32
+// per-channel coefficients / mean and return float32 sums for 16-bit input: one rounding instead of eager's three or
+// four 16-bit roundings (more precise; tested against float64).
+//
+// This header: the SIMD helpers, the 16-bit loads and rounding stores, the multiply-add helper and the argument
+// checks the kernels share, and the ops' declarations.
 #pragma once
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
@@ -52,6 +64,68 @@ template <> struct Simd<double> {
 
 template <typename V, typename T> inline V load(const T* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V, typename T> inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+
+// The type a kernel computes in for storage type T: float for bfloat16 / float16, T itself otherwise.
+template <typename T> struct Compute { using type = T; };
+template <> struct Compute<c10::BFloat16> { using type = float; };
+template <> struct Compute<c10::Half> { using type = float; };
+template <typename T> using acc_t = typename Compute<T>::type;
+template <typename T> constexpr bool is_16bit = !std::is_same_v<T, acc_t<T>>;
+template <typename T> using VecOf = typename Simd<acc_t<T>>::V;
+
+// One vector of compute-type lanes loaded from T (8 floats from 8 bfloat16 / float16 values).
+template <typename T> inline VecOf<T> loadv(const T* p) {
+  using V = VecOf<T>;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bfloat16 is float32's upper half
+    typedef uint16_t U16 __attribute__((vector_size(16)));
+    typedef uint32_t U32 __attribute__((vector_size(32)));
+    U16 u;
+    std::memcpy(&u, p, sizeof(u));
+    return reinterpret_cast<V>(__builtin_convertvector(u, U32) << 16);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+#ifdef __F16C__
+    return reinterpret_cast<V>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    V v;
+    for (int k = 0; k < 8; ++k) v[k] = static_cast<float>(p[k]);
+    return v;
+#endif
+  } else {
+    return load<V>(p);
+  }
+}
+
+// One vector stored to T, each lane rounded to nearest even (as c10's conversions round; NaN stays NaN).
+template <typename T> inline void storev(T* p, VecOf<T> v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    typedef uint16_t U16 __attribute__((vector_size(16)));
+    typedef uint32_t U32 __attribute__((vector_size(32)));
+    const U32 bits = reinterpret_cast<U32>(v);
+    U32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    rounded = (v != v) ? U32{} + 0x7FC0u : rounded;  // c10::BFloat16's NaN
+    const U16 out = __builtin_convertvector(rounded, U16);
+    std::memcpy(p, &out, sizeof(out));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+#ifdef __F16C__
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    for (int k = 0; k < 8; ++k) p[k] = c10::Half(v[k]);
+#endif
+  } else {
+    store(p, v);
+  }
+}
+
+// Scalar load / rounding store (c10's conversions round to nearest even).
+template <typename T> inline acc_t<T> loads(const T* p) { return static_cast<acc_t<T>>(*p); }
+template <typename T> inline void stores(T* p, acc_t<T> v) { *p = static_cast<T>(v); }
+
+// The dtype of per-channel / per-map coefficients and float sums for x: float32 for 16-bit x, x's otherwise.
+inline at::ScalarType acc_type(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
+}
 
 // Lanes rotated by Step: out[k] = v[(k + Step) % lanes] (a constant shuffle).
 template <int Step, typename Vec> inline Vec rotate(Vec v) {
@@ -83,7 +157,7 @@ template <bool Greater, typename Vec> inline Vec all_lanes(Vec v) {
 
 // First NaN of a row of n values with stride s (-1 if none).
 template <typename T> inline int64_t first_nan(const T* p, int64_t n, int64_t s) {
-  for (int64_t i = 0; i < n; ++i) if (std::isnan(p[i * s])) return i;
+  for (int64_t i = 0; i < n; ++i) if (std::isnan(static_cast<acc_t<T>>(p[i * s]))) return i;
   return -1;
 }
 
@@ -116,11 +190,15 @@ template <typename V> inline V mul_add(V a, V b, V c) {
 #endif
 }
 
-// Checks a 4-D float32/float64 tensor in NCHW or channels_last for `op`; true for channels_last.
+inline bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Checks a 4-D float32/float64/bfloat16/float16 tensor in NCHW or channels_last for `op`; true for channels_last.
 inline bool channels_last_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() == 4, op, " expects N x C x H x W tensors, got ", x.dim(), " dims");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              op, " supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(supported_dtype(x.scalar_type()),
+              op, " supports float32, float64, bfloat16 and float16, got ", x.scalar_type());
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(channels_last || x.is_contiguous(), op, ": x must be NCHW or channels_last");
   return channels_last;
@@ -135,6 +213,16 @@ inline void check_vector(const at::Tensor& t, int64_t numel, const at::Tensor& x
   TORCH_CHECK(t.numel() == numel && t.is_contiguous() && t.scalar_type() == x.scalar_type(),
               op, ": ", what, " must be contiguous, of x's dtype");
 }
+
+// Coefficients: contiguous, float32 for 16-bit x, x's dtype otherwise.
+inline void check_coef(const at::Tensor& t, int64_t numel, const at::Tensor& x, const char* op, const char* what) {
+  TORCH_CHECK(t.numel() == numel && t.is_contiguous() && t.scalar_type() == acc_type(x),
+              op, ": ", what, " must be contiguous, ", acc_type(x), " for ", x.scalar_type(), " x");
+}
+
+// AT_DISPATCH over the kernels' four dtypes.
+#define TIMM_SPE_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, TYPE, NAME, __VA_ARGS__)
 
 // fn(begin, end) in parallel over the N * C maps (NCHW) or the N * H * W pixels (channels_last).
 template <typename Fn>
