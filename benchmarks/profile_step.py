@@ -1,7 +1,7 @@
 """Where SPE's share of a train step goes: per-op CPU time of resnet164 vs resnet164_spe under ``torch.profiler``.
 
-    python benchmarks/profile_step.py [--channels-last] [--cpu-kernels] [--steps 3] [--batch 128] [--top 25]
-    python benchmarks/profile_step.py --blocks [--channels-last] [--cpu-kernels] [--steps 30]
+    python benchmarks/profile_step.py [--channels-last] [--cpu-kernels] [--autocast bfloat16] [--steps 3] [--top 25]
+    python benchmarks/profile_step.py --blocks [--channels-last] [--cpu-kernels] [--autocast bfloat16] [--steps 30]
 
 Both models' train steps are the benchmark's own (``benchmarks.workloads.model_workloads``: forward, backward, SGD
 step on a fixed random batch); after warm-up they are profiled alternately, one step of each per round, ``--steps`` rounds. Prints, per aten / timm_spe op, the self CPU time per step of each model and the
@@ -14,6 +14,9 @@ each stage's difference by its number of blocks: how much of the step's differen
 for. ``--blocks --tiny`` does the same on batch 2 of 2 x 2 maps: the blocks' fixed cost per call. Each stage's row
 also counts the ops a block's forward + backward dispatches (``aten ops``, resnet164 / resnet164_spe), and the last
 line divides each stage's difference by the extra ops: with ``--tiny``, what each op SPE adds costs.
+
+``--autocast bfloat16|float16``: forward passes under CPU autocast to that dtype (blocks: on an input in that dtype,
+as the previous block's output is under autocast).
 """
 import argparse
 import statistics
@@ -21,7 +24,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -80,10 +83,12 @@ def aten_ops(fn: Callable[[], None]) -> int:
     return mode.count
 
 
-def block_workloads(name: str, batch: int, size: int = 0) -> Dict[str, Tuple[Callable[[], None], int, str]]:
+def block_workloads(name: str, batch: int, size: int = 0, autocast: Optional[torch.dtype] = None
+                    ) -> Dict[str, Tuple[Callable[[], None], int, str]]:
     """Per stage: (forward + backward of its middle block on a fixed random input and output gradient, the
     stage's number of blocks, the input's shape). The model is in training mode, as in a train step. ``size``:
-    maps of ``size x size`` instead of the stage's own (tiny inputs leave a block's fixed cost per call)."""
+    maps of ``size x size`` instead of the stage's own (tiny inputs leave a block's fixed cost per call).
+    ``autocast``: the forward under CPU autocast to that dtype, input and gradient in it."""
     torch.manual_seed(0)
     model = create(name).train()
     layout = memory_format(name)
@@ -101,12 +106,15 @@ def block_workloads(name: str, batch: int, size: int = 0) -> Dict[str, Tuple[Cal
         blocks = getattr(model, stage)
         block = blocks[len(blocks) // 2]
         shape = (batch,) + shapes[stage][1:2] + ((size, size) if size else shapes[stage][2:])
-        x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
-        grad = torch.randn(shape).contiguous(memory_format=layout)
+        dtype = autocast or torch.float32
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=layout).requires_grad_()
+        grad = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
 
-        def fn(block=block, x=x, grad=grad):
+        def fn(block=block, x=x, grad=grad, dtype=dtype):
             timm_spe.set_cpu_kernels(kernels)
-            block(x).backward(grad)
+            with torch.autocast('cpu', dtype=dtype, enabled=autocast is not None):
+                out = block(x)
+            out.backward(grad)
         work[stage] = (fn, len(blocks), 'x'.join(map(str, shape)))
     return work
 
@@ -116,9 +124,9 @@ def blocks_main(args, workloads: Dict[str, str]) -> None:
     scaled by the stage's block count."""
     base, other = workloads.values()
     batch, size = (2, 2) if args.tiny else (args.batch, 0)
-    per_model = {w: block_workloads(w, batch, size) for w in (base, other)}
+    per_model = {w: block_workloads(w, batch, size, _autocast(args)) for w in (base, other)}
     layout = 'channels_last' if args.channels_last else 'NCHW'
-    print(f'{layout}, cpu kernels {"on" if args.cpu_kernels else "off"}, batch {batch}, '
+    print(f'{layout}{_autocast_label(args)}, cpu kernels {"on" if args.cpu_kernels else "off"}, batch {batch}, '
           f'{torch.get_num_threads()} threads; one middle block per stage, forward + backward, median of '
           f'{args.steps} interleaved rounds after {args.warmup} warm-up')
     print(f'{"stage":8s} {"input":16s} {"resnet164":>10s} {"resnet164_spe":>14s} {"diff":>7s} '
@@ -138,6 +146,14 @@ def blocks_main(args, workloads: Dict[str, str]) -> None:
     print(f'difference per extra op (us): {" / ".join(per_op)}')
 
 
+def _autocast(args) -> Optional[torch.dtype]:
+    return getattr(torch, args.autocast) if args.autocast else None
+
+
+def _autocast_label(args) -> str:
+    return f', {args.autocast} autocast' if args.autocast else ''
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--channels-last', action='store_true')
@@ -146,6 +162,7 @@ def main() -> None:
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--top', type=int, default=25)
+    ap.add_argument('--autocast', choices=('bfloat16', 'float16'), help='forward passes under CPU autocast')
     ap.add_argument('--blocks', action='store_true', help='time one block per stage instead (no profiler)')
     ap.add_argument('--tiny', action='store_true',
                     help='with --blocks: batch 2 of 2 x 2 maps, so that what is timed is each block\'s fixed cost per '
@@ -158,7 +175,7 @@ def main() -> None:
                  'resnet164_spe': 'resnet164_spe' + (KERNELS if args.cpu_kernels else '') + suffix}
     if args.blocks:
         return blocks_main(args, workloads)
-    steps = {n: model_workloads(w, args.batch)['train_step'] for n, w in workloads.items()}
+    steps = {n: model_workloads(w, args.batch, autocast=_autocast(args))['train_step'] for n, w in workloads.items()}
     for _ in range(args.warmup):
         for fn in steps.values():
             fn()
@@ -168,7 +185,7 @@ def main() -> None:
     keys = set(b_ops) | set(o_ops)
     rows = sorted(keys, key=lambda k: o_ops.get(k, (0, 0))[0] - b_ops.get(k, (0, 0))[0], reverse=True)
     layout = 'channels_last' if args.channels_last else 'NCHW'
-    print(f'{layout}, cpu kernels {"on" if args.cpu_kernels else "off"}, batch {args.batch}, '
+    print(f'{layout}{_autocast_label(args)}, cpu kernels {"on" if args.cpu_kernels else "off"}, batch {args.batch}, '
           f'{torch.get_num_threads()} threads; ms per train step (self CPU time; profiler overhead included)')
     print(f'wall: {base} {b_wall:.0f} ms, {other} {o_wall:.0f} ms, ratio {o_wall / b_wall:.3f}')
     print(f'{"op":44s} {base:>12s} {other:>14s} {"diff":>9s} {"calls":>11s}')

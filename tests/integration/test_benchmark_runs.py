@@ -101,6 +101,11 @@ def test_profile_step_blocks_times_one_block_per_stage():
                            '--channels-last', '--steps', '1', '--warmup', '1'], capture_output=True, text=True, timeout=600)
     assert tiny.returncode == 0, tiny.stderr[-3000:]
     assert [line.split()[1] for line in tiny.stdout.splitlines()[2:5]] == ['2x64x2x2', '2x128x2x2', '2x256x2x2']
+    amp = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'), '--blocks', '--tiny',
+                          '--channels-last', '--cpu-kernels', '--autocast', 'bfloat16', '--steps', '1', '--warmup', '1'],
+                         capture_output=True, text=True, timeout=600)
+    assert amp.returncode == 0, amp.stderr[-3000:]
+    assert amp.stdout.startswith('channels_last, bfloat16 autocast, cpu kernels on, batch 2')
 
 
 def test_readme_pooled_goals_are_the_runs_of_2026_11_30():

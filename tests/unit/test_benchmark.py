@@ -159,11 +159,16 @@ def test_readme_autocast_figures_are_the_committed_runs():
     def ratio(name, base, mode):
         return timing.per_round_ratios(runs[name][mode], runs[base][mode])['median']
     spe = ratio('resnet164_spe (channels_last)', 'resnet164 (channels_last)', 'train_step')
+    kernels = ratio('resnet164_spe +cpu_kernels (channels_last)', 'resnet164 (channels_last)', 'train_step')
+    kernels_eval = ratio('resnet164_spe +cpu_kernels (channels_last)', 'resnet164 (channels_last)', 'eval_forward')
     se = ratio('resnet164_se', 'resnet164', 'train_step')
-    assert f'**{spe:.3f}x**' in bench_readme and f'{spe:.2f}x resnet164\'s train step' in readme
+    assert f'**{spe:.3f}x**' in bench_readme and f'({spe:.2f}x without)' in readme
+    assert f'**{kernels:.3f}x**' in bench_readme and f'{kernels:.2f}x resnet164\'s train step' in readme
+    assert f'{kernels_eval:.3f}x' in bench_readme
     assert f'{ratio("resnet164_spe (channels_last)", "resnet164 (channels_last)", "eval_forward"):.3f}x' in bench_readme
     assert f'resnet164_se costs {se:.3f}x' in bench_readme and f'(SE: {se:.2f}x)' in readme
     for dtype in ('bf16', 'fp16'):
         tails = json.loads((RESULTS / f'tail_autocast_{dtype}.json').read_text())['spe_over_plain_tails_ms_per_step']
         assert f"{tails['SPE fused']:.0f} ms" in bench_readme
+        assert f"{tails['SPE fused +cpu_kernels']:.0f} ms" in bench_readme
         assert f"{tails['SPE plain ops']:.0f}" in bench_readme
