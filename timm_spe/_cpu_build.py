@@ -90,3 +90,11 @@ def _load() -> None:
     @torch.library.register_fake('timm_spe::scatter_add_at_')
     def _(t, index, values):
         return None
+
+    @torch.library.register_fake('timm_spe::block_backward_coefficients')
+    def _(sum_grad, sum_grad_xhat, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_weight, bn_bias, lam,
+          w_exc, b_exc, w_rew, b_rew, paper, count):
+        per_map = [sum_grad.new_empty(sum_grad.shape) for _ in range(3)]
+        per_channel = [mean.new_empty(mean.shape) for _ in range(8)]
+        return [per_map[0], per_channel[0], per_channel[1], per_map[1], per_map[2], *per_channel[2:4],
+                lam.new_empty((2,)), *per_channel[4:]]

@@ -19,7 +19,7 @@ take the ``(x - mean)`` form, and for bfloat16 / float16 input BN's input gradie
 float32 with float32 coefficients and round once (eager: several 16-bit roundings). The kernels load 16-bit values
 into float32 lanes, so autocast / AMP training reads each block output as often as the fp32 path does.
 """
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from .config import cpu_kernels_enabled
 
 __all__ = [
     'kernels_apply', 'kernels_apply_per_map', 'coef_dtype', 'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_',
-    'per_map_sums', 'take_at', 'scatter_add_at_',
+    'per_map_sums', 'take_at', 'scatter_add_at_', 'block_backward_coefficients',
 ]
 
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -274,3 +274,32 @@ def scatter_add_at_(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor) 
         return
     view, dim = _hw_view(t)
     view.scatter_add_(dim, index.unsqueeze(dim), values.unsqueeze(dim))
+
+
+def block_backward_coefficients(
+        sum_grad: torch.Tensor, sum_grad_xhat: torch.Tensor, x_max: torch.Tensor, x_min: torch.Tensor,
+        f_max: torch.Tensor, f_min: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+        bn_weight: torch.Tensor, bn_bias: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
+        w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool, count: int,
+) -> Optional[List[torch.Tensor]]:
+    """The N x C part of the fused block's backward in one op, for bfloat16 / float16 activations (autocast) on the
+    kernels: ``[grad_scale, sum_term, x_coef, v_max, v_min]`` (:func:`bn_input_grad_`'s arguments), BN's weight and
+    bias gradients, and the gradients of ``lam, w_exc, b_exc, w_rew, b_rew``; ``None`` where it does not apply (the
+    caller, :class:`timm_spe.spe_me._BatchNormSpeAddReLU`, then runs the eager ops).
+
+    Eager, this is ~100 ops on N x C tensors per block, each costing ~20-30 us of dispatch on the CPU whatever its
+    size: more than a block's full-size passes under autocast. The op computes the same closed form in float32 (the
+    sigmoids with ``std::exp``, sums over N in float64), so results differ from the eager ops by float32 rounding;
+    float32 / float64 activations keep the eager ops (bit for bit with the kernels off)."""
+    if not (cpu_kernels_enabled() and sum_grad.device.type == 'cpu' and x_max.dtype in LOW_PRECISION):
+        return None
+    n_by_c = (x_max, x_min, f_max, f_min, gate)
+    per_channel = (mean, invstd, bn_weight, bn_bias, w_exc, b_exc, w_rew, b_rew)
+    if not (sum_grad.dtype == sum_grad_xhat.dtype == lam.dtype == torch.float32
+            and all(t.dtype == x_max.dtype and t.device.type == 'cpu' for t in n_by_c)
+            and all(t.dtype == torch.float32 and t.device.type == 'cpu' for t in per_channel)):
+        return None
+    c = [t.contiguous() for t in per_channel]
+    return torch.ops.timm_spe.block_backward_coefficients(
+        sum_grad.contiguous(), sum_grad_xhat.contiguous(), *(t.contiguous() for t in n_by_c), *c[:4], lam, *c[4:],
+        paper, count)

@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from .cpu_kernels import (
     LOW_PRECISION,
+    block_backward_coefficients,
     bn_input_grad_,
     max_min,
     max_min_with_indices,
@@ -329,22 +330,30 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         # per (n, c) sums of grad and grad * xhat, with xhat = (x - mean) * invstd, and x at the argmax / argmin
         buf = torch.empty_like(grad)
         sum_grad, sum_grad_xhat, x_max, x_min = per_map_sums(grad, x, mean, invstd, buf, i_max, i_min)
-        grad_gate = bn_weight * sum_grad_xhat + bn_bias * sum_grad
-        g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
-            grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
-        # BN's backward for dy = grad * gate + (g_max, g_min scattered to the argmax / argmin), from N x C sums only
-        xhat_max = (x_max - mean) * invstd
-        xhat_min = (x_min - mean) * invstd
-        sum_dy = (gate * sum_grad + g_max + g_min).sum(0)
-        sum_dy_xhat = (gate * sum_grad_xhat + g_max * xhat_max + g_min * xhat_min).sum(0)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
+        # the N x C work: one op on the CPU kernels for 16-bit activations, else the eager ops below
+        coefficients = block_backward_coefficients(
+            sum_grad, sum_grad_xhat, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_weight, bn_bias,
+            lam, w_exc, b_exc, w_rew, b_rew, ctx.paper, count)
+        if coefficients is not None:
+            (grad_scale, sum_term, x_coef, v_max, v_min, sum_dy_xhat, sum_dy,
+             g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew) = coefficients
+        else:
+            grad_gate = bn_weight * sum_grad_xhat + bn_bias * sum_grad
+            g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
+                grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
+            # BN's backward for dy = grad * gate + (g_max, g_min scattered to the argmax / argmin), from N x C sums only
+            xhat_max = (x_max - mean) * invstd
+            xhat_min = (x_min - mean) * invstd
+            sum_dy = (gate * sum_grad + g_max + g_min).sum(0)
+            sum_dy_xhat = (gate * sum_grad_xhat + g_max * xhat_max + g_min * xhat_min).sum(0)
             # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)): one multiply-add pass over grad and x, with
             # the pooling gradients added at the argmax / argmin
             scale = bn_weight * invstd
             x_coef = scale * invstd * sum_dy_xhat / count
-            grad_x = bn_input_grad_(buf, grad, x, scale * gate, scale * sum_dy / count, x_coef, mean,
-                                    i_max, scale * g_max, i_min, scale * g_min)
+            grad_scale, sum_term, v_max, v_min = scale * gate, scale * sum_dy / count, scale * g_max, scale * g_min
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = bn_input_grad_(buf, grad, x, grad_scale, sum_term, x_coef, mean, i_max, v_max, i_min, v_min)
         return (grad_x, grad if ctx.needs_input_grad[1] else None, sum_dy_xhat, sum_dy, None, None, None, None,
                 g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None)
 

@@ -145,6 +145,39 @@ def test_16_bit_backward_passes_compute_in_float32_and_round_once(cpu_kernels_on
     torch.testing.assert_close(sums[3], f_min, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('paper', [False, True], ids=['official', 'paper'])
+@pytest.mark.parametrize('dtype', LOW)
+def test_block_backward_coefficients_are_the_eager_n_by_c_backward_in_one_op(cpu_kernels_on, dtype, paper):
+    """The N x C part of the fused block's backward for 16-bit activations: the same values as the eager ops of
+    spe_me (the gate's VJP and BN's coefficients) to float32 rounding, in both formulations, with the paper form's
+    16-bit intermediates (its u and f_max + f_min are ops on 16-bit pools) rounded as eager rounds them."""
+    torch.manual_seed(0)
+    n, c, count = 8, 24, 8 * 16
+    a = dict(sum_grad=torch.randn(n, c), sum_grad_xhat=torch.randn(n, c), x_max=(torch.randn(n, c) + 2).to(dtype),
+             x_min=(torch.randn(n, c) - 2).to(dtype), f_max=(torch.randn(n, c) + 2).to(dtype),
+             f_min=(torch.randn(n, c) - 2).to(dtype), gate=torch.rand(n, c).to(dtype), mean=torch.randn(c),
+             invstd=torch.rand(c) + .5, bn_weight=torch.randn(c), bn_bias=torch.randn(c), lam=torch.tensor([.3, .7]),
+             w_exc=torch.randn(c), b_exc=torch.randn(c), w_rew=torch.randn(c), b_rew=torch.randn(c))
+    got = cpu_kernels.block_backward_coefficients(**a, paper=paper, count=count)
+    grad_gate = a['bn_weight'] * a['sum_grad_xhat'] + a['bn_bias'] * a['sum_grad']
+    g_max, g_min, *param_grads = timm_spe.spe_me._spe_gate_backward(
+        grad_gate, a['f_max'], a['f_min'], a['lam'], a['w_exc'], a['b_exc'], a['w_rew'], a['b_rew'], paper)
+    xhat_max, xhat_min = ((a[k] - a['mean']) * a['invstd'] for k in ('x_max', 'x_min'))
+    sum_dy = (a['gate'] * a['sum_grad'] + g_max + g_min).sum(0)
+    sum_dy_xhat = (a['gate'] * a['sum_grad_xhat'] + g_max * xhat_max + g_min * xhat_min).sum(0)
+    scale = a['bn_weight'] * a['invstd']
+    expected = [scale * a['gate'], scale * sum_dy / count, scale * a['invstd'] * sum_dy_xhat / count, scale * g_max,
+                scale * g_min, sum_dy_xhat, sum_dy, *param_grads]
+    assert len(got) == len(expected) == 12
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.dtype == torch.float32 and g.shape == e.shape, i
+        torch.testing.assert_close(g / e.abs().max(), e / e.abs().max(), rtol=0, atol=2e-6, msg=str(i))
+    with timm_spe.set_cpu_kernels(False):  # off, or float32 pools: the caller's eager ops
+        assert cpu_kernels.block_backward_coefficients(**a, paper=paper, count=count) is None
+    a32 = {k: v.float() for k, v in a.items()}
+    assert cpu_kernels.block_backward_coefficients(**a32, paper=paper, count=count) is None
+
+
 def test_16_bit_kernels_take_float32_coefficients_only(cpu_kernels_on):
     x = torch.randn(2, 4, 3, 3).bfloat16()
     c16, index = torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.long)

@@ -261,5 +261,11 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channels_last_per_map_sums(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& i_max,
     const at::Tensor& i_min);
+std::vector<at::Tensor> block_backward_coefficients(
+    const at::Tensor& sum_grad, const at::Tensor& sum_grad_xhat, const at::Tensor& x_max, const at::Tensor& x_min,
+    const at::Tensor& f_max, const at::Tensor& f_min, const at::Tensor& gate, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& lam,
+    const at::Tensor& w_exc, const at::Tensor& b_exc, const at::Tensor& w_rew, const at::Tensor& b_rew, bool paper,
+    int64_t count);
 
 }  // namespace timm_spe_cpu
