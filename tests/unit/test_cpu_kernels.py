@@ -37,7 +37,10 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LOW = [torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 3, 1, 7), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16), (2, 3, 32, 64)])
+# channels_last takes channels in blocks of 4 vectors, then single vectors, then one by one: 45 and 72 channels
+# go through all three for every dtype (vectors of 8 float32 / 4 float64 lanes)
+@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 3, 1, 7), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16), (2, 3, 32, 64),
+                                   (2, 45, 3, 5), (2, 72, 4, 3)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('values', ['distinct', 'ties', 'nan'])
@@ -71,7 +74,8 @@ def test_block_tail_kernel_rounds_as_addcmul_and_relu_bit_for_bit(cpu_kernels_on
     assert scale_add_relu_(x.clone(), s, gate).eq(expected).logical_or(expected.isnan()).all()
 
 
-@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16)])
+# (3, 8, 40, 40) channels_last: two threads split the 4800 pixels inside the second image
+@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16), (2, 45, 3, 5), (3, 8, 40, 40)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_bn_input_grad_kernel_rounds_as_the_eager_multiply_adds_bit_for_bit(cpu_kernels_on, shape, memory_format, dtype):
@@ -92,6 +96,11 @@ def test_bn_input_grad_kernel_rounds_as_the_eager_multiply_adds_bit_for_bit(cpu_
     out = torch.empty_like(x)
     torch.ops.timm_spe.bn_input_grad_(out, g, x, scale, shift, coef, i_max, v_max, i_min, v_min)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    for into in ('g', 'x'):  # written over one of its inputs: the same results
+        out, g_in, x_in = (t.clone() for t in (g if into == 'g' else x, g, x))
+        g_in, x_in = (out, x_in) if into == 'g' else (g_in, out)
+        torch.ops.timm_spe.bn_input_grad_(out, g_in, x_in, scale, shift, coef, i_max, v_max, i_min, v_min)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
     # the dispatch's form: shift = mean * coef - sum_term; mean 0 and sum_term -shift give shift exactly
     args = (g, x, scale, -shift, coef, torch.zeros_like(shift), i_max, v_max, i_min, v_min)
     torch.testing.assert_close(bn_input_grad_(torch.empty_like(x), *args), expected, rtol=0, atol=0, equal_nan=True)
@@ -318,11 +327,12 @@ def test_model_under_autocast_gives_the_same_outputs_with_and_without_kernels(me
     assert distance('kernels', 'eager') < distance('eager', 'float64')
 
 
-def test_channels_last_per_map_sums_are_more_precise(cpu_kernels_on):
+@pytest.mark.parametrize('channels', [40, 77])  # channels in blocks of 8 vectors, single ones, one by one: 77 takes all
+def test_channels_last_per_map_sums_are_more_precise(cpu_kernels_on, channels):
     """The channels_last kernel sums grad * (c - mean) in one read; eager sums grad * c and subtracts mean * sum(grad),
     which loses ~|mean| / std of relative precision: against float64, the kernel is several times closer."""
     torch.manual_seed(0)
-    shape = (8, 40, 16, 16)
+    shape = (8, channels, 16, 16)
     c = (torch.randn(shape) * 0.5 + 10).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     mean, invstd = c.mean((0, 2, 3)), c.var((0, 2, 3)).rsqrt()
@@ -332,7 +342,7 @@ def test_channels_last_per_map_sums_are_more_precise(cpu_kernels_on):
     def error(sums):
         return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(sums, exact))
 
-    i_max, i_min = torch.randint(0, 256, (8, 40)), torch.randint(0, 256, (8, 40))
+    i_max, i_min = torch.randint(0, 256, (8, channels)), torch.randint(0, 256, (8, channels))
     with_kernel = per_map_sums(grad, c, mean, invstd, torch.empty_like(grad), i_max, i_min)
     with timm_spe.set_cpu_kernels(False):
         eager = per_map_sums(grad, c, mean, invstd, torch.empty_like(grad), i_max, i_min)

@@ -61,48 +61,77 @@ void rows_max_min(const T* x, int64_t begin, int64_t end, int64_t len,
   }
 }
 
-// channels_last: image n is hw rows of c values; per channel the max and min over rows (vectorised over c), kept
-// in acc_t<T> and stored at the end.
+// channels_last, channels [j0, j0 + K * lanes) of one image (hw rows of c values): the running max, min, their first
+// rows and a NaN flag per channel in K vectors each, kept in registers over all rows (rows inner: each row's block is
+// a contiguous run of K * lanes values), then stored to the per-channel arrays.
+template <typename T, bool WithIndex, int K>
+inline void channels_last_block(const T* img, int64_t hw, int64_t c, int64_t j0, acc_t<T>* mx_out, acc_t<T>* mn_out,
+                                typename Simd<acc_t<T>>::Index* ix_out, typename Simd<acc_t<T>>::Index* in_out,
+                                typename Simd<acc_t<T>>::Index* nan_out) {
+  using S = Simd<acc_t<T>>;
+  using V = typename S::V;
+  using I = typename S::I;
+  constexpr int L = S::lanes;
+  V mx[K], mn[K];
+  I ix[K], in[K], nan[K];
+  for (int k = 0; k < K; ++k) {
+    mx[k] = mn[k] = loadv(img + j0 + k * L);
+    ix[k] = in[k] = I{};
+    nan[k] = (mx[k] != mx[k]);
+  }
+  for (int64_t r = 1; r < hw; ++r) {
+    const T* row = img + r * c + j0;
+    const I pos = I{} + static_cast<typename S::Index>(r);
+    for (int k = 0; k < K; ++k) {
+      const V v = loadv(row + k * L);
+      const I gt = v > mx[k], lt = v < mn[k];
+      mx[k] = gt ? v : mx[k];
+      mn[k] = lt ? v : mn[k];
+      if (WithIndex) { ix[k] = gt ? pos : ix[k]; in[k] = lt ? pos : in[k]; }
+      nan[k] |= (v != v);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    store(mx_out + j0 + k * L, mx[k]);
+    store(mn_out + j0 + k * L, mn[k]);
+    store(ix_out + j0 + k * L, ix[k]);
+    store(in_out + j0 + k * L, in[k]);
+    store(nan_out + j0 + k * L, nan[k]);
+  }
+}
+
+// channels_last: image n is hw rows of c values; per channel the max and min over rows (vectorised over c, blocks of
+// 4 vectors, then single vectors, then the last c % lanes channels one by one), stored at the end. A later row wins
+// only when strictly better: the first extremum's row, as in the NCHW path.
 template <typename T, bool WithIndex>
 void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
                            T* out_max, T* out_min, int64_t* idx_max, int64_t* idx_min) {
   using A = acc_t<T>;
   using S = Simd<A>;
-  using V = typename S::V;
-  using I = typename S::I;
   using Index = typename S::Index;
   constexpr int L = S::lanes;
-  std::vector<Index> ix(c, 0), in(c, 0), nan(c);
+  constexpr int K = 4;
+  std::vector<Index> ix(c, 0), in(c, 0), nan(c, 0);
   std::vector<A> mx(c), mn(c);
   const T* img = x + n * hw * c;
-  for (int64_t j = 0; j < c; ++j) {
-    mx[j] = mn[j] = loads(img + j);
-    nan[j] = std::isnan(mx[j]) ? -1 : 0;
-  }
-  const int64_t j_vec = c - c % L;
-  for (int64_t r = 1; r < hw; ++r) {
-    const T* row = img + r * c;
-    I pos;
-    for (int k = 0; k < L; ++k) pos[k] = static_cast<Index>(r);
-    for (int64_t j = 0; j < j_vec; j += L) {
-      V v = loadv(row + j), a = load<V>(mx.data() + j), b = load<V>(mn.data() + j);
-      I gt = v > a, lt = v < b;
-      store(mx.data() + j, gt ? v : a);
-      store(mn.data() + j, lt ? v : b);
-      if (WithIndex) {
-        store(ix.data() + j, gt ? pos : load<I>(ix.data() + j));
-        store(in.data() + j, lt ? pos : load<I>(in.data() + j));
-      }
-      store(nan.data() + j, load<I>(nan.data() + j) | (v != v));
+  int64_t j = 0;
+  for (; j + K * L <= c; j += K * L)
+    channels_last_block<T, WithIndex, K>(img, hw, c, j, mx.data(), mn.data(), ix.data(), in.data(), nan.data());
+  for (; j + L <= c; j += L)
+    channels_last_block<T, WithIndex, 1>(img, hw, c, j, mx.data(), mn.data(), ix.data(), in.data(), nan.data());
+  for (; j < c; ++j) {
+    A best_max = loads(img + j), best_min = best_max;
+    Index at_max = 0, at_min = 0;
+    bool seen_nan = std::isnan(best_max);
+    for (int64_t r = 1; r < hw; ++r) {
+      const A v = loads(img + r * c + j);
+      if (v > best_max) { best_max = v; at_max = static_cast<Index>(r); }
+      if (v < best_min) { best_min = v; at_min = static_cast<Index>(r); }
+      seen_nan |= std::isnan(v);
     }
-    for (int64_t j = j_vec; j < c; ++j) {
-      A v = loads(row + j);
-      if (v > mx[j]) { mx[j] = v; ix[j] = r; }
-      if (v < mn[j]) { mn[j] = v; in[j] = r; }
-      if (std::isnan(v)) nan[j] = -1;
-    }
+    mx[j] = best_max; mn[j] = best_min; ix[j] = at_max; in[j] = at_min; nan[j] = seen_nan ? -1 : 0;
   }
-  for (int64_t j = 0; j < c; ++j) {
+  for (j = 0; j < c; ++j) {
     if (nan[j]) {
       mx[j] = mn[j] = std::numeric_limits<A>::quiet_NaN();
       ix[j] = in[j] = static_cast<Index>(first_nan(img + j, hw, c));
@@ -111,7 +140,7 @@ void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
     stores(out_min + n * c + j, mn[j]);
   }
   if (WithIndex) {
-    for (int64_t j = 0; j < c; ++j) { idx_max[n * c + j] = ix[j]; idx_min[n * c + j] = in[j]; }
+    for (j = 0; j < c; ++j) { idx_max[n * c + j] = ix[j]; idx_min[n * c + j] = in[j]; }
   }
 }
 

@@ -35,18 +35,21 @@ void pixels_scale_add_relu(T* x, const T* s, const T* g, int64_t begin, int64_t 
   using V = VecOf<T>;
   constexpr int L = Simd<A>::lanes;
   const V zero = {};
-  for (int64_t p = begin; p < end; ++p) {
-    T* px = x + p * c;
-    const T* ps = s + p * c;
-    const T* pg = g + (p / hw) * c;
-    int64_t j = 0;
-    for (; j + L <= c; j += L) {
-      V v = mul_add(loadv(px + j), loadv(pg + j), loadv(ps + j));
-      storev(px + j, (v < zero) ? zero : v);
-    }
-    for (; j < c; ++j) {
-      A v = mul_add(loads(px + j), loads(pg + j), loads(ps + j));
-      stores(px + j, v < A(0) ? A(0) : v);
+  for (int64_t p = begin; p < end;) {
+    const int64_t image = p / hw, stop = std::min(end, (image + 1) * hw);  // one division per image
+    const T* pg = g + image * c;
+    for (; p < stop; ++p) {
+      T* px = x + p * c;
+      const T* ps = s + p * c;
+      int64_t j = 0;
+      for (; j + L <= c; j += L) {
+        V v = mul_add(loadv(px + j), loadv(pg + j), loadv(ps + j));
+        storev(px + j, (v < zero) ? zero : v);
+      }
+      for (; j < c; ++j) {
+        A v = mul_add(loads(px + j), loads(pg + j), loads(ps + j));
+        stores(px + j, v < A(0) ? A(0) : v);
+      }
     }
   }
 }
@@ -160,46 +163,56 @@ void rows_bn_input_grad(T* out, const T* g, const T* x, const acc_t<T>* grad_sca
   }
 }
 
-// channels_last: i_max / i_min as int32 (N x C), compared lane by lane with each pixel's position.
+// channels_last: the pass without the extrema, then per image the (at most 2 x C) outputs at the extrema written again
+// with their pooling gradients added: the same float arithmetic, in the same order, as adding them in the pass (for
+// 16-bit T one rounding, of the whole sum). Their g and x are read after the image's pass, while still in cache, or
+// before it where out is g or x (`aliased`: the pass overwrites them).
 template <typename T>
 void pixels_bn_input_grad(T* out, const T* g, const T* x, const acc_t<T>* grad_scale, const acc_t<T>* shift,
-                          const acc_t<T>* x_coef, const int32_t* i_max, const acc_t<T>* v_max, const int32_t* i_min,
-                          const acc_t<T>* v_min, int64_t begin, int64_t end, int64_t hw, int64_t c) {
+                          const acc_t<T>* x_coef, const int64_t* i_max, const acc_t<T>* v_max, const int64_t* i_min,
+                          const acc_t<T>* v_min, int64_t begin, int64_t end, int64_t hw, int64_t c, bool aliased) {
   using A = acc_t<T>;
   using V = VecOf<T>;
-  using I = typename Simd<A>::I;
-  using Index = typename Simd<A>::Index;
   constexpr int L = Simd<A>::lanes;
-  std::vector<A> m(c);
-  std::vector<Index> jmax(c), jmin(c);
+  std::vector<A> m(c), fix_value(2 * c);
+  std::vector<int64_t> fix_at(2 * c), fix_channel(2 * c);
+  std::vector<int8_t> fix_kind(2 * c);  // 1: the max's position, 2: the min's, 3: both
   for (int64_t j = 0; j < c; ++j) m[j] = -x_coef[j];
-  int64_t image = -1;
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t off = p * c, b = p / hw;
-    if (b != image) {  // this image's extrema positions, in the lane width of A
-      image = b;
-      for (int64_t j = 0; j < c; ++j) { jmax[j] = i_max[b * c + j]; jmin[j] = i_min[b * c + j]; }
-    }
+  for (int64_t p = begin; p < end;) {
+    const int64_t b = p / hw, stop = std::min(end, (b + 1) * hw);  // image b: one division per image
     const A* a = grad_scale + b * c;
-    const A* vx = v_max + b * c;
-    const A* vn = v_min + b * c;
-    const Index pos = static_cast<Index>(p - b * hw);
-    I posv;
-    for (int k = 0; k < L; ++k) posv[k] = pos;
-    int64_t j = 0;
-    for (; j + L <= c; j += L) {
-      V v = mul_add(loadv(x + off + j), load<V>(m.data() + j),
-                    mul_add(loadv(g + off + j), load<V>(a + j), load<V>(shift + j)));
-      v = (load<I>(jmax.data() + j) == posv) ? v + load<V>(vx + j) : v;
-      v = (load<I>(jmin.data() + j) == posv) ? v + load<V>(vn + j) : v;
-      storev(out + off + j, v);
+    auto value = [&](int64_t off, int64_t j) { return mul_add(loads(x + off), m[j], mul_add(loads(g + off), a[j], shift[j])); };
+    int64_t fixes = 0;  // this image's extrema in [p, stop)
+    for (int64_t j = 0; j < c; ++j) {
+      const int64_t at_max = b * hw + i_max[b * c + j], at_min = b * hw + i_min[b * c + j];
+      if (at_max >= p && at_max < stop) {
+        fix_at[fixes] = at_max * c + j;
+        fix_channel[fixes] = j;
+        fix_kind[fixes++] = at_min == at_max ? 3 : 1;
+      }
+      if (at_min != at_max && at_min >= p && at_min < stop) {
+        fix_at[fixes] = at_min * c + j;
+        fix_channel[fixes] = j;
+        fix_kind[fixes++] = 2;
+      }
     }
-    for (; j < c; ++j) {
-      A v = mul_add(loads(x + off + j), m[j], mul_add(loads(g + off + j), a[j], shift[j]));
-      if (jmax[j] == pos) v += vx[j];
-      if (jmin[j] == pos) v += vn[j];
-      stores(out + off + j, v);
+    auto fixed = [&](int64_t f) {
+      const int64_t j = fix_channel[f];
+      A v = value(fix_at[f], j);
+      if (fix_kind[f] & 1) v += v_max[b * c + j];
+      if (fix_kind[f] & 2) v += v_min[b * c + j];
+      return v;
+    };
+    if (aliased) for (int64_t f = 0; f < fixes; ++f) fix_value[f] = fixed(f);
+    for (; p < stop; ++p) {
+      const int64_t off = p * c;
+      int64_t j = 0;
+      for (; j + L <= c; j += L)
+        storev(out + off + j, mul_add(loadv(x + off + j), load<V>(m.data() + j),
+                                      mul_add(loadv(g + off + j), load<V>(a + j), load<V>(shift + j))));
+      for (; j < c; ++j) stores(out + off + j, value(off + j, j));
     }
+    for (int64_t f = 0; f < fixes; ++f) stores(out + fix_at[f], aliased ? fix_value[f] : fixed(f));
   }
 }
 
@@ -231,66 +244,73 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
     const A* p1 = x_coef.data_ptr<A>();
     const A* pvx = v_max.data_ptr<A>();
     const A* pvn = v_min.data_ptr<A>();
-    if (channels_last) {
-      const at::Tensor jmax = i_max.to(at::kInt), jmin = i_min.to(at::kInt);  // hw < 2^31 (max_min's check)
-      const int32_t* pjx = jmax.data_ptr<int32_t>();
-      const int32_t* pjn = jmin.data_ptr<int32_t>();
-      for_maps_or_pixels(true, n, c, hw, [&](int64_t b, int64_t e) {
-        pixels_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, pjx, pvx, pjn, pvn, b, e, hw, c);
-      });
-    } else {
-      const int64_t* pix = i_max.data_ptr<int64_t>();
-      const int64_t* pin = i_min.data_ptr<int64_t>();
-      for_maps_or_pixels(false, n, c, hw, [&](int64_t b, int64_t e) {
-        rows_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, pix, pvx, pin, pvn, b, e, c, hw);
-      });
-    }
+    const int64_t* pix = i_max.data_ptr<int64_t>();
+    const int64_t* pin = i_min.data_ptr<int64_t>();
+    const bool aliased = at::get_overlap_status(out, grad) != at::MemOverlapStatus::No
+        || at::get_overlap_status(out, x) != at::MemOverlapStatus::No;
+    for_maps_or_pixels(channels_last, n, c, hw, [&](int64_t b, int64_t e) {
+      if (channels_last) pixels_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, pix, pvx, pin, pvn, b, e, hw, c, aliased);
+      else rows_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, pix, pvx, pin, pvn, b, e, c, hw);
+    });
   });
 }
 
 // channels_last: per-(n, c) sums over H x W of grad and of grad * (x - mean[c]) in one read of both, and x at the
-// positions i_max / i_min (what the backward needs of x at the extrema, picked up in the same read instead of N x C
-// random accesses). NCHW takes BatchNorm's backward kernel on 1 x NC x H x W views instead: see
+// positions i_max / i_min (what the backward needs of x at the extrema; N x C loads, after each image's sums, while it
+// is still in cache). NCHW takes BatchNorm's backward kernel on 1 x NC x H x W views instead: see
 // timm_spe.cpu_kernels.per_map_sums. 16-bit input: float32 mean and sums (accumulated in float32).
+//
+// Channels [j0, j0 + K * lanes) of image n: both sums in K vectors each, kept in registers over all hw rows (each
+// row's block a contiguous run), then stored; each channel summed in row order, as one channel at a time would be.
+template <typename T, int K>
+inline void map_sums_block(const T* g, const T* x, const acc_t<T>* mean, acc_t<T>* a, acc_t<T>* b, int64_t n,
+                           int64_t hw, int64_t c, int64_t j0) {
+  using V = VecOf<T>;
+  constexpr int L = Simd<acc_t<T>>::lanes;
+  V sa[K], sb[K];
+  for (int k = 0; k < K; ++k) sa[k] = sb[k] = V{};
+  for (int64_t p = 0; p < hw; ++p) {
+    const int64_t off = (n * hw + p) * c + j0;
+    for (int k = 0; k < K; ++k) {
+      const V gv = loadv(g + off + k * L), xv = loadv(x + off + k * L);
+      sa[k] = sa[k] + gv;
+      sb[k] = mul_add(gv, xv - load<V>(mean + j0 + k * L), sb[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    store(a + j0 + k * L, sa[k]);
+    store(b + j0 + k * L, sb[k]);
+  }
+}
+
+// Image n: the sums in blocks of 8 vectors (64 float32 channels: a whole row of a 64-channel map; 16 accumulators, in
+// registers with AVX-512's 32), then single vectors, then the last c % lanes channels one at a time; then
+// x at the extrema, 2 x C loads (exact in T).
 template <typename T>
 void channels_last_map_sums(const T* g, const T* x, const acc_t<T>* mean, const int64_t* i_max, const int64_t* i_min,
                             acc_t<T>* sum_g, acc_t<T>* sum_gx, T* x_max, T* x_min, int64_t n, int64_t hw, int64_t c) {
   using A = acc_t<T>;
-  using V = VecOf<T>;
-  using I = typename Simd<A>::I;
-  using Index = typename Simd<A>::Index;
   constexpr int L = Simd<A>::lanes;
+  constexpr int K = 8;
   A* a = sum_g + n * c;
   A* b = sum_gx + n * c;
-  std::vector<A> xa(c, A(0)), xb(c, A(0));
-  std::fill(a, a + c, A(0));
-  std::fill(b, b + c, A(0));
-  std::vector<Index> jmax(c), jmin(c);
-  for (int64_t j = 0; j < c; ++j) { jmax[j] = i_max[n * c + j]; jmin[j] = i_min[n * c + j]; }
-  const int64_t j_vec = c - c % L;
-  for (int64_t p = 0; p < hw; ++p) {
-    const int64_t off = (n * hw + p) * c;
-    I posv;
-    for (int k = 0; k < L; ++k) posv[k] = static_cast<Index>(p);
-    int64_t j = 0;
-    for (; j < j_vec; j += L) {
-      const V gv = loadv(g + off + j), xv = loadv(x + off + j);
-      store(a + j, load<V>(a + j) + gv);
-      store(b + j, mul_add(gv, xv - load<V>(mean + j), load<V>(b + j)));
-      store(xa.data() + j, (load<I>(jmax.data() + j) == posv) ? xv : load<V>(xa.data() + j));
-      store(xb.data() + j, (load<I>(jmin.data() + j) == posv) ? xv : load<V>(xb.data() + j));
+  int64_t j = 0;
+  for (; j + K * L <= c; j += K * L) map_sums_block<T, K>(g, x, mean, a, b, n, hw, c, j);
+  for (; j + L <= c; j += L) map_sums_block<T, 1>(g, x, mean, a, b, n, hw, c, j);
+  for (; j < c; ++j) {
+    A sa = A(0), sb = A(0);
+    for (int64_t p = 0; p < hw; ++p) {
+      const int64_t off = (n * hw + p) * c + j;
+      const A gs = loads(g + off), xs = loads(x + off);
+      sa += gs;
+      sb = mul_add(gs, xs - mean[j], sb);
     }
-    for (; j < c; ++j) {
-      const A gs = loads(g + off + j), xs = loads(x + off + j);
-      a[j] += gs;
-      b[j] = mul_add(gs, xs - mean[j], b[j]);
-      if (jmax[j] == p) xa[j] = xs;
-      if (jmin[j] == p) xb[j] = xs;
-    }
+    a[j] = sa;
+    b[j] = sb;
   }
-  for (int64_t j = 0; j < c; ++j) {  // values of x: exact in T
-    stores(x_max + n * c + j, xa[j]);
-    stores(x_min + n * c + j, xb[j]);
+  for (j = 0; j < c; ++j) {
+    x_max[n * c + j] = x[(n * hw + i_max[n * c + j]) * c + j];
+    x_min[n * c + j] = x[(n * hw + i_min[n * c + j]) * c + j];
   }
 }
 
