@@ -283,8 +283,8 @@ inline void map_sums_block(const T* g, const T* x, const acc_t<T>* mean, acc_t<T
   }
 }
 
-// Image n: the sums in blocks of 8 vectors (64 float32 channels: a whole row of a 64-channel map; 16 accumulators, in
-// registers with AVX-512's 32), then single vectors, then the last c % lanes channels one at a time; then
+// Image n: the sums in blocks of 8 vectors (128 float32 channels with AVX-512, 64 without: whole rows of the usual maps;
+// 16 accumulators, in registers with AVX-512's 32), then single vectors, then the last c % lanes channels one at a time; then
 // x at the extrema, 2 x C loads (exact in T).
 template <typename T>
 void channels_last_map_sums(const T* g, const T* x, const acc_t<T>* mean, const int64_t* i_max, const int64_t* i_min,

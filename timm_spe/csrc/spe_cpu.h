@@ -28,7 +28,7 @@
 // This header: the SIMD helpers, the 16-bit loads and rounding stores, the multiply-add helper and the argument
 // checks the kernels share, and the ops' declarations.
 #pragma once
-#if defined(__FMA__) || defined(__F16C__)
+#if defined(__FMA__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <torch/library.h>
@@ -49,18 +49,25 @@
 
 namespace timm_spe_cpu {
 
+// Vectors as wide as the CPU's registers (-march=native): 512-bit with AVX-512, else 256-bit. Results do not depend on
+// the width: every op is per lane, and the only cross-lane steps (max / min and their first index) are exact.
+#ifdef __AVX512F__
+#define TIMM_SPE_VEC_BYTES 64
+#else
+#define TIMM_SPE_VEC_BYTES 32
+#endif
 template <typename T> struct Simd;
 template <> struct Simd<float> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
+  typedef float V __attribute__((vector_size(TIMM_SPE_VEC_BYTES)));
+  typedef int32_t I __attribute__((vector_size(TIMM_SPE_VEC_BYTES)));
   typedef int32_t Index;
-  static constexpr int lanes = 8;
+  static constexpr int lanes = TIMM_SPE_VEC_BYTES / 4;
 };
 template <> struct Simd<double> {
-  typedef double V __attribute__((vector_size(32)));
-  typedef int64_t I __attribute__((vector_size(32)));
+  typedef double V __attribute__((vector_size(TIMM_SPE_VEC_BYTES)));
+  typedef int64_t I __attribute__((vector_size(TIMM_SPE_VEC_BYTES)));
   typedef int64_t Index;
-  static constexpr int lanes = 4;
+  static constexpr int lanes = TIMM_SPE_VEC_BYTES / 8;
 };
 
 template <typename V, typename T> inline V load(const T* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
@@ -74,21 +81,24 @@ template <typename T> using acc_t = typename Compute<T>::type;
 template <typename T> constexpr bool is_16bit = !std::is_same_v<T, acc_t<T>>;
 template <typename T> using VecOf = typename Simd<acc_t<T>>::V;
 
-// One vector of compute-type lanes loaded from T (8 floats from 8 bfloat16 / float16 values).
+// One vector of compute-type lanes loaded from T (16 or 8 floats from as many bfloat16 / float16 values).
 template <typename T> inline VecOf<T> loadv(const T* p) {
   using V = VecOf<T>;
+  constexpr int L = Simd<acc_t<T>>::lanes;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bfloat16 is float32's upper half
-    typedef uint16_t U16 __attribute__((vector_size(16)));
-    typedef uint32_t U32 __attribute__((vector_size(32)));
+    typedef uint16_t U16 __attribute__((vector_size(TIMM_SPE_VEC_BYTES / 2)));
+    typedef uint32_t U32 __attribute__((vector_size(TIMM_SPE_VEC_BYTES)));
     U16 u;
     std::memcpy(&u, p, sizeof(u));
     return reinterpret_cast<V>(__builtin_convertvector(u, U32) << 16);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-#ifdef __F16C__
+#if TIMM_SPE_VEC_BYTES == 64
+    return reinterpret_cast<V>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
     return reinterpret_cast<V>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
     V v;
-    for (int k = 0; k < 8; ++k) v[k] = static_cast<float>(p[k]);
+    for (int k = 0; k < L; ++k) v[k] = static_cast<float>(p[k]);
     return v;
 #endif
   } else {
@@ -98,20 +108,24 @@ template <typename T> inline VecOf<T> loadv(const T* p) {
 
 // One vector stored to T, each lane rounded to nearest even (as c10's conversions round; NaN stays NaN).
 template <typename T> inline void storev(T* p, VecOf<T> v) {
+  constexpr int L = Simd<acc_t<T>>::lanes;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    typedef uint16_t U16 __attribute__((vector_size(16)));
-    typedef uint32_t U32 __attribute__((vector_size(32)));
+    typedef uint16_t U16 __attribute__((vector_size(TIMM_SPE_VEC_BYTES / 2)));
+    typedef uint32_t U32 __attribute__((vector_size(TIMM_SPE_VEC_BYTES)));
     const U32 bits = reinterpret_cast<U32>(v);
     U32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
     rounded = (v != v) ? U32{} + 0x7FC0u : rounded;  // c10::BFloat16's NaN
     const U16 out = __builtin_convertvector(rounded, U16);
     std::memcpy(p, &out, sizeof(out));
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-#ifdef __F16C__
+#if TIMM_SPE_VEC_BYTES == 64
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-    for (int k = 0; k < 8; ++k) p[k] = c10::Half(v[k]);
+    for (int k = 0; k < L; ++k) p[k] = c10::Half(v[k]);
 #endif
   } else {
     store(p, v);
@@ -133,24 +147,26 @@ template <int Step, typename Vec> inline Vec rotate(Vec v) {
   constexpr int n = sizeof(Vec) / sizeof(v[0]);
   using Mask = std::conditional_t<sizeof(v[0]) == 4, int32_t, int64_t>;
   typedef Mask M __attribute__((vector_size(sizeof(Vec))));
-  if constexpr (n == 8) {
-    return __builtin_shuffle(v, M{Step % 8, (1 + Step) % 8, (2 + Step) % 8, (3 + Step) % 8,
-                                  (4 + Step) % 8, (5 + Step) % 8, (6 + Step) % 8, (7 + Step) % 8});
-  } else {
-    static_assert(n == 4, "4 or 8 lanes");
-    return __builtin_shuffle(v, M{Step % 4, (1 + Step) % 4, (2 + Step) % 4, (3 + Step) % 4});
-  }
+  M mask;
+  for (int k = 0; k < n; ++k) mask[k] = (k + Step) % n;
+  return __builtin_shuffle(v, mask);
 }
 
-// Every lane set to the largest (Greater) or smallest lane value of v, NaN-free lanes.
+// Every lane set to the largest (Greater) or smallest lane value of v, NaN-free lanes: log2(lanes) rotate-and-combine
+// steps.
 template <bool Greater, typename Vec> inline Vec all_lanes(Vec v) {
   constexpr int n = sizeof(Vec) / sizeof(v[0]);
+  static_assert(n == 4 || n == 8 || n == 16, "4, 8 or 16 lanes");
   Vec r = rotate<1>(v);
   v = (Greater ? r > v : r < v) ? r : v;
   r = rotate<2>(v);
   v = (Greater ? r > v : r < v) ? r : v;
-  if constexpr (n == 8) {
+  if constexpr (n >= 8) {
     r = rotate<4>(v);
+    v = (Greater ? r > v : r < v) ? r : v;
+  }
+  if constexpr (n == 16) {
+    r = rotate<8>(v);
     v = (Greater ? r > v : r < v) ? r : v;
   }
   return v;
@@ -178,7 +194,15 @@ inline double mul_add(double a, double b, double c) {
 #endif
 }
 template <typename V> inline V mul_add(V a, V b, V c) {
-#ifdef __FMA__
+#if TIMM_SPE_VEC_BYTES == 64
+  if constexpr (sizeof(a[0]) == 4) {
+    return reinterpret_cast<V>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                               reinterpret_cast<__m512>(c)));
+  } else {
+    return reinterpret_cast<V>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
+                                               reinterpret_cast<__m512d>(c)));
+  }
+#elif defined(__FMA__)
   if constexpr (sizeof(a[0]) == 4) {
     __m256 r = _mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c));
     return reinterpret_cast<V>(r);
