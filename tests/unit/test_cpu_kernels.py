@@ -37,10 +37,10 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LOW = [torch.bfloat16, torch.float16]
 
 
-# channels_last takes channels in blocks of 4 vectors, then single vectors, then one by one: 45 and 72 channels
-# go through all three for every dtype (vectors of 8 float32 / 4 float64 lanes)
-@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 3, 1, 7), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16), (2, 3, 32, 64),
-                                   (2, 45, 3, 5), (2, 72, 4, 3)])
+# channels_last takes channels in blocks of 4 vectors, one block of 2 and / or 1, then one by one: 31, 59 and 115
+# channels take every path for every dtype with 256-bit and with 512-bit vectors (8 or 16 float32 lanes)
+@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 3, 1, 7), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16),
+                                   (2, 3, 32, 64), (2, 31, 3, 5), (2, 59, 4, 3), (2, 115, 3, 3)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('values', ['distinct', 'ties', 'nan'])
@@ -75,7 +75,8 @@ def test_block_tail_kernel_rounds_as_addcmul_and_relu_bit_for_bit(cpu_kernels_on
 
 
 # (3, 8, 40, 40) channels_last: two threads split the 4800 pixels inside the second image
-@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16), (2, 45, 3, 5), (3, 8, 40, 40)])
+@pytest.mark.parametrize('shape', [(2, 3, 1, 1), (2, 5, 4, 5), (3, 19, 8, 8), (2, 16, 16, 16), (2, 45, 3, 5),
+                                   (3, 8, 40, 40)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_bn_input_grad_kernel_rounds_as_the_eager_multiply_adds_bit_for_bit(cpu_kernels_on, shape, memory_format, dtype):
@@ -327,7 +328,8 @@ def test_model_under_autocast_gives_the_same_outputs_with_and_without_kernels(me
     assert distance('kernels', 'eager') < distance('eager', 'float64')
 
 
-@pytest.mark.parametrize('channels', [40, 77])  # channels in blocks of 8 vectors, single ones, one by one: 77 takes all
+# blocks of 8 vectors, one block of 4, 2, 1, then one by one: 123 and 243 take every path with 8 and 16 float32 lanes
+@pytest.mark.parametrize('channels', [40, 123, 243])
 def test_channels_last_per_map_sums_are_more_precise(cpu_kernels_on, channels):
     """The channels_last kernel sums grad * (c - mean) in one read; eager sums grad * c and subtracts mean * sum(grad),
     which loses ~|mean| / std of relative precision: against float64, the kernel is several times closer."""

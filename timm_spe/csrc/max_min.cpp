@@ -101,8 +101,8 @@ inline void channels_last_block(const T* img, int64_t hw, int64_t c, int64_t j0,
 }
 
 // channels_last: image n is hw rows of c values; per channel the max and min over rows (vectorised over c, blocks of
-// 4 vectors, then single vectors, then the last c % lanes channels one by one), stored at the end. A later row wins
-// only when strictly better: the first extremum's row, as in the NCHW path.
+// 4 vectors, the remaining vectors in one more block of 2 and / or 1, then the last c % lanes channels one by one),
+// stored at the end. A later row wins only when strictly better: the first extremum's row, as in the NCHW path.
 template <typename T, bool WithIndex>
 void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
                            T* out_max, T* out_min, int64_t* idx_max, int64_t* idx_min) {
@@ -117,8 +117,14 @@ void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
   int64_t j = 0;
   for (; j + K * L <= c; j += K * L)
     channels_last_block<T, WithIndex, K>(img, hw, c, j, mx.data(), mn.data(), ix.data(), in.data(), nan.data());
-  for (; j + L <= c; j += L)
+  if (j + 2 * L <= c) {  // the remaining vectors in one more pass
+    channels_last_block<T, WithIndex, 2>(img, hw, c, j, mx.data(), mn.data(), ix.data(), in.data(), nan.data());
+    j += 2 * L;
+  }
+  if (j + L <= c) {
     channels_last_block<T, WithIndex, 1>(img, hw, c, j, mx.data(), mn.data(), ix.data(), in.data(), nan.data());
+    j += L;
+  }
   for (; j < c; ++j) {
     A best_max = loads(img + j), best_min = best_max;
     Index at_max = 0, at_min = 0;

@@ -181,7 +181,9 @@ void pixels_bn_input_grad(T* out, const T* g, const T* x, const acc_t<T>* grad_s
   for (int64_t p = begin; p < end;) {
     const int64_t b = p / hw, stop = std::min(end, (b + 1) * hw);  // image b: one division per image
     const A* a = grad_scale + b * c;
-    auto value = [&](int64_t off, int64_t j) { return mul_add(loads(x + off), m[j], mul_add(loads(g + off), a[j], shift[j])); };
+    auto value = [&](int64_t off, int64_t j) {
+      return mul_add(loads(x + off), m[j], mul_add(loads(g + off), a[j], shift[j]));
+    };
     int64_t fixes = 0;  // this image's extrema in [p, stop)
     for (int64_t j = 0; j < c; ++j) {
       const int64_t at_max = b * hw + i_max[b * c + j], at_min = b * hw + i_min[b * c + j];
@@ -249,8 +251,10 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
     const bool aliased = at::get_overlap_status(out, grad) != at::MemOverlapStatus::No
         || at::get_overlap_status(out, x) != at::MemOverlapStatus::No;
     for_maps_or_pixels(channels_last, n, c, hw, [&](int64_t b, int64_t e) {
-      if (channels_last) pixels_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, pix, pvx, pin, pvn, b, e, hw, c, aliased);
-      else rows_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, pix, pvx, pin, pvn, b, e, c, hw);
+      if (channels_last)
+        pixels_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, pix, pvx, pin, pvn, b, e, hw, c, aliased);
+      else
+        rows_bn_input_grad<scalar_t>(po, pg, px, pgs, p0, p1, pix, pvx, pin, pvn, b, e, c, hw);
     });
   });
 }
@@ -283,9 +287,9 @@ inline void map_sums_block(const T* g, const T* x, const acc_t<T>* mean, acc_t<T
   }
 }
 
-// Image n: the sums in blocks of 8 vectors (128 float32 channels with AVX-512, 64 without: whole rows of the usual maps;
-// 16 accumulators, in registers with AVX-512's 32), then single vectors, then the last c % lanes channels one at a time; then
-// x at the extrema, 2 x C loads (exact in T).
+// Image n: the sums in blocks of 8 vectors (128 float32 channels with AVX-512, 64 without: whole rows of the usual
+// maps; 16 accumulators, in registers with AVX-512's 32), the remaining vectors in one more block (4, 2, 1), then the
+// last c % lanes channels one at a time; then x at the extrema, 2 x C loads (exact in T).
 template <typename T>
 void channels_last_map_sums(const T* g, const T* x, const acc_t<T>* mean, const int64_t* i_max, const int64_t* i_min,
                             acc_t<T>* sum_g, acc_t<T>* sum_gx, T* x_max, T* x_min, int64_t n, int64_t hw, int64_t c) {
@@ -296,7 +300,9 @@ void channels_last_map_sums(const T* g, const T* x, const acc_t<T>* mean, const 
   A* b = sum_gx + n * c;
   int64_t j = 0;
   for (; j + K * L <= c; j += K * L) map_sums_block<T, K>(g, x, mean, a, b, n, hw, c, j);
-  for (; j + L <= c; j += L) map_sums_block<T, 1>(g, x, mean, a, b, n, hw, c, j);
+  if (j + 4 * L <= c) { map_sums_block<T, 4>(g, x, mean, a, b, n, hw, c, j); j += 4 * L; }  // the rest in one pass
+  if (j + 2 * L <= c) { map_sums_block<T, 2>(g, x, mean, a, b, n, hw, c, j); j += 2 * L; }
+  if (j + L <= c) { map_sums_block<T, 1>(g, x, mean, a, b, n, hw, c, j); j += L; }
   for (; j < c; ++j) {
     A sa = A(0), sb = A(0);
     for (int64_t p = 0; p < hw; ++p) {
