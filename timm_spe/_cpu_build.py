@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).parent / 'csrc'
-_SOURCES = [_CSRC / name for name in ('spe_cpu.cpp', 'max_min.cpp', 'passes.cpp')]
+_SOURCES = [_CSRC / name for name in ('spe_cpu.cpp', 'max_min.cpp', 'passes.cpp', 'gate.cpp')]
 
 
 def _source_signature() -> str:
@@ -90,6 +90,10 @@ def _load() -> None:
     @torch.library.register_fake('timm_spe::scatter_add_at_')
     def _(t, index, values):
         return None
+
+    @torch.library.register_fake('timm_spe::spe_gate')
+    def _(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper):
+        return f_max.new_empty(f_max.shape)
 
     @torch.library.register_fake('timm_spe::block_backward_coefficients')
     def _(sum_grad, sum_grad_xhat, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_weight, bn_bias, lam,

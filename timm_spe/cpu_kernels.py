@@ -1,10 +1,11 @@
 """ Optional one-pass CPU kernels for SPE's passes over a block output: every eager-or-kernel dispatch
 
 PyTorch's CPU ops read a block output once for ``amax`` and again for ``amin`` and find the argmax / argmin
-element by element; the block tail and BN's input gradient take two passes each. ``csrc/`` (``max_min.cpp``, ``passes.cpp``; registered by ``spe_cpu.cpp``, shared code in ``spe_cpu.h``) does
-each in one vectorised pass: ``torch.ops.timm_spe.max_min``, ``max_min_with_indices``, ``scale_add_relu_``,
-``bn_input_grad_`` and ``channels_last_per_map_sums``, and the N x C gathers / scatters at the extrema (``take_at``,
-``scatter_add_at_``), with fake (meta) implementations, so ``torch.compile``
+element by element; the block tail and BN's input gradient take two passes each. ``csrc/`` (``max_min.cpp``, ``passes.cpp``, ``gate.cpp``;
+registered by ``spe_cpu.cpp``, shared code in ``spe_cpu.h``) does each in one vectorised pass: ``torch.ops.timm_spe.max_min``, ``max_min_with_indices``, ``scale_add_relu_``,
+``bn_input_grad_`` and ``channels_last_per_map_sums``, the N x C gathers / scatters at the extrema (``take_at``,
+``scatter_add_at_``), and the N x C gate math each way (``spe_gate``, ``block_backward_coefficients``), with fake (meta)
+implementations, so ``torch.compile``
 and ``torch.export`` trace them. They are compiled on first use with ``torch.utils.cpp_extension`` (a C++
 compiler and ninja are needed) and cached by PyTorch, per CPU model since they are built with ``-march=native``:
 :mod:`timm_spe._cpu_build`.
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from .config import cpu_kernels_enabled
+from .spe_math import spe_gate as _eager_gate
 
 __all__ = [
     'kernels_apply', 'kernels_apply_per_map', 'coef_dtype', 'max_min', 'max_min_with_indices', 'scale_add_relu_', 'bn_input_grad_',
-    'per_map_sums', 'take_at', 'scatter_add_at_', 'block_backward_coefficients',
+    'per_map_sums', 'take_at', 'scatter_add_at_', 'spe_gate', 'block_backward_coefficients',
 ]
 
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -274,6 +276,39 @@ def scatter_add_at_(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor) 
         return
     view, dim = _hw_view(t)
     view.scatter_add_(dim, index.unsqueeze(dim), values.unsqueeze(dim))
+
+
+def _gate_kernel_applies(f_max: torch.Tensor, f_min: torch.Tensor, params: Tuple[torch.Tensor, ...]) -> bool:
+    """The gate op takes these: kernels on, CPU, N x C pools of one kernel dtype and shape, no gradient to record, and
+    parameters as eager computes with them: float32 for 16-bit pools (autocast / AMP), else the pools' dtype."""
+    if not (cpu_kernels_enabled() and f_max.device.type == 'cpu' and f_max.dtype in KERNEL_DTYPES and f_max.ndim == 2
+            and f_min.dtype == f_max.dtype and f_min.shape == f_max.shape and f_min.device == f_max.device):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (f_max, f_min) + params):
+        return False  # no autograd formula: the eager ops record the graph
+    dtype = coef_dtype(f_max)
+    return all(t.dtype == dtype and t.device == f_max.device for t in params)
+
+
+@register_notrace_function
+def spe_gate(
+        f_max: torch.Tensor, f_min: torch.Tensor, lam: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
+        w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+) -> torch.Tensor:
+    """:func:`timm_spe.spe_math.spe_gate` rounded to the pools' dtype (N x C): the gate a layer scales its input by.
+
+    One op on the kernels where it applies and no gradient is recorded (inference, and the fused training functions'
+    forward), else the eager ops and a cast; the same values bit for bit (the op rounds every step as eager's ops do and
+    calls PyTorch's own sigmoid). Eager, the gate is ~20 ops on N x C tensors, each costing more in dispatch than in
+    arithmetic: under bfloat16 autocast on this project's CPU ~0.3-0.5 ms per block, a few percent of an eval forward
+    (not while tracing, as :func:`max_min`)."""
+    if not torch.jit.is_scripting():  # as in max_min
+        params = (lam, w_exc, b_exc, w_rew, b_rew)
+        if not torch.jit.is_tracing() and lam.numel() == 2 and _gate_kernel_applies(f_max, f_min, params) \
+                and all(t.numel() == f_max.shape[1] for t in params[1:]):
+            return torch.ops.timm_spe.spe_gate(
+                f_max.contiguous(), f_min.contiguous(), *(t.contiguous() for t in params), paper)
+    return _eager_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper).to(f_max.dtype)
 
 
 def block_backward_coefficients(

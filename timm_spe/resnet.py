@@ -93,7 +93,7 @@ class SpeBottleneck(Bottleneck):
                 if self.training:
                     return batch_norm_spe_add_relu(x, shortcut, self.bn3, self.se)
                 x = self.bn3(x)
-                gate = self.se.attn_map(x).to(x.dtype)  # float32 under autocast: N x C cast, not a full-size one
+                gate = self.se.gate(x)  # in x's dtype: under autocast an N x C cast, not a full-size one
                 if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
                     return scale_add_relu_(x, shortcut, gate)
                 if is_fx_symbolic_tracing():  # the same in-place ReLU, as an act3 node for feature extraction

@@ -33,7 +33,8 @@ from timm.layers import register_notrace_function
 from torch import nn as nn
 
 from . import spe_me, spe_triton
-from ._helpers import check_timm_attn_kwargs
+from . import cpu_kernels
+from ._helpers import check_timm_attn_kwargs, is_fx_symbolic_tracing
 from .cpu_kernels import max_min
 from .spe_math import ablation_gate, mix_weights, penalty, spe_gate
 from .spe_me import fused_applies, global_max_min, scale_add_relu, spe_scale, with_penalty_grad
@@ -222,11 +223,27 @@ class SpeModule(nn.Module):
                 x.amax((2, 3)), x.amin((2, 3)), self.mix_weights(), self.w_exc, self.b_exc, w_rew, b_rew,
                 self.w_rew_min, self.b_rew_min, self.paper, self.reweight)
             return v.unsqueeze(-1).unsqueeze(-1)
-        if not torch.jit.is_scripting() and self._fused_ops() and torch.is_grad_enabled():
-            f_max, f_min = global_max_min(x)
-        else:
-            f_max, f_min = max_min(x)
+        f_max, f_min = self._pools(x)
         v = spe_gate(f_max, f_min, self.mix_weights(), self.w_exc, self.b_exc, w_rew, b_rew, self.paper)
+        return v.unsqueeze(-1).unsqueeze(-1)
+
+    def _pools(self, x: torch.Tensor):
+        """``(f_max, f_min)`` of the default variant: with the lean backward where training, else one pass."""
+        if not torch.jit.is_scripting() and self._fused_ops() and torch.is_grad_enabled():
+            return global_max_min(x)
+        return max_min(x)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`attn_map` in ``x``'s dtype: what :meth:`forward` scales ``x`` by (under autocast the float32 map rounded
+        to ``x``'s bfloat16 / float16, an N x C cast, never a full-size one). For the default variant outside tracing,
+        the gate math goes through :func:`timm_spe.cpu_kernels.spe_gate`: one op where the CPU kernels are on and no
+        gradient is recorded (inference), eager ops otherwise; the same values either way."""
+        if torch.jit.is_scripting() or not self.default_variant or is_fx_symbolic_tracing():
+            return self.attn_map(x).to(x.dtype)  # an FX graph keeps the gate's ops as nodes
+        check_spe_input(x, self.channels)
+        f_max, f_min = self._pools(x)
+        v = cpu_kernels.spe_gate(
+            f_max, f_min, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
         return v.unsqueeze(-1).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +253,9 @@ class SpeModule(nn.Module):
                 return spe_triton.spe_scale(
                     x, self.p, self.penalty_on, self.eta, self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
             return spe_scale(x, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
-        return x * self.attn_map(x).to(x.dtype)
+        if torch.jit.is_scripting():
+            return x * self.attn_map(x).to(x.dtype)
+        return x * self.gate(x)
 
     def penalty(self) -> torch.Tensor:
         """Eq. 8 term of this layer: ``eta * (p0^2 + p1^2)`` (0. with a constant ``lam``: no ``p``)."""
@@ -341,7 +360,7 @@ def batch_norm_spe_add_relu(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Modu
         return torch.relu(torch.addcmul(shortcut, y, spe.attn_map(y).to(y.dtype)))
     if not _block_tail_fusable(x, shortcut, bn, spe):
         y = bn(x)
-        return scale_add_relu(y, shortcut, spe.attn_map(y).to(y.dtype))
+        return scale_add_relu(y, shortcut, spe.gate(y))
     momentum = 0. if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:  # nn.BatchNorm2d's own bookkeeping
         bn.num_batches_tracked.add_(1)

@@ -32,6 +32,7 @@ from .cpu_kernels import (
     scale_add_relu_,
     scatter_add_at_,
 )
+from .cpu_kernels import spe_gate as rounded_gate
 from .spe_math import gate_terms, penalty_grad, spe_gate
 
 __all__ = [
@@ -218,7 +219,7 @@ class _SpeScale(torch.autograd.Function):
         them; marked non-differentiable)."""
         n, ch = x.shape[0], x.shape[1]
         f_max, i_max, f_min, i_min = max_min_with_indices(x)
-        gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper).to(x.dtype)
+        gate = rounded_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)  # in x's dtype
         return x * gate.view(n, ch, 1, 1), gate, f_max, f_min, i_max, i_min
 
     @staticmethod
@@ -302,7 +303,7 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
         n, c = x.shape[0], x.shape[1]
         f_max, i_max, f_min, i_min = max_min_with_indices(y)
-        gate = spe_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper).to(y.dtype)
+        gate = rounded_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)  # in y's dtype
         out = scale_add_relu_(y, shortcut, gate.view(n, c, 1, 1))
         return out, mean, invstd, f_max, f_min, i_max, i_min, gate
 

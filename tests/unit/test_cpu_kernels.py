@@ -188,6 +188,70 @@ def test_block_backward_coefficients_are_the_eager_n_by_c_backward_in_one_op(cpu
     assert cpu_kernels.block_backward_coefficients(**a32, paper=paper, count=count) is None
 
 
+def _gate_args(n, c, dtype, scale, seed=0):
+    torch.manual_seed(seed)
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    f_max, f_min = ((torch.randn(n, c, dtype=torch.float64) * scale + shift).to(dtype) for shift in (1, -1))
+    f_max[0, 0], f_min[-1, -1] = float('nan'), float('-inf')
+    lam = timm_spe.spe_math.mix_weights(torch.randn(2, dtype=param))
+    return (f_max, f_min, lam) + tuple(torch.randn(c, dtype=param) * 2 for _ in range(4))
+
+
+# 45 and 7 channels leave rows that PyTorch's vectorised loops finish with their scalar code; (300, 200) is more than
+# one grain of its parallel loops
+@pytest.mark.parametrize('shape', [(128, 64), (3, 45), (1, 1), (7, 7), (300, 200)])
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('paper', [False, True], ids=['official', 'paper'])
+def test_gate_op_is_the_eager_gate_rounded_to_the_pools_dtype_bit_for_bit(cpu_kernels_on, shape, dtype, paper):
+    """The forward gate in one op equals spe_math.spe_gate(...).to(dtype) bit for bit (NaN and infinite pools too):
+    float32 math on 16-bit pools with float32 parameters (autocast), the paper form's 16-bit intermediates rounded as
+    eager rounds them, each pool's own dtype otherwise; small and large pools (sigmoids saturate at 30 sigma)."""
+    for scale in (1., 30.):
+        args = _gate_args(*shape, dtype, scale)
+        expected = timm_spe.spe_math.spe_gate(*args, paper).to(dtype)
+        got = torch.ops.timm_spe.spe_gate(*args, paper)
+        assert got.dtype == dtype and got.shape == shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+        with torch.no_grad():
+            torch.testing.assert_close(cpu_kernels.spe_gate(*args, paper), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_gate_op_runs_only_where_nothing_records_a_gradient_and_dtypes_are_as_autocast_makes_them(cpu_kernels_on,
+                                                                                                 monkeypatch):
+    """Parameters that need a gradient (training outside the fused functions, or eval with grad on), a 16-bit model's
+    16-bit parameters, the kernels off, or a non-CPU-kernel dtype: the eager ops, with their autograd graph."""
+    calls = []
+    op = torch.ops.timm_spe.spe_gate
+
+    def counting(*a):
+        calls.append(1)
+        return op(*a)
+    monkeypatch.setattr(cpu_kernels.torch.ops.timm_spe, 'spe_gate', counting, raising=False)
+    f_max, f_min, lam, *params = _gate_args(4, 6, torch.bfloat16, 1.)
+    cpu_kernels.spe_gate(f_max, f_min, lam, *params, False)
+    assert len(calls) == 1
+    w = params[0].clone().requires_grad_()
+    v = cpu_kernels.spe_gate(f_max, f_min, lam, w, *params[1:], False)
+    assert v.grad_fn is not None and v.dtype == torch.bfloat16 and len(calls) == 1
+    with torch.no_grad():
+        cpu_kernels.spe_gate(f_max, f_min, lam, w, *params[1:], False)
+    assert len(calls) == 2
+    for args in ((f_max, f_min, lam.bfloat16(), *(t.bfloat16() for t in params)),  # a bfloat16 model, no autocast
+                 (f_max.float(), f_min, lam, *params),  # pools of two dtypes
+                 (f_max, f_min, lam, params[0][:3], *params[1:])):  # a parameter of another size
+        with torch.no_grad():
+            try:
+                cpu_kernels.spe_gate(*args, False)
+            except RuntimeError:
+                pass  # eager's own error for the wrong size
+    assert len(calls) == 2
+    with timm_spe.set_cpu_kernels(False), torch.no_grad():
+        cpu_kernels.spe_gate(f_max, f_min, lam, *params, False)
+    assert len(calls) == 2
+    with pytest.raises(RuntimeError, match='w_exc .C. must be contiguous, Float for BFloat16 x'):
+        torch.ops.timm_spe.spe_gate(f_max, f_min, lam, params[0].bfloat16(), *params[1:], False)
+
+
 def test_16_bit_kernels_take_float32_coefficients_only(cpu_kernels_on):
     x = torch.randn(2, 4, 3, 3).bfloat16()
     c16, index = torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.long)
@@ -358,7 +422,8 @@ def test_export_keeps_kernel_ops_for_inference(cpu_kernels_on):
     torch.manual_seed(0)
     m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe').eval()
     x = torch.randn(2, 3, 32, 32)
-    for grad, expected in ((False, {'timm_spe.max_min.default', 'timm_spe.scale_add_relu_.default'}), (True, set())):
+    inference = {'timm_spe.max_min.default', 'timm_spe.spe_gate.default', 'timm_spe.scale_add_relu_.default'}
+    for grad, expected in ((False, inference), (True, set())):
         with torch.set_grad_enabled(grad):
             exported = torch.export.export(m, (x,))
         ops = {str(node.target) for node in exported.graph.nodes if 'timm_spe' in str(node.target)}

@@ -1,5 +1,5 @@
 // Registers SPE's CPU kernels as torch.ops.timm_spe.*: what they do is in spe_cpu.h, the code in max_min.cpp and
-// passes.cpp.
+// passes.cpp and gate.cpp.
 #include "spe_cpu.h"
 
 using namespace timm_spe_cpu;
@@ -14,6 +14,8 @@ TORCH_LIBRARY(timm_spe, m) {
         "Tensor i_max, Tensor v_max, Tensor i_min, Tensor v_min) -> ()");
   m.def("take_at(Tensor x, Tensor index) -> Tensor");
   m.def("scatter_add_at_(Tensor(a!) t, Tensor index, Tensor values) -> ()");
+  m.def("spe_gate(Tensor f_max, Tensor f_min, Tensor lam, Tensor w_exc, Tensor b_exc, Tensor w_rew, Tensor b_rew, "
+        "bool paper) -> Tensor");
   m.def("block_backward_coefficients(Tensor sum_grad, Tensor sum_grad_xhat, Tensor x_max, Tensor x_min, "
         "Tensor f_max, Tensor f_min, Tensor gate, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         "Tensor lam, Tensor w_exc, Tensor b_exc, Tensor w_rew, Tensor b_rew, bool paper, int count) -> Tensor[]");
@@ -27,5 +29,6 @@ TORCH_LIBRARY_IMPL(timm_spe, CPU, m) {
   m.impl("channels_last_per_map_sums", &channels_last_per_map_sums);
   m.impl("take_at", &take_at);
   m.impl("scatter_add_at_", &scatter_add_at_);
+  m.impl("spe_gate", &spe_gate);
   m.impl("block_backward_coefficients", &block_backward_coefficients);
 }

@@ -274,7 +274,7 @@ inline void check_index_range(const int64_t* index, int64_t numel, int64_t hw, c
   }
 }
 
-// The ops (registered in spe_cpu.cpp): max_min.cpp, passes.cpp.
+// The ops (registered in spe_cpu.cpp): max_min.cpp, passes.cpp, gate.cpp.
 std::tuple<at::Tensor, at::Tensor> max_min(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> max_min_with_indices(const at::Tensor& x);
 void scale_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor& gate);
@@ -286,6 +286,8 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channels_last_per_map_sums(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& i_max,
     const at::Tensor& i_min);
+at::Tensor spe_gate(const at::Tensor& f_max, const at::Tensor& f_min, const at::Tensor& lam, const at::Tensor& w_exc,
+                    const at::Tensor& b_exc, const at::Tensor& w_rew, const at::Tensor& b_rew, bool paper);
 std::vector<at::Tensor> block_backward_coefficients(
     const at::Tensor& sum_grad, const at::Tensor& sum_grad_xhat, const at::Tensor& x_max, const at::Tensor& x_min,
     const at::Tensor& f_max, const at::Tensor& f_min, const at::Tensor& gate, const at::Tensor& mean,
