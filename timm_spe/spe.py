@@ -32,8 +32,7 @@ import torch
 from timm.layers import register_notrace_function
 from torch import nn as nn
 
-from . import spe_me, spe_triton
-from . import cpu_kernels
+from . import cpu_kernels, spe_me, spe_triton
 from ._helpers import check_timm_attn_kwargs, is_fx_symbolic_tracing
 from .cpu_kernels import max_min
 from .spe_math import ablation_gate, mix_weights, penalty, spe_gate
