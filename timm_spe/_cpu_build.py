@@ -95,6 +95,18 @@ def _load() -> None:
     def _(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper):
         return f_max.new_empty(f_max.shape)
 
+    @torch.library.register_fake('timm_spe::mix_weights')
+    def _(p):
+        return p.new_empty((2,))
+
+    @torch.library.register_fake('timm_spe::spe_gate_of')
+    def _(x, p, w_exc, b_exc, w_rew, b_rew, paper):
+        return x.new_empty((x.shape[0], x.shape[1]))
+
+    @torch.library.register_fake('timm_spe::spe_add_relu_')
+    def _(x, shortcut, p, w_exc, b_exc, w_rew, b_rew, paper):
+        return None
+
     @torch.library.register_fake('timm_spe::block_backward_coefficients')
     def _(sum_grad, sum_grad_xhat, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_weight, bn_bias, lam,
           w_exc, b_exc, w_rew, b_rew, paper, count):

@@ -30,11 +30,10 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
 from ._helpers import has_module_hooks, is_fx_symbolic_tracing
 from .builder import build_spe_model
-from .cpu_kernels import scale_add_relu_
 from .create_attn import get_attn
 from .pretrained import CIFAR_MEAN, CIFAR_STD, cifar_cfgs, imagenet_cfg
 from .registry import HF_HUB_ORG
-from .spe import SpeModule, batch_norm_spe_add_relu
+from .spe import SpeModule, batch_norm_spe_add_relu, spe_add_relu_
 
 __all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS', 'model_names']
 
@@ -93,9 +92,9 @@ class SpeBottleneck(Bottleneck):
                 if self.training:
                     return batch_norm_spe_add_relu(x, shortcut, self.bn3, self.se)
                 x = self.bn3(x)
-                gate = self.se.gate(x)  # in x's dtype: under autocast an N x C cast, not a full-size one
                 if not torch.is_grad_enabled():  # inference: x is this block's own temporary, scale it in place
-                    return scale_add_relu_(x, shortcut, gate)
+                    return spe_add_relu_(x, shortcut, self.se)
+                gate = self.se.gate(x)  # in x's dtype: under autocast an N x C cast, not a full-size one
                 if is_fx_symbolic_tracing():  # the same in-place ReLU, as an act3 node for feature extraction
                     return self.act3(torch.addcmul(shortcut, x, gate))
                 return torch.relu_(torch.addcmul(shortcut, x, gate))
@@ -111,7 +110,6 @@ class SpeBottleneck(Bottleneck):
 
 # FX leaves where SpeBottleneck calls them
 torch.fx.wrap('batch_norm_spe_add_relu')
-torch.fx.wrap('scale_add_relu_')
 
 
 def _is_spe(attn_layer: Any) -> bool:

@@ -34,11 +34,13 @@ from torch import nn as nn
 
 from . import cpu_kernels, spe_me, spe_triton
 from ._helpers import check_timm_attn_kwargs, is_fx_symbolic_tracing
-from .cpu_kernels import max_min
+from .cpu_kernels import max_min, scale_add_relu_
 from .spe_math import ablation_gate, mix_weights, penalty, spe_gate
 from .spe_me import fused_applies, global_max_min, scale_add_relu, spe_scale, with_penalty_grad
 
-__all__ = ['SpeModule', 'spe_penalty', 'set_auto_penalty', 'batch_norm_spe_add_relu', 'FORMULATIONS', 'REWEIGHTS']
+__all__ = [
+    'SpeModule', 'spe_penalty', 'set_auto_penalty', 'batch_norm_spe_add_relu', 'spe_add_relu_', 'FORMULATIONS', 'REWEIGHTS',
+]
 
 FORMULATIONS = ('official', 'paper')
 # the reweight module (RM) of SPE and its Table 4 / Fig. 4 ablations: 'sum' is SPE itself, then (a) ... (g), without RM
@@ -70,6 +72,7 @@ torch.fx.wrap('check_spe_input')
 torch.fx.wrap('max_min')
 torch.fx.wrap('global_max_min')
 torch.fx.wrap('spe_scale')
+torch.fx.wrap('scale_add_relu_')
 
 
 def _check_eta(eta, what: str) -> float:
@@ -232,17 +235,22 @@ class SpeModule(nn.Module):
             return global_max_min(x)
         return max_min(x)
 
+    @torch.jit.unused
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`attn_map` in ``x``'s dtype: what :meth:`forward` scales ``x`` by (under autocast the float32 map rounded
-        to ``x``'s bfloat16 / float16, an N x C cast, never a full-size one). For the default variant outside tracing,
-        the gate math goes through :func:`timm_spe.cpu_kernels.spe_gate`: one op where the CPU kernels are on and no
-        gradient is recorded (inference), eager ops otherwise; the same values either way."""
-        if torch.jit.is_scripting() or not self.default_variant or is_fx_symbolic_tracing():
+        to ``x``'s bfloat16 / float16, an N x C cast, never a full-size one). The default variant outside tracing goes
+        through the CPU kernels' dispatch: one op from ``x`` and ``p`` where they are on and nothing records a gradient
+        (inference, :func:`timm_spe.cpu_kernels.spe_gate_of`), else the pooling and :func:`timm_spe.cpu_kernels.spe_gate`;
+        the same values either way. (Eager only: TorchScript calls :meth:`attn_map`.)"""
+        if not self.default_variant or is_fx_symbolic_tracing():
             return self.attn_map(x).to(x.dtype)  # an FX graph keeps the gate's ops as nodes
         check_spe_input(x, self.channels)
-        f_max, f_min = self._pools(x)
-        v = cpu_kernels.spe_gate(
-            f_max, f_min, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
+        w_rew, b_rew, p = self.w_rew, self.b_rew, self.p
+        assert w_rew is not None and b_rew is not None and p is not None  # the default variant
+        v = cpu_kernels.spe_gate_of(x, p, self.w_exc, self.b_exc, w_rew, b_rew, self.paper)
+        if v is None:
+            f_max, f_min = self._pools(x)
+            v = cpu_kernels.spe_gate(f_max, f_min, self.mix_weights(), self.w_exc, self.b_exc, w_rew, b_rew, self.paper)
         return v.unsqueeze(-1).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,9 +260,9 @@ class SpeModule(nn.Module):
                 return spe_triton.spe_scale(
                     x, self.p, self.penalty_on, self.eta, self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
             return spe_scale(x, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
-        if torch.jit.is_scripting():
-            return x * self.attn_map(x).to(x.dtype)
-        return x * self.gate(x)
+        if not torch.jit.is_scripting():
+            return x * self.gate(x)
+        return x * self.attn_map(x).to(x.dtype)
 
     def penalty(self) -> torch.Tensor:
         """Eq. 8 term of this layer: ``eta * (p0^2 + p1^2)`` (0. with a constant ``lam``: no ``p``)."""
@@ -372,3 +380,18 @@ def batch_norm_spe_add_relu(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Modu
     return spe_me.fused_batch_norm_spe_add_relu(
         x, shortcut, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
         spe.mix_weights(), spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)
+
+
+def spe_add_relu_(y: torch.Tensor, shortcut: torch.Tensor, spe: SpeModule) -> torch.Tensor:
+    """``relu(spe(y) + shortcut)`` written into ``y`` and returned: a bottleneck block's tail in inference (no autograd;
+    ``y`` is the caller's own temporary, e.g. its BN's fresh output). The default variant with the CPU kernels on: one op
+    (:func:`timm_spe.cpu_kernels.spe_add_relu_`: the pooling, Eq. 3, the gate and the tail); otherwise
+    :meth:`SpeModule.gate` and :func:`~timm_spe.cpu_kernels.scale_add_relu_`. The same values either way; FX traces
+    the second form."""
+    p, w_rew, b_rew = spe.p, spe.w_rew, spe.b_rew
+    if spe.default_variant and p is not None and w_rew is not None and b_rew is not None \
+            and not is_fx_symbolic_tracing() and not torch.jit.is_tracing():
+        check_spe_input(y, spe.channels)
+        if cpu_kernels.spe_add_relu_(y, shortcut, p, spe.w_exc, spe.b_exc, w_rew, b_rew, spe.paper):
+            return y
+    return scale_add_relu_(y, shortcut, spe.gate(y))

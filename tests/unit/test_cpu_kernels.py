@@ -252,6 +252,62 @@ def test_gate_op_runs_only_where_nothing_records_a_gradient_and_dtypes_are_as_au
         torch.ops.timm_spe.spe_gate(f_max, f_min, lam, params[0].bfloat16(), *params[1:], False)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_mix_weights_op_is_eq_3_bit_for_bit(cpu_kernels_on, dtype):
+    """Eq. 3 as spe_math.mix_weights rounds it, for p of every size down to zero and subnormal squares."""
+    torch.manual_seed(0)
+    for p in [torch.randn(2, dtype=dtype) * scale for scale in (1e-30, 1e-20, 1e-3, 1., 1e3, 1e15)] + [
+            torch.zeros(2, dtype=dtype), torch.tensor([0., 3.], dtype=dtype), torch.tensor([-1e-25, 1e-19], dtype=dtype)]:
+        torch.testing.assert_close(torch.ops.timm_spe.mix_weights(p), timm_spe.spe_math.mix_weights(p), rtol=0, atol=0,
+                                   msg=str(p))
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last], ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('paper', [False, True], ids=['official', 'paper'])
+def test_inference_tail_in_one_op_equals_its_steps_bit_for_bit(cpu_kernels_on, memory_format, dtype, paper):
+    """spe_gate_of(x, p, ...) is max_min, Eq. 3 and the eager gate rounded to x's dtype; spe_add_relu_ writes
+    relu(x * that gate + shortcut) into x as scale_add_relu_ does; ties and NaN in x included."""
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    for values, shape in (('distinct', (3, 45, 5, 7)), ('ties', (2, 64, 8, 8)), ('nan', (2, 19, 4, 4))):
+        x = _inputs(shape, dtype, values).contiguous(memory_format=memory_format)
+        shortcut = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
+        p = torch.randn(2, dtype=param)
+        params = [torch.randn(shape[1], dtype=param) for _ in range(4)]
+        f_max, f_min = x.amax((2, 3)), x.amin((2, 3))
+        gate = timm_spe.spe_math.spe_gate(f_max, f_min, timm_spe.spe_math.mix_weights(p), *params, paper).to(dtype)
+        with torch.no_grad():
+            got = cpu_kernels.spe_gate_of(x, p, *params, paper)
+            torch.testing.assert_close(got, gate, rtol=0, atol=0, equal_nan=True)
+            out = x.clone()
+            assert cpu_kernels.spe_add_relu_(out, shortcut, p, *params, paper)
+        expected = torch.addcmul(shortcut, x, gate.view(*shape[:2], 1, 1)).relu_()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+        assert out.is_contiguous(memory_format=memory_format)
+
+
+def test_inference_ops_leave_what_they_do_not_take_to_the_caller(cpu_kernels_on):
+    """A gradient to record, another layout for the shortcut, 16-bit parameters without autocast, a parameter of
+    another size, kernels off: spe_gate_of gives None and spe_add_relu_ False, x untouched."""
+    x, shortcut = torch.randn(2, 6, 4, 4).bfloat16(), torch.randn(2, 6, 4, 4).bfloat16()
+    p, params = torch.randn(2), [torch.randn(6) for _ in range(4)]
+    with torch.no_grad():
+        assert cpu_kernels.spe_gate_of(x, p, *params, False) is not None
+    cases = [(x, shortcut, p.requires_grad_(), params),
+             (x, shortcut.contiguous(memory_format=torch.channels_last), p.detach(), params),
+             (x, shortcut, p.detach().bfloat16(), [t.bfloat16() for t in params]),
+             (x, shortcut, p.detach(), [params[0][:3]] + params[1:]),
+             (x.int(), shortcut, p.detach(), params)]
+    for a, s, q, ps in cases:
+        before = a.clone()
+        assert not cpu_kernels.spe_add_relu_(a, s, q, *ps, False)
+        assert torch.equal(a, before)
+    assert cpu_kernels.spe_gate_of(x, p.requires_grad_(), *params, False) is None
+    with timm_spe.set_cpu_kernels(False), torch.no_grad():
+        assert cpu_kernels.spe_gate_of(x, p, *params, False) is None
+        assert not cpu_kernels.spe_add_relu_(x.clone(), shortcut, p, *params, False)
+
+
 def test_16_bit_kernels_take_float32_coefficients_only(cpu_kernels_on):
     x = torch.randn(2, 4, 3, 3).bfloat16()
     c16, index = torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.long)
@@ -422,7 +478,7 @@ def test_export_keeps_kernel_ops_for_inference(cpu_kernels_on):
     torch.manual_seed(0)
     m = timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe').eval()
     x = torch.randn(2, 3, 32, 32)
-    inference = {'timm_spe.max_min.default', 'timm_spe.spe_gate.default', 'timm_spe.scale_add_relu_.default'}
+    inference = {'timm_spe.spe_add_relu_.default'}  # the whole inference tail of a block in one op
     for grad, expected in ((False, inference), (True, set())):
         with torch.set_grad_enabled(grad):
             exported = torch.export.export(m, (x,))

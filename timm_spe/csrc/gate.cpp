@@ -5,6 +5,54 @@
 
 namespace timm_spe_cpu {
 
+// Eq. 3 as timm_spe.spe_math.mix_weights computes it: lam = (p^2 + tiny) / (sum(p^2) + 2 tiny), each op rounded in
+// p's dtype (float32 / float64), tiny float32's smallest normal number.
+at::Tensor mix_weights(const at::Tensor& p) {
+  TORCH_CHECK(p.numel() == 2 && p.is_contiguous() && p.device().is_cpu() &&
+              (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble),
+              "timm_spe::mix_weights: p must be a contiguous 2-element CPU float32 / float64 tensor");
+  at::Tensor lam = at::empty({2}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "timm_spe_mix_weights", [&] {
+    const scalar_t tiny = static_cast<scalar_t>(1.1754943508222875e-38);
+    const scalar_t two_tiny = static_cast<scalar_t>(2 * 1.1754943508222875e-38);
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t s0 = pp[0] * pp[0], s1 = pp[1] * pp[1];
+    const scalar_t denominator = (s0 + s1) + two_tiny;
+    lam.data_ptr<scalar_t>()[0] = (s0 + tiny) / denominator;
+    lam.data_ptr<scalar_t>()[1] = (s1 + tiny) / denominator;
+  });
+  return lam;
+}
+
+// v rounded to T and back (16-bit T; the identity for float / double).
+template <typename T> inline acc_t<T> round_to(acc_t<T> v) { return static_cast<acc_t<T>>(static_cast<T>(v)); }
+template <typename T> inline VecOf<T> round_to(VecOf<T> v) {
+  if constexpr (is_16bit<T>) {
+    T tmp[Simd<acc_t<T>>::lanes];
+    storev(tmp, v);
+    return loadv(tmp);
+  } else {
+    return v;
+  }
+}
+
+// The sigmoids' arguments of one pool pair (scalar or vector V of A): z_rew (v_rew = sigmoid(z_rew)) and z_exc. l0, l1
+// are lam; l0_low, l1_low lam rounded to T (the paper form's u is an op on the 16-bit pools, see spe_gate).
+template <typename T, typename V, typename A>
+inline void gate_arguments(V fmax, V fmin, V we, V be, V wr, V br, A l0, A l1, A l0_low, A l1_low, bool paper,
+                           V& z_rew, V& z_exc) {
+  V u;
+  if (paper) {
+    z_rew = mul_add(wr, round_to<T>(fmax + fmin), br);  // addcmul(b_rew, w_rew, f_max + f_min)
+    u = round_to<T>(round_to<T>(l0_low * fmax) + round_to<T>(l1_low * fmin));
+  } else {
+    const V m_max = mul_add(wr, fmax, br), m_min = mul_add(wr, fmin, br);
+    z_rew = m_max + m_min;
+    u = l0 * m_max + l1 * m_min;
+  }
+  z_exc = mul_add(we, u, be);  // addcmul(b_exc, w_exc, u)
+}
+
 // The gate v_exc * v_rew of timm_spe.spe_math.spe_gate from N x C pools, then rounded to the pools' dtype (what the
 // layer scales its input by), with eager's results bit for bit: every multiply, add and addcmul rounded as PyTorch's CPU
 // ops round them (addcmul as one fused multiply-add where the CPU has FMA, see mul_add; -ffp-contract=off keeps the
@@ -12,6 +60,7 @@ namespace timm_spe_cpu {
 // the paper form's f_max + f_min and lam * f, which eager computes on the 16-bit pools (lam rounded to their dtype, each
 // result rounded); and the two sigmoids are PyTorch's own (at::sigmoid_ on N x C tensors laid out as eager's, so that
 // the same elements take the same vectorised or scalar exp). Float32 / float64 pools take parameters of their dtype.
+// Vectorised along C; the arithmetic is per element, so the same either way.
 at::Tensor spe_gate(const at::Tensor& f_max, const at::Tensor& f_min, const at::Tensor& lam, const at::Tensor& w_exc,
                     const at::Tensor& b_exc, const at::Tensor& w_rew, const at::Tensor& b_rew, bool paper) {
   const char* op = "timm_spe::spe_gate";
@@ -28,42 +77,62 @@ at::Tensor spe_gate(const at::Tensor& f_max, const at::Tensor& f_min, const at::
   at::Tensor z_exc = at::empty({n, c}, acc_opts), z_rew = at::empty({n, c}, acc_opts);
   at::Tensor gate = at::empty({n, c}, f_max.options());
   TIMM_SPE_DISPATCH(f_max.scalar_type(), "timm_spe_spe_gate", [&] {
-    using acc = acc_t<scalar_t>;
+    using A = acc_t<scalar_t>;
+    using V = VecOf<scalar_t>;
+    constexpr int L = Simd<A>::lanes;
     const scalar_t* fa = f_max.data_ptr<scalar_t>();
     const scalar_t* fb = f_min.data_ptr<scalar_t>();
-    const acc *we = w_exc.data_ptr<acc>(), *be = b_exc.data_ptr<acc>();
-    const acc *wr = w_rew.data_ptr<acc>(), *br = b_rew.data_ptr<acc>();
-    acc *ze = z_exc.data_ptr<acc>(), *zr = z_rew.data_ptr<acc>();
-    const acc l0 = lam.data_ptr<acc>()[0], l1 = lam.data_ptr<acc>()[1];
-    // the 16-bit ops of the paper form: their result (and a 0-dim float32 lam) rounded to the pools' dtype
-    auto round = [](acc v) { return static_cast<acc>(static_cast<scalar_t>(v)); };
-    const acc l0_low = round(l0), l1_low = round(l1);
+    const A *we = w_exc.data_ptr<A>(), *be = b_exc.data_ptr<A>();
+    const A *wr = w_rew.data_ptr<A>(), *br = b_rew.data_ptr<A>();
+    A *ze = z_exc.data_ptr<A>(), *zr = z_rew.data_ptr<A>();
+    const A l0 = lam.data_ptr<A>()[0], l1 = lam.data_ptr<A>()[1];
+    const A l0_low = round_to<scalar_t>(l0), l1_low = round_to<scalar_t>(l1);
+    const V zero = {};
     for (int64_t b = 0; b < n; ++b) {
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const int64_t r = b * c + ch;
-        const acc fmax = static_cast<acc>(fa[r]), fmin = static_cast<acc>(fb[r]);
-        acc u;
-        if (paper) {
-          zr[r] = mul_add(wr[ch], round(fmax + fmin), br[ch]);  // addcmul(b_rew, w_rew, f_max + f_min)
-          u = round(round(l0_low * fmax) + round(l1_low * fmin));
-        } else {
-          const acc m_max = mul_add(wr[ch], fmax, br[ch]), m_min = mul_add(wr[ch], fmin, br[ch]);
-          zr[r] = m_max + m_min;
-          u = l0 * m_max + l1 * m_min;
-        }
-        ze[r] = mul_add(we[ch], u, be[ch]);  // addcmul(b_exc, w_exc, u)
+      const int64_t row = b * c;
+      int64_t ch = 0;
+      for (; ch + L <= c; ch += L) {
+        V z_r, z_e;
+        gate_arguments<scalar_t>(loadv(fa + row + ch), loadv(fb + row + ch), load<V>(we + ch), load<V>(be + ch),
+                                 load<V>(wr + ch), load<V>(br + ch), zero + l0, zero + l1, zero + l0_low,
+                                 zero + l1_low, paper, z_r, z_e);
+        store(zr + row + ch, z_r);
+        store(ze + row + ch, z_e);
+      }
+      for (; ch < c; ++ch) {
+        gate_arguments<scalar_t>(loads(fa + row + ch), loads(fb + row + ch), we[ch], be[ch], wr[ch], br[ch], l0, l1,
+                                 l0_low, l1_low, paper, zr[row + ch], ze[row + ch]);
       }
     }
   });
   at::sigmoid_(z_rew);
   at::sigmoid_(z_exc);
   TIMM_SPE_DISPATCH(f_max.scalar_type(), "timm_spe_spe_gate_out", [&] {
-    using acc = acc_t<scalar_t>;
-    const acc *ve = z_exc.data_ptr<acc>(), *vr = z_rew.data_ptr<acc>();
+    using A = acc_t<scalar_t>;
+    using V = VecOf<scalar_t>;
+    constexpr int L = Simd<A>::lanes;
+    const A *ve = z_exc.data_ptr<A>(), *vr = z_rew.data_ptr<A>();
     scalar_t* out = gate.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < n * c; ++r) out[r] = static_cast<scalar_t>(ve[r] * vr[r]);
+    int64_t r = 0;
+    for (; r + L <= n * c; r += L) storev(out + r, load<V>(ve + r) * load<V>(vr + r));
+    for (; r < n * c; ++r) stores(out + r, ve[r] * vr[r]);
   });
   return gate;
+}
+
+// The gate straight from a block output x (N x C x H x W, NCHW or channels_last) and p: max_min, mix_weights and
+// spe_gate in one call (one dispatch instead of a dozen Python-level ones per layer in inference).
+at::Tensor spe_gate_of(const at::Tensor& x, const at::Tensor& p, const at::Tensor& w_exc, const at::Tensor& b_exc,
+                       const at::Tensor& w_rew, const at::Tensor& b_rew, bool paper) {
+  auto pools = max_min(x);
+  return spe_gate(std::get<0>(pools), std::get<1>(pools), mix_weights(p), w_exc, b_exc, w_rew, b_rew, paper);
+}
+
+// Inference tail of a block with SPE: relu(x * gate(x) + shortcut) written into x (spe_gate_of, then scale_add_relu_).
+void spe_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor& p, const at::Tensor& w_exc,
+                   const at::Tensor& b_exc, const at::Tensor& w_rew, const at::Tensor& b_rew, bool paper) {
+  at::Tensor gate = spe_gate_of(x, p, w_exc, b_exc, w_rew, b_rew, paper);
+  scale_add_relu_(x, shortcut, gate.view({x.size(0), x.size(1), 1, 1}));
 }
 
 // The N x C part of the fused block backward (timm_spe.spe_me._BatchNormSpeAddReLU.backward) in one op, for 16-bit

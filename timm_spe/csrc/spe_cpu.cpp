@@ -16,6 +16,10 @@ TORCH_LIBRARY(timm_spe, m) {
   m.def("scatter_add_at_(Tensor(a!) t, Tensor index, Tensor values) -> ()");
   m.def("spe_gate(Tensor f_max, Tensor f_min, Tensor lam, Tensor w_exc, Tensor b_exc, Tensor w_rew, Tensor b_rew, "
         "bool paper) -> Tensor");
+  m.def("mix_weights(Tensor p) -> Tensor");
+  m.def("spe_gate_of(Tensor x, Tensor p, Tensor w_exc, Tensor b_exc, Tensor w_rew, Tensor b_rew, bool paper) -> Tensor");
+  m.def("spe_add_relu_(Tensor(a!) x, Tensor shortcut, Tensor p, Tensor w_exc, Tensor b_exc, Tensor w_rew, "
+        "Tensor b_rew, bool paper) -> ()");
   m.def("block_backward_coefficients(Tensor sum_grad, Tensor sum_grad_xhat, Tensor x_max, Tensor x_min, "
         "Tensor f_max, Tensor f_min, Tensor gate, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         "Tensor lam, Tensor w_exc, Tensor b_exc, Tensor w_rew, Tensor b_rew, bool paper, int count) -> Tensor[]");
@@ -30,5 +34,8 @@ TORCH_LIBRARY_IMPL(timm_spe, CPU, m) {
   m.impl("take_at", &take_at);
   m.impl("scatter_add_at_", &scatter_add_at_);
   m.impl("spe_gate", &spe_gate);
+  m.impl("mix_weights", &mix_weights);
+  m.impl("spe_gate_of", &spe_gate_of);
+  m.impl("spe_add_relu_", &spe_add_relu_);
   m.impl("block_backward_coefficients", &block_backward_coefficients);
 }

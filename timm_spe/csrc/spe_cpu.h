@@ -286,6 +286,11 @@ void bn_input_grad_(at::Tensor& out, const at::Tensor& grad, const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channels_last_per_map_sums(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& i_max,
     const at::Tensor& i_min);
+at::Tensor mix_weights(const at::Tensor& p);
+at::Tensor spe_gate_of(const at::Tensor& x, const at::Tensor& p, const at::Tensor& w_exc, const at::Tensor& b_exc,
+                       const at::Tensor& w_rew, const at::Tensor& b_rew, bool paper);
+void spe_add_relu_(at::Tensor& x, const at::Tensor& shortcut, const at::Tensor& p, const at::Tensor& w_exc,
+                   const at::Tensor& b_exc, const at::Tensor& w_rew, const at::Tensor& b_rew, bool paper);
 at::Tensor spe_gate(const at::Tensor& f_max, const at::Tensor& f_min, const at::Tensor& lam, const at::Tensor& w_exc,
                     const at::Tensor& b_exc, const at::Tensor& w_rew, const at::Tensor& b_rew, bool paper);
 std::vector<at::Tensor> block_backward_coefficients(
