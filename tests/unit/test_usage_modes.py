@@ -321,7 +321,7 @@ def _count_calls(monkeypatch, name):
 def test_fused_tail_runs_in_every_block_without_hooks(monkeypatch, train):
     """The fallback for hooks must not cost the fused tail's speed where no hook exists: every block takes it,
     a hook on one block's se moves only that block to module calls, and removing the hook restores it."""
-    calls = _count_calls(monkeypatch, 'batch_norm_spe_add_relu' if train else 'scale_add_relu_')
+    calls = _count_calls(monkeypatch, 'batch_norm_spe_add_relu' if train else 'spe_add_relu_')
     model = timm.create_model('resnet83_spe').train(train)
     x = torch.randn(2, 3, 32, 32)
     with torch.set_grad_enabled(train):
