@@ -301,8 +301,7 @@ def spe_gate(
     One op on the kernels where it applies and no gradient is recorded (inference, and the fused training functions'
     forward), else the eager ops and a cast; the same values bit for bit (the op rounds every step as eager's ops do and
     calls PyTorch's own sigmoid). Eager, the gate is ~20 ops on N x C tensors, each costing more in dispatch than in
-    arithmetic: under bfloat16 autocast on this project's CPU ~0.3-0.5 ms per block, a few percent of an eval forward
-    (not while tracing, as :func:`max_min`)."""
+    arithmetic. Not while tracing (as :func:`max_min`)."""
     if not torch.jit.is_scripting():  # as in max_min
         params = (lam, w_exc, b_exc, w_rew, b_rew)
         if not torch.jit.is_tracing() and lam.numel() == 2 and _gate_kernel_applies(f_max, f_min, params) \
@@ -333,9 +332,9 @@ def spe_gate_of(
     Eq. 3 (:func:`timm_spe.spe_math.mix_weights`) and :func:`spe_gate` in one op where the kernels apply and no gradient
     is recorded (inference); ``None`` elsewhere (the caller takes those steps). The same values bit for bit.
 
-    Measured inside a model (bf16 autocast, this project's 2-core CPU), each Python-level op between a block's big
-    passes cost 20-90 us, several times what it costs in a loop on its own: the dozen of them per layer (the pooling,
-    Eq. 3, the gate's dispatch) took 0.3-0.4 ms per block."""
+    Why one op: inside a model, between a block's big passes, each Python-level op costs several times what it costs in
+    a loop on its own; the dozen of them per layer (the pooling, Eq. 3, the gate and their dispatch) cost 0.15-0.3 ms
+    per block under bf16 autocast on this project's CPU (``benchmarks/inference_tail.py``)."""
     params = (w_exc, b_exc, w_rew, b_rew)
     if not _inference_kernel_applies(x, p, params):
         return None

@@ -172,3 +172,15 @@ def test_readme_autocast_figures_are_the_committed_runs():
         assert f"{tails['SPE fused']:.0f} ms" in bench_readme
         assert f"{tails['SPE fused +cpu_kernels']:.0f} ms" in bench_readme
         assert f"{tails['SPE plain ops']:.0f}" in bench_readme
+
+
+def test_inference_tail_table_is_the_committed_run():
+    """benchmarks/README.md's per-block inference tail table is results/inference_tail_bf16.json, row by row."""
+    ms = json.loads((RESULTS / 'inference_tail_bf16.json').read_text())['ms_per_block']
+    bench_readme = (ROOT / 'benchmarks' / 'README.md').read_text()
+    for name, label in (('plain', '| plain block: '), ('one op', '| SPE, CPU kernels, one call'),
+                        ('kernel steps', '| SPE, CPU kernels, as separate calls'), ('default path', '| SPE, default path'),
+                        ('aminmax', '| `torch.aminmax` alone')):
+        row = next(line for line in bench_readme.splitlines() if line.startswith(label))
+        cells = [c.strip() for c in row.strip('|').split('|')[1:]]
+        assert cells == [f"{ms[stage][name]:.2f}" for stage in ('layer1', 'layer2', 'layer3')], row
