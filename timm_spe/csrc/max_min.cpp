@@ -114,17 +114,10 @@ void channels_last_max_min(const T* x, int64_t n, int64_t hw, int64_t c,
   std::vector<Index> ix(c, 0), in(c, 0), nan(c, 0);
   std::vector<A> mx(c), mn(c);
   const T* img = x + n * hw * c;
-  int64_t j = 0;
-  for (; j + K * L <= c; j += K * L)
-    channels_last_block<T, WithIndex, K>(img, hw, c, j, mx.data(), mn.data(), ix.data(), in.data(), nan.data());
-  if (j + 2 * L <= c) {  // the remaining vectors in one more pass
-    channels_last_block<T, WithIndex, 2>(img, hw, c, j, mx.data(), mn.data(), ix.data(), in.data(), nan.data());
-    j += 2 * L;
-  }
-  if (j + L <= c) {
-    channels_last_block<T, WithIndex, 1>(img, hw, c, j, mx.data(), mn.data(), ix.data(), in.data(), nan.data());
-    j += L;
-  }
+  int64_t j = channel_blocks<K, L>(c, [&](int64_t j0, auto k) {
+    channels_last_block<T, WithIndex, decltype(k)::value>(img, hw, c, j0, mx.data(), mn.data(), ix.data(), in.data(),
+                                                          nan.data());
+  });
   for (; j < c; ++j) {
     A best_max = loads(img + j), best_min = best_max;
     Index at_max = 0, at_min = 0;

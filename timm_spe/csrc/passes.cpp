@@ -298,11 +298,9 @@ void channels_last_map_sums(const T* g, const T* x, const acc_t<T>* mean, const 
   constexpr int K = 8;
   A* a = sum_g + n * c;
   A* b = sum_gx + n * c;
-  int64_t j = 0;
-  for (; j + K * L <= c; j += K * L) map_sums_block<T, K>(g, x, mean, a, b, n, hw, c, j);
-  if (j + 4 * L <= c) { map_sums_block<T, 4>(g, x, mean, a, b, n, hw, c, j); j += 4 * L; }  // the rest in one pass
-  if (j + 2 * L <= c) { map_sums_block<T, 2>(g, x, mean, a, b, n, hw, c, j); j += 2 * L; }
-  if (j + L <= c) { map_sums_block<T, 1>(g, x, mean, a, b, n, hw, c, j); j += L; }
+  int64_t j = channel_blocks<K, L>(c, [&](int64_t j0, auto k) {
+    map_sums_block<T, decltype(k)::value>(g, x, mean, a, b, n, hw, c, j0);
+  });
   for (; j < c; ++j) {
     A sa = A(0), sb = A(0);
     for (int64_t p = 0; p < hw; ++p) {

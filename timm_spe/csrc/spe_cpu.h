@@ -245,6 +245,29 @@ inline void check_coef(const at::Tensor& t, int64_t numel, const at::Tensor& x, 
               op, ": ", what, " must be contiguous, ", acc_type(x), " for ", x.scalar_type(), " x");
 }
 
+// channels_last reductions walk blocks of channels down an image's rows with their running values in registers:
+// block(j, K) for channels [j, j + K * L) (K as a std::integral_constant), blocks of K vectors while they fit, then the
+// remaining whole vectors in one block each of K / 2, K / 4, ..., 1 (never a run of single-vector blocks); returns the
+// first channel left over (c % L of them, for the caller's scalar loop).
+template <int K, int L, typename Block>
+inline int64_t remainder_blocks(int64_t c, int64_t j, const Block& block) {
+  if constexpr (K >= 1) {
+    if (j + K * L <= c) {
+      block(j, std::integral_constant<int, K>{});
+      j += K * L;
+    }
+    return remainder_blocks<K / 2, L>(c, j, block);
+  } else {
+    return j;
+  }
+}
+template <int K, int L, typename Block>
+inline int64_t channel_blocks(int64_t c, const Block& block) {
+  int64_t j = 0;
+  for (; j + K * L <= c; j += K * L) block(j, std::integral_constant<int, K>{});
+  return remainder_blocks<K / 2, L>(c, j, block);
+}
+
 // AT_DISPATCH over the kernels' four dtypes.
 #define TIMM_SPE_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, TYPE, NAME, __VA_ARGS__)
