@@ -1,8 +1,8 @@
 """SPE's inference tail inside a model: what the block after BN costs with SPE, per stage, against the plain block.
 
-    python benchmarks/inference_tail.py [--dtype bfloat16|float16|float32] [--iterations 40] [--out F.json]
+    python benchmarks/inference_tail.py [--dtype bfloat16|float16|float32] [--batch 128] [--iterations 40] [--out F.json]
 
-A middle block per stage of resnet164_spe (eval, batch 128, channels_last, autocast to ``--dtype``): each iteration
+A middle block per stage of resnet164_spe (eval, batch 128 by default, channels_last, autocast to ``--dtype``): each iteration
 runs the block's convolutions and BN on a fresh input, then times, one after the other on a fresh BN output, what can
 follow it:
 
@@ -73,13 +73,13 @@ def stage_times(block, shortcut: torch.Tensor, iterations: int) -> dict:
     return {name: statistics.median(t[WARMUP:]) for name, t in times.items()}
 
 
-def measure(dtype: torch.dtype, iterations: int) -> dict:
+def measure(dtype: torch.dtype, batch: int, iterations: int) -> dict:
     timm_spe.set_cpu_kernels(True)
     torch.manual_seed(0)
     model = timm.create_model('resnet164_spe').eval().to(memory_format=torch.channels_last)
     results = {}
     for stage, channels, size in STAGES:
-        shortcut = torch.randn(128, channels, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
+        shortcut = torch.randn(batch, channels, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32):
             results[stage] = stage_times(getattr(model, stage)[5], shortcut, iterations)
         print(stage, '  '.join(f'{name} {ms:.3f}' for name, ms in results[stage].items()))
@@ -89,15 +89,16 @@ def measure(dtype: torch.dtype, iterations: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--iterations', type=int, default=40)
     parser.add_argument('--out', type=Path, default=None)
     args = parser.parse_args()
     if args.iterations <= WARMUP:
         parser.error(f'--iterations must be more than the {WARMUP} warm-up iterations, got {args.iterations}')
-    results = measure(getattr(torch, args.dtype), args.iterations)
+    results = measure(getattr(torch, args.dtype), args.batch, args.iterations)
     if args.out:
         meta = {'date': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'machine': platform.machine(), 'torch': torch.__version__,
-                'timm': timm.__version__, 'threads': torch.get_num_threads(), 'dtype': args.dtype, 'batch': 128,
+                'timm': timm.__version__, 'threads': torch.get_num_threads(), 'dtype': args.dtype, 'batch': args.batch,
                 'iterations': args.iterations, 'warmup': WARMUP, 'layout': 'channels_last'}
         args.out.write_text(json.dumps({'meta': meta, 'ms_per_block': results}, indent=1) + '\n')
 

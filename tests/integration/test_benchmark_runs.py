@@ -186,3 +186,19 @@ def test_tail_autocast_times_the_four_tails_per_stage(tmp_path):
         assert any(line.startswith(stage + ': plain tail ') and 'SPE fused +cpu_kernels' in line for line in lines), \
             proc.stdout
     assert lines[-1].startswith('SPE over the plain tails, all blocks (ms per train step): SPE fused ')
+
+
+def test_inference_tail_times_every_tail_per_stage(tmp_path):
+    out = tmp_path / 'tail.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'inference_tail.py'), '--batch', '2',
+                           '--iterations', '7', '--out', str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report['meta']['dtype'] == 'bfloat16' and report['meta']['batch'] == 2
+    assert list(report['ms_per_block']) == ['layer1', 'layer2', 'layer3']
+    for stage, ms in report['ms_per_block'].items():
+        assert list(ms) == ['plain', 'one op', 'kernel steps', 'default path', 'aminmax'], stage
+        assert all(t > 0 for t in ms.values())
+    bad = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'inference_tail.py'), '--iterations', '5'],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and '--iterations must be more than the 5 warm-up iterations, got 5' in bad.stderr
