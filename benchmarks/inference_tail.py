@@ -1,10 +1,11 @@
 """SPE's inference tail inside a model: what the block after BN costs with SPE, per stage, against the plain block.
 
-    python benchmarks/inference_tail.py [--dtype bfloat16|float16|float32] [--batch 128] [--iterations 40] [--out F.json]
+    python benchmarks/inference_tail.py [--dtype bfloat16|float16|float32] [--batch 128] [--iterations 40]
+        [--out F.json]
 
-A middle block per stage of resnet164_spe (eval, batch 128 by default, channels_last, autocast to ``--dtype``): each iteration
-runs the block's convolutions and BN on a fresh input, then times, one after the other on a fresh BN output, what can
-follow it:
+A middle block per stage of resnet164_spe (eval, batch 128 by default, channels_last, autocast to ``--dtype``): each
+iteration runs the block's convolutions and BN on a fresh input, then times, one after the other on a fresh BN output,
+what can follow it:
 
 - ``plain``: the plain block's ``x += shortcut`` and in-place ReLU;
 - ``one op``: ``timm_spe.spe.spe_add_relu_`` with the CPU kernels on (max/min, Eq. 3, the gate, the tail in one call);
