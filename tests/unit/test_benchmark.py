@@ -184,3 +184,25 @@ def test_inference_tail_table_is_the_committed_run():
         row = next(line for line in bench_readme.splitlines() if line.startswith(label))
         cells = [c.strip() for c in row.strip('|').split('|')[1:]]
         assert cells == [f"{ms[stage][name]:.2f}" for stage in ('layer1', 'layer2', 'layer3')], row
+
+
+def test_float16_table_is_the_committed_run():
+    """benchmarks/README.md's float16 autocast table is results/results_autocast_fp16.json: per-round median and
+    spread of each model's ratio to its resnet164 baseline, train step and eval forward, and the baseline's step."""
+    result = json.loads((RESULTS / 'results_autocast_fp16.json').read_text())
+    assert result['meta']['autocast'] == 'float16' and result['meta']['batch'] == 8
+    runs = result['models']
+    bench_readme = (ROOT / 'benchmarks' / 'README.md').read_text()
+    for name, base, label in (
+            ('resnet164_spe +cpu_kernels (channels_last)', 'resnet164 (channels_last)', '| resnet164_spe, CPU kernels,'),
+            ('resnet164_spe (channels_last)', 'resnet164 (channels_last)', '| resnet164_spe, default path,'),
+            ('resnet164_se', 'resnet164', '| resnet164_se, NCHW')):
+        row = next(line for line in bench_readme.splitlines() if line.startswith(label))
+        cells = [c.strip() for c in row.strip('|').split('|')[1:]]
+        expected = []
+        for mode in ('train_step', 'eval_forward'):
+            r = timing.per_round_ratios(runs[name][mode], runs[base][mode])
+            expected.append(f"{r['median']:.3f}x ({r['min']:.3f}-{r['max']:.3f})")
+        assert cells == expected, row
+    step = runs['resnet164 (channels_last)']['train_step']['median_ms']
+    assert f'{step:.0f} ms per float16 train step' in bench_readme
