@@ -12,10 +12,13 @@ what can follow it:
 - ``kernel steps``: the same as separate calls (the kernels' max/min, ``mix_weights``, the eager gate and its cast, the
   kernels' fused tail), as the kernels ran it before the one-call op;
 - ``default path``: kernels off (``amax``, ``amin``, the eager gate, ``addcmul`` + ``relu_``);
-- ``aminmax``: ``torch.aminmax`` over the same H x W views, the one eager op that returns both pools.
+- ``aminmax``: ``torch.aminmax`` over the same H x W views, the one eager op that returns both pools;
+- ``pool reads``: ``amax`` and ``amin`` alone, the two reads of the block output that any path without the kernels
+  makes (no eager op returns both pools faster): the floor under the default path's cost.
 
 Timed inside the model on purpose: measured in a loop on their own, the small ops cost several times less than between
-a block's big passes. Median ms of each after five warm-up iterations. Run it with nothing else on the cores.
+a block's big passes. Median ms of each after five warm-up iterations, and the ATen ops each dispatches (counted once
+more, untimed, with ``profile_step.aten_ops``). Run it with nothing else on the cores.
 """
 import argparse
 import json
@@ -24,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 import timm
 import torch
@@ -34,13 +38,15 @@ import timm_spe  # noqa: E402
 from timm_spe.cpu_kernels import max_min, scale_add_relu_  # noqa: E402
 from timm_spe.spe import spe_add_relu_  # noqa: E402
 from timm_spe.spe_math import spe_gate  # noqa: E402
+from benchmarks.profile_step import aten_ops  # noqa: E402
 
 STAGES = (('layer1', 64, 32), ('layer2', 128, 16), ('layer3', 256, 8))
 WARMUP = 5
 
 
-def stage_times(block, shortcut: torch.Tensor, iterations: int) -> dict:
-    """Median ms of each candidate on this block's fresh BN outputs (call under no_grad and autocast)."""
+def stage_times(block, shortcut: torch.Tensor, iterations: int) -> Tuple[dict, dict]:
+    """Median ms of each candidate on this block's fresh BN outputs, and the ATen ops each dispatches (call under
+    no_grad and autocast)."""
     spe = block.se
     times = {}
 
@@ -58,12 +64,16 @@ def stage_times(block, shortcut: torch.Tensor, iterations: int) -> dict:
     def aminmax(y):
         torch.aminmax(y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1]), dim=1)
 
+    def pool_reads(y):
+        y.amax((2, 3)), y.amin((2, 3))
+
     def plain(y):
         y += shortcut
         torch.relu_(y)
 
     candidates = {'plain': plain, 'one op': lambda y: spe_add_relu_(y, shortcut, spe),
-                  'kernel steps': kernel_steps, 'default path': default_path, 'aminmax': aminmax}
+                  'kernel steps': kernel_steps, 'default path': default_path, 'aminmax': aminmax,
+                  'pool reads': pool_reads}
     for _ in range(iterations):
         before_bn = block.conv3(block.act2(block.bn2(block.conv2(block.act1(block.bn1(block.conv1(shortcut)))))))
         for name, fn in candidates.items():
@@ -71,20 +81,22 @@ def stage_times(block, shortcut: torch.Tensor, iterations: int) -> dict:
             t0 = time.perf_counter()
             fn(y)
             times.setdefault(name, []).append(1e3 * (time.perf_counter() - t0))
-    return {name: statistics.median(t[WARMUP:]) for name, t in times.items()}
+    ops = {name: aten_ops(lambda: fn(block.bn3(before_bn))) - aten_ops(lambda: block.bn3(before_bn))
+           for name, fn in candidates.items()}
+    return {name: statistics.median(t[WARMUP:]) for name, t in times.items()}, ops
 
 
-def measure(dtype: torch.dtype, batch: int, iterations: int) -> dict:
+def measure(dtype: torch.dtype, batch: int, iterations: int) -> Tuple[dict, dict]:
     timm_spe.set_cpu_kernels(True)
     torch.manual_seed(0)
     model = timm.create_model('resnet164_spe').eval().to(memory_format=torch.channels_last)
-    results = {}
+    results, ops = {}, {}
     for stage, channels, size in STAGES:
         shortcut = torch.randn(batch, channels, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32):
-            results[stage] = stage_times(getattr(model, stage)[5], shortcut, iterations)
-        print(stage, '  '.join(f'{name} {ms:.3f}' for name, ms in results[stage].items()))
-    return results
+            results[stage], ops[stage] = stage_times(getattr(model, stage)[5], shortcut, iterations)
+        print(stage, '  '.join(f'{name} {ms:.3f} ms ({ops[stage][name]} ops)' for name, ms in results[stage].items()))
+    return results, ops
 
 
 def main() -> None:
@@ -96,12 +108,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.iterations <= WARMUP:
         parser.error(f'--iterations must be more than the {WARMUP} warm-up iterations, got {args.iterations}')
-    results = measure(getattr(torch, args.dtype), args.batch, args.iterations)
+    results, ops = measure(getattr(torch, args.dtype), args.batch, args.iterations)
     if args.out:
         meta = {'date': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'machine': platform.machine(), 'torch': torch.__version__,
                 'timm': timm.__version__, 'threads': torch.get_num_threads(), 'dtype': args.dtype, 'batch': args.batch,
                 'iterations': args.iterations, 'warmup': WARMUP, 'layout': 'channels_last'}
-        args.out.write_text(json.dumps({'meta': meta, 'ms_per_block': results}, indent=1) + '\n')
+        args.out.write_text(json.dumps({'meta': meta, 'ms_per_block': results, 'aten_ops': ops}, indent=1) + '\n')
 
 
 if __name__ == '__main__':

@@ -197,8 +197,12 @@ def test_inference_tail_times_every_tail_per_stage(tmp_path):
     assert report['meta']['dtype'] == 'bfloat16' and report['meta']['batch'] == 2
     assert list(report['ms_per_block']) == ['layer1', 'layer2', 'layer3']
     for stage, ms in report['ms_per_block'].items():
-        assert list(ms) == ['plain', 'one op', 'kernel steps', 'default path', 'aminmax'], stage
+        assert list(ms) == ['plain', 'one op', 'kernel steps', 'default path', 'aminmax', 'pool reads'], stage
         assert all(t > 0 for t in ms.values())
+        ops = report['aten_ops'][stage]
+        assert list(ops) == list(ms), stage
+        assert ops['plain'] == 2 and ops['one op'] == 1 and ops['pool reads'] == 2, ops  # add_ + relu_; one op; amax + amin
+        assert ops['default path'] > ops['kernel steps'] > ops['pool reads'], ops
     bad = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'inference_tail.py'), '--iterations', '5'],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and '--iterations must be more than the 5 warm-up iterations, got 5' in bad.stderr

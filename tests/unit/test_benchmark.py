@@ -175,15 +175,34 @@ def test_readme_autocast_figures_are_the_committed_runs():
 
 
 def test_inference_tail_table_is_the_committed_run():
-    """benchmarks/README.md's per-block inference tail table is results/inference_tail_bf16.json, row by row."""
-    ms = json.loads((RESULTS / 'inference_tail_bf16.json').read_text())['ms_per_block']
+    """benchmarks/README.md's per-block inference tail table is results/inference_tail_bf16.json, row by row: the ms per
+    stage and the ATen ops each tail dispatches."""
+    result = json.loads((RESULTS / 'inference_tail_bf16.json').read_text())
+    ms, ops = result['ms_per_block'], result['aten_ops']
     bench_readme = (ROOT / 'benchmarks' / 'README.md').read_text()
     for name, label in (('plain', '| plain block: '), ('one op', '| SPE, CPU kernels, one call'),
                         ('kernel steps', '| SPE, CPU kernels, as separate calls'), ('default path', '| SPE, default path'),
-                        ('aminmax', '| `torch.aminmax` alone')):
+                        ('aminmax', '| `torch.aminmax` alone'), ('pool reads', '| `amax` + `amin` alone')):
         row = next(line for line in bench_readme.splitlines() if line.startswith(label))
         cells = [c.strip() for c in row.strip('|').split('|')[1:]]
-        assert cells == [f"{ms[stage][name]:.2f}" for stage in ('layer1', 'layer2', 'layer3')], row
+        assert len({ops[stage][name] for stage in ops}) == 1, ops  # the same ops at every stage
+        assert cells == [f"{ms[stage][name]:.2f}" for stage in ('layer1', 'layer2', 'layer3')] + [
+            str(ops['layer1'][name])], row
+
+
+def test_default_path_eval_floor_is_the_committed_runs():
+    """The floor benchmarks/README.md gives for the default path's eval forward is the two pool reads of the committed
+    inference tail run over all 54 blocks, against resnet164's eval forward in the committed bf16 run."""
+    ms = json.loads((RESULTS / 'inference_tail_bf16.json').read_text())['ms_per_block']
+    plain_eval = json.loads((RESULTS / 'results_autocast_bf16.json').read_text())[
+        'models']['resnet164 (channels_last)']['eval_forward']['median_ms']
+    reads = 18 * sum(ms[stage]['pool reads'] for stage in ('layer1', 'layer2', 'layer3'))
+    bench_readme = ' '.join((ROOT / 'benchmarks' / 'README.md').read_text().split())
+    assert f'**{reads:.0f} ms** over the 54 blocks' in bench_readme
+    assert f'{reads / plain_eval:.3f} of resnet164\'s bf16 channels_last eval forward in the run above ({plain_eval:.0f} ms)' \
+        in bench_readme
+    assert f'at least **{1 + reads / plain_eval:.2f}x** the plain one' in bench_readme
+    assert 1 + reads / plain_eval > 1.05  # the claim: the eval goal is out of the default path's reach
 
 
 def test_float16_table_is_the_committed_run():
