@@ -35,10 +35,10 @@ import torch
 if not __package__:  # run as a file: the package from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm_spe  # noqa: E402
+from benchmarks.profile_step import aten_ops  # noqa: E402
 from timm_spe.cpu_kernels import max_min, scale_add_relu_  # noqa: E402
 from timm_spe.spe import spe_add_relu_  # noqa: E402
 from timm_spe.spe_math import spe_gate  # noqa: E402
-from benchmarks.profile_step import aten_ops  # noqa: E402
 
 STAGES = (('layer1', 64, 32), ('layer2', 128, 16), ('layer3', 256, 8))
 WARMUP = 5
@@ -81,7 +81,7 @@ def stage_times(block, shortcut: torch.Tensor, iterations: int) -> Tuple[dict, d
             t0 = time.perf_counter()
             fn(y)
             times.setdefault(name, []).append(1e3 * (time.perf_counter() - t0))
-    ops = {name: aten_ops(lambda: fn(block.bn3(before_bn))) - aten_ops(lambda: block.bn3(before_bn))
+    ops = {name: aten_ops(lambda fn=fn: fn(block.bn3(before_bn))) - aten_ops(lambda: block.bn3(before_bn))
            for name, fn in candidates.items()}
     return {name: statistics.median(t[WARMUP:]) for name, t in times.items()}, ops
 
