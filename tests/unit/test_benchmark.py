@@ -203,6 +203,16 @@ def test_default_path_eval_floor_is_the_committed_runs():
         in bench_readme
     assert f'at least **{1 + reads / plain_eval:.2f}x** the plain one' in bench_readme
     assert 1 + reads / plain_eval > 1.05  # the claim: the eval goal is out of the default path's reach
+    stages = ('layer1', 'layer2', 'layer3')
+    ops = json.loads((RESULTS / 'inference_tail_bf16.json').read_text())['aten_ops']['layer1']
+    others = ops['default path'] - ops['pool reads'] - ops['plain']
+    over_plain = [ms[s]['default path'] - ms[s]['plain'] for s in stages]
+    per_op = [1e3 * (over - ms[s]['pool reads']) / others for s, over in zip(stages, over_plain)]
+    assert f"other {others} small ops" in bench_readme
+    assert f"cost {' / '.join(f'{us:.0f}' for us in per_op)} us each" in bench_readme
+    assert f"its {' / '.join(f'{over:.2f}' for over in over_plain)} ms over the plain tail" in bench_readme
+    with_kernels = ' / '.join(f"{ms[s]['one op'] - ms[s]['plain']:.2f}" for s in stages)
+    assert f'the SPE tail costs {with_kernels} ms more than the plain add + ReLU' in bench_readme
 
 
 def test_float16_table_is_the_committed_run():
