@@ -9,9 +9,12 @@ For each model kind (CIFAR ResNet with SPE, with drop-path, the paper formulatio
 - fp32 on CUDA with the opt-in Triton kernels of the block tail (``timm_spe.set_triton_kernels``) vs without;
 - eval forward on CUDA vs CPU.
 
-Then the train-step timing of issue 32's goal 3 (batch 128, 32 x 32, channels_last): resnet164, resnet164_spe (stock
-ops and on the Triton kernels) and resnet164_se, each eager fp32, eager under bf16 autocast and ``torch.compile``d
-(fp32), interleaved over rounds (medians); the ratios to resnet164 in the same setting are in the report.
+Around them, the train-step timing of issue 32's goal 3 (batch 128, 32 x 32, channels_last, cuDNN's TF32 at PyTorch's
+default): resnet164, resnet164_spe (stock ops and on the Triton kernels) and resnet164_se, each eager fp32, eager under
+bf16 autocast (both before the cases) and ``torch.compile``d (fp32, after them: compilation takes minutes), interleaved
+over rounds within a setting (medians); the ratios to resnet164 in the same setting are in the report. The report is
+rewritten after every case and timing step (``complete`` says whether the run got to its end), so a run stopped by a
+time limit keeps what it measured.
 
 Run on a machine with a GPU:  python benchmarks/cuda_check.py [--out cuda_check.json] [--rounds 3]
 Exit code 1 if any case failed (exception, non-finite values, or fp32 CUDA/CPU disagreement).
@@ -19,6 +22,7 @@ Exit code 1 if any case failed (exception, non-finite values, or fp32 CUDA/CPU d
 import argparse
 import copy
 import json
+import os
 import time
 import traceback
 
@@ -122,28 +126,53 @@ def _timed_step(model_name, triton, setting, cuda, batch=128):
     return step
 
 
-def time_train_steps(cuda, rounds=3, steps=10, warmup=5):
-    """Median ms per train step of every (model, Triton, setting), interleaved: each round runs every configuration
-    ``steps`` times (after ``warmup`` steps, compilation included, once); and the ratios to resnet164's."""
-    steps_of = {}
-    for setting in SETTINGS:
-        for model_name, triton in TIMED:
+def time_train_steps(cuda, settings=SETTINGS, rounds=3, steps=10, warmup=5, into=None, save=lambda: None,
+                     configs=TIMED):
+    """Median ms per train step of every (model, Triton, setting), one setting at a time: its configurations are built
+    and warmed up (``warmup`` steps, compilation included, the seconds recorded), then run interleaved, each round
+    ``steps`` times; and the ratios to resnet164's in the same setting. ``configs`` (default ``TIMED``) picks the
+    (model, Triton) pairs. A configuration that fails is recorded with its error and left out. ``into`` (a dict) is
+    filled as it goes and ``save`` called after each step of the way, so a run cut short by a time limit still reports
+    what it measured. cuDNN's TF32 is left at PyTorch's default here (on), as a user's training gets it; the
+    correctness cases turn it off."""
+    res = into if into is not None else {}
+    for part in ('ms', 'ratio_to_resnet164', 'setup_s', 'errors'):
+        res.setdefault(part, {})
+    for setting in settings:
+        steps_of = {}
+        for model_name, triton in configs:
             key = f'{model_name}{"+triton" if triton else ""}/{setting}'
-            steps_of[key] = _timed_step(model_name, triton, setting, cuda)
-            for _ in range(warmup):
-                steps_of[key]()
-    times = {key: [] for key in steps_of}
-    for _ in range(rounds):
-        for key, step in steps_of.items():
-            for _ in range(steps):
+            t = time.perf_counter()
+            try:
+                step = _timed_step(model_name, triton, setting, cuda)
+                for _ in range(warmup):
+                    step()
                 torch.cuda.synchronize()
-                t = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                times[key].append(time.perf_counter() - t)
-    ms = {key: sorted(t)[len(t) // 2] * 1e3 for key, t in times.items()}
-    ratios = {key: ms[key] / ms[f'resnet164/{key.split("/")[1]}'] for key in ms if not key.startswith('resnet164/')}
-    return {'ms': ms, 'ratio_to_resnet164': ratios}
+                steps_of[key] = step
+            except Exception as e:  # time the others; say why this one is missing
+                res['errors'][key] = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+            res['setup_s'][key] = round(time.perf_counter() - t, 1)
+            print(f'{key}: set up in {res["setup_s"][key]} s{" (failed)" if key in res["errors"] else ""}', flush=True)
+            save()
+        times = {key: [] for key in steps_of}
+        for _ in range(rounds):
+            for key, step in steps_of.items():
+                for _ in range(steps):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    step()
+                    torch.cuda.synchronize()
+                    times[key].append(time.perf_counter() - t)
+        for key, t in times.items():
+            res['ms'][key] = sorted(t)[len(t) // 2] * 1e3
+        base = res['ms'].get(f'resnet164/{setting}')
+        for key in times:
+            if base and not key.startswith('resnet164/'):
+                res['ratio_to_resnet164'][key] = res['ms'][key] / base
+        print(setting, json.dumps({k: round(v, 2) for k, v in res['ms'].items() if k.endswith('/' + setting)}),
+              flush=True)
+        save()
+    return res
 
 
 def main():
@@ -155,11 +184,22 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit('cuda_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine.')
     cuda = torch.device('cuda')
-    # fp32 means fp32 here: TF32 convolutions (cuDNN's default) would differ from the CPU by ~1e-2
+    report = {'torch': torch.__version__, 'timm': timm.__version__, 'timm_spe': timm_spe.__version__,
+              'gpu': torch.cuda.get_device_name(0), 'cases': [], 'complete': False}
+
+    def save():  # after every case and timing step: a run stopped by a time limit keeps what it measured
+        if args.out:
+            with open(args.out + '.tmp', 'w') as f:
+                json.dump(report, f, indent=1)
+            os.replace(args.out + '.tmp', args.out)
+
+    timing = {}
+    if not args.no_timing:  # the eager settings first (seconds), the compiled one last (minutes of compilation)
+        report['train_step_b128_channels_last'] = timing
+        time_train_steps(cuda, [s for s in SETTINGS if s != 'compiled'], rounds=args.rounds, into=timing, save=save)
+    # fp32 means fp32 in the cases: TF32 convolutions (cuDNN's default) would differ from the CPU by ~1e-2
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    report = {'torch': torch.__version__, 'timm': timm.__version__, 'timm_spe': timm_spe.__version__,
-              'gpu': torch.cuda.get_device_name(0), 'cases': []}
     failed = 0
     for name, (make, size) in _kinds().items():
         for memory_format in (torch.contiguous_format, torch.channels_last):
@@ -171,15 +211,19 @@ def main():
                        'where': traceback.format_exc().strip().splitlines()[-3:]}
             failed += not res['ok']
             report['cases'].append(res)
+            report['failed'] = failed
             print(json.dumps(res), flush=True)
+            save()
+    torch.backends.cudnn.allow_tf32 = True  # back to PyTorch's default for the timing
     if not args.no_timing:
-        report['train_step_b128_channels_last'] = time_train_steps(cuda, rounds=args.rounds)
-        print('train step (batch 128, channels_last):', json.dumps(report['train_step_b128_channels_last'], indent=1))
-    report['failed'] = failed
+        # the pair goal 3 names first, the others after (each compilation takes a minute or more: a time limit
+        # then cuts the extras, not the goal; their ratios use resnet164's compiled time from the first pair)
+        for configs in (TIMED[:2], TIMED[2:]):
+            time_train_steps(cuda, ['compiled'], rounds=args.rounds, into=timing, save=save, configs=configs)
+        print('train step (batch 128, channels_last):', json.dumps(timing, indent=1))
+    report['complete'] = True
     print(f'cuda_check: {len(report["cases"]) - failed} passed, {failed} failed')
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(report, f, indent=1)
+    save()
     raise SystemExit(1 if failed else 0)
 
 

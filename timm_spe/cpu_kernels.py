@@ -39,6 +39,22 @@ KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _compiling() -> bool:
+    """Dynamo is tracing (``torch.compiler.is_compiling``, torch >= 2.3; older torch: never)."""
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+def _out(op, *args, out: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``op(*args, out=out, **kwargs)``, or under ``torch.compile`` ``out.copy_(op(*args, **kwargs))``: the same values
+    in ``out``. Dynamo before torch 2.12 cannot trace ``out=`` into a channels_last tensor; on CUDA (torch 2.11, an
+    H200) that was a graph break in every SPE block and a recompile per channel width, until the recompile limit left
+    the later blocks eager. Inductor fuses the copy into the op that makes the value."""
+    if _compiling():
+        return out.copy_(op(*args, **kwargs))
+    return op(*args, out=out, **kwargs)
+
+
 def kernels_apply(x: torch.Tensor) -> bool:
     """The kernels are on and take ``x``: a non-empty 4-D CPU float32/float64/bfloat16/float16 tensor, NCHW or
     channels_last."""
@@ -153,6 +169,8 @@ def scale_add_relu_(x: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor)
         if kernels_apply_per_map(x, shortcut, gate):
             torch.ops.timm_spe.scale_add_relu_(x, shortcut, gate)
             return x
+        if _compiling():  # as _out does (this function is also scripted: no *args there)
+            return x.copy_(torch.addcmul(shortcut, x, gate).relu_())
     return torch.addcmul(shortcut, x, gate, out=x).relu_()
 
 
@@ -184,15 +202,15 @@ def bn_input_grad_(
         dtype = x.dtype
         mean_low = mean.to(dtype)
         constant = sum_term + (mean_low.float() - mean) * x_coef  # (x - mean) = (x - mean_low) + (mean_low - mean)
-        torch.sub(x, mean_low.view(1, c, 1, 1), out=out)
-        torch.addcmul(constant.to(dtype).neg_().view(1, c, 1, 1), out, x_coef.to(dtype).view(1, c, 1, 1), value=-1,
-                      out=out)
+        _out(torch.sub, x, mean_low.view(1, c, 1, 1), out=out)
+        _out(torch.addcmul, constant.to(dtype).neg_().view(1, c, 1, 1), out, x_coef.to(dtype).view(1, c, 1, 1),
+             value=-1, out=out)
         out.addcmul_(grad, grad_scale.to(dtype).view(n, c, 1, 1))
         scatter_add_at_(out, i_max, v_max.to(dtype))
         scatter_add_at_(out, i_min, v_min.to(dtype))
         return out
     shift = mean * x_coef - sum_term
-    out = torch.addcmul(shift.view(1, c, 1, 1), grad, grad_scale.view(n, c, 1, 1), out=out)
+    out = _out(torch.addcmul, shift.view(1, c, 1, 1), grad, grad_scale.view(n, c, 1, 1), out=out)
     out.addcmul_(x, x_coef.view(1, c, 1, 1), value=-1)
     scatter_add_at_(out, i_max, v_max)
     scatter_add_at_(out, i_min, v_min)
@@ -228,12 +246,12 @@ def per_map_sums(
         # centred on the mean rounded to x's dtype (no cancellation in 8 or 11 bits), its offset added back in float32;
         # no mixed-dtype full-size op and no sum(dtype=float32): the CPU would copy a whole tensor to float32 first
         mean_low = mean.to(x.dtype)
-        centred = torch.sub(x, mean_low.view(1, c, 1, 1), out=buf).mul_(grad)
+        centred = _out(torch.sub, x, mean_low.view(1, c, 1, 1), out=buf).mul_(grad)
         sum_grad, sum_centred = grad.sum((2, 3)).float(), centred.sum((2, 3)).float()
         sum_grad_xc = sum_centred + (mean_low.float() - mean) * sum_grad
         return sum_grad, invstd * sum_grad_xc, take_at(x, i_max), take_at(x, i_min)
     sum_grad = grad.sum((2, 3))
-    sum_grad_x = torch.mul(grad, x, out=buf).sum((2, 3))
+    sum_grad_x = _out(torch.mul, grad, x, out=buf).sum((2, 3))
     return sum_grad, invstd * (sum_grad_x - mean * sum_grad), take_at(x, i_max), take_at(x, i_min)
 
 
@@ -268,8 +286,8 @@ def scatter_add_at_(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor) 
     if _index_kernel_applies(t, index) and values.dtype == t.dtype and values.is_contiguous():
         torch.ops.timm_spe.scatter_add_at_(t, index, values)
         return
-    if t.dtype in (torch.bfloat16, torch.float16) and t.device.type == 'cpu':
-        n, c = t.shape[0], t.shape[1]
+    if t.dtype in (torch.bfloat16, torch.float16) and t.device.type == 'cpu' and not _compiling():  # Dynamo cannot
+        n, c = t.shape[0], t.shape[1]  # trace storage_offset(); inductor makes its own scatter
         offsets = (torch.arange(n, device=t.device).view(n, 1) * t.stride(0)
                    + torch.arange(c, device=t.device) * t.stride(1) + index * t.stride(3))
         flat = t.as_strided((t.numel(),), (1,), t.storage_offset())

@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from .cpu_kernels import (
     LOW_PRECISION,
+    _out,
     block_backward_coefficients,
     bn_input_grad_,
     max_min,
@@ -242,7 +243,7 @@ class _SpeScale(torch.autograd.Function):
         grad_gate = sum_hw(grad_x)
         g_max, g_min, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew = _spe_gate_backward(
             grad_gate, f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, ctx.paper)
-        torch.mul(grad, gate.view(n, ch, 1, 1), out=grad_x)
+        _out(torch.mul, grad, gate.view(n, ch, 1, 1), out=grad_x)
         scatter_add_at_(grad_x, i_max, g_max.to(x.dtype))
         scatter_add_at_(grad_x, i_min, g_min.to(x.dtype))
         return grad_x, g_lam, g_w_exc, g_b_exc, g_w_rew, g_b_rew, None
