@@ -235,3 +235,91 @@ def test_float16_table_is_the_committed_run():
         assert cells == expected, row
     step = runs['resnet164 (channels_last)']['train_step']['median_ms']
     assert f'{step:.0f} ms per float16 train step' in bench_readme
+
+
+def _h200_profile():
+    """``{(model, triton): (ms unprofiled, self CUDA ms)}`` and ``{label: host us}`` from cuda_profile_h200.log."""
+    import re
+    log = (RESULTS / 'cuda_profile_h200.log').read_text()
+    steps = {(m, t == 'True'): (float(w), float(d)) for m, t, w, d in re.findall(
+        r'== (\S+) triton=(\w+): ([\d.]+) ms per step unprofiled; profiled self CPU [\d.]+ ms, self CUDA ([\d.]+) ms',
+        log)}
+    calls = {label: float(us) for label, us in re.findall(r'^(.+?): host ([\d.]+) us per call', log, re.M)}
+    return log, steps, calls
+
+
+def test_cuda_tables_and_figures_are_the_committed_h200_runs():
+    """benchmarks/README.md's H200 figures: the train-step table and the Triton-vs-stock speed-ups are
+    results/cuda_check_h200.json (whose cases all pass, the Triton kernels' gradients within the quoted bound of the
+    stock path's), the profile table and per-call host times are results/cuda_profile_h200.log; the README's CUDA
+    sentence quotes the same ratios."""
+    report = json.loads((RESULTS / 'cuda_check_h200.json').read_text())
+    assert report['gpu'] == 'NVIDIA H200' and report['failed'] == 0 and len(report['cases']) == 14
+    assert all(c['ok'] for c in report['cases'])
+    assert max(c['fp32_triton_vs_stock']['grad_rel'] for c in report['cases']) <= 1.6e-7
+    timing = report['train_step_b128_channels_last']
+    ms, ratio = timing['ms'], timing['ratio_to_resnet164']
+    bench_readme = (ROOT / 'benchmarks' / 'README.md').read_text()
+    for setting, label in (('fp32', '| fp32 |'), ('bf16_autocast', '| bf16 autocast |')):
+        row = next(line for line in bench_readme.splitlines() if line.startswith(label))
+        cells = [c.strip() for c in row.strip('|').split('|')[1:]]
+        assert cells == [f"{ms[f'resnet164/{setting}']:.1f} ms"] + [
+            f"{ratio[f'{m}/{setting}']:.2f}x" for m in ('resnet164_spe', 'resnet164_spe+triton', 'resnet164_se')], row
+    flat = ' '.join(bench_readme.split())
+    for setting in ('fp32', 'bf16_autocast'):
+        stock, triton = ms[f'resnet164_spe/{setting}'], ms[f'resnet164_spe+triton/{setting}']
+        assert f'{stock / triton:.2f}x faster' in flat or f'and {stock / triton:.2f}x under' in flat
+        assert f'{stock:.1f} / {triton:.1f}' in flat
+    assert 'resnet164/compiled' not in ms and not report['complete']  # the README says the compiled setting was cut
+    assert f"resnet164 ({timing['setup_s']['resnet164/compiled']:.1f} s)" in flat
+    assert f"resnet164_spe ({timing['setup_s']['resnet164_spe/compiled']:.1f} s)" in flat
+    _, steps, calls = _h200_profile()
+    for (model, triton), label in ((('resnet164', False), '| resnet164 |'),
+                                   (('resnet164_spe', True), '| resnet164_spe, Triton kernels |'),
+                                   (('resnet164_spe', False), '| resnet164_spe, stock ops |')):
+        row = next(line for line in bench_readme.splitlines() if line.startswith(label) and 'ms |' in line)
+        wall, gpu = steps[model, triton]
+        assert [c.strip() for c in row.strip('|').split('|')[1:]] == [f'{wall:.1f}', f'{gpu:.1f} ms'], row
+    plain_gpu, triton_gpu = steps['resnet164', False][1], steps['resnet164_spe', True][1]
+    assert f'add only {triton_gpu - plain_gpu:.1f} ms of GPU time per step ({triton_gpu / plain_gpu:.2f}x' in flat
+    assert f"a bare Triton launch {calls['bare triton launch _dot_kernel']:.1f} us" in flat
+    assert f"the custom op around it {calls['custom op map_dot']:.1f} us" in flat
+    assert f"Python body {calls['python impl']:.1f} us" in flat
+    readme = ' '.join((ROOT / 'README.md').read_text().split())
+    assert (f"costs {ratio['resnet164_spe/fp32']:.2f}x resnet164's eager train step in stock ops and "
+            f"{ratio['resnet164_spe+triton/fp32']:.2f}x with") in readme
+    assert f"SE: {ratio['resnet164_se/fp32']:.2f}x" in readme
+
+
+def test_cuda_check_timing_saves_as_it_goes_and_names_a_configuration_that_fails(monkeypatch):
+    """cuda_check.py's timing without a GPU (steps stubbed): each setting's ratios are to resnet164's in that
+    setting, a configuration that raises is left out with its error, and the report is saved after every step, so a
+    time limit keeps what was measured."""
+    import time as time_module
+
+    import torch
+
+    from benchmarks import cuda_check
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: None)
+    cost = {'resnet164': 0.002, 'resnet164_spe': 0.004, 'resnet164_se': 0.003}
+
+    def fake_step(model_name, triton, setting, cuda, batch=128):
+        if triton and setting == 'compiled':
+            raise RuntimeError('no compiler here\nsecond line')
+        return lambda: time_module.sleep(cost[model_name])
+    monkeypatch.setattr(cuda_check, '_timed_step', fake_step)
+    saved, report = [], {}
+    cuda_check.time_train_steps(None, ['fp32'], rounds=2, steps=3, warmup=1, into=report,
+                                save=lambda: saved.append(json.dumps(report)))
+    for configs in (cuda_check.TIMED[:2], cuda_check.TIMED[2:]):
+        cuda_check.time_train_steps(None, ['compiled'], rounds=2, steps=3, warmup=1, into=report,
+                                    save=lambda: saved.append(json.dumps(report)), configs=configs)
+    assert report['errors'] == {'resnet164_spe+triton/compiled': 'RuntimeError: no compiler here'}
+    assert set(report['ms']) == {'resnet164/fp32', 'resnet164_spe/fp32', 'resnet164_spe+triton/fp32',
+                                 'resnet164_se/fp32', 'resnet164/compiled', 'resnet164_spe/compiled',
+                                 'resnet164_se/compiled'}
+    for key, r in report['ratio_to_resnet164'].items():
+        assert r == report['ms'][key] / report['ms'][f"resnet164/{key.split('/')[1]}"]
+    assert 1.5 < report['ratio_to_resnet164']['resnet164_spe/fp32'] < 2.5  # 4 ms against 2 ms of sleep
+    assert len(saved) == 4 + 1 + 2 + 1 + 2 + 1  # after every set-up and every timed group
+    assert 'resnet164/fp32' in json.loads(saved[5])['ms'] and 'resnet164/compiled' not in json.loads(saved[5])['ms']
