@@ -8,13 +8,16 @@
 
 Run on a machine with a GPU: ``python benchmarks/cuda_profile.py`` (about 3 minutes on an H200, most of it part 3's
 compilation); it prints as it goes. ``benchmarks/results/cuda_profile_h200.log`` is its output on an H200 (torch 2.11,
-triton 3.6, stop 43, before the ``out=`` fix of the stock path under torch.compile).
+triton 3.6, stop 43, before the ``out=`` fix of the stock path under torch.compile). That run summed self CUDA time
+over every row, which counts each kernel twice (under its op and itself): its ``== ...`` lines' self CUDA figures are
+about 2x; the tables' footers (``Self CUDA time total``, three steps) are right, and this script now sums as they do.
 """
 import time
 
 import timm
 import torch
 import torch.nn as nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import timm_spe
@@ -74,7 +77,8 @@ for name, triton in (('resnet164', False), ('resnet164_spe', True), ('resnet164_
         torch.cuda.synchronize()
     ka = prof.key_averages()
     cpu = sum(e.self_cpu_time_total for e in ka) / 3e3
-    dev = sum(getattr(e, 'self_device_time_total', 0) for e in ka) / 3e3
+    # the GPU's own events only: an op's row also carries its kernels' device time (the table footer counts so too)
+    dev = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA) / 3e3
     print(f'\n== {name} triton={triton}: {wall:.1f} ms per step unprofiled; profiled self CPU {cpu:.1f} ms, '
           f'self CUDA {dev:.1f} ms per step', flush=True)
     print(ka.table(sort_by='self_cpu_time_total', row_limit=22, max_name_column_width=60), flush=True)

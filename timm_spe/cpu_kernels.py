@@ -48,8 +48,8 @@ def _compiling() -> bool:
 def _out(op, *args, out: torch.Tensor, **kwargs) -> torch.Tensor:
     """``op(*args, out=out, **kwargs)``, or under ``torch.compile`` ``out.copy_(op(*args, **kwargs))``: the same values
     in ``out``. Dynamo before torch 2.12 cannot trace ``out=`` into a channels_last tensor; on CUDA (torch 2.11, an
-    H200) that was a graph break in every SPE block and a recompile per channel width, until the recompile limit left
-    the later blocks eager. Inductor fuses the copy into the op that makes the value."""
+    H200) that was a graph break in every SPE block and a recompile per channel width. Inductor can fuse the copy into
+    the op that makes the value."""
     if _compiling():
         return out.copy_(op(*args, **kwargs))
     return op(*args, out=out, **kwargs)

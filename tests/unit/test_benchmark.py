@@ -238,12 +238,13 @@ def test_float16_table_is_the_committed_run():
 
 
 def _h200_profile():
-    """``{(model, triton): (ms unprofiled, self CUDA ms)}`` and ``{label: host us}`` from cuda_profile_h200.log."""
+    """``{(model, triton): (ms per step unprofiled, GPU ms per step)}`` and ``{label: host us}`` from
+    cuda_profile_h200.log. GPU time: the first profile table's footer after each step line, over its three steps (the
+    step line's own self CUDA figure counted kernels twice in that run)."""
     import re
     log = (RESULTS / 'cuda_profile_h200.log').read_text()
-    steps = {(m, t == 'True'): (float(w), float(d)) for m, t, w, d in re.findall(
-        r'== (\S+) triton=(\w+): ([\d.]+) ms per step unprofiled; profiled self CPU [\d.]+ ms, self CUDA ([\d.]+) ms',
-        log)}
+    steps = {(m, t == 'True'): (float(w), float(d) / 3) for m, t, w, d in re.findall(
+        r'== (\S+) triton=(\w+): ([\d.]+) ms per step unprofiled;.*?Self CUDA time total: ([\d.]+)ms', log, re.S)}
     calls = {label: float(us) for label, us in re.findall(r'^(.+?): host ([\d.]+) us per call', log, re.M)}
     return log, steps, calls
 
@@ -282,6 +283,7 @@ def test_cuda_tables_and_figures_are_the_committed_h200_runs():
         assert [c.strip() for c in row.strip('|').split('|')[1:]] == [f'{wall:.1f}', f'{gpu:.1f} ms'], row
     plain_gpu, triton_gpu = steps['resnet164', False][1], steps['resnet164_spe', True][1]
     assert f'add only {triton_gpu - plain_gpu:.1f} ms of GPU time per step ({triton_gpu / plain_gpu:.2f}x' in flat
+    assert f'({steps["resnet164", False][0]:.0f} ms of wall time for {plain_gpu:.1f} ms of GPU work)' in flat
     assert f"a bare Triton launch {calls['bare triton launch _dot_kernel']:.1f} us" in flat
     assert f"the custom op around it {calls['custom op map_dot']:.1f} us" in flat
     assert f"Python body {calls['python impl']:.1f} us" in flat
@@ -291,35 +293,65 @@ def test_cuda_tables_and_figures_are_the_committed_h200_runs():
     assert f"SE: {ratio['resnet164_se/fp32']:.2f}x" in readme
 
 
-def test_cuda_check_timing_saves_as_it_goes_and_names_a_configuration_that_fails(monkeypatch):
-    """cuda_check.py's timing without a GPU (steps stubbed): each setting's ratios are to resnet164's in that
-    setting, a configuration that raises is left out with its error, and the report is saved after every step, so a
-    time limit keeps what was measured."""
-    import time as time_module
+def _fake_cuda_check(monkeypatch, tmp_path, stop_at=None):
+    """Run cuda_check.py's main without a GPU: CUDA calls stubbed, every train step a fake that advances a fake clock
+    by its model's cost (resnet164 2, SPE 4, SPE on Triton 3, SE 3), the Triton configuration's compilation failing,
+    and ``stop_at`` (a configuration key) raising KeyboardInterrupt, as a time limit's signal would stop the run."""
+    import types
 
     import torch
 
     from benchmarks import cuda_check
+    clock = [0.0]
+    monkeypatch.setattr(cuda_check, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'a stub')
     monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: None)
-    cost = {'resnet164': 0.002, 'resnet164_spe': 0.004, 'resnet164_se': 0.003}
+    cost = {'resnet164': 2., 'resnet164_spe': 4., 'resnet164_se': 3.}
 
     def fake_step(model_name, triton, setting, cuda, batch=128):
+        key = f'{model_name}{"+triton" if triton else ""}/{setting}'
+        if key == stop_at:
+            raise KeyboardInterrupt
         if triton and setting == 'compiled':
             raise RuntimeError('no compiler here\nsecond line')
-        return lambda: time_module.sleep(cost[model_name])
+
+        def step():
+            clock[0] += 3. if triton else cost[model_name]
+        return step
     monkeypatch.setattr(cuda_check, '_timed_step', fake_step)
-    saved, report = [], {}
-    cuda_check.time_train_steps(None, ['fp32'], rounds=2, steps=3, warmup=1, into=report,
-                                save=lambda: saved.append(json.dumps(report)))
-    for configs in (cuda_check.TIMED[:2], cuda_check.TIMED[2:]):
-        cuda_check.time_train_steps(None, ['compiled'], rounds=2, steps=3, warmup=1, into=report,
-                                    save=lambda: saved.append(json.dumps(report)), configs=configs)
-    assert report['errors'] == {'resnet164_spe+triton/compiled': 'RuntimeError: no compiler here'}
-    assert set(report['ms']) == {'resnet164/fp32', 'resnet164_spe/fp32', 'resnet164_spe+triton/fp32',
-                                 'resnet164_se/fp32', 'resnet164/compiled', 'resnet164_spe/compiled',
-                                 'resnet164_se/compiled'}
-    for key, r in report['ratio_to_resnet164'].items():
-        assert r == report['ms'][key] / report['ms'][f"resnet164/{key.split('/')[1]}"]
-    assert 1.5 < report['ratio_to_resnet164']['resnet164_spe/fp32'] < 2.5  # 4 ms against 2 ms of sleep
-    assert len(saved) == 4 + 1 + 2 + 1 + 2 + 1  # after every set-up and every timed group
-    assert 'resnet164/fp32' in json.loads(saved[5])['ms'] and 'resnet164/compiled' not in json.loads(saved[5])['ms']
+    out = tmp_path / 'report.json'
+    monkeypatch.setattr('sys.argv', ['cuda_check.py', '--no-cases', '--settings', 'fp32,compiled', '--out', str(out)])
+    return cuda_check.main, out
+
+
+def test_cuda_check_times_each_setting_against_resnet164_and_fails_on_a_configuration_that_fails(
+        monkeypatch, tmp_path):
+    """cuda_check.py's timing (no GPU; fake clock): ratios are to resnet164 in the same setting, a configuration
+    that raises is left out with its error's first line and makes the exit code 1, and the report says what ran."""
+    main, out = _fake_cuda_check(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 1
+    report = json.loads(out.read_text())
+    assert report['complete'] and report['failed'] == 0 and report['cases'] == [] and not report['cases_run']
+    assert report['settings'] == ['fp32', 'compiled']
+    timing = report['train_step_b128_channels_last']
+    assert timing['errors'] == {'resnet164_spe+triton/compiled': 'RuntimeError: no compiler here'}
+    assert timing['ratio_to_resnet164'] == pytest.approx({
+        'resnet164_spe/fp32': 2., 'resnet164_spe+triton/fp32': 1.5, 'resnet164_se/fp32': 1.5,
+        'resnet164_spe/compiled': 2., 'resnet164_se/compiled': 1.5})
+    assert timing['ms']['resnet164/fp32'] == pytest.approx(2000.)
+
+
+def test_cuda_check_keeps_what_it_measured_when_a_time_limit_stops_it(monkeypatch, tmp_path):
+    """Stopped while setting up the compiled setting's second group, the report on disk holds the fp32 setting and
+    the compiled pair goal 3 names, and says it is not complete."""
+    main, out = _fake_cuda_check(monkeypatch, tmp_path, stop_at='resnet164_se/compiled')
+    with pytest.raises(KeyboardInterrupt):
+        main()
+    report = json.loads(out.read_text())
+    assert not report['complete']
+    ratios = report['train_step_b128_channels_last']['ratio_to_resnet164']
+    assert ratios == pytest.approx({'resnet164_spe/fp32': 2., 'resnet164_spe+triton/fp32': 1.5,
+                                    'resnet164_se/fp32': 1.5, 'resnet164_spe/compiled': 2.})
