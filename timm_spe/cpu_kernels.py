@@ -39,10 +39,12 @@ KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+_IS_COMPILING = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)  # looked up once: eager calls are hot
+
+
 def _compiling() -> bool:
     """Dynamo is tracing (``torch.compiler.is_compiling``, torch >= 2.3; older torch: never)."""
-    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
-    return bool(is_compiling is not None and is_compiling())
+    return _IS_COMPILING is not None and _IS_COMPILING()
 
 
 def _out(op, *args, out: torch.Tensor, **kwargs) -> torch.Tensor:
