@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from .cpu_kernels import (
     LOW_PRECISION,
+    _compiling,
     _out,
     block_backward_coefficients,
     bn_input_grad_,
@@ -302,6 +303,10 @@ class _BatchNormSpeAddReLU(torch.autograd.Function):
         """The output, then the batch statistics, pools, indices and gate backward needs (outputs, so
         :meth:`setup_context` can save them; marked non-differentiable). Updates the running statistics."""
         y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
+        if _compiling() and mean.dtype != bn_weight.dtype:
+            # the CPU kernel returns the statistics in the parameters' dtype (float32 under autocast), the fake one
+            # traced here in x's (bfloat16 / float16): backward's N x C terms would round to x's dtype, unlike eager
+            mean, invstd = mean.to(bn_weight.dtype), invstd.to(bn_weight.dtype)
         n, c = x.shape[0], x.shape[1]
         f_max, i_max, f_min, i_min = max_min_with_indices(y)
         gate = rounded_gate(f_max, f_min, lam, w_exc, b_exc, w_rew, b_rew, paper)  # in y's dtype
