@@ -17,7 +17,8 @@ rewritten after every case and timing step (``complete`` says whether the run go
 time limit keeps what it measured.
 
 Run on a machine with a GPU:  python benchmarks/cuda_check.py [--out cuda_check.json] [--rounds 3]
-(``--settings compiled --no-cases`` times only the compiled setting: about 4-5 minutes of compilation on an H200)
+(``--settings compiled --no-cases`` times only the compiled setting: on an H200 resnet164 and resnet164_spe alone took
+141.5 and 84.3 s to compile)
 Exit code 1 if any case failed (exception, non-finite values, or fp32 CUDA/CPU disagreement) or any timed
 configuration failed (its error is in the report).
 """

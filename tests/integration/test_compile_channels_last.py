@@ -33,20 +33,23 @@ def test_the_rule_stands_in_for_torch_2_11_dynamo_refusing_out_into_channels_las
         torch.compile(lambda o, a, b: torch.mul(a, b, out=o), backend='aot_eager', fullgraph=True)(o, a, b)
 
 
-def _models():
+_MODELS = {
+    'the fused block tail': lambda: timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe'),
+    'the layer alone': lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), timm_spe.SpeModule(8),
+                                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
+}
+
+
+def _model(kind):
     torch.manual_seed(0)
-    return {
-        'the fused block tail': timm_spe.resnet.CifarResNet(depth=11, attn_layer='spe'),
-        'the layer alone': nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), timm_spe.SpeModule(8),
-                                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
-    }
+    return _MODELS[kind]()
 
 
 @pytest.mark.parametrize('kind', ['the fused block tail', 'the layer alone'])
 def test_a_channels_last_train_step_on_the_stock_ops_compiles_whole_and_equals_eager(
         kind, dynamo_refusing_channels_last_out):
     with timm_spe.set_cpu_kernels(False):
-        m = _models()[kind].to(memory_format=torch.channels_last)
+        m = _model(kind).to(memory_format=torch.channels_last)
         x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
         assert_compiled_train_step_matches_eager(m, x)  # fullgraph: a graph break raises
 
@@ -58,7 +61,7 @@ def test_a_channels_last_train_step_under_bfloat16_autocast_compiles_whole_and_e
     where the CPU kernel gives the parameters' float32, and the fused function casts them back while tracing (without
     that, the gradients differed by up to 0.0083 relative)."""
     with timm_spe.set_cpu_kernels(False):
-        m = _models()['the fused block tail'].to(memory_format=torch.channels_last).train()
+        m = _model('the fused block tail').to(memory_format=torch.channels_last).train()
         ref = copy.deepcopy(m)
         x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
         compiled = torch.compile(m, backend='aot_eager', fullgraph=True)  # fullgraph: a graph break raises
