@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-__all__ = ['read_summary', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices',
+__all__ = ['read_summary', 'best_epoch', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices',
            'device_ranges_text', 'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text']
 
 _DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
@@ -44,6 +44,16 @@ def read_summary(path: Union[str, Path]) -> List[Dict[str, float]]:
     if not rows:
         raise ValueError(f'{path} has no rows: is it the summary.csv of a train.py run that finished an epoch?')
     return [rows[e] for e in sorted(rows)]
+
+
+def best_epoch(rows: List[Dict[str, float]]) -> Optional[Tuple[int, float]]:
+    """``(epoch, top-1)`` of the row with the highest ``eval_top1`` (the epoch counted from 1, the earliest of a tie),
+    or ``None`` without one: what a protocol that reports the best epoch on its eval split would report."""
+    scored = [r for r in rows if 'eval_top1' in r]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: (r['eval_top1'], -r['epoch']))
+    return best['epoch'] + 1, best['eval_top1']
 
 
 def summary_csv_text(path: Union[str, Path], until_epoch: Optional[int] = None) -> str:

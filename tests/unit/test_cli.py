@@ -46,8 +46,21 @@ def test_finish_run_stages_a_complete_card(run_dir, tmp_path):
            "against the paper's 164." in card
     assert "`args.yaml` (train.py's full arguments as of its last start: a resumed run's `resume`, `seed` and " \
            "`device` are that start's); `summary.csv` (train.py's per-epoch" in card
+    # the paper's protocol next to ours: the best epoch on the test split, labelled, from the staged summary.csv
+    assert "by that protocol this run reaches **22.00%**, at epoch 2 of 3 (train.py's per-epoch eval, " \
+           "`summary.csv`): selected on the test split, the paper's protocol" in card
+    assert "These weights and the results above are the final epoch's" in card
     with pytest.raises(SystemExit, match='not empty'):  # never silently replaced
         cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(out)])
+
+
+def test_a_run_evaluated_on_a_validation_split_gets_no_best_epoch_figure(run_dir, tmp_path):
+    """Choosing an epoch on a validation split is model selection, not the paper's test-split protocol: the card
+    has no such line (train.py's args.yaml tells which split it evaluated on)."""
+    (run_dir['run'] / 'args.yaml').write_text('model: resnet83_spe\nval_split: validation\n')
+    cli(['finish-run', '--recipe', str(run_dir['recipe']), '--out', str(tmp_path / 'staged')])
+    card = (tmp_path / 'staged' / 'README.md').read_text()
+    assert 'These weights measure' in card and 'by that protocol' not in card
 
 
 def test_finish_run_stages_the_plain_control_and_compare_reads_both(run_dir, tmp_path, capsys):
@@ -106,7 +119,7 @@ def test_finish_run_stages_one_epoch_while_train_py_goes_on_writing_the_run(run_
                    run / 'next.pth.tar')
         (run / 'next.pth.tar').replace(run / 'last.pth.tar')
         with open(run / 'summary.csv', 'a') as f:
-            f.write('2,1.8,1.85,21.0,62.0,0.0\n')
+            f.write('2,1.8,1.85,25.0,62.0,0.0\n')  # a better epoch 3: not staged, so not the best here
         return result
 
     monkeypatch.setattr(cli_evaluate, 'evaluate', evaluate_while_training_goes_on)
@@ -120,6 +133,7 @@ def test_finish_run_stages_one_epoch_while_train_py_goes_on_writing_the_run(run_
     assert result['epoch'] == 2 and result['checkpoint'].endswith('resnet83_spe-cifar10_tiny/last.pth.tar')
     card = (out / 'README.md').read_text()
     assert "2 of 3 epochs of batch 128 (train.py summary.csv); epochs 1 on cuda, 2 on cpu (train.py's log)" in card
+    assert 'this run reaches **22.00%**, at epoch 2 of 2' in card  # the best of the staged epochs only
 
 
 def test_inspect_prints_every_block(run_dir, capsys, tmp_path):

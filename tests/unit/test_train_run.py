@@ -155,6 +155,17 @@ def test_the_published_summary_reads_as_one_run(tmp_path):
         summary_csv_text(summary)
 
 
+def test_the_best_epoch_is_the_highest_eval_top1_counted_from_one_and_the_earliest_of_a_tie(tmp_path):
+    """The paper's protocol (best test top-1 over all epochs) for the card; a redone epoch counts by its last row."""
+    from timm_spe.train_run import best_epoch
+    head = 'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
+    summary = tmp_path / 'summary.csv'
+    summary.write_text(head + '0,2.0,1.9,20.0,60.0,0.1\n1,1.9,1.8,31.0,61.0,0.05\n'
+                       + head + '1,1.85,1.75,23.5,61.0,0.05\n2,1.8,1.7,25.0,62.0,0.0\n3,1.7,1.6,25.0,63.0,0.0\n')
+    assert best_epoch(read_summary(summary)) == (3, 25.0)  # epoch 1's 31.0 was redone as 23.5; 2 and 3 tie
+    assert best_epoch([{'epoch': 0, 'train_loss': 2.0}]) is None  # no per-epoch eval: no such figure
+
+
 def test_epochs_by_device_follows_a_run_resumed_on_other_machines(tmp_path):
     """Each epoch counts on the device where its evaluation finished; an epoch lost mid-way is counted once."""
     from timm_spe.train_run import describe_devices, epochs_by_device

@@ -102,7 +102,8 @@ def cmd_publish(args) -> Path:
     def card(staged_sha: str) -> str:
         return render_card(args.model, args.tag, staged_sha, eval_result=eval_result, recipe=recipe, budget=budget,
                            figures=[(p.name, c) for p, c in figures], num_classes=num_classes, template=args.template,
-                           repo_id=repo_id, training_files=sorted(records))
+                           repo_id=repo_id, training_files=sorted(records),
+                           best_epoch=getattr(args, 'best_epoch', None), epochs_run=getattr(args, 'epochs_run', None))
 
     out = Path(args.out) if args.out else default_out(model_tag)
     # the staged eval.json: the same numbers, with paths relative / shortened and the command quoted

@@ -19,6 +19,7 @@ from ..compare import comparison_table, write_comparison
 from ..convert import load_checkpoint_file
 from ..plots import plot_training_curve
 from ..train_run import (
+    best_epoch,
     completed_epochs,
     describe_devices,
     describe_resumes,
@@ -97,12 +98,26 @@ def _finish_run(args, recipe: dict, stem: str, run_dir: Path, checkpoint: Path, 
     records = {TRAIN_SUMMARY_NAME: summary_csv_text(run_dir / 'summary.csv', until_epoch=epoch)}
     if (run_dir / 'args.yaml').is_file():
         records[TRAIN_ARGS_NAME] = (run_dir / 'args.yaml').read_text()
+    # the paper reports its best epoch on the test split: the card gives this run's too, labelled, when train.py's
+    # per-epoch eval was on the test split (as in these recipes); a validation split's best is no such number
+    on_test = _train_eval_split(run_dir, recipe) == 'test'
     return cmd_publish(argparse.Namespace(
+        best_epoch=best_epoch(rows) if on_test else None, epochs_run=epoch,
         src=str(snapshot), model=model_name, tag=tag, ema=False, recipe=_recipe_with_notes(str(args.recipe)),
         budget=budget,
         eval_json=str(eval_json), figure=figures,
         out=args.out, force=args.force, template=args.template, dry_run=True, repo_id=None,
         overwrite=False, create_pr=False, private=False, extra_texts=records))
+
+
+def _train_eval_split(run_dir: Path, recipe: dict) -> str:
+    """The split train.py evaluated every epoch on: its args.yaml's ``val_split`` (run.sh's data arguments
+    included), else the recipe's, else train.py's default ``validation``."""
+    args_yaml = run_dir / 'args.yaml'
+    recorded = yaml.safe_load(args_yaml.read_text()) if args_yaml.is_file() else None
+    if isinstance(recorded, dict) and recorded.get('val_split'):
+        return recorded['val_split']
+    return recipe.get('val_split', 'validation')
 
 
 def _has_spe(model_name: str) -> bool:
