@@ -153,7 +153,7 @@ def gap_to_paper(eval_result: Dict[str, Any], paper: float) -> str:
     return f"These weights measure {eval_result['top1']:.2f}%: {how}{after}."
 
 
-def best_epoch_line(best: Tuple[int, float], epochs: int) -> str:
+def best_epoch_line(best: Tuple[int, float], epochs: Optional[int]) -> str:
     """The paper's own protocol, next to ours: the authors' ``run.py`` prints ``best_acc``, the maximum test top-1
     over all epochs (the earliest epoch of a tie is the one it saved as ``model_best``).
     Readers comparing with the paper need that figure from this run too, labelled for what it is (chosen on the
@@ -161,7 +161,8 @@ def best_epoch_line(best: Tuple[int, float], epochs: int) -> str:
     epoch, top1 = best
     return (f"The authors' code (github.com/Qrange-group/SPEM, `run.py`) reports `best_acc`, the best test top-1 "
             f"over all epochs; by that protocol this run "
-            f"reaches **{top1:.2f}%**, at epoch {epoch} of {epochs} (train.py's per-epoch eval, `summary.csv`): "
+            f"reaches **{top1:.2f}%**, at epoch {epoch}{f' of {epochs}' if epochs else ''} (train.py's per-epoch "
+            f"eval, `summary.csv`): "
             f"selected on the test split, the paper's protocol, so an optimistic estimate of accuracy on unseen "
             f"images. These weights and the results above are the final epoch's; nothing else here is selected on "
             f"the test split.")
@@ -224,12 +225,12 @@ def render_card(
         repo_id: Optional[str] = None,
         training_files: Optional[List[str]] = None,
         best_epoch: Optional[Tuple[int, float]] = None,
-        epochs_run: Optional[int] = None,
 ) -> str:
     """Fill the card template (``$name`` placeholders; default: the package's ``templates/hub_card.md``).
 
-    ``best_epoch``: ``(epoch, top-1)`` of the run's best epoch on the test split, of ``epochs_run`` epochs
-    (``finish-run`` gives it when the recipe evaluates on the test split): the paper's protocol, labelled as such."""
+    ``best_epoch``: ``(epoch, top-1)`` of the run's best epoch on the test split among the epochs of the staged
+    weights (``eval_result['epoch']``; ``finish-run`` gives it when train.py evaluated on the test split): the
+    paper's protocol, labelled as such."""
     template = DEFAULT_TEMPLATE if template is None else Path(template)
     if not template.is_file():
         raise FileNotFoundError(f"card template '{template}' not found (omit --template for the package's own).")
@@ -243,7 +244,7 @@ def render_card(
     if paper is not None and eval_result and eval_result.get('top1') is not None:
         paper_line += ' ' + gap_to_paper(eval_result, paper)
     if best_epoch is not None:
-        paper_line += ' ' + best_epoch_line(best_epoch, epochs_run or best_epoch[0])
+        paper_line += ' ' + best_epoch_line(best_epoch, (eval_result or {}).get('epoch'))
     figs = '\n\n'.join(f'![{caption}]({name})\n\n*{caption}*' for name, caption in (figures or [])) or '(none)'
     values = {
         'model_name': model_name,

@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-__all__ = ['read_summary', 'best_epoch', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device', 'describe_devices',
-           'device_ranges_text', 'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text']
+__all__ = ['read_summary', 'best_epoch', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device',
+           'describe_devices', 'device_ranges_text', 'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text']
 
 _DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
 _TRAIN = re.compile(r'^Train: (\d+) \[')

@@ -103,7 +103,7 @@ def cmd_publish(args) -> Path:
         return render_card(args.model, args.tag, staged_sha, eval_result=eval_result, recipe=recipe, budget=budget,
                            figures=[(p.name, c) for p, c in figures], num_classes=num_classes, template=args.template,
                            repo_id=repo_id, training_files=sorted(records),
-                           best_epoch=getattr(args, 'best_epoch', None), epochs_run=getattr(args, 'epochs_run', None))
+                           best_epoch=getattr(args, 'best_epoch', None))
 
     out = Path(args.out) if args.out else default_out(model_tag)
     # the staged eval.json: the same numbers, with paths relative / shortened and the command quoted

@@ -100,9 +100,9 @@ def _finish_run(args, recipe: dict, stem: str, run_dir: Path, checkpoint: Path, 
         records[TRAIN_ARGS_NAME] = (run_dir / 'args.yaml').read_text()
     # the paper reports its best epoch on the test split: the card gives this run's too, labelled, when train.py's
     # per-epoch eval was on the test split (as in these recipes); a validation split's best is no such number
-    on_test = _train_eval_split(run_dir, recipe) == 'test'
+    on_test = _train_eval_split(records.get(TRAIN_ARGS_NAME), recipe) == 'test'
     return cmd_publish(argparse.Namespace(
-        best_epoch=best_epoch(rows) if on_test else None, epochs_run=epoch,
+        best_epoch=best_epoch(rows) if on_test else None,
         src=str(snapshot), model=model_name, tag=tag, ema=False, recipe=_recipe_with_notes(str(args.recipe)),
         budget=budget,
         eval_json=str(eval_json), figure=figures,
@@ -110,11 +110,10 @@ def _finish_run(args, recipe: dict, stem: str, run_dir: Path, checkpoint: Path, 
         overwrite=False, create_pr=False, private=False, extra_texts=records))
 
 
-def _train_eval_split(run_dir: Path, recipe: dict) -> str:
+def _train_eval_split(args_yaml: Optional[str], recipe: dict) -> str:
     """The split train.py evaluated every epoch on: its args.yaml's ``val_split`` (run.sh's data arguments
-    included), else the recipe's, else train.py's default ``validation``."""
-    args_yaml = run_dir / 'args.yaml'
-    recorded = yaml.safe_load(args_yaml.read_text()) if args_yaml.is_file() else None
+    included; ``args_yaml`` is that file's text, or None), else the recipe's, else train.py's default."""
+    recorded = yaml.safe_load(args_yaml) if args_yaml else None
     if isinstance(recorded, dict) and recorded.get('val_split'):
         return recorded['val_split']
     return recipe.get('val_split', 'validation')
