@@ -7,11 +7,13 @@
 #   ./run.sh test-newest [PYTEST ARGS]
 #                                 only the fast tier on the newest timm (default: -m "not slow" tests)
 #   ./run.sh train [--dry-run] [RECIPE.yaml] [train.py args]
-#                                 set up, train with timm's train.py (resuming from train_runs/<recipe>/ if it
-#                                 has a checkpoint), evaluate the final epoch, stage the Hub folder; --dry-run
-#                                 only prints the command. Default recipe: the cifar10_e30 weights of resnet164_spe.
-#                                 A finished run (its checkpoint removed) is reported, never trained over:
-#                                 TRAIN_RUNS=DIR trains the recipe anew in DIR/<recipe>/, staging it there too
+#                                 set up, train with timm's train.py in runs/<recipe>/ (git-ignored; resuming from
+#                                 its checkpoint if it has one), evaluate the final epoch, stage the Hub folder in
+#                                 runs/<recipe>/hub_folder/. First prints the expected time per epoch, from the
+#                                 record train_runs/<recipe>/train.log where the recipe has one; --dry-run only
+#                                 prints that and the command. Default recipe: resnet164_spe's cifar10_e164 (the
+#                                 paper's 164 epochs). A finished run is reported, never trained over.
+#                                 train_runs/ holds the committed records of how the shipped weights were made
 #   ./run.sh bench [ARGS]         set up and run benchmarks/benchmark.py (default: the README's run) with the
 #                                 allocator settings train uses
 #   ./run.sh setup                only create/update .venv
@@ -19,7 +21,8 @@
 # and TIMM_NEWEST_VENV (its environment, default .venv-timm-newest); TIMM_TRAIN_PY (an existing train.py of timm
 # v1.0.28; else the pytorch-image-models repo is cloned at that tag into .cache/); CIFAR10_JPEG_TAR (the CIFAR-10 JPEG
 # copy, default ../shared/data/cifar10-jpeg.tar.gz) for the CPU recipe; TIMM_SPE_CPU_KERNELS (train: default 1,
-# SPE's one-pass CPU kernels, built on first use); TRAIN_RUNS (train: the folder of the runs, default train_runs);
+# SPE's one-pass CPU kernels, built on first use); TRAIN_RUNS (train: the folder of the runs, default runs;
+# TRAIN_RUNS=train_runs works in the committed records and stages into hub_cards/);
 # RUN_SH_SETUP=0 (no set-up: $VENV/bin/python as it is, e.g. a GPU machine's PyTorch; docs/development.md).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -210,25 +213,39 @@ case "${1:-}" in
         shift
         dry_run=0
         if [ "${1:-}" = --dry-run ]; then dry_run=1; shift; fi
-        recipe=${1:-train_recipes/resnet164_spe-cifar10_e30.yaml}
+        recipe=${1:-train_recipes/resnet164_spe-cifar10_e164.yaml}
         [ $# -gt 0 ] && shift
         [ -f "$recipe" ] || { echo "run.sh train: no recipe $recipe (the recipes are in train_recipes/)" >&2; exit 2; }
-        # one folder per recipe holds the run's resume state: train_runs/<recipe>/ (last.pth.tar, summary.csv,
-        # args.yaml, train.log); if it has a checkpoint, train.py resumes after its last completed epoch
+        # one folder per recipe holds the run's resume state: runs/<recipe>/ (last.pth.tar, summary.csv, args.yaml,
+        # train.log); if it has a checkpoint, train.py resumes after its last completed epoch. train_runs/<recipe>/
+        # are the committed records of the shipped weights' runs: the expected time comes from their train.log
         name=$(basename "$recipe" .yaml)
-        runs=${TRAIN_RUNS:-train_runs}
+        runs=${TRAIN_RUNS:-runs}
         run_dir=$runs/$name
+        record=train_runs/$name/train.log
         resume=()
-        # a finished run keeps its records (summary.csv, train.log) and drops its checkpoint: a new train.py would
-        # append a second run to them, so only a folder without records (or with a checkpoint) is trained in
-        if [ ! -f "$run_dir/last.pth.tar" ] && [ -f "$run_dir/summary.csv" ]; then
-            epochs=$(sed -n 's/^epochs: *\([0-9][0-9]*\) *$/\1/p' "$recipe" | head -n 1)
-            done_epochs=$(awk -F, '$1 ~ /^[0-9]+$/ {e = $1 + 1} END {print e + 0}' "$run_dir/summary.csv")
-            if [ -n "$epochs" ] && [ "$done_epochs" -ge "$epochs" ]; then
-                echo "run.sh: $run_dir finished all $epochs epochs (its checkpoint was removed; the weights are in" \
-                    "hub_cards/, see README 'Results'): to train $recipe anew, TRAIN_RUNS=DIR ./run.sh train $recipe"
-                exit 0
+        # a finished run keeps its records (summary.csv, train.log): a new train.py would append a second run to
+        # them, so a folder with all epochs is only resumed while its checkpoint is not staged yet (finish-run
+        # below; the records in train_runs/ drop their checkpoint instead), and records without a checkpoint are
+        # never trained in
+        epochs=$(sed -n 's/^epochs: *\([0-9][0-9]*\) *$/\1/p' "$recipe" | head -n 1)
+        done_epochs=0
+        [ ! -f "$run_dir/summary.csv" ] \
+            || done_epochs=$(awk -F, '$1 ~ /^[0-9]+$/ {e = $1 + 1} END {print e + 0}' "$run_dir/summary.csv")
+        if [ -n "$epochs" ] && [ "$done_epochs" -ge "$epochs" ] \
+                && { [ ! -f "$run_dir/last.pth.tar" ] || [ -d "$run_dir/hub_folder" ]; }; then
+            if [ "$runs" = train_runs ]; then
+                echo "run.sh: $run_dir finished all $epochs epochs (a record of the shipped weights, its checkpoint" \
+                    "removed; the weights are in hub_cards/, see README 'Results'): to train $recipe anew," \
+                    "./run.sh train $recipe (in runs/$name/) or TRAIN_RUNS=DIR ./run.sh train $recipe"
+            else
+                echo "run.sh: $run_dir finished all $epochs epochs ($([ -d "$run_dir/hub_folder" ] \
+                    && echo "staged in $run_dir/hub_folder" || echo "its checkpoint was removed")): to train" \
+                    "$recipe anew, move $run_dir away or TRAIN_RUNS=DIR ./run.sh train $recipe"
             fi
+            exit 0
+        fi
+        if [ ! -f "$run_dir/last.pth.tar" ] && [ -f "$run_dir/summary.csv" ]; then
             echo "run.sh: $run_dir has a summary.csv but no last.pth.tar to resume from: move $run_dir away to" \
                 "start anew, or TRAIN_RUNS=DIR ./run.sh train $recipe to train in DIR/$name" >&2; exit 2
         fi
@@ -260,6 +277,11 @@ case "${1:-}" in
             echo "recipe:   $recipe"
             echo "data:     $(describe_source "$source")"
             echo "run dir:  $run_dir ($([ ${#resume[@]} -gt 0 ] && echo "resumes from last.pth.tar" || echo "new run"))"
+            if [ -f "$record" ] && [ -x "$PY" ]; then
+                "$PY" -m timm_spe.cli run-status "$run_dir" --recipe "$recipe" --expected-from "$record" || true
+            elif [ -f "$record" ]; then
+                echo "expected: (./run.sh setup first: timm-spe reads the time per epoch from $record)"
+            fi
             echo "train.py: $tp"
             echo "command:  $PY ${TIMM_TRAIN_PY:-.cache/pytorch-image-models/train.py} --config $recipe" \
                 "--output $runs --experiment $name ${dargs[*]} ${resume[*]} $*"
@@ -280,12 +302,16 @@ case "${1:-}" in
             echo "run.sh: resuming with ${resume[*]:2} (the recipe's seed + the epoch it resumes at)" \
                 | tee -a "$run_dir/train.log"
         fi
+        # how long it takes, at the pace of the run that made the shipped weights (nothing without its record)
+        [ ! -f "$record" ] || "$PY" -m timm_spe.cli run-status "$run_dir" --recipe "$recipe" --expected-from "$record" \
+            || true
         set -o pipefail
         "$PY" "$tp" --config "$recipe" --output "$runs" --experiment "$name" "${dargs[@]}" "${resume[@]}" "$@" 2>&1 \
             | tee -a "$run_dir/train.log"
         rm -f "$run_dir"/checkpoint-*.pth.tar "$run_dir"/model_best.pth.tar  # only last.pth.tar is resume state
-        # evaluate the final epoch's weights, plot, and stage hub_cards/<model>.<tag>/ (never overwrites); a run
-        # trained elsewhere (TRAIN_RUNS) stages beside itself, in <run dir>/hub_folder/
+        # evaluate the final epoch's weights, plot, and stage the Hub folder (never overwrites): a run outside
+        # train_runs/ (runs/, or TRAIN_RUNS) stages beside itself, in <run dir>/hub_folder/; train_runs/ (the
+        # records of the shipped weights) in hub_cards/<model>.<tag>/
         out=()
         [ "$runs" = train_runs ] || out=(--out "$run_dir/hub_folder")
         exec "$PY" -m timm_spe.cli finish-run --recipe "$recipe" --run-dir "$run_dir" "${out[@]}" ;;

@@ -8,9 +8,10 @@
 
 Run on a machine with a GPU: ``python benchmarks/cuda_profile.py`` (about 3 minutes on an H200, most of it part 3's
 compilation); it prints as it goes. ``benchmarks/results/cuda_profile_h200.log`` is its output on an H200 (torch 2.11,
-triton 3.6, stop 43, before the ``out=`` fix of the stock path under torch.compile). That run summed self CUDA time
-over every row, which counts each kernel twice (under its op and itself): its ``== ...`` lines' self CUDA figures are
-about 2x; the tables' footers (``Self CUDA time total``, three steps) are right, and this script now sums as they do.
+triton 3.6, 2026-12-04; committed in 42ed9dd, run before that commit's ``out=`` fix of the stock path under
+torch.compile). That run summed self CUDA time over every row, which counts each kernel twice (under its op and
+itself): its ``== ...`` lines' self CUDA figures are about 2x; the tables' footers (``Self CUDA time total``, three
+steps) are right, and this script now sums as they do.
 """
 import time
 

@@ -1,8 +1,10 @@
-"""What several test files share and is no fixture: the repository's root (tests run from a clone), a minimal staged
-Hub folder, an SPE layer with random parameters."""
+"""What several test files share and is no fixture: the repository's root (tests run from a clone), timm's train.py
+where a copy is at hand, a minimal staged Hub folder, an SPE layer with random parameters."""
 import json
+import os
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -10,6 +12,15 @@ from timm_spe import SpeModule
 from timm_spe.hub import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def timm_train_py() -> str:
+    """timm's train.py: ``$TIMM_TRAIN_PY``, else the clone ``./run.sh train`` makes in .cache/; the test skips without
+    one (train.py is not on PyPI)."""
+    for cand in (os.environ.get('TIMM_TRAIN_PY'), ROOT / '.cache' / 'pytorch-image-models' / 'train.py'):
+        if cand and Path(cand).is_file():
+            return str(cand)
+    pytest.skip('timm train.py not available (set TIMM_TRAIN_PY or run ./run.sh train once)')
 
 
 def minimal_staged_folder(folder: Path, tag='cifar10', weights=None) -> Path:

@@ -13,7 +13,7 @@ from typing import Any, Dict
 from timm.models import build_model_with_cfg, list_models, list_pretrained, resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
-from .hub import check_safetensors, download_safetensors
+from .hub import check_safetensors, download_safetensors, recipe_file
 from .registry import (
     SAFE_WEIGHTS_NAME,
     PretrainedWeightsNotFound,
@@ -98,7 +98,8 @@ def resolve_pretrained_weights(variant: str, kwargs: Dict[str, Any], pretrained:
                 expect = model_tag
             cfg['file'] = download_safetensors(cfg['hf_hub_id'], variant, tag, cache_dir=kwargs.get('cache_dir'))
         else:
-            raise PretrainedWeightsNotFound(no_weights_message(model_tag if tag else f'{variant}.TAG'))
+            raise PretrainedWeightsNotFound(
+                no_weights_message(model_tag if tag else f'{variant}.TAG', recipe=recipe_file(model_tag)))
         if expect:
             verify_sha256(cfg['file'], expect, source)
         if str(cfg['file']).endswith('.safetensors'):

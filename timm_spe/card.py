@@ -172,7 +172,7 @@ def model_complexity(model_name: str, num_classes: int = 10, img_size: int = 32)
     """Parameters and GMACs (batch 1; conv/matmul MACs from torch's FlopCounterMode, FLOPs / 2).
 
     On real CPU tensors, not the meta device: meta kernels and initialisers run as Python decompositions, ~3x slower
-    than building the model and one image of forward (the docs' models table counts 28 models with this)."""
+    than building the model and one image of forward (the docs' models table counts every CIFAR model with this)."""
     with torch.random.fork_rng(devices=[]):  # the random init leaves the caller's RNG as it was
         model = timm.create_model(model_name, num_classes=num_classes).eval()
     counter = FlopCounterMode(display=False)

@@ -301,9 +301,11 @@ def pending_markdown(spe_folder: PathLike = DEFAULT_SPE, plain_folder: PathLike 
         head = [f'*Pending:* `{folders[0].as_posix()}/` and `{folders[1].as_posix()}/` are not staged yet:',
                 'their training runs have not finished. Once they have, these commands stage both folders and write the',
                 'comparison here and on both cards, generated from the two `eval.json` files:']
-    # run.sh runs finish-run itself after train.py's last epoch (a second finish-run would meet a staged folder)
-    trains = [f'./run.sh train {_recipe_of(f)}' + ('   # resumes the run to its last epoch, then stages it (finish-run)'
-                                                   if i == 0 else '') for i, f in enumerate(todo)]
+    # run.sh runs finish-run itself after train.py's last epoch (a second finish-run would meet a staged folder); the
+    # runs are the committed records in train_runs/ (./run.sh train alone would start anew in runs/)
+    trains = [f'TRAIN_RUNS=train_runs ./run.sh train {_recipe_of(f)}'
+              + ('   # resumes the run to its last epoch, then stages it (finish-run)' if i == 0 else '')
+              for i, f in enumerate(todo)]
     return '\n'.join([
         *head,
         '',

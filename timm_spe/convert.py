@@ -12,7 +12,7 @@ import argparse
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 __all__ = [
     'OFFICIAL_SPE_KEYS', 'is_official_state_dict', 'convert_official_state_dict', 'official_depth',
-    'load_checkpoint_file', 'load_weights',
+    'load_checkpoint_file', 'load_weights', 'cifar_model_of',
 ]
 
 PathLike = Union[str, Path]
@@ -152,15 +152,54 @@ def _as_timm_state_dict(state_dict: Dict[str, torch.Tensor], info: Dict[str, Any
     return _strip_module(state_dict), info
 
 
+# the attention kind of a CIFAR ResNet block (CIFAR_ATTN_LAYERS of timm_spe/resnet.py) by a parameter name only its
+# module (the block's ``se``) has; SPE's ablation settings change its other names, never ``w_exc``
+_ATTN_KEYS = {'w_exc': 'spe', 'fc1.weight': 'se', 'conv.weight': 'eca', 'channel.fc1.weight': 'cbam', 'cfc': 'srm',
+              'weight': 'sge'}
+
+
+def _cifar_layout(state_dict: Dict[str, Any]) -> Optional[Tuple[int, Optional[str]]]:
+    """``(blocks per stage, attention kind)`` of a CIFAR bottleneck ResNet's keys (attention ``''``: none, None: not
+    one of CIFAR_ATTN_LAYERS); None for the keys of any other network."""
+    keys = set(_strip_module(state_dict))
+    blocks = [{int(m.group(1)) for k in keys if (m := re.match(rf'^layer{stage}\.(\d+)\.', k))}
+              for stage in (1, 2, 3, 4)]
+    n = len(blocks[0])
+    if not n or blocks[3] or any(b != set(range(n)) for b in blocks[:3]) or 'layer1.0.conv3.weight' not in keys:
+        return None
+    names = {k[len('layer1.0.se.'):] for k in keys if k.startswith('layer1.0.se.')}
+    return n, next((attn for name, attn in _ATTN_KEYS.items() if name in names), None) if names else ''
+
+
+def cifar_model_of(state_dict: Dict[str, Any]) -> Optional[str]:
+    """The CIFAR ResNet whose weights ``state_dict`` holds (e.g. ``'resnet164_spe'``), read from its keys alone: the
+    depth (9n + 2) from its n bottleneck blocks per stage, the attention from the parameter names of the first block's
+    attention module. None if they are of no registered model (another depth, an ImageNet ResNet...)."""
+    from . import CIFAR_DEPTHS  # the package face's (no model file imported here): the registered depths
+    layout = _cifar_layout(state_dict)
+    if layout is None or layout[1] is None or 9 * layout[0] + 2 not in CIFAR_DEPTHS:
+        return None
+    return f'resnet{9 * layout[0] + 2}' + (f'_{layout[1]}' if layout[1] else '')
+
+
 def load_weights(model: torch.nn.Module, path: PathLike, use_ema: bool = False) -> Dict[str, Any]:
-    """Load ``path`` into ``model`` strictly; a mismatch names the missing and unexpected keys."""
+    """Load ``path`` into ``model`` strictly; a mismatch names the model the weights are of (read from their keys),
+    to give instead (``--model`` of convert and publish, ``MODEL`` of eval and inspect), else the missing and unexpected
+    keys."""
     state_dict, info = load_checkpoint_file(path, use_ema=use_ema)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
+        arch = getattr(model, 'pretrained_cfg', {}).get('architecture', '?')
+        fits = cifar_model_of(state_dict)
+        if fits and fits != arch:
+            n, attn = _cifar_layout(state_dict)
+            raise ValueError(
+                f"'{path}' is a {fits} state dict (depth {9 * n + 2}: {n} blocks per stage; attention: "
+                f"{attn or 'none'}; read from its keys), which does not fit {arch}: give {fits} (or {fits}.TAG) as the "
+                f"model instead.")
         depth = f" (checkpoint depth {info['depth']})" if 'depth' in info else ''
         raise ValueError(
-            f"'{path}'{depth} does not match {type(model).__name__} "
-            f"'{getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}': "
+            f"'{path}'{depth} does not match {type(model).__name__} '{arch}': "
             f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}. Check --model (depth, attention).")
     return info

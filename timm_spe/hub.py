@@ -21,6 +21,7 @@ from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     LocalTokenNotFoundError,
@@ -33,6 +34,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from timm.models._hub import hf_split, save_for_hf
 
+from ._paths import REPO_ROOT, TRAIN_RECIPES
 from .labels import label_names_for
 from .registry import (
     SAFE_WEIGHTS_NAME,
@@ -47,15 +49,23 @@ __all__ = [
     'PretrainedWeightsNotFound', 'PretrainedWeightsCorrupt', 'PretrainedWeightsMismatch', 'SAFE_WEIGHTS_NAME',
     'download_safetensors', 'stage_hub_folder', 'upload_hub_folder', 'sha256_file', 'weights_sha256',
     'read_eval_json', 'hub_api', 'check_safetensors', 'check_upload_allowed', 'check_staged_folder', 'check_upload_files',
-    'check_hub_access', 'validate_tag', 'UPLOAD_SUFFIXES', 'NO_TOKEN_MESSAGE',
+    'check_hub_access', 'validate_tag', 'UPLOAD_SUFFIXES', 'NO_TOKEN_MESSAGE', 'recipe_file',
 ]
 
 _logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 
+def recipe_file(model_tag: str) -> Optional[str]:
+    """``train_recipes/<model>-<tag>.yaml`` (as ``./run.sh train`` takes it) if this clone has that recipe, for the
+    how-to of a tag without weights; an installed wheel has none."""
+    variant, _, tag = model_tag.partition('.')
+    f = TRAIN_RECIPES / f'{variant}-{tag}.yaml'
+    return f.relative_to(REPO_ROOT).as_posix() if tag and f.is_file() else None
+
+
 def _how_to_publish(variant: str, tag: str) -> str:
-    return no_weights_message(f'{variant}.{tag}')
+    return no_weights_message(f'{variant}.{tag}', recipe=recipe_file(f'{variant}.{tag}'))
 
 
 def download_safetensors(
@@ -80,6 +90,13 @@ def download_safetensors(
             f"{_why_not_downloaded(e)}. Load them once while online (same HF_HOME / cache), or pass "
             f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors').") from e
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        if isinstance(e, RepositoryNotFoundError) and not isinstance(e, GatedRepoError):  # gated: a subclass
+            raise PretrainedWeightsNotFound(
+                f"No weights for '{name}': its Hub repo '{repo_id}' was not found at {hf_constants.ENDPOINT} "
+                f"(RepositoryNotFoundError): check the hf_hub_id recorded for it (timm_spe.register_pretrained or "
+                f"timm_spe/registry.py) and HF_ENDPOINT, publish the weights there (`timm-spe publish CHECKPOINT "
+                f"--model {variant} --tag {tag or 'TAG'} --repo-id {repo_id}`), or, for a private repo, log in with "
+                f"`hf auth login` (or set HF_TOKEN).") from e
         raise PretrainedWeightsNotFound(
             f"No published weights for '{name}': the Hub has no {SAFE_WEIGHTS_NAME} in '{hf_hub_id}' "
             f"({e.__class__.__name__}; for a private repo, log in with `hf auth login` or set HF_TOKEN). "

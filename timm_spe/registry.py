@@ -105,17 +105,26 @@ def verify_sha256(path: PathLike, model_tag: str, source: str) -> str:
     return actual
 
 
-def no_weights_message(model_tag: str) -> str:
-    """Why ``model_tag`` cannot be loaded with pretrained=True, and how to make weights for it."""
+def no_weights_message(model_tag: str, recipe: Optional[str] = None) -> str:
+    """Why ``model_tag`` cannot be loaded with pretrained=True, and how to make weights for it.
+
+    ``recipe``: the clone's ``train_recipes/<model>-<tag>.yaml`` if it has one (:func:`timm_spe.hub.recipe_file`);
+    without it the message names timm's train.py alone. The ``untrained`` tag (the ImageNet variants' config, without
+    weights or class names) and the placeholder ``TAG`` are no tag to publish under: the message asks for one and its
+    repo, and leaves out ``timm-spe eval`` (it needs class names).
+    """
     variant, _, tag = model_tag.partition('.')
     tag = tag or 'TAG'
-    listed = sorted(t for t in PRETRAINED_TAGS if t.split('.')[0] == variant)
+    listed = sorted(t for t in PRETRAINED_TAGS if t.split('.')[0] == variant and t != f'{variant}.{tag}')
+    publish = (f"`timm-spe publish CHECKPOINT --model {variant} --tag TAG --repo-id ORG/NAME`"
+               if tag in ('untrained', 'TAG') else  # a 1000-class config: no class names, so no `timm-spe eval`
+               f"`timm-spe eval` + `timm-spe publish CHECKPOINT --model {variant} --tag {tag} --eval-json EVAL.json`")
+    train = (f"timm's train.py (`./run.sh train {recipe}`, then `timm-spe finish-run --recipe {recipe}`), or" if recipe
+             else f"timm's train.py (--model {variant}), then")
     return (
-        f"'{variant}.{tag}' has no pretrained weights yet"
+        (f"'{variant}.{tag}' is the architecture alone, without pretrained weights" if tag == 'untrained' else
+         f"'{variant}.{tag}' has no pretrained weights yet")
         + (f" (tags with weights: {', '.join(listed)})" if listed else ' (timm.list_pretrained() lists the tags that have)')
-        + f". Train them with timm's train.py (recipe train_recipes/{variant}-{tag}.yaml if there is one: "
-        f"`./run.sh train train_recipes/{variant}-{tag}.yaml`, then `timm-spe finish-run --recipe ...`), or "
-        f"`timm-spe eval` + `timm-spe publish CHECKPOINT --model {variant} --tag {tag} --eval-json EVAL.json`; then "
-        f"record the published file's sha256 in timm_spe/registry.py (or at runtime with "
-        f"timm_spe.register_pretrained). To use a local file instead: timm.create_model('{variant}', "
-        f"pretrained=True, pretrained_cfg_overlay=dict(file='path/to/model.safetensors')).")
+        + f". Train them with {train} {publish}; then record the published file's sha256 in timm_spe/registry.py "
+        f"(or at runtime with timm_spe.register_pretrained). To use a local file instead: timm.create_model("
+        f"'{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='path/to/model.safetensors')).")

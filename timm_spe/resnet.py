@@ -35,13 +35,18 @@ from .pretrained import CIFAR_MEAN, CIFAR_STD, cifar_cfgs, imagenet_cfg
 from .registry import HF_HUB_ORG
 from .spe import SpeModule, batch_norm_spe_add_relu, spe_add_relu_
 
-__all__ = ['CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS', 'model_names']
+__all__ = [
+    'CifarResNet', 'HF_HUB_ORG', 'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR_DEPTHS', 'CIFAR_ATTN_LAYERS', 'IMAGENET_MODELS',
+    'model_names',
+]
 
 
 # The variant table: depths of the paper (Table 2) x attention kinds (Table 1 baselines) as
 # (attn_layer, attn_kwargs). SE uses the exact C/16 reduction and CBAM a biased MLP with C/16
 # rounded up to 8; SRM (timm_spe/srm.py) and SGE (timm_spe/sge.py, 64 groups) are their authors'
-# modules: with these, parameter counts equal the paper's Table 1.
+# modules: with these, parameter counts equal the paper's Table 1. The package's model list is these two tables and
+# IMAGENET_MODELS below, nothing else: a depth added here (9n + 2) is registered in every attention kind, and what
+# follows from that (torch.hub entry points, recipes, tests; what to regenerate) is in docs/design_space.md.
 CIFAR_DEPTHS = (83, 164, 245, 326)
 CIFAR_ATTN_LAYERS: Dict[str, Tuple[Optional[str], Dict[str, Any]]] = {
     '': (None, {}),
@@ -353,6 +358,7 @@ _IMAGENET_VARIANTS: Dict[str, Dict[str, Any]] = {
     'resnet50_spe': dict(block=Bottleneck, layers=(3, 4, 6, 3)),
     'resnet101_spe': dict(block=Bottleneck, layers=(3, 4, 23, 3)),
 }
+IMAGENET_MODELS: Tuple[str, ...] = tuple(_IMAGENET_VARIANTS)  # model_names(): these and CIFAR_DEPTHS x CIFAR_ATTN_LAYERS
 
 default_cfgs = generate_default_cfgs({
     **{k: v for name in _CIFAR_VARIANTS for k, v in cifar_cfgs(name).items()},

@@ -1,5 +1,6 @@
-"""The resume state of a ``./run.sh train`` run: ``train_runs/<recipe>/`` (``last.pth.tar``, ``summary.csv``,
-``args.yaml``, ``train.log``), and a one-line status of where the run stands.
+"""The resume state of a ``./run.sh train`` run: ``runs/<recipe>/`` (``last.pth.tar``, ``summary.csv``,
+``args.yaml``, ``train.log``; the committed records of the shipped weights' runs are ``train_runs/<recipe>/``), a
+one-line status of where the run stands, and how long an epoch took in a run's log.
 
 train.py appends one ``summary.csv`` row per finished epoch and writes the header again on every resume,
 so the rows are read here with repeated headers dropped and a re-run epoch kept once (its latest row).
@@ -7,21 +8,32 @@ so the rows are read here with repeated headers dropped and a re-run epoch kept 
 import csv
 import io
 import re
+import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 __all__ = ['read_summary', 'best_epoch', 'completed_epochs', 'run_status', 'run_dir_of', 'epochs_by_device',
-           'describe_devices', 'device_ranges_text', 'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text']
+           'describe_devices', 'device_ranges_text', 'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text',
+           'minutes_per_epoch', 'expected_time']
 
 _DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
 _TRAIN = re.compile(r'^Train: (\d+) \[')
 _LAST_EVAL_STEP = re.compile(r'^Test: \[\s*(\d+)/(\d+)\]')
 _RESUMED = re.compile(r"^Loaded checkpoint '.*' \(epoch (\d+)\)")  # train.py --resume; epoch counts from 0
 _RESEEDED = re.compile(r'^run\.sh: resuming with --seed \d+')  # run.sh's line before such a start
+# train.py's step lines: 'Train: E [ i/n (..%)] ... Time: <this step>s, <rate>/s  (<running mean>s, <rate>/s) ...',
+# the running mean over the steps of this epoch in this process; its eval lines: 'Test: [ i/last] Time: <this> (<mean>)'
+_DEVICE_COUNT = re.compile(r'Training with .* on (\d+) devices? \((\w+)')
+_STEP_TIME = re.compile(r'^Train: (\d+) \[\s*(\d+)/(\d+) .*?Time: [\d.]+s,\s*[\d.]+/s\s*\(\s*([\d.]+)s,')
+_EVAL_TIME = re.compile(r'^Test: \[\s*(\d+)/(\d+)\]\s+Time: [\d.]+ \(\s*([\d.]+)\)')
+# The CPU of the committed records (train_runs/<recipe>/train.log): this project's 2-core machine. train.py's log
+# names only the device type ("cpu"), so this is said here, once.
+RECORD_CPU = '2 CPU cores'
 
 
-def run_dir_of(recipe: Union[str, Path], output: str = 'train_runs') -> Path:
-    """``train_runs/<recipe file name without .yaml>``: where ``./run.sh train RECIPE`` keeps the run."""
+def run_dir_of(recipe: Union[str, Path], output: str = 'runs') -> Path:
+    """``runs/<recipe file name without .yaml>``: where ``./run.sh train RECIPE`` keeps the run (``output``:
+    its ``TRAIN_RUNS``)."""
     return Path(output) / Path(recipe).stem
 
 
@@ -202,3 +214,73 @@ def recipe_header(recipe: Union[str, Path]) -> List[str]:
             break
         lines.append(line[1:].removeprefix(' '))
     return lines
+
+
+def minutes_per_epoch(log: Union[str, Path]) -> Dict[int, Tuple[str, float]]:
+    """``{epoch: (device, minutes)}`` (1-based epochs) from train.py's logged step times in a run's console log:
+    the running mean step time at the epoch's last training step times its steps, plus the mean time of its eval
+    batches times their number. Only what train.py times: a process's start-up, the loaders' start per epoch and
+    checkpoint saving are not in it. An epoch counts where its eval finished (a redone one: its last try);
+    ``device`` is ``'cpu'``, ``'cuda'``, or ``'4 cuda'`` for a start on 4 devices."""
+    device, pending, out = None, None, {}
+    for line in Path(log).read_text(errors='replace').splitlines():
+        m = _DEVICE_COUNT.search(line)
+        if m:  # a train.py (re)start: a step mean of the process before it is no epoch's
+            device, pending = (m[2] if m[1] == '1' else f'{m[1]} {m[2]}'), None
+            continue
+        m = _STEP_TIME.match(line)
+        if m:
+            epoch, step, steps, mean = int(m[1]), int(m[2]), int(m[3]), float(m[4])
+            pending = (epoch, mean * steps) if step == steps - 1 else None
+            continue
+        m = _EVAL_TIME.match(line)
+        if m and m[1] == m[2] and pending is not None and device is not None:
+            out[pending[0] + 1] = (device, (pending[1] + float(m[3]) * (int(m[2]) + 1)) / 60)
+            pending = None
+    return out
+
+
+def _device_words(device: str) -> str:
+    count, _, kind = device.rpartition(' ')
+    if kind == 'cpu':
+        return RECORD_CPU
+    if kind == 'cuda':
+        return f'{count} GPUs' if count else 'one GPU'
+    return f'{count} {kind}' if count else kind
+
+
+def _minutes(minutes: float) -> str:
+    return f'~{minutes:.1f} min' if minutes < 9.95 else f'~{minutes:.0f} min'
+
+
+def _duration(minutes: float) -> str:
+    if minutes < 90:
+        return _minutes(minutes)
+    hours = minutes / 60
+    return f'~{hours:.1f} h' if hours < 9.95 else f'~{hours:.0f} h'
+
+
+def expected_time(log: Union[str, Path], epochs: int, done: int = 0) -> str:
+    """One line: the median minutes per epoch on each device of a run's ``train.log`` (:func:`minutes_per_epoch`)
+    and what the ``epochs - done`` epochs still to train take at that pace; ``''`` where the log has no timed
+    epoch. ``'expected: ~16 min per epoch on 2 CPU cores (median of 70 epochs), ~1.0 min on one GPU (median of
+    12) -> 164 epochs: ~45 h on 2 CPU cores, ~2.7 h on one GPU (train.py's logged step and eval times in LOG; ...)'``
+    """
+    by_device: Dict[str, List[float]] = {}
+    for device, minutes in minutes_per_epoch(log).values():
+        by_device.setdefault(device, []).append(minutes)
+    if not by_device:
+        return ''
+    order = sorted(by_device, key=lambda d: (not d.endswith('cpu'), d))  # the recipes' device first
+    medians = {d: statistics.median(by_device[d]) for d in order}
+    per_epoch = ', '.join(
+        f'{_minutes(medians[d])}{" per epoch" if i == 0 else ""} on {_device_words(d)} '
+        f'(median of {len(by_device[d])}{" epochs" if i == 0 else ""})' for i, d in enumerate(order))
+    left = max(epochs - done, 0)
+    if not left:
+        what = f'all {epochs} epochs done'
+    else:
+        what = (f'{epochs} epochs' if not done else f'{left} of {epochs} epochs to go') + ': ' + ', '.join(
+            f'{_duration(medians[d] * left)} on {_device_words(d)}' for d in order)
+    return (f"expected: {per_epoch} -> {what} (train.py's logged step and eval times in {log}; "
+            f"process start-up and checkpoint saving not counted)")

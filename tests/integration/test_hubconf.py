@@ -49,9 +49,11 @@ def test_torch_hub_load_gives_the_logits_of_timm_create_model():
 def test_torch_hub_list_is_every_registered_model_and_nothing_else(hub_cache):
     listed = torch.hub.list(REPO, trust_repo=True, skip_validation=True, verbose=False)
     ours = set(timm_spe.resnet.default_cfgs)  # the architectures this package registers
-    assert set(timm.list_models(['resnet83*', 'resnet164*', 'resnet245*', 'resnet326*', '*_spe'])) == ours
+    # the variant tables of timm_spe/resnet.py: every depth x attention kind (CIFAR), plus the ImageNet SPE ResNets
+    depths, attns, imagenet = timm_spe.CIFAR_DEPTHS, timm_spe.resnet.CIFAR_ATTN_LAYERS, timm_spe.resnet.IMAGENET_MODELS
+    assert ours == {f'resnet{d}' + (f'_{a}' if a else '') for d in depths for a in attns} | set(imagenet)
+    assert len(ours) == len(depths) * len(attns) + len(imagenet)  # no name made twice
     assert sorted(listed) == sorted(timm_spe.model_names()) == sorted(ours)
-    assert len(ours) == 4 * 7 + 3  # four depths x (plain + six attentions), three ImageNet SPE ResNets
 
 
 def test_torch_hub_help_names_the_model_its_tags_and_their_top1(hub_cache):

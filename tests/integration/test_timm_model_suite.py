@@ -7,12 +7,13 @@ selects our models. Skipped by design: timm's ``*_pretrained`` tests (they downl
 the Hub; our loading is covered against a local Hub in test_hub.py).
 
 Every registered model and tag goes through ``test_model_default_cfgs``; the forward / backward / features /
-TorchScript / FX tests run on one depth of each CIFAR attention kind (ResNet-83) and two ImageNet SPE ResNets, and
-the two shipped models (resnet164_spe, resnet164) take the forward / backward / features ones. The other CIFAR
-depths (164 / 245 / 326 of the same kinds, resnet101_spe) are the same classes with more blocks per stage -- a
-number in the variant table, checked by test_resnet.py's parameter counts -- and made this test take half an hour
-(ResNet-326 through TorchScript and FX); TorchScript and FX of the ResNet-164s alone took 60 of its 277 s, for
-nothing ResNet-83's runs do not check.
+TorchScript / FX tests run on one depth of each CIFAR attention kind (the smallest of CIFAR_DEPTHS, ResNet-83) and
+two ImageNet SPE ResNets, and the two shipped models (resnet164_spe, resnet164) take the forward / backward /
+features ones. The other CIFAR depths (164 / 245 / 326 of the same kinds, resnet101_spe) are the same classes with
+more blocks per stage -- a number in the variant table, checked by test_resnet.py's parameter counts -- and made
+this test take half an hour (ResNet-326 through TorchScript and FX); TorchScript and FX of the ResNet-164s alone took
+60 of its 277 s, for nothing ResNet-83's runs do not check. The lists are read from the variant tables of
+timm_spe/resnet.py (``model_names()``, ``CIFAR_DEPTHS``, ``CIFAR_ATTN_LAYERS``, ``IMAGENET_MODELS``), not typed in.
 """
 import os
 import re
@@ -24,12 +25,16 @@ from pathlib import Path
 import pytest
 import timm
 
-import timm_spe  # noqa: F401
+import timm_spe
+from timm_spe.resnet import CIFAR_ATTN_LAYERS, CIFAR_DEPTHS, IMAGENET_MODELS, cifar_model_name
 
-OUR_MODELS = sorted(timm.list_models(['resnet83*', 'resnet164*', 'resnet245*', 'resnet326*', '*_spe']))
-# the models the forward/backward/features/TorchScript/FX tests run on (see the module docstring)
-MODEL_TEST_MODELS = sorted(timm.list_models(['resnet83*', 'resnet164', 'resnet164_spe', 'resnet18_spe', 'resnet50_spe']))
+OUR_MODELS = sorted(timm_spe.model_names())  # every registered model, read from timm's registry
 SHIPPED = ('resnet164', 'resnet164_spe')  # the shipped weights' models: no TorchScript / FX runs (docstring)
+IMAGENET_TESTED = ('resnet18_spe', 'resnet50_spe')  # resnet101_spe: resnet50_spe's class with more blocks
+# the models the forward/backward/features/TorchScript/FX tests run on (see the module docstring): every CIFAR
+# attention kind at the smallest depth, the shipped models, two ImageNet SPE ResNets
+MODEL_TEST_MODELS = sorted({cifar_model_name(min(CIFAR_DEPTHS), attn) for attn in CIFAR_ATTN_LAYERS}
+                           | set(SHIPPED) | set(IMAGENET_TESTED))
 TRACE_KINDS = ('test_model_forward_torchscript', 'test_model_forward_fx', 'test_model_backward_fx',
                'test_model_forward_fx_torchscript')
 TEST_KINDS = (
@@ -58,6 +63,19 @@ def _timm_tests_dir() -> Path:
     return target
 
 
+def test_the_suite_covers_every_registered_model():
+    """The suite's model lists come from the variant tables of timm_spe/resnet.py (a new depth or attention kind is
+    in them without a change here): every registered model takes the default-cfgs test, and every CIFAR attention
+    kind the TorchScript / FX ones at one depth at least. Needs no timm sdist: runs in seconds."""
+    assert set(OUR_MODELS) == {cifar_model_name(d, a) for d in CIFAR_DEPTHS for a in CIFAR_ATTN_LAYERS} | set(
+        IMAGENET_MODELS)
+    assert len(OUR_MODELS) == len(CIFAR_DEPTHS) * len(CIFAR_ATTN_LAYERS) + len(IMAGENET_MODELS)
+    assert set(MODEL_TEST_MODELS) <= set(OUR_MODELS) and set(IMAGENET_TESTED) <= set(IMAGENET_MODELS)
+    assert len(MODEL_TEST_MODELS) == len(CIFAR_ATTN_LAYERS) + len(SHIPPED) + len(IMAGENET_TESTED)  # none twice
+    traced = set(MODEL_TEST_MODELS) - set(SHIPPED)
+    assert all(any(cifar_model_name(d, a) in traced for d in CIFAR_DEPTHS) for a in CIFAR_ATTN_LAYERS)
+
+
 @pytest.mark.timeout(3600)
 def test_timm_model_suite(tmp_path):
     src = _timm_tests_dir()
@@ -83,8 +101,6 @@ def test_timm_model_suite(tmp_path):
     results = {}
     for kind, name, outcome in re.findall(r'::(test_\w+)\[\d+-([\w.]+)\] (PASSED|FAILED|SKIPPED|ERROR)', proc.stdout):
         results[(kind, name)] = outcome
-    assert len(OUR_MODELS) == 31  # 4 depths x 7 attention kinds (CIFAR) + 3 ImageNet SPE ResNets
-    assert len(MODEL_TEST_MODELS) == 11  # resnet83 x 7 kinds, resnet164(_spe), resnet18_spe, resnet50_spe
     not_passed = [(k, m, results.get((k, m))) for k, m in expected if results.get((k, m)) != 'PASSED']
     assert not not_passed, f'not passed: {not_passed[:20]}\n{tail}'
     assert len(results) == len(expected), sorted(set(results) - set(expected))[:10]

@@ -4,25 +4,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import ROOT
+from helpers import ROOT, timm_train_py
 
 from timm_spe.train_run import read_summary
 
 RECIPE = 'train_recipes/resnet164_spe-cifar10_e30.yaml'
-
-
-
-def _train_py():
-    for cand in (os.environ.get('TIMM_TRAIN_PY'), ROOT / '.cache' / 'pytorch-image-models' / 'train.py'):
-        if cand and Path(cand).is_file():
-            return str(cand)
-    pytest.skip('timm train.py not available (set TIMM_TRAIN_PY or run ./run.sh train once)')
-
 
 CLASSES = [f'{split}/{c}' for split in ('train', 'test') for c in ('airplane', 'automobile')]  # 2 classes, 2 splits
 
@@ -32,7 +22,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, make_image_folder):
     run starts from the saved SPE p and optimizer momentum. Not bit-identical: the data order (train.py
     seeds at every start: here, with the same seed, the resumed epoch sees the first epoch's order; ./run.sh
     train passes a seed of its own, see the next test) and hence the weights."""
-    train_py = _train_py()
+    train_py = timm_train_py()
     data = tmp_path / 'data'
     make_image_folder(CLASSES, per_class=32, root=data)  # 16 steps per epoch: time to interrupt epoch 1
     recipe = yaml.safe_load((ROOT / 'train_recipes' / 'resnet164_spe-cifar10_e30.yaml').read_text())
@@ -83,7 +73,7 @@ def test_a_resume_with_the_recipes_seed_replays_the_first_epochs_batches(tmp_pat
     alone: the second epoch of one train.py process draws new batches, a resume with the recipe's seed trains on
     exactly the first epoch's batches again (order and augmentation), and a resume with the seed ./run.sh train
     gives it (the recipe's seed + the epoch it resumes at) draws its own."""
-    train_py = _train_py()
+    train_py = timm_train_py()
     data = tmp_path / 'data'
     make_image_folder(CLASSES, per_class=16, root=data)  # 8 steps of batch 4
     recipe = yaml.safe_load((ROOT / RECIPE).read_text())

@@ -197,6 +197,31 @@ def test_publish_without_a_token_stages_nothing(hub_env, weights, tmp_path, caps
     assert '`hf auth login`' in line and not out.exists()
 
 
+def test_a_dry_run_of_an_unregistered_tag_says_the_upload_needs_a_repo_id(hub_env, weights, tmp_path, capsys):
+    """It ended 'Upload with the same command without --dry-run (repo None)'; that command fails asking for
+    --repo-id ORG/NAME (and, the folder now staged, for --force)."""
+    staged = tmp_path / 'staged'
+    cli(['publish', str(weights['good']), '--model', 'resnet83_spe', '--tag', 'mytag', '--dry-run', '--out',
+         str(staged)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 'None' not in last and "'resnet83_spe.mytag' is not a registered tag" in last
+    assert 'uploading needs --repo-id ORG/NAME' in last
+    assert f'`timm-spe upload {staged} --repo-id timm-spe/resnet83_spe.mytag`' in last
+    assert 'hf-hub:timm-spe/resnet83_spe.mytag' in (staged / 'README.md').read_text()  # "the repo its card names"
+    # the upload it names gets as far as the token (none here); without --repo-id it is refused
+    line, _ = _fails(['upload', str(staged), '--repo-id', 'timm-spe/resnet83_spe.mytag'], capsys)
+    assert 'no Hugging Face token' in line
+    line, _ = _fails(['upload', str(staged)], capsys)
+    assert 'pass --repo-id ORG/NAME' in line
+    # a registered tag: the staged folder uploads as it is
+    staged = tmp_path / 'registered'
+    cli(['publish', str(weights['good']), '--model', 'resnet83_spe', '--tag', 'cifar10', '--dry-run', '--out',
+         str(staged)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f'dry run: nothing uploaded. Upload the staged folder to timm-spe/resnet83_spe.cifar10 with '
+                    f'`timm-spe upload {staged}`.')
+
+
 @pytest.mark.parametrize('status, expected', [(401, 'HTTP 401'), (403, 'HTTP 403'), (400, 'HTTP 400')])
 def test_upload_with_a_refused_token(status, expected, hub_env, echo_server, tmp_path, capsys):
     state, url = echo_server

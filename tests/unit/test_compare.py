@@ -269,16 +269,16 @@ def test_readme_block_is_the_placeholder_until_both_folders_are_staged(pair, ben
     assert block == compare.pending_markdown(staged=['hub_cards/resnet164_spe.cifar10_e30'])
     assert block.startswith('*Pending:* `hub_cards/resnet164_spe.cifar10_e30/` is staged; '
                             '`hub_cards/resnet164.cifar10_e30/` is not yet:')
-    for command in ('./run.sh train train_recipes/resnet164-cifar10_e30.yaml   # resumes the run to its last epoch, '
-                    'then stages it (finish-run)',
+    for command in ('TRAIN_RUNS=train_runs ./run.sh train train_recipes/resnet164-cifar10_e30.yaml   # resumes the run to '
+                    'its last epoch, then stages it (finish-run)',
                     'timm-spe compare hub_cards/resnet164_spe.cifar10_e30 hub_cards/resnet164.cifar10_e30 --write'):
         assert command in block
     assert 'resnet164_spe-cifar10_e30.yaml' not in block and 'timm-spe finish-run' not in block  # run.sh runs it
     (spe / 'eval.json').rename(spe / 'eval.json.bak')  # neither staged: both runs' commands
     block = compare.readme_block(tmp_path, benchmark=bench)
     assert block == compare.pending_markdown() and 'are not staged yet' in block
-    for command in ('./run.sh train train_recipes/resnet164_spe-cifar10_e30.yaml',
-                    './run.sh train train_recipes/resnet164-cifar10_e30.yaml\n'):
+    for command in ('TRAIN_RUNS=train_runs ./run.sh train train_recipes/resnet164_spe-cifar10_e30.yaml',
+                    'TRAIN_RUNS=train_runs ./run.sh train train_recipes/resnet164-cifar10_e30.yaml\n'):
         assert command in block
     (spe / 'eval.json.bak').rename(spe / 'eval.json')
     (plain / 'eval.json').write_text(json.dumps(_eval('resnet164', 92.0)))

@@ -155,10 +155,48 @@ def test_safetensors_and_mismatch(tmp_path):
     other = timm.create_model('resnet83_spe')
     assert load_weights(other, path)['format'] == 'safetensors'
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
-    with pytest.raises(ValueError, match='missing keys'):
+    with pytest.raises(ValueError, match=r'is a resnet83_spe state dict .*: give resnet83_spe \(or'):
         load_weights(timm.create_model('resnet83'), path)
     with pytest.raises(FileNotFoundError):
         load_checkpoint_file(tmp_path / 'nope.pth')
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.pth.tar'])
+def test_weights_of_another_model_are_named_with_the_model_that_fits(suffix, tmp_path):
+    """resnet164_spe weights given as --model resnet83_spe: the error listed unexpected num_batches_tracked keys."""
+    from timm_spe.cli import main
+    state_dict = timm.create_model('resnet164_spe').state_dict()
+    src = tmp_path / f'r164{suffix}'
+    if suffix == '.safetensors':
+        save_file(state_dict, str(src))
+    else:
+        torch.save({'epoch': 2, 'arch': 'resnet164_spe', 'state_dict': state_dict}, src)
+    with pytest.raises(SystemExit) as info:
+        main(['convert', str(src), '--model', 'resnet83_spe', '--out', str(tmp_path / 'o.safetensors')])
+    line = str(info.value.code)
+    assert line == (f"timm-spe convert: error: '{src}' is a resnet164_spe state dict (depth 164: 18 blocks per stage; "
+                    f"attention: spe; read from its keys), which does not fit resnet83_spe: give resnet164_spe (or "
+                    f"resnet164_spe.TAG) as the model instead.")
+    assert not (tmp_path / 'o.safetensors').exists()
+    with pytest.raises(SystemExit) as info:  # the model is an argument of inspect and eval, not --model
+        main(['inspect', 'resnet83_spe', '--checkpoint', str(src)])
+    assert str(info.value.code).startswith(f"timm-spe inspect: error: '{src}' is a resnet164_spe state dict (")
+
+
+@pytest.mark.parametrize('depth', [83, 164])
+def test_the_model_of_a_state_dict_is_read_from_its_keys(depth):
+    """Every attention kind of the CIFAR ResNets (CIFAR_ATTN_LAYERS) is told apart by its keys, with the depth."""
+    from timm_spe.convert import cifar_model_of
+    from timm_spe.resnet import CIFAR_ATTN_LAYERS, cifar_model_name
+    for attn in CIFAR_ATTN_LAYERS:
+        name = cifar_model_name(depth, attn)
+        with torch.device('meta'):
+            state_dict = timm.create_model(name).state_dict()
+        assert cifar_model_of(state_dict) == name
+        assert cifar_model_of({f'module.{k}': v for k, v in state_dict.items()}) == name  # DataParallel keys
+    with torch.device('meta'):
+        assert cifar_model_of(timm.create_model('resnet18_spe').state_dict()) is None  # no CIFAR ResNet
+        assert cifar_model_of(timm_spe.CifarResNet(depth=20, attn_layer='spe').state_dict()) is None  # no such model
 
 
 def test_cli_convert_folder_loads_with_local_dir_and_publishes(tmp_path):

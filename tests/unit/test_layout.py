@@ -53,7 +53,7 @@ def test_the_registry_imports_nothing_from_the_package():
 
 @pytest.mark.parametrize('module, allowed', [
     ('timm_spe.pretrained', {'timm_spe.registry', 'timm_spe.labels', 'timm_spe._paths'}),
-    ('timm_spe.hub', {'timm_spe.registry', 'timm_spe.labels', 'timm_spe.version'}),
+    ('timm_spe.hub', {'timm_spe.registry', 'timm_spe.labels', 'timm_spe.version', 'timm_spe._paths'}),
     ('timm_spe.builder', {'timm_spe.registry', 'timm_spe.hub'}),
 ])
 def test_each_layer_of_the_weights_stack_imports_only_the_layers_below_it(module, allowed):

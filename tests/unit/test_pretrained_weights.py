@@ -114,6 +114,60 @@ def test_a_tag_without_weights_says_so_and_how_to_make_them():
     msg = str(info.value)
     assert "'resnet164_spe.cifar100' has no pretrained weights yet" in msg
     assert DEFAULT in msg and 'timm-spe publish' in msg and './run.sh train' in msg
+    assert (ROOT / 'train_recipes' / 'resnet164_spe-cifar100.yaml').is_file()
+    assert '`./run.sh train train_recipes/resnet164_spe-cifar100.yaml`' in msg
+
+
+@pytest.mark.parametrize('model', ['resnet18_spe', 'resnet83_se.cifar10'])
+def test_a_model_without_weights_suggests_no_recipe_or_tag_that_does_not_exist(model):
+    """resnet18_spe's error suggested train_recipes/resnet18_spe-untrained.yaml and publishing as tag 'untrained'."""
+    with pytest.raises(PretrainedWeightsNotFound) as info:
+        timm.create_model(model, pretrained=True)
+    msg = str(info.value)
+    variant = timm.models.split_model_name_tag(model)[0]
+    assert not list((ROOT / 'train_recipes').glob(f'{variant}-*.yaml'))
+    assert 'train_recipes' not in msg and 'run.sh' not in msg and '\n' not in msg
+    assert f"timm's train.py (--model {variant})" in msg and 'timm-spe publish CHECKPOINT' in msg
+    if variant == 'resnet18_spe':  # its one tag, 'untrained', is the architecture: new weights need a tag and repo
+        assert "'resnet18_spe.untrained' is the architecture alone, without pretrained weights" in msg
+        assert '--tag untrained' not in msg and f'--model {variant} --tag TAG --repo-id ORG/NAME`' in msg
+        assert 'timm-spe eval' not in msg  # it needs class names: a 1000-class model has none
+    else:
+        assert f'`timm-spe eval` + `timm-spe publish CHECKPOINT --model {variant} --tag cifar10 --eval-json' in msg
+
+
+@pytest.fixture()
+def runtime_tag():
+    """'resnet83_spe.mine' registered with timm_spe.register_pretrained at a Hub repo, undone after the test."""
+    from timm.models import _registry as reg
+    saved = (dict(reg._model_pretrained_cfgs), set(reg._model_has_pretrained),
+             list(reg._model_with_tags['resnet83_spe']), dict(PRETRAINED_TAGS))
+    timm_spe.register_pretrained('resnet83_spe.mine', 'a' * 64, num_classes=10, hf_hub_id='my-org/resnet83_spe.mine')
+    yield 'resnet83_spe.mine'
+    reg._model_pretrained_cfgs.clear()
+    reg._model_pretrained_cfgs.update(saved[0])
+    reg._model_has_pretrained.clear()
+    reg._model_has_pretrained.update(saved[1])
+    reg._model_with_tags['resnet83_spe'][:] = saved[2]
+    PRETRAINED_TAGS.clear()
+    PRETRAINED_TAGS.update(saved[3])
+
+
+def test_a_registered_tag_whose_hub_repo_is_missing_names_the_repo(runtime_tag, monkeypatch):
+    """The Hub has no repo at the registered hf_hub_id: the error said the tag 'has no pretrained weights yet' and
+    listed that same tag among the 'tags with weights'."""
+    from unittest import mock
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+    missing = RepositoryNotFoundError('404 Client Error. Repository Not Found', response=mock.MagicMock())
+    monkeypatch.setattr(timm_spe.hub, 'hf_hub_download', mock.MagicMock(side_effect=missing))
+    with pytest.raises(PretrainedWeightsNotFound) as info:
+        timm.create_model(runtime_tag, pretrained=True)
+    msg = str(info.value)
+    assert "No weights for 'resnet83_spe.mine': its Hub repo 'my-org/resnet83_spe.mine' was not found at " in msg, msg
+    assert 'check the hf_hub_id' in msg and '--repo-id my-org/resnet83_spe.mine' in msg and 'HF_TOKEN' in msg
+    assert 'no pretrained weights' not in msg and 'tags with weights' not in msg and '\n' not in msg
+    assert info.value.__cause__ is missing
 
 
 def test_sha256_mismatch_is_an_error_naming_both_hashes(tmp_path, monkeypatch):

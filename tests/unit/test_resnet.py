@@ -1,7 +1,10 @@
 """CIFAR ResNet family: architecture, parameter counts vs the paper, timm model contract."""
+import re
+
 import pytest
 import timm
 import torch
+from helpers import ROOT
 
 import timm_spe
 from timm_spe import SpeModule
@@ -31,12 +34,46 @@ def test_param_count_matches_paper(name, num_classes):
 
 
 def test_list_models():
-    names = set(timm.list_models('resnet*'))
-    for depth in timm_spe.CIFAR_DEPTHS:
-        for suffix in ('', '_spe', '_se', '_eca', '_cbam', '_srm', '_sge'):
-            assert f'resnet{depth}{suffix}' in names
+    """The registered models are the variant tables of timm_spe/resnet.py, named resnet<depth>[_<attn>]: every depth x
+    attention kind and the ImageNet SPE ResNets, nothing else. (Which kinds the tables must hold is PAPER_PARAMS_M's
+    business above: the paper's Tables 1 and 2.)"""
+    depths, attns, imagenet = timm_spe.CIFAR_DEPTHS, timm_spe.resnet.CIFAR_ATTN_LAYERS, timm_spe.resnet.IMAGENET_MODELS
+    cifar = {f'resnet{depth}' + (f'_{attn}' if attn else '') for depth in depths for attn in attns}
+    assert cifar <= set(timm.list_models('resnet*'))
+    assert set(timm_spe.model_names()) == cifar | set(imagenet)
+    assert len(timm_spe.model_names()) == len(depths) * len(attns) + len(imagenet)  # no name made twice
     assert {'resnet50_spe', 'resnet83_spe', 'resnet164_spe'} <= set(timm.list_models('*spe*'))
     assert 'resnet164_spe.cifar100' not in timm.list_pretrained('resnet164_spe*')  # registered, but no weights
+
+
+def _comment(text: str, code: str) -> str:
+    """The comment after ``code`` on its line of ``text``."""
+    line = next(line for line in text.splitlines() if code in line)
+    return line.split('#', 1)[1].strip()
+
+
+def _names(comment: str) -> list:
+    """``'resnet83_spe, resnet18/50/101_spe'`` -> the names it lists, ``resnet18/50/101_spe`` as three."""
+    names = []
+    for item in comment.split(', '):
+        m = re.fullmatch(r'resnet([\d/]+)(_\w+)?', item)
+        assert m, f'not a model name (list): {item!r}'
+        names += [f'resnet{depth}{m.group(2) or ""}' for depth in m.group(1).split('/')]
+    return names
+
+
+def test_readme_lists_the_registered_models():
+    """README's Usage names the models by hand: they are the registry's. A depth or attention kind added to the
+    variant tables of timm_spe/resnet.py fails here until README says it too (so does docs/design_space.md's
+    resnet{<depths>}_<attn>)."""
+    readme = (ROOT / 'README.md').read_text()
+    listed = _names(_comment(readme, "timm.list_models('*spe*')"))
+    assert sorted(listed) == sorted(timm.list_models('*spe*')), f'README lists {listed}'
+    baselines = _comment(readme, "timm.create_model('resnet164_se')").split('baselines: ')[1].split(', ')
+    assert baselines == [f'_{attn}' for attn in timm_spe.resnet.CIFAR_ATTN_LAYERS if attn not in ('', 'spe')]
+    design_space = (ROOT / 'docs' / 'design_space.md').read_text()
+    depth_lists = re.findall(r'`resnet\{([\d,]+)\}_<attn>`', design_space)
+    assert depth_lists and all(tuple(map(int, d.split(','))) == timm_spe.CIFAR_DEPTHS for d in depth_lists), depth_lists
 
 
 def test_architecture_follows_authors_code():

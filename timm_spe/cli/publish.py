@@ -1,5 +1,6 @@
 """ ``timm-spe publish`` (stage a Hub folder and upload it) and ``timm-spe upload`` (a folder staged earlier) """
 import json
+import shlex
 from functools import partial
 from pathlib import Path
 from typing import Optional, Tuple
@@ -116,10 +117,22 @@ def cmd_publish(args) -> Path:
         raise RuntimeError(f'staged {SAFE_WEIGHTS_NAME} sha256 {staged_sha} differs from the weights ({sha}).')
     print(f'staged {staged}: {", ".join(sorted(p.name for p in staged.iterdir()))} (sha256 {sha[:16]}...)')
     if args.dry_run:
-        print(f'dry run: nothing uploaded. Upload with the same command without --dry-run (repo {repo_id}).')
+        print(_dry_run_line(staged, model_tag, repo_id, given=bool(args.repo_id)))
         return staged
     _upload(staged, repo_id, args, api)
     return staged
+
+
+def _dry_run_line(staged: Path, model_tag: str, repo_id: Optional[str], given: bool) -> str:
+    """How to upload what a dry run staged: ``timm-spe upload`` of the folder, whose card already names the repo
+    (publishing again without --dry-run would meet the now non-empty --out)."""
+    folder = shlex.quote(str(staged))
+    if repo_id:
+        return (f'dry run: nothing uploaded. Upload the staged folder to {repo_id} with `timm-spe upload {folder}'
+                + (f' --repo-id {repo_id}' if given else '') + '`.')
+    return (f"dry run: nothing uploaded. '{model_tag}' is not a registered tag, so uploading needs --repo-id ORG/NAME: "
+            f"`timm-spe upload {folder} --repo-id {default_hub_repo_id(model_tag)}` uploads it to the repo its card "
+            f"names (for another repo, stage it again with `timm-spe publish ... --repo-id ORG/NAME --force`).")
 
 
 def _upload(folder: Path, repo_id: str, args, api=None) -> None:

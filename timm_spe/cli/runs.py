@@ -24,6 +24,7 @@ from ..train_run import (
     describe_devices,
     describe_resumes,
     epochs_by_device,
+    expected_time,
     read_summary,
     recipe_header,
     resumed_epochs,
@@ -150,8 +151,19 @@ def _recipe_with_notes(recipe_path: str) -> str:
 
 
 def cmd_run_status(args) -> str:
-    """One line: where a ``./run.sh train`` run stands (its last completed epoch)."""
+    """One line: where a ``./run.sh train`` run stands (its last completed epoch); with ``--expected-from LOG``
+    instead the time its remaining epochs take at the pace of the run that wrote LOG (``''``: LOG has none)."""
     epochs = yaml.safe_load(Path(args.recipe).read_text()).get('epochs') if args.recipe else None
+    if args.expected_from:
+        if not epochs:
+            raise SystemExit('--expected-from needs --recipe RECIPE.yaml with its epochs: the time is per epoch.')
+        if not Path(args.expected_from).is_file():
+            raise SystemExit(f"--expected-from: no '{args.expected_from}' (the train.log of a run of the recipe, "
+                             f"e.g. train_runs/{Path(args.recipe).stem}/train.log).")
+        line = expected_time(args.expected_from, epochs, done=len(completed_epochs(args.run_dir)))
+        if line:
+            print(args.prefix + line)
+        return line
     line = args.prefix + run_status(args.run_dir, epochs)
     if args.plot:
         run_dir = Path(args.run_dir)
@@ -199,20 +211,27 @@ def register(subparsers) -> None:
     add = partial(add_command, subparsers)
     p = add('run-status', "one line: epoch, train loss and top-1 of a run's last completed epoch",
             'timm-spe run-status train_runs/resnet164_spe-cifar10_e30 --recipe train_recipes/resnet164_spe-cifar10_e30.yaml',
-            'timm-spe run-status train_runs/resnet164_spe-cifar10_e30 --plot curve.png')
+            'timm-spe run-status train_runs/resnet164_spe-cifar10_e30 --plot curve.png',
+            'timm-spe run-status runs/resnet164_spe-cifar10_e164 --recipe train_recipes/resnet164_spe-cifar10_e164.yaml '
+            '--expected-from train_runs/resnet164_spe-cifar10_e164/train.log')
     p.add_argument('run_dir', help='the run folder, e.g. train_runs/resnet164_spe-cifar10_e30')
     p.add_argument('--recipe', default=None, help='its recipe, for the scheduled epoch count (default: none)')
     p.add_argument('--prefix', default='', help='text printed before the status (default: none)')
     p.add_argument('--plot', default=None, metavar='PNG',
                    help='also plot the curve so far (loss per logged step and epoch, test top-1 per epoch) to PNG '
                         '(default: none)')
+    p.add_argument('--expected-from', default=None, metavar='LOG',
+                   help="instead of the status: minutes per epoch on each device from train.py's logged step and "
+                        "eval times in LOG, the train.log of a run of the same recipe (./run.sh train: the record "
+                        "train_runs/<recipe>/train.log), and the time of the run's remaining epochs; needs --recipe; "
+                        "prints nothing where LOG has no complete epoch (default: off)")
     p.set_defaults(func=cmd_run_status)
 
     p = add('finish-run', 'eval + plots + staged Hub folder for a finished train.py run',
             'timm-spe finish-run --recipe train_recipes/resnet164_spe-cifar10_e30.yaml')
     p.add_argument('--recipe', required=True, help='the recipe YAML the run was trained with (required)')
     p.add_argument('--run-dir', default=None,
-                   help="default: the recipe's <output>/<experiment>, or train_runs/<recipe file name> for run.sh")
+                   help="default: the recipe's <output>/<experiment> (./run.sh train passes runs/<recipe file name>)")
     p.add_argument('--unfinished', action='store_true',
                    help='stage the last completed epoch of a run that has not reached its scheduled epochs '
                         '(default: off)')
