@@ -3,7 +3,8 @@ DistributedDataParallel, launched by torchrun. The loop any timm model needs; SP
 
 - the Eq. 8 penalty needs no term in the loss: each SPE layer adds its gradient in backward (on every rank), and DDP
   averages the gradients over the ranks, so the penalty counts once, as in one process (tests/unit/test_distributed.py);
-- the resume state is the model and optimizer, saved by rank 0 after each epoch; every rank loads it.
+- the resume state is the model and optimizer, saved by rank 0 after each epoch; every rank loads it;
+- BatchNorm's running statistics are averaged over the ranks after each epoch (train.py's ``--dist-bn reduce``).
 
 Run (CPU: the gloo backend; GPUs: nccl, one process per GPU)::
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -99,6 +101,9 @@ def main(argv=None):
             optimizer.step()
             total += loss.detach()
             steps += 1
+        # each rank's last forward updated its own BatchNorm running statistics: average them, as timm's train.py
+        # does with its default --dist-bn reduce, so that every rank (and the saved state) holds the same model
+        distribute_bn(model, dist.get_world_size(), reduce=True)
         dist.all_reduce(total)
         lr = optimizer.param_groups[0]['lr']
         scheduler.step(epoch + 1)
