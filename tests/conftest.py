@@ -1,5 +1,5 @@
-"""Shared fixtures, one per kind of setup: image folders, an SPE layer with random parameters, a finished train.py run,
-small weights (and a corrupt copy), the shipped Hub folders. Helpers that are no fixture are in helpers.py (the repo
+"""Shared fixtures, one per kind of setup: image folders, a tag registered for one test, an SPE layer with random
+parameters, a finished train.py run, small weights (and a corrupt copy), the shipped Hub folders. Helpers that are no fixture are in helpers.py (the repo
 root, a minimal staged folder, a random SPE layer), hub_server.py (a local Hub) and compile_check.py; the SPE
 reference is benchmarks/spe_reference.py. Unit tests are in unit/, integration tests (all slow) in integration/."""
 import json
@@ -44,6 +44,26 @@ def make_image_folder(tmp_path):
                 img.save(root / c / f'{i:04d}{ext}', **({'quality': 75} if ext == '.jpg' else {}))
         return root
     return make
+
+
+@pytest.fixture()
+def register_tag():
+    """``register_tag(model_tag, sha256, **kwargs)``: :func:`timm_spe.register_pretrained` for one test; timm's
+    pretrained registry and timm_spe's ``PRETRAINED_TAGS`` are restored after it."""
+    from timm.models import _registry as reg
+
+    import timm_spe
+    saved = (dict(reg._model_pretrained_cfgs), set(reg._model_has_pretrained),
+             {k: list(v) for k, v in reg._model_with_tags.items()}, dict(PRETRAINED_TAGS))
+    yield timm_spe.register_pretrained
+    reg._model_pretrained_cfgs.clear()
+    reg._model_pretrained_cfgs.update(saved[0])
+    reg._model_has_pretrained.clear()
+    reg._model_has_pretrained.update(saved[1])
+    for model, tags in saved[2].items():
+        reg._model_with_tags[model][:] = tags
+    PRETRAINED_TAGS.clear()
+    PRETRAINED_TAGS.update(saved[3])
 
 
 @pytest.fixture()

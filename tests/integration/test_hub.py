@@ -21,8 +21,6 @@ from safetensors.torch import load_file
 import timm_spe
 from timm_spe.cli import main as cli
 from timm_spe.hub import PretrainedWeightsNotFound, upload_hub_folder
-from timm_spe.pretrained import register_pretrained
-from timm_spe.registry import PRETRAINED_TAGS
 
 ORG = timm_spe.HF_HUB_ORG
 MARKER = 'unpickled-marker'
@@ -254,20 +252,9 @@ def test_timm_alone_would_unpickle_a_pickle_only_repo(hub, tmp_path):
 
 
 @pytest.fixture()
-def recorded():
+def recorded(register_tag):
     """Record 'resnet83_spe.cifar100' as published (as timm_spe/registry.py would), undone after the test."""
-    from timm.models import _registry as reg
-    saved = (dict(reg._model_pretrained_cfgs), set(reg._model_has_pretrained),
-             list(reg._model_with_tags['resnet83_spe']), dict(PRETRAINED_TAGS))
-    register_pretrained('resnet83_spe.cifar100', 'a' * 64, num_classes=100, hf_hub_id=f'{ORG}/resnet83_spe.cifar100')
-    yield
-    reg._model_pretrained_cfgs.clear()
-    reg._model_pretrained_cfgs.update(saved[0])
-    reg._model_has_pretrained.clear()
-    reg._model_has_pretrained.update(saved[1])
-    reg._model_with_tags['resnet83_spe'][:] = saved[2]
-    PRETRAINED_TAGS.clear()
-    PRETRAINED_TAGS.update(saved[3])
+    register_tag('resnet83_spe.cifar100', 'a' * 64, num_classes=100, hf_hub_id=f'{ORG}/resnet83_spe.cifar100')
 
 
 @pytest.mark.parametrize('error, expected', [

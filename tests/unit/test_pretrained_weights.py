@@ -137,20 +137,10 @@ def test_a_model_without_weights_suggests_no_recipe_or_tag_that_does_not_exist(m
 
 
 @pytest.fixture()
-def runtime_tag():
+def runtime_tag(register_tag):
     """'resnet83_spe.mine' registered with timm_spe.register_pretrained at a Hub repo, undone after the test."""
-    from timm.models import _registry as reg
-    saved = (dict(reg._model_pretrained_cfgs), set(reg._model_has_pretrained),
-             list(reg._model_with_tags['resnet83_spe']), dict(PRETRAINED_TAGS))
-    timm_spe.register_pretrained('resnet83_spe.mine', 'a' * 64, num_classes=10, hf_hub_id='my-org/resnet83_spe.mine')
-    yield 'resnet83_spe.mine'
-    reg._model_pretrained_cfgs.clear()
-    reg._model_pretrained_cfgs.update(saved[0])
-    reg._model_has_pretrained.clear()
-    reg._model_has_pretrained.update(saved[1])
-    reg._model_with_tags['resnet83_spe'][:] = saved[2]
-    PRETRAINED_TAGS.clear()
-    PRETRAINED_TAGS.update(saved[3])
+    register_tag('resnet83_spe.mine', 'a' * 64, num_classes=10, hf_hub_id='my-org/resnet83_spe.mine')
+    return 'resnet83_spe.mine'
 
 
 def test_a_registered_tag_whose_hub_repo_is_missing_names_the_repo(runtime_tag, monkeypatch):
