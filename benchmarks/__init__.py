@@ -9,5 +9,6 @@ import the package with the root on ``sys.path`` (pytest's ``pythonpath`` in pyp
   ``allocator`` (``--compare``), on ``workloads`` (the models and their timed steps), ``memory`` and ``timing``
   (the interleaved timer);
 - ``spe_reference.py``: SPE written out plainly, the reference of the tests and the benchmark's unfused model;
-- ``profile_step.py``, ``cuda_check.py``, ``cuda_profile.py``, ``model_table.py``: scripts of their own.
+- ``profile_step.py``, ``cuda_check.py``, ``cuda_profile.py``, ``host_overhead.py``, ``model_table.py``: scripts of
+  their own.
 """

@@ -1,6 +1,7 @@
 """CUDA profile of SPE's train step: where the eager step's host time goes, and whether the compiled step traces whole.
 
-1. Host microseconds per call of one Triton launch (``_dot_kernel``), of the custom op around it, of its Python body.
+1. Host microseconds per call of one Triton launch (``_dot_kernel``), of the custom op around it, of its Python body
+   (the launch function eager code now calls directly, ``timm_spe._triton_ops.direct``).
 2. ``torch.profiler`` over three eager train steps (batch 128, channels_last, fp32) of resnet164, resnet164_spe on the
    Triton kernels and on the stock ops: per-step wall time unprofiled, self CPU / CUDA time, the top ops.
 3. A depth-20 resnet164_spe ``torch.compile``d (inductor), stock ops then Triton: six steps with Dynamo's graph-break
@@ -47,13 +48,14 @@ with timm_spe.set_triton_kernels(True):
     from timm_spe import _triton_ops as T
     g = torch.randn(128, 256, 32, 32, device=cuda).to(memory_format=torch.channels_last)
     xx = torch.randn_like(g)
-    n_, c_, hw_, grid_, bc_, bh_ = T._geometry(xx)
+    n_, c_, hw_, nc_, sn_, sc_, shw_, grid_, bc_, bh_ = T.geometry(xx)
     o_ = torch.empty((n_, c_), device=cuda)
-    for f, label in ((lambda: T._dot_kernel[grid_](g, xx, o_, c_, hw_, xx.stride(0), xx.stride(1), xx.stride(3),
+    for f, label in ((lambda: T._dot_kernel[grid_](g, xx, o_, c_, hw_, sn_, sc_, shw_, sn_, sc_, shw_,
                                                    BLOCK_C=bc_, BLOCK_HW=bh_), 'bare triton launch _dot_kernel'),
                      (lambda: ops.map_dot(g, xx), 'custom op map_dot'),
                      (lambda: T.map_dot._opoverload(g, xx), 'opoverload'),
-                     (lambda: T.map_dot._init_fn(g, xx) if hasattr(T.map_dot, '_init_fn') else None, 'python impl'),
+                     # the launch function the custom op wraps, which eager code calls directly
+                     (lambda: T.direct.map_dot(g, xx), 'python impl'),
                      (lambda: torch.empty((128, 256), device=cuda), 'torch.empty (N, C)')):
         try:
             for _ in range(20): f()

@@ -1,10 +1,15 @@
-""" SPE's Triton kernels as ``torch.ops.timm_spe.*`` ops: one kernel launch per op, with fake implementations
+""" SPE's Triton kernels as launch functions, and as ``torch.ops.timm_spe.*`` ops with fake implementations
 
-Each op allocates its outputs and launches one kernel of :mod:`timm_spe._triton_kernels`. They are opaque
-``torch.library.custom_op``s, so ``torch.compile`` (``fullgraph``) and ``torch.export`` trace each as one call, and an
-op counter (``benchmarks/count_ops.py``) sees one op per launch. Imported when the switch is turned on
-(:class:`timm_spe.config.set_triton_kernels`); called by :mod:`timm_spe.spe_triton`.
+Each function allocates its outputs and launches one kernel of :mod:`timm_spe._triton_kernels`. They are registered
+as opaque ``torch.library.custom_op``s, so ``torch.compile`` (``fullgraph``) and ``torch.export`` trace each as one
+call and an op counter (``benchmarks/count_ops.py``) sees one op per launch; plain eager code calls the same
+functions directly (:data:`direct`), without the dispatcher (on an H200 one call took 85.1 us of host time through
+the custom op, 46.7 us direct): same arguments, same kernels, same values (:func:`timm_spe.spe_triton.kernels`
+picks). Imported where the kernels run (:func:`timm_spe.spe_triton.applies`,
+:class:`timm_spe.config.set_triton_kernels`).
 """
+from types import SimpleNamespace
+
 import torch
 import triton
 from torch.library import custom_op
@@ -18,61 +23,110 @@ from ._triton_kernels import (
     _tail_kernel,
 )
 
+__all__ = ['direct', 'geometry', 'probe']
 
-def _geometry(t):
-    """``(N, C, HW, grid, BLOCK_C, BLOCK_HW)`` of the per-(n, c) kernels: a program per n and block of channels."""
-    n, c, h, w = t.shape
-    block_c = min(triton.next_power_of_2(c), 16)
-    block_hw = max(16, min(triton.next_power_of_2(h * w), 4096 // block_c))
-    return n, c, h * w, (n, triton.cdiv(c, block_c)), block_c, block_hw
+# the launch functions by op name, called directly in plain eager code
+direct = SimpleNamespace()
+_GEOMETRY = {}
+
+
+def geometry(t: torch.Tensor):
+    """``(N, C, HW, N * C, s_n, s_c, s_hw, grid, BLOCK_C, BLOCK_HW)`` of the per-(n, c) kernels for a 4-D ``t``
+    (a program per n and block of channels), cached per shape and strides. ``s_hw`` steps through H x W as one
+    dimension (``None`` where ``t``'s H and W do not merge into one); a dimension of size 1 gets stride 0, so that
+    equal strides mean equal addresses."""
+    key = (t.shape, t.stride())
+    g = _GEOMETRY.get(key)
+    if g is None:
+        if len(_GEOMETRY) > 1024:  # shapes that keep changing: start over rather than grow
+            _GEOMETRY.clear()
+        n, c, h, w = t.shape
+        s_n, s_c, s_h, s_w = t.stride()
+        s_hw = 0 if h * w == 1 else s_w if w > 1 else s_h
+        if h > 1 and w > 1 and s_h != w * s_w:
+            s_hw = None
+        block_c = min(triton.next_power_of_2(c), 16)
+        block_hw = max(16, min(triton.next_power_of_2(h * w), 4096 // block_c))
+        g = _GEOMETRY[key] = (n, c, h * w, n * c, s_n if n > 1 else 0, s_c if c > 1 else 0, s_hw,
+                              (n, triton.cdiv(c, block_c)), block_c, block_hw)
+    return g
+
+
+def _in_layout(t: torch.Tensor, like: torch.Tensor, g) -> torch.Tensor:
+    """``t`` where it has the strides of geometry ``g`` (``like``'s), else a copy in ``like``'s layout."""
+    if geometry(t)[4:7] == g[4:7]:
+        return t
+    return t.contiguous(memory_format=torch.contiguous_format if like.is_contiguous() else torch.channels_last)
+
+
+def _merged(grad: torch.Tensor, like: torch.Tensor):
+    """``grad`` and its geometry, copied to ``like``'s layout first where its H and W do not merge (an odd view)."""
+    g = geometry(grad)
+    if g[6] is None:
+        grad = grad.contiguous(memory_format=torch.contiguous_format if like.is_contiguous() else torch.channels_last)
+        g = geometry(grad)
+    return grad, g
+
+
+def _op(name: str, mutates_args=()):
+    """Register the decorated launch function as ``timm_spe::<name>`` and keep it in :data:`direct`."""
+    def register(fn):
+        setattr(direct, name, fn)
+        return custom_op(f'timm_spe::{name}', fn, mutates_args=mutates_args)
+    return register
 
 
 def _pools_and_gate(y, shortcut, out, p, w_exc, b_exc, w_rew, b_rew, paper):
-    n, c, hw, grid, block_c, block_hw = _geometry(y)
-    f_max, f_min, gate = (y.new_empty((n, c)) for _ in range(3))
-    i_max, i_min = (y.new_empty((n, c), dtype=torch.long) for _ in range(2))
+    g = n, c, hw, nc, s_n, s_c, s_hw, grid, block_c, block_hw = geometry(y)
+    if shortcut is not None:
+        shortcut = _in_layout(shortcut, y, g)
+    stats = torch.empty((3, n, c), dtype=y.dtype, device=y.device)
+    idx = torch.empty((2, n, c), dtype=torch.long, device=y.device)
     _tail_kernel[grid](
-        y, y if shortcut is None else shortcut, out, p, w_exc, b_exc, w_rew, b_rew, f_max, f_min, i_max, i_min, gate,
-        c, hw, y.stride(0), y.stride(1), y.stride(3), PAPER=paper, TAIL=shortcut is not None, BLOCK_C=block_c,
-        BLOCK_HW=block_hw)
-    return f_max, f_min, i_max, i_min, gate
+        y, y if shortcut is None else shortcut, out, p, w_exc, b_exc, w_rew, b_rew, stats, idx, c, hw, nc,
+        s_n, s_c, s_hw, PAPER=paper, TAIL=shortcut is not None, BLOCK_C=block_c, BLOCK_HW=block_hw)
+    return stats, idx
 
 
-@custom_op('timm_spe::bn_spe_tail_', mutates_args={'y'})
+@_op('bn_spe_tail_', mutates_args={'y'})
 def bn_spe_tail_(y: torch.Tensor, shortcut: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor,
                  b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``relu(y * gate + shortcut)`` written over ``y``; the pools, their indices and the gate returned."""
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``relu(y * gate + shortcut)`` written over ``y``; ``stats`` (max, min, gate) and ``idx`` (their indices)
+    returned."""
     return _pools_and_gate(y, shortcut, y, p, w_exc, b_exc, w_rew, b_rew, paper)
 
 
-@custom_op('timm_spe::spe_scale', mutates_args=())
+@_op('spe_scale')
 def spe_scale(x: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor,
-              b_rew: torch.Tensor, paper: bool,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x * gate`` (a new tensor), then the pools, their indices and the gate."""
+              b_rew: torch.Tensor, paper: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x * gate`` (a new tensor), then ``stats`` and ``idx``."""
     out = torch.empty_like(x)
     return (out, *_pools_and_gate(x, None, out, p, w_exc, b_exc, w_rew, b_rew, paper))
 
 
-@custom_op('timm_spe::map_sums', mutates_args=())
-def map_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, i_max: torch.Tensor, i_min: torch.Tensor,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (n, c): ``sum_hw(grad)``, ``sum_hw(grad * (x - mean))``, ``x`` at the max and at the min (float32)."""
-    n, c, hw, grid, block_c, block_hw = _geometry(x)
-    sg, sgx, x_max, x_min = (x.new_empty((n, c), dtype=torch.float32) for _ in range(4))
-    _sums_kernel[grid](grad, x, mean, i_max, i_min, sg, sgx, x_max, x_min, c, hw,
-                                    x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c, BLOCK_HW=block_hw)
-    return sg, sgx, x_max, x_min
+@_op('relu_map_sums')
+def relu_map_sums(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, idx: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient through the block's ReLU (``grad`` where ``out > 0``; a new tensor in ``x``'s layout), and per
+    (n, c) ``sum_hw`` of it, of it times ``x - mean``, and ``x`` at the max and at the min (``sums``, float32)."""
+    g = n, c, hw, nc, s_n, s_c, s_hw, grid, block_c, block_hw = geometry(x)
+    grad, (_, _, _, _, g_n, g_c, g_hw, _, _, _) = _merged(grad, x)
+    out = _in_layout(out, x, g)
+    gr = torch.empty_like(x)
+    sums = torch.empty((4, n, c), dtype=torch.float32, device=x.device)
+    _sums_kernel[grid](grad, out, x, gr, mean, idx, sums, c, hw, nc, s_n, s_c, s_hw, g_n, g_c, g_hw,
+                       BLOCK_C=block_c, BLOCK_HW=block_hw)
+    return gr, sums
 
 
-@custom_op('timm_spe::map_dot', mutates_args=())
+@_op('map_dot')
 def map_dot(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per (n, c): ``sum_hw(grad * x)`` (float32)."""
-    n, c, hw, grid, block_c, block_hw = _geometry(x)
-    out = x.new_empty((n, c), dtype=torch.float32)
-    _dot_kernel[grid](grad, x, out, c, hw, x.stride(0), x.stride(1), x.stride(3), BLOCK_C=block_c,
-                                   BLOCK_HW=block_hw)
+    n, c, hw, nc, s_n, s_c, s_hw, grid, block_c, block_hw = geometry(x)
+    grad, (_, _, _, _, g_n, g_c, g_hw, _, _, _) = _merged(grad, x)
+    out = torch.empty((n, c), dtype=torch.float32, device=x.device)
+    _dot_kernel[grid](grad, x, out, c, hw, s_n, s_c, s_hw, g_n, g_c, g_hw, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return out
 
 
@@ -82,101 +136,113 @@ def _gate_geometry(n, c):
     return min(triton.next_power_of_2(n), 64), block_c, triton.cdiv(c, block_c)
 
 
-def _gate_backward(sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew,
-                   b_rew, paper, bn):
-    n, c = sgx.shape
+def _gate_backward(sums, stats, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew, paper, bn):
+    n, c = stats.shape[1], stats.shape[2]
     block_n, block_c, num = _gate_geometry(n, c)
-    v_max, v_min = (sgx.new_empty((n, c)) for _ in range(2))
-    g_we, g_be, g_wr, g_br = (sgx.new_empty((c,)) for _ in range(4))
-    s_dy, s_dyx = (sgx.new_empty((c if bn else 0,)) for _ in range(2))
-    g_lam = sgx.new_empty((num, 2))
+    vv = torch.empty((2 * n * c + 2 * num,), dtype=torch.float32, device=stats.device)
+    g_we, g_be, g_wr, g_br = (torch.empty((c,), dtype=torch.float32, device=stats.device) for _ in range(4))
+    s_dy, s_dyx = (torch.empty((c if bn else 0,), dtype=torch.float32, device=stats.device) for _ in range(2))
     _gate_backward_kernel[(num,)](
-        sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew,
-        v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam, n, c, PAPER=paper, BN=bn, BLOCK_N=block_n,
-        BLOCK_C=block_c)
-    return v_max, v_min, g_we, g_be, g_wr, g_br, s_dy, s_dyx, g_lam
+        sums, stats, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew, vv, g_we, g_be, g_wr, g_br, s_dy, s_dyx,
+        n, c, PAPER=paper, BN=bn, BLOCK_N=block_n, BLOCK_C=block_c)
+    return vv, g_we, g_be, g_wr, g_br, s_dy, s_dyx
 
 
-@custom_op('timm_spe::bn_gate_backward', mutates_args=())
-def bn_gate_backward(sg: torch.Tensor, sgx: torch.Tensor, x_max: torch.Tensor, x_min: torch.Tensor,
-                     f_max: torch.Tensor, f_min: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
-                     invstd: torch.Tensor, bn_w: torch.Tensor, bn_b: torch.Tensor, p: torch.Tensor,
-                     w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+@_op('bn_gate_backward')
+def bn_gate_backward(sums: torch.Tensor, stats: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                     bn_w: torch.Tensor, bn_b: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor, b_exc: torch.Tensor,
+                     w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gate's backward behind a training-mode BN: the pooling gradients scaled for BN's input gradient
-    (``v_max, v_min``), the gradients of ``w_exc, b_exc, w_rew, b_rew``, BN's ``sum(dy)`` and ``sum(dy * xhat)``, and
-    per channel block the two partial gradients of ``(lambda, 1 - lambda)``."""
-    return _gate_backward(sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc,
-                          w_rew, b_rew, paper, True)
+                                torch.Tensor]:
+    """The gate's backward behind a training-mode BN: ``vv`` (the pooling gradients scaled for BN's input gradient,
+    then per channel block the two partial gradients of ``(lambda, 1 - lambda)``), the gradients of ``w_exc, b_exc,
+    w_rew, b_rew``, BN's ``sum(dy)`` and ``sum(dy * xhat)``."""
+    return _gate_backward(sums, stats, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew, paper, True)
 
 
-@custom_op('timm_spe::gate_backward', mutates_args=())
-def gate_backward(grad_gate: torch.Tensor, f_max: torch.Tensor, f_min: torch.Tensor, p: torch.Tensor,
-                  w_exc: torch.Tensor, b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                             torch.Tensor]:
-    """The gate's backward for its gradient ``grad_gate``: the pooling gradients, the gradients of ``w_exc, b_exc,
-    w_rew, b_rew`` and the partial gradients of ``(lambda, 1 - lambda)``."""
-    v_max, v_min, g_we, g_be, g_wr, g_br, _, _, g_lam = _gate_backward(
-        grad_gate, grad_gate, grad_gate, grad_gate, f_max, f_min, grad_gate, grad_gate, grad_gate, grad_gate,
-        grad_gate, p, w_exc, b_exc, w_rew, b_rew, paper, False)
-    return v_max, v_min, g_we, g_be, g_wr, g_br, g_lam
+@_op('gate_backward')
+def gate_backward(grad_gate: torch.Tensor, stats: torch.Tensor, p: torch.Tensor, w_exc: torch.Tensor,
+                  b_exc: torch.Tensor, w_rew: torch.Tensor, b_rew: torch.Tensor, paper: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate's backward for its gradient ``grad_gate`` (N x C): ``vv`` (the pooling gradients, then the partial
+    gradients of ``(lambda, 1 - lambda)``) and the gradients of ``w_exc, b_exc, w_rew, b_rew``."""
+    vv, g_we, g_be, g_wr, g_br, _, _ = _gate_backward(
+        grad_gate, stats, stats, stats, stats, stats, p, w_exc, b_exc, w_rew, b_rew, paper, False)
+    return vv, g_we, g_be, g_wr, g_br
 
 
-@custom_op('timm_spe::mix_backward', mutates_args=())
-def mix_backward(g_lam: torch.Tensor, p: torch.Tensor, on: torch.Tensor, eta: float) -> torch.Tensor:
-    """``p``'s gradient from the partial gradients of ``(lambda, 1 - lambda)``, plus ``2 * eta * p`` where ``on``."""
+def _mix_geometry(stats, vv):
+    """``(N * C, programs of the gate's backward, BLOCK)`` of ``p``'s gradient from ``vv``."""
+    nc = stats.shape[1] * stats.shape[2]
+    num = (vv.shape[0] - 2 * nc) // 2
+    return nc, num, triton.next_power_of_2(num)
+
+
+@_op('mix_backward')
+def mix_backward(stats: torch.Tensor, vv: torch.Tensor, p: torch.Tensor, on: torch.Tensor, eta: float) -> torch.Tensor:
+    """``p``'s gradient from the partial gradients of ``(lambda, 1 - lambda)`` in ``vv``, plus ``2 * eta * p`` where
+    ``on`` (where no input gradient is needed; else the input gradient's op computes it)."""
     g_p = torch.empty_like(p)
-    num = g_lam.shape[0]
-    _mix_backward_kernel[(1,)](g_lam, p, on, g_p, num, eta, BLOCK=triton.next_power_of_2(num))
+    nc, num, block = _mix_geometry(stats, vv)
+    _mix_backward_kernel[(1,)](vv, nc, p, on, g_p, num, eta, BLOCK=block)
     return g_p
 
 
-@custom_op('timm_spe::bn_input_grad', mutates_args=())
-def bn_input_grad(grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, mean: torch.Tensor,
+@_op('bn_input_grad')
+def bn_input_grad(grad: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, mean: torch.Tensor,
                   invstd: torch.Tensor, bn_w: torch.Tensor, s_dy: torch.Tensor, s_dyx: torch.Tensor,
-                  i_max: torch.Tensor, v_max: torch.Tensor, i_min: torch.Tensor, v_min: torch.Tensor,
-                  ) -> torch.Tensor:
-    """BN's input gradient for ``dy = grad * gate + (v_max, v_min at the extrema)``, in ``x``'s dtype and layout."""
-    n, c, hw, grid, block_c, block_hw = _geometry(x)
-    dx = torch.empty_like(x)
+                  idx: torch.Tensor, vv: torch.Tensor, p: torch.Tensor, on: torch.Tensor, eta: float,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN's input gradient for ``dy = grad * gate + (the pooling gradients at the extrema)``, in ``x``'s dtype and
+    layout, and ``p``'s gradient (:func:`mix_backward`'s)."""
+    n, c, hw, nc, s_n, s_c, s_hw, grid, block_c, block_hw = geometry(x)
+    grad, (_, _, _, _, g_n, g_c, g_hw, _, _, _) = _merged(grad, x)
+    _, num, block = _mix_geometry(stats, vv)
+    dx, g_p = torch.empty_like(x), torch.empty_like(p)
     _input_grad_kernel[grid](
-        grad, x, dx, gate, mean, invstd, bn_w, s_dy, s_dyx, i_max, v_max, i_min, v_min, c, hw, float(n * hw),
-        x.stride(0), x.stride(1), x.stride(3), BN=True, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    return dx
+        grad, x, dx, stats, mean, invstd, bn_w, s_dy, s_dyx, idx, vv, p, on, g_p, c, hw, nc, float(n * hw), num, eta,
+        s_n, s_c, s_hw, g_n, g_c, g_hw, BN=True, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_MIX=block)
+    return dx, g_p
 
 
-@custom_op('timm_spe::scale_input_grad', mutates_args=())
-def scale_input_grad(grad: torch.Tensor, gate: torch.Tensor, i_max: torch.Tensor, g_max: torch.Tensor,
-                     i_min: torch.Tensor, g_min: torch.Tensor) -> torch.Tensor:
-    """``x``'s gradient of ``x * gate``: ``grad * gate``, with ``g_max, g_min`` added at the extrema."""
-    n, c, hw, grid, block_c, block_hw = _geometry(grad)
-    dx = torch.empty_like(grad)
+@_op('scale_input_grad')
+def scale_input_grad(grad: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, idx: torch.Tensor, vv: torch.Tensor,
+                     p: torch.Tensor, on: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x``'s gradient of ``x * gate`` (``grad * gate`` with the pooling gradients added at the extrema, in ``x``'s
+    layout), and ``p``'s gradient (:func:`mix_backward`'s)."""
+    n, c, hw, nc, s_n, s_c, s_hw, grid, block_c, block_hw = geometry(x)
+    grad, (_, _, _, _, g_n, g_c, g_hw, _, _, _) = _merged(grad, x)
+    _, num, block = _mix_geometry(stats, vv)
+    dx, g_p = torch.empty_like(x, dtype=grad.dtype), torch.empty_like(p)
     _input_grad_kernel[grid](
-        grad, grad, dx, gate, gate, gate, gate, gate, gate, i_max, g_max, i_min, g_min, c, hw, 1.,
-        grad.stride(0), grad.stride(1), grad.stride(3), BN=False, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    return dx
+        grad, grad, dx, stats, stats, stats, stats, stats, stats, idx, vv, p, on, g_p, c, hw, nc, 1., num, eta,
+        s_n, s_c, s_hw, g_n, g_c, g_hw, BN=False, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_MIX=block)
+    return dx, g_p
+
+
+def probe(device: torch.device) -> None:
+    """Compile and launch one small kernel on ``device``; raises what Triton raises where it cannot (no C compiler,
+    no ptxas, a driver too old for its code, ...)."""
+    x = torch.ones((1, 1, 1, 1), device=device)
+    direct.map_dot(x, x)
 
 
 # Fake (meta) implementations: torch.compile and torch.export trace each op as one opaque call.
 @bn_spe_tail_.register_fake
 def _(y, shortcut, p, w_exc, b_exc, w_rew, b_rew, paper):
     n, c = y.shape[0], y.shape[1]
-    return (y.new_empty((n, c)), y.new_empty((n, c)), y.new_empty((n, c), dtype=torch.long),
-            y.new_empty((n, c), dtype=torch.long), y.new_empty((n, c)))
+    return y.new_empty((3, n, c)), y.new_empty((2, n, c), dtype=torch.long)
 
 
 @spe_scale.register_fake
 def _(x, p, w_exc, b_exc, w_rew, b_rew, paper):
     n, c = x.shape[0], x.shape[1]
-    return (torch.empty_like(x), x.new_empty((n, c)), x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.long),
-            x.new_empty((n, c), dtype=torch.long), x.new_empty((n, c)))
+    return torch.empty_like(x), x.new_empty((3, n, c)), x.new_empty((2, n, c), dtype=torch.long)
 
 
-@map_sums.register_fake
-def _(grad, x, mean, i_max, i_min):
-    return tuple(x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32) for _ in range(4))
+@relu_map_sums.register_fake
+def _(grad, out, x, mean, idx):
+    return torch.empty_like(x), x.new_empty((4, x.shape[0], x.shape[1]), dtype=torch.float32)
 
 
 @map_dot.register_fake
@@ -184,33 +250,34 @@ def _(grad, x):
     return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32)
 
 
-def _fake_gate_grads(t, n, c):
+def _fake_gate_grads(stats):
+    n, c = stats.shape[1], stats.shape[2]
     num = _gate_geometry(n, c)[2]
-    return (t.new_empty((n, c)), t.new_empty((n, c)), *(t.new_empty((c,)) for _ in range(4))), t.new_empty((num, 2))
+    return (stats.new_empty((2 * n * c + 2 * num,), dtype=torch.float32),
+            *(stats.new_empty((c,), dtype=torch.float32) for _ in range(4)))
 
 
 @bn_gate_backward.register_fake
-def _(sg, sgx, x_max, x_min, f_max, f_min, gate, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew, paper):
-    grads, g_lam = _fake_gate_grads(sgx, *sgx.shape)
-    return (*grads, sgx.new_empty((sgx.shape[1],)), sgx.new_empty((sgx.shape[1],)), g_lam)
+def _(sums, stats, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew, paper):
+    c = stats.shape[2]
+    return (*_fake_gate_grads(stats), *(stats.new_empty((c,), dtype=torch.float32) for _ in range(2)))
 
 
 @gate_backward.register_fake
-def _(grad_gate, f_max, f_min, p, w_exc, b_exc, w_rew, b_rew, paper):
-    grads, g_lam = _fake_gate_grads(grad_gate, *grad_gate.shape)
-    return (*grads, g_lam)
+def _(grad_gate, stats, p, w_exc, b_exc, w_rew, b_rew, paper):
+    return _fake_gate_grads(stats)
 
 
 @mix_backward.register_fake
-def _(g_lam, p, on, eta):
+def _(stats, vv, p, on, eta):
     return torch.empty_like(p)
 
 
 @bn_input_grad.register_fake
-def _(grad, x, gate, mean, invstd, bn_w, s_dy, s_dyx, i_max, v_max, i_min, v_min):
-    return torch.empty_like(x)
+def _(grad, x, stats, mean, invstd, bn_w, s_dy, s_dyx, idx, vv, p, on, eta):
+    return torch.empty_like(x), torch.empty_like(p)
 
 
 @scale_input_grad.register_fake
-def _(grad, gate, i_max, g_max, i_min, g_min):
-    return torch.empty_like(grad)
+def _(grad, x, stats, idx, vv, p, on, eta):
+    return torch.empty_like(x, dtype=grad.dtype), torch.empty_like(p)

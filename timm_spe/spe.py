@@ -256,7 +256,7 @@ class SpeModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.default_variant and self._fused_ops():
             check_spe_input(x, self.channels)
-            if spe_triton.applies(x) and fused_applies(x, self.p, self.w_exc):  # opt-in (CUDA)
+            if spe_triton.applies(x) and fused_applies(x, self.p, self.w_exc):  # CUDA, where Triton runs
                 return spe_triton.spe_scale(
                     x, self.p, self.penalty_on, self.eta, self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
             return spe_scale(x, self.mix_weights(), self.w_exc, self.b_exc, self.w_rew, self.b_rew, self.paper)
@@ -359,8 +359,8 @@ def batch_norm_spe_add_relu(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Modu
     Same results either way, running statistics and ``num_batches_tracked`` included. The gate (float32 under
     autocast) is rounded to the activations' dtype before it scales them, as :meth:`SpeModule.forward` does: the block
     output keeps the dtype the block without SPE gives, with no full-size cast. Where the fused function would run and
-    the opt-in Triton kernels take ``x`` (:func:`timm_spe.spe_triton.applies`: CUDA), they run instead: same values to
-    float32 rounding, one kernel per pass.
+    the Triton kernels take ``x`` (:func:`timm_spe.spe_triton.applies`: by default CUDA tensors, where Triton runs on
+    the GPU), they run instead: same values to float32 rounding, one kernel per pass.
     """
     if not spe.default_variant:  # ablations (Tables 3, 4): plain autograd ops throughout
         y = bn(x)
@@ -373,7 +373,7 @@ def batch_norm_spe_add_relu(x: torch.Tensor, shortcut: torch.Tensor, bn: nn.Modu
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             momentum = 1. / float(bn.num_batches_tracked)
-    if spe_triton.applies(x):  # opt-in (CUDA): one kernel per pass, Eq. 3 and the penalty inside
+    if spe_triton.applies(x):  # CUDA, where Triton runs: one kernel per pass, Eq. 3 and the penalty inside
         return spe_triton.fused_batch_norm_spe_add_relu(
             x, shortcut, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
             spe.p, spe.penalty_on, spe.eta, spe.w_exc, spe.b_exc, spe.w_rew, spe.b_rew, spe.paper)

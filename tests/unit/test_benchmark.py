@@ -293,10 +293,11 @@ def test_cuda_tables_and_figures_are_the_committed_h200_runs():
     assert f"SE: {ratio['resnet164_se/fp32']:.2f}x" in readme
 
 
-def _fake_cuda_check(monkeypatch, tmp_path, stop_at=None):
+def _fake_cuda_check(monkeypatch, tmp_path, stop_at=None, args=()):
     """Run cuda_check.py's main without a GPU: CUDA calls stubbed, every train step a fake that advances a fake clock
-    by its model's cost (resnet164 2, SPE 4, SPE on Triton 3, SE 3), the Triton configuration's compilation failing,
-    and ``stop_at`` (a configuration key) raising KeyboardInterrupt, as a time limit's signal would stop the run."""
+    by its configuration's cost (resnet164 2, resnet164_spe on the default path 3, on the stock ops 4, resnet164_se
+    3; resnet83 1, resnet83_spe 1.5), the stock configuration failing in fp32, and ``stop_at`` (a configuration key)
+    raising KeyboardInterrupt, as a time limit's signal would stop the run."""
     import types
 
     import torch
@@ -307,51 +308,91 @@ def _fake_cuda_check(monkeypatch, tmp_path, stop_at=None):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'a stub')
     monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: None)
-    cost = {'resnet164': 2., 'resnet164_spe': 4., 'resnet164_se': 3.}
+    monkeypatch.setattr(cuda_check, 'default_path', lambda cuda: 'triton')
+    cost = {'resnet164': 2., 'resnet164_spe': 3., 'resnet164_spe+stock': 4., 'resnet164_se': 3., 'resnet83': 1.,
+            'resnet83_spe': 1.5}
 
     def fake_step(model_name, triton, setting, cuda, batch=128):
-        key = f'{model_name}{"+triton" if triton else ""}/{setting}'
+        key = cuda_check.config_key(model_name, triton, setting)
         if key == stop_at:
             raise KeyboardInterrupt
-        if triton and setting == 'compiled':
-            raise RuntimeError('no compiler here\nsecond line')
+        if key == 'resnet164_spe+stock/fp32':
+            raise RuntimeError('no kernel here\nsecond line')
 
         def step():
-            clock[0] += 3. if triton else cost[model_name]
+            clock[0] += cost[key.split('/')[0]]
         return step
     monkeypatch.setattr(cuda_check, '_timed_step', fake_step)
     out = tmp_path / 'report.json'
-    monkeypatch.setattr('sys.argv', ['cuda_check.py', '--no-cases', '--settings', 'fp32,compiled', '--out', str(out)])
+    monkeypatch.setattr('sys.argv', ['cuda_check.py', '--no-cases', '--settings', 'fp32,compiled', '--out', str(out),
+                                     *args])
     return cuda_check.main, out
 
 
 def test_cuda_check_times_each_setting_against_resnet164_and_fails_on_a_configuration_that_fails(
         monkeypatch, tmp_path):
-    """cuda_check.py's timing (no GPU; fake clock): ratios are to resnet164 in the same setting, a configuration
-    that raises is left out with its error's first line and makes the exit code 1, and the report says what ran."""
+    """cuda_check.py's timing (no GPU; fake clock): ratios are to resnet164 in the same setting, the goals' keys in
+    ratio_to_resnet164 and every configuration's in ratio_to_plain; a configuration that raises is left out with its
+    error's first line and makes the exit code 1, and the report says what ran."""
     main, out = _fake_cuda_check(monkeypatch, tmp_path)
     with pytest.raises(SystemExit) as stopped:
         main()
     assert stopped.value.code == 1
     report = json.loads(out.read_text())
     assert report['complete'] and report['failed'] == 0 and report['cases'] == [] and not report['cases_run']
-    assert report['settings'] == ['fp32', 'compiled']
+    assert report['settings'] == ['fp32', 'compiled'] and report['default_path'] == 'triton'
+    assert report['compiled_models'] == ['resnet164', 'resnet164_spe']
     timing = report['train_step_b128_channels_last']
-    assert timing['errors'] == {'resnet164_spe+triton/compiled': 'RuntimeError: no compiler here'}
-    assert timing['ratio_to_resnet164'] == pytest.approx({
-        'resnet164_spe/fp32': 2., 'resnet164_spe+triton/fp32': 1.5, 'resnet164_se/fp32': 1.5,
-        'resnet164_spe/compiled': 2., 'resnet164_se/compiled': 1.5})
+    assert timing['errors'] == {'resnet164_spe+stock/fp32': 'RuntimeError: no kernel here'}
+    goals = {'resnet164_spe/fp32': 1.5, 'resnet164_se/fp32': 1.5, 'resnet164_spe/compiled': 1.5}
+    assert timing['ratio_to_resnet164'] == pytest.approx(goals)
+    assert timing['ratio_to_plain'] == pytest.approx(goals)
     assert timing['ms']['resnet164/fp32'] == pytest.approx(2000.)
+    assert set(timing['compiled_graphs']) == {'resnet164/compiled', 'resnet164_spe/compiled'}
+    assert set(timing['setup_s']) == {'resnet164/fp32', 'resnet164_spe/fp32', 'resnet164_spe+stock/fp32',
+                                      'resnet164_se/fp32', 'resnet164/compiled', 'resnet164_spe/compiled'}
+
+
+def test_cuda_check_small_compiles_the_resnet83_pair_and_out_dir_names_the_file_by_gpu(monkeypatch, tmp_path):
+    from benchmarks.cuda_check import gpu_slug
+    assert [gpu_slug(n) for n in ('NVIDIA H200', 'NVIDIA H100 80GB HBM3', 'a stub')] == ['h200', 'h100', 'a_stub']
+    main, _ = _fake_cuda_check(monkeypatch, tmp_path, args=('--small', '--out-dir', str(tmp_path / 'results')))
+    with pytest.raises(SystemExit):
+        main()
+    timing = json.loads((tmp_path / 'results' / 'cuda_check_a_stub.json').read_text())['train_step_b128_channels_last']
+    assert 'resnet164_spe/compiled' not in timing['ratio_to_resnet164']
+    assert timing['ratio_to_plain']['resnet83_spe/compiled'] == pytest.approx(1.5)
 
 
 def test_cuda_check_keeps_what_it_measured_when_a_time_limit_stops_it(monkeypatch, tmp_path):
-    """Stopped while setting up the compiled setting's second group, the report on disk holds the fp32 setting and
-    the compiled pair goal 3 names, and says it is not complete."""
-    main, out = _fake_cuda_check(monkeypatch, tmp_path, stop_at='resnet164_se/compiled')
+    """Stopped while setting up compiled resnet164_spe, the report on disk holds the fp32 setting and resnet164's
+    compilation time, and says it is not complete."""
+    main, out = _fake_cuda_check(monkeypatch, tmp_path, stop_at='resnet164_spe/compiled')
     with pytest.raises(KeyboardInterrupt):
         main()
     report = json.loads(out.read_text())
     assert not report['complete']
-    ratios = report['train_step_b128_channels_last']['ratio_to_resnet164']
-    assert ratios == pytest.approx({'resnet164_spe/fp32': 2., 'resnet164_spe+triton/fp32': 1.5,
-                                    'resnet164_se/fp32': 1.5, 'resnet164_spe/compiled': 2.})
+    timing = report['train_step_b128_channels_last']
+    assert timing['ratio_to_resnet164'] == pytest.approx({'resnet164_spe/fp32': 1.5, 'resnet164_se/fp32': 1.5})
+    assert 'resnet164/compiled' in timing['setup_s']
+
+
+def test_host_overhead_quick_run_reports_every_tail_at_every_stage_and_puts_the_kernels_back(tmp_path, capsys):
+    """benchmarks/host_overhead.py --quick (CPU, Triton launches stubbed): its structure, not its timings."""
+    from benchmarks import host_overhead
+    from timm_spe import _triton_ops
+    out = tmp_path / 'host.json'
+    report = host_overhead.main(['--quick', '--out', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    names = ['plain', 'se', 'spe stock', 'spe triton, custom ops', 'spe triton, direct']
+    assert list(report['stages']) == ['layer1', 'layer2', 'layer3']
+    assert [row['channels'] for row in report['stages'].values()] == [64, 128, 256]
+    for row in report['stages'].values():
+        assert list(row['us_per_tail']) == names
+        assert all(0 < t['min'] <= t['median'] <= t['max'] for t in row['us_per_tail'].values())
+    assert list(report['ms_per_step_over_plain']) == names and report['ms_per_step_over_plain']['plain'] == 0
+    assert report['launches_per_tail'] == 4  # forward 1, backward 3
+    assert report['meta']['kernels'].startswith('no-op stubs') and report['meta']['quick']
+    assert report['meta']['threads'] == 1
+    assert 'Triton launches stubbed: NOT a GPU timing' in capsys.readouterr().out
+    assert not any(isinstance(getattr(_triton_ops, k), host_overhead._NoLaunch) for k in host_overhead.KERNELS)

@@ -1,8 +1,13 @@
-"""The Triton block tail (the opt-in CUDA path), run here by Triton's interpreter on CPU tensors: it computes what the
-stock-op functions compute, adds the Eq. 8 penalty as they do, and issues at most 30 ATen ops per SPE block beyond the
-plain block's (issue 32's goal; SE adds 24)."""
+"""The Triton block tail (the CUDA default where Triton runs), run here by Triton's interpreter on CPU tensors: it
+computes what the stock-op functions compute, adds the Eq. 8 penalty as they do, and issues at most 30 ATen ops per SPE
+block beyond the plain block's (issue 32's goal; SE adds 24). Eager calls launch the kernels directly and give what
+the custom ops give, bit for bit; torch.compile traces the custom ops; CPU tensors take the kernels only when switched
+on, CUDA tensors by default where Triton runs on the GPU (checked here with that check's parts stubbed)."""
+import collections
 import copy
 import importlib
+import sys
+import types
 
 import pytest
 import timm
@@ -65,46 +70,148 @@ def _relative(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def test_the_kernels_run_only_where_switched_on_and_the_input_suits_them():
+def test_cpu_tensors_take_the_kernels_only_where_switched_on_under_the_interpreter():
     x = torch.randn(2, 3, 4, 4)
-    assert not timm_spe.triton_kernels_enabled() and not spe_triton.applies(x)  # off by default
+    assert timm_spe.triton_kernels_enabled() is None and not spe_triton.applies(x)  # the default: CUDA only
     with timm_spe.set_triton_kernels(True):
         assert spe_triton.applies(x) and spe_triton.applies(x.bfloat16()) and spe_triton.applies(x.half())
         assert not spe_triton.applies(x.double())
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv('TRITON_INTERPRET')
             assert not spe_triton.applies(x)  # CPU tensors need the interpreter
-    assert not timm_spe.triton_kernels_enabled()
+    assert timm_spe.triton_kernels_enabled() is None
+
+
+def test_by_default_the_cpu_path_stays_the_stock_one_under_the_interpreter(monkeypatch):
+    """No Triton function runs for CPU tensors unless switched on, block tail or layer alone."""
+    def refuse(*args):
+        raise AssertionError('the Triton path ran by default on CPU tensors')
+    monkeypatch.setattr(spe_triton, 'fused_batch_norm_spe_add_relu', refuse)
+    monkeypatch.setattr(spe_triton, 'spe_scale', refuse)
+    x, shortcut, bn, spe, grad = _tail_inputs()
+    batch_norm_spe_add_relu(x.clone().requires_grad_(), shortcut, bn, spe).backward(grad)
+    spe.train()(x.clone().requires_grad_()).backward(grad)
+
+
+def _cuda_like(dtype=torch.float32, index=0):
+    """What :func:`spe_triton.applies` reads of a CUDA tensor, without a GPU."""
+    return types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', index), dtype=dtype, shape=(2, 3, 4, 4),
+                                 numel=lambda: 96, get_device=lambda: index)
+
+
+@pytest.fixture()
+def gpu_checks(monkeypatch):
+    """The default's check per device with its parts stubbed: no answers kept, a GPU of compute capability 9.0 (the
+    current device: ``current``, 0), no capture, no ROCm, no interpreter, and a probe that records the devices it ran
+    on (``probes``)."""
+    from timm_spe import _triton_ops
+    current = [0]
+    monkeypatch.setattr(spe_triton, '_current_cuda_device', lambda: current[0])
+    monkeypatch.setattr(spe_triton, '_GPU_RUNS', {})
+    monkeypatch.delenv('TRITON_INTERPRET')
+    monkeypatch.setattr(torch.version, 'hip', None)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: False)
+    probes = []
+    monkeypatch.setattr(_triton_ops, 'probe', probes.append)
+    return types.SimpleNamespace(monkeypatch=monkeypatch, probes=probes, ops=_triton_ops, current=current)
+
+
+def test_by_default_cuda_tensors_take_the_kernels_where_triton_runs_on_the_gpu(gpu_checks, recwarn):
+    x = _cuda_like()
+    assert spe_triton.applies(x) and spe_triton.applies(_cuda_like(torch.bfloat16)) and spe_triton.applies(x)
+    assert gpu_checks.probes == [torch.device('cuda', 0)]  # once per device
+    assert not spe_triton.applies(_cuda_like(index=1))  # not the current device: Triton would launch on the wrong one
+    gpu_checks.current[0] = 1
+    assert spe_triton.applies(_cuda_like(index=1)) and gpu_checks.probes[1:] == [torch.device('cuda', 1)]
+    assert not spe_triton.applies(x)
+    gpu_checks.current[0] = 0
+    assert not spe_triton.applies(_cuda_like(torch.float64))
+    with timm_spe.set_triton_kernels(False):
+        assert not spe_triton.applies(x)
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize('gpu', ['capability 7.5', 'ROCm', 'interpreter', 'no triton'])
+def test_by_default_cuda_tensors_keep_the_stock_ops_where_triton_does_not_run(gpu_checks, gpu, recwarn):
+    mp = gpu_checks.monkeypatch
+    if gpu == 'capability 7.5':
+        mp.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))
+    elif gpu == 'ROCm':
+        mp.setattr(torch.version, 'hip', '6.2')
+    elif gpu == 'interpreter':
+        mp.setenv('TRITON_INTERPRET', '1')
+    else:
+        mp.setitem(sys.modules, 'timm_spe._triton_ops', None)  # importing it raises ImportError
+    x = _cuda_like()
+    assert not spe_triton.applies(x) and not spe_triton.applies(x) and not gpu_checks.probes
+    assert not recwarn.list  # nothing to say: the stock ops, as without Triton
+    if gpu != 'no triton':
+        with timm_spe.set_triton_kernels(True):  # switched on: any CUDA GPU, the user's call
+            assert spe_triton.applies(x)
+
+
+def test_where_the_probe_kernel_fails_cuda_tensors_keep_the_stock_ops_and_say_why_once(gpu_checks):
+    def no_compiler(device):
+        raise RuntimeError('Failed to find C compiler. Please specify via CC environment variable.\nmore')
+    gpu_checks.monkeypatch.setattr(gpu_checks.ops, 'probe', no_compiler)
+    with pytest.warns(UserWarning, match=r'^timm_spe: Triton cannot run its kernels on cuda:0 \(RuntimeError: Failed '
+                                         r'to find C compiler\. .*\); SPE trains on the stock CUDA ops there '
+                                         r'\(TIMM_SPE_TRITON_KERNELS=0 skips this check\)\.$') as caught:
+        assert not spe_triton.applies(_cuda_like())
+        assert not spe_triton.applies(_cuda_like())
+    assert len(caught) == 1
+
+
+def test_where_a_mode_watches_the_gpu_check_tries_no_kernel_and_keeps_no_answer(gpu_checks):
+    """Under a fake tensor mode (or any dispatch mode) a probe launch would fail for the wrong reason."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        assert spe_triton.applies(_cuda_like())
+    assert not gpu_checks.probes and not spe_triton._GPU_RUNS
+    assert spe_triton.applies(_cuda_like()) and gpu_checks.probes == [torch.device('cuda', 0)]
+
+
+def test_under_torch_compile_the_gpu_check_is_a_constant_not_a_graph_break(gpu_checks):
+    """Dynamo runs the check once, on the traced tensor's device, and keeps the answer (a CPU tensor stands in)."""
+    def step(t):
+        return t + 1 if spe_triton._gpu_runs_triton(t.device) else t - 1
+    torch._dynamo.reset()
+    assert torch.compile(step, backend='eager', fullgraph=True)(torch.zeros(1)).item() == 1
 
 
 def test_without_triton_the_switch_says_so_in_one_line_and_stays_off(monkeypatch):
-    import sys
     monkeypatch.setitem(sys.modules, 'triton', None)  # import triton raises ImportError
     with pytest.raises(RuntimeError, match=r"^the Triton kernels need the triton package \(.*\); install it"):
         timm_spe.set_triton_kernels(True)
-    assert not timm_spe.triton_kernels_enabled()
+    assert timm_spe.triton_kernels_enabled() is None
 
 
 def test_the_switch_acts_at_once_restores_as_a_context_manager_and_reads_the_environment(monkeypatch):
     from timm_spe import config
     switch = timm_spe.set_triton_kernels(True)
     try:
-        assert timm_spe.triton_kernels_enabled() and switch.previous is False
+        assert timm_spe.triton_kernels_enabled() is True and switch.previous is None
         with timm_spe.set_triton_kernels(False):
-            assert not timm_spe.triton_kernels_enabled()
-        assert timm_spe.triton_kernels_enabled()
+            assert timm_spe.triton_kernels_enabled() is False
+            with timm_spe.set_triton_kernels(None):
+                assert timm_spe.triton_kernels_enabled() is None
+            assert timm_spe.triton_kernels_enabled() is False
+        assert timm_spe.triton_kernels_enabled() is True
     finally:
-        timm_spe.set_triton_kernels(False)
+        timm_spe.set_triton_kernels(None)
     monkeypatch.setenv('TIMM_SPE_TRITON_KERNELS', 'maybe')
-    with pytest.warns(UserWarning, match='TIMM_SPE_TRITON_KERNELS=.maybe. is not understood.*Triton kernels stay off'):
+    with pytest.warns(UserWarning, match='TIMM_SPE_TRITON_KERNELS=.maybe. is not understood.*Triton kernels keep '
+                                         'their default'):
         config._from_env()
-    assert not timm_spe.triton_kernels_enabled()
-    monkeypatch.setenv('TIMM_SPE_TRITON_KERNELS', '1')
+    assert timm_spe.triton_kernels_enabled() is None
     try:
-        config._from_env()
-        assert timm_spe.triton_kernels_enabled()
+        for value, setting in (('1', True), ('0', False), ('', False)):  # unset: as it was
+            monkeypatch.setenv('TIMM_SPE_TRITON_KERNELS', value)
+            config._from_env()
+            assert timm_spe.triton_kernels_enabled() is setting, value
     finally:
-        timm_spe.set_triton_kernels(False)
+        timm_spe.set_triton_kernels(None)
 
 
 @pytest.mark.parametrize('formulation', ['official', 'paper'])
@@ -203,6 +310,103 @@ def test_a_compiled_train_step_on_the_triton_kernels_traces_whole_and_equals_eag
                     p.add_(torch.randn_like(p) * 0.5)
     with timm_spe.set_triton_kernels(True):
         assert_compiled_train_step_matches_eager(model, torch.randn(2, 3, 32, 32))
+
+
+def _spy_on_direct_launches(monkeypatch) -> collections.Counter:
+    """Counts the calls of the launch functions that go past the custom ops (``_triton_ops.direct``), by op name."""
+    from timm_spe import _triton_ops
+    calls = collections.Counter()
+    for name, fn in vars(_triton_ops.direct).items():
+        def spy(*args, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+        monkeypatch.setattr(_triton_ops.direct, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16], ids=['float32', 'bfloat16_autocast'])
+@pytest.mark.parametrize('memory_format', LAYOUTS, ids=['nchw', 'channels_last'])
+def test_eager_calls_launch_the_kernels_directly_and_give_the_custom_ops_results_bit_for_bit(
+        dtype, memory_format, monkeypatch):
+    x, shortcut, bn, spe, grad = _tail_inputs(memory_format=memory_format, formulation='paper')
+    calls = _spy_on_direct_launches(monkeypatch)
+    direct = _tail_step(True, x, shortcut, bn, spe, grad, dtype) + _layer_step(True, x, spe, grad, dtype)
+    assert calls == {'bn_spe_tail_': 1, 'relu_map_sums': 1, 'bn_gate_backward': 1, 'bn_input_grad': 1,
+                     'spe_scale': 1, 'map_dot': 1, 'gate_backward': 1, 'scale_input_grad': 1}
+    monkeypatch.setattr(spe_triton, '_DIRECT_LAUNCHES', False)
+    calls.clear()
+    ops = _tail_step(True, x, shortcut, bn, spe, grad, dtype) + _layer_step(True, x, spe, grad, dtype)
+    assert not calls
+    for a, b in zip(direct, ops):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+
+
+def test_without_an_input_gradient_p_still_gets_its_gradient_the_same_way(monkeypatch):
+    """The mix_backward op: where BN's input needs no gradient, p's gradient comes from its own kernel."""
+    x, shortcut, bn, spe, grad = _tail_inputs()
+    grads = []
+    for direct in (True, False):
+        monkeypatch.setattr(spe_triton, '_DIRECT_LAUNCHES', direct)
+        for run in (lambda m: batch_norm_spe_add_relu(x, shortcut, copy.deepcopy(bn), m), lambda m: m.train()(x)):
+            m = copy.deepcopy(spe)
+            with timm_spe.set_triton_kernels(True):
+                run(m).backward(grad)
+            grads.append(m.p.grad)
+    stock = _tail_step(False, x, shortcut, bn, spe, grad)[5]
+    torch.testing.assert_close(grads[0], stock, rtol=1e-5, atol=1e-5 * stock.abs().max().item())
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+
+
+def test_what_watches_the_ops_sees_the_custom_ops_and_no_direct_launch(monkeypatch):
+    from benchmarks.profile_step import aten_ops
+    x, shortcut, bn, spe, grad = _tail_inputs()
+    calls = _spy_on_direct_launches(monkeypatch)
+    xg = x.clone().requires_grad_()
+
+    def step():
+        with timm_spe.set_triton_kernels(True):
+            batch_norm_spe_add_relu(xg, shortcut, bn, spe).backward(grad)
+    assert aten_ops(step) > 0 and not calls  # a TorchDispatchMode counts: every op through the dispatcher
+
+
+@pytest.mark.parametrize('memory_format', LAYOUTS, ids=['nchw', 'channels_last'])
+def test_a_shortcut_or_gradient_in_another_layout_gives_the_stock_results(memory_format):
+    """The kernels address the shortcut as the block input and read the output gradient by its own strides."""
+    x, shortcut, bn, spe, grad = _tail_inputs(memory_format=memory_format)
+    other = torch.channels_last if memory_format == torch.contiguous_format else torch.contiguous_format
+    shortcut = shortcut.contiguous(memory_format=other)
+    for g in (grad.contiguous(memory_format=other), grad[:1, :1, :1, :1].expand_as(grad),
+              grad.transpose(2, 3).contiguous().transpose(2, 3)):  # the last: H and W do not merge
+        stock = _tail_step(False, x, shortcut, bn, spe, g)
+        triton = _tail_step(True, x, shortcut, bn, spe, g)
+        for a, b in zip(triton, stock):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+        stock, triton = _layer_step(False, x, spe, g), _layer_step(True, x, spe, g)
+        for a, b in zip(triton, stock):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_under_torch_compile_each_kernel_is_one_custom_op_call_and_none_is_launched_directly(monkeypatch):
+    """Dynamo's graph (fullgraph) holds the custom ops, forward and backward, and the compiled step launches nothing
+    past them."""
+    graph_ops = []
+
+    def backend(gm, example_inputs):
+        for m in gm.modules():
+            if isinstance(m, torch.fx.GraphModule):
+                graph_ops.extend(str(n.target) for n in m.graph.nodes if n.op == 'call_function')
+        return torch._dynamo.lookup_backend('aot_eager')(gm, example_inputs)
+    torch._dynamo.reset()
+    calls = _spy_on_direct_launches(monkeypatch)
+    x, shortcut, bn, spe, grad = _tail_inputs()
+    xg = x.clone().requires_grad_()
+    with timm_spe.set_triton_kernels(True):
+        tail = torch.compile(lambda a, s: batch_norm_spe_add_relu(a, s, bn, spe), backend=backend, fullgraph=True)
+        tail(xg, shortcut).backward(grad)
+    ours = sorted({t.removesuffix('.default') for t in graph_ops if t.startswith('timm_spe.')})
+    assert ours == ['timm_spe.bn_gate_backward', 'timm_spe.bn_input_grad', 'timm_spe.bn_spe_tail_',
+                    'timm_spe.relu_map_sums'], graph_ops
+    assert not calls and xg.grad is not None
 
 
 @pytest.mark.parametrize('dtype', [None, torch.bfloat16], ids=['float32', 'bfloat16_autocast'])
