@@ -16,14 +16,14 @@ __all__ = ['read_summary', 'best_epoch', 'completed_epochs', 'run_status', 'run_
            'describe_devices', 'device_ranges_text', 'resumed_epochs', 'describe_resumes', 'recipe_header', 'summary_csv_text',
            'minutes_per_epoch', 'expected_time']
 
-_DEVICE = re.compile(r'Training with .* on \d+ devices? \((\w+)')  # train.py's first line of every (re)start
+# train.py's first line of every (re)start: its device count and type
+_DEVICE = re.compile(r'Training with .* on (\d+) devices? \((\w+)')
 _TRAIN = re.compile(r'^Train: (\d+) \[')
 _LAST_EVAL_STEP = re.compile(r'^Test: \[\s*(\d+)/(\d+)\]')
 _RESUMED = re.compile(r"^Loaded checkpoint '.*' \(epoch (\d+)\)")  # train.py --resume; epoch counts from 0
 _RESEEDED = re.compile(r'^run\.sh: resuming with --seed \d+')  # run.sh's line before such a start
 # train.py's step lines: 'Train: E [ i/n (..%)] ... Time: <this step>s, <rate>/s  (<running mean>s, <rate>/s) ...',
 # the running mean over the steps of this epoch in this process; its eval lines: 'Test: [ i/last] Time: <this> (<mean>)'
-_DEVICE_COUNT = re.compile(r'Training with .* on (\d+) devices? \((\w+)')
 _STEP_TIME = re.compile(r'^Train: (\d+) \[\s*(\d+)/(\d+) .*?Time: [\d.]+s,\s*[\d.]+/s\s*\(\s*([\d.]+)s,')
 _EVAL_TIME = re.compile(r'^Test: \[\s*(\d+)/(\d+)\]\s+Time: [\d.]+ \(\s*([\d.]+)\)')
 # The CPU of the committed records (train_runs/<recipe>/train.log): this project's 2-core machine. train.py's log
@@ -127,7 +127,7 @@ def epochs_by_device(log: Union[str, Path]) -> List[Tuple[str, int, int]]:
     for line in Path(log).read_text(errors='replace').splitlines():
         m = _DEVICE.search(line)
         if m:
-            device, epoch = m[1], None
+            device, epoch = m[2], None
             continue
         m = _TRAIN.match(line)
         if m:
@@ -224,7 +224,7 @@ def minutes_per_epoch(log: Union[str, Path]) -> Dict[int, Tuple[str, float]]:
     ``device`` is ``'cpu'``, ``'cuda'``, or ``'4 cuda'`` for a start on 4 devices."""
     device, pending, out = None, None, {}
     for line in Path(log).read_text(errors='replace').splitlines():
-        m = _DEVICE_COUNT.search(line)
+        m = _DEVICE.search(line)
         if m:  # a train.py (re)start: a step mean of the process before it is no epoch's
             device, pending = (m[2] if m[1] == '1' else f'{m[1]} {m[2]}'), None
             continue
