@@ -12,12 +12,12 @@ For each model kind (CIFAR ResNet with SPE, with drop-path, the paper formulatio
   the stock ops under the same autocast (reported);
 - eval forward on CUDA vs CPU.
 
-Around them, the train-step timing of issue 32's goals (batch 128, 32 x 32, channels_last, cuDNN's TF32 at PyTorch's
+Around them, the train-step timing of the CUDA goals (batch 128, 32 x 32, channels_last, cuDNN's TF32 at PyTorch's
 default): resnet164, resnet164_spe (the default path, no switch), resnet164_spe on the stock ops (``+stock``) and
-resnet164_se, eager fp32 and eager under bf16 autocast (both before the cases), then resnet164 and resnet164_spe
+resnet164_se, eager fp32 and eager under bf16 autocast (both before the cases), then resnet164, resnet164_spe (the
+default path: its Triton ops traced into inductor's code, ``compiled_triton``) and resnet164_spe on the stock ops
 ``torch.compile``d (inductor, ``fullgraph=True``: a graph break fails the configuration; fp32, after the cases:
-compilation takes minutes; resnet83 and resnet83_spe with ``--small``), interleaved over rounds within a setting
-(medians). ``ratio_to_resnet164`` holds the goals' ratios (resnet164_spe and resnet164_se to resnet164 in the same
+compilation takes minutes; the resnet83 trio with ``--small``), interleaved over rounds within a setting (medians). ``ratio_to_resnet164`` holds the goals' ratios (resnet164_spe and resnet164_se to resnet164 in the same
 setting: ``<model>/fp32``, ``/bf16_autocast``, ``resnet164_spe/compiled``), ``ratio_to_plain`` every configuration's
 to the plain model of its depth, ``setup_s`` the seconds to build and warm up each (compilation included),
 ``compiled_graphs`` the graphs Dynamo compiled for each compiled one. The report is rewritten after every case and
@@ -124,8 +124,9 @@ def check_kind(name, make, size, memory_format, cuda):
 SETTINGS = ('fp32', 'bf16_autocast', 'compiled')
 # (model, Triton setting): None the default path (no switch), False the stock ops, True the Triton kernels switched on
 TIMED = (('resnet164', None), ('resnet164_spe', None), ('resnet164_spe', False), ('resnet164_se', None))
-COMPILED = (('resnet164', None), ('resnet164_spe', None))
-COMPILED_SMALL = (('resnet83', None), ('resnet83_spe', None))
+# compiled: the default path (its Triton ops traced into inductor's code), then the stock ops (inductor fuses them)
+COMPILED = (('resnet164', None), ('resnet164_spe', None), ('resnet164_spe', False))
+COMPILED_SMALL = (('resnet83', None), ('resnet83_spe', None), ('resnet83_spe', False))
 GOALS = ('resnet164_spe/fp32', 'resnet164_se/fp32', 'resnet164_spe/bf16_autocast', 'resnet164_se/bf16_autocast',
          'resnet164_spe/compiled')  # the keys of ratio_to_resnet164
 _SUFFIX = {None: '', False: '+stock', True: '+triton'}
@@ -170,6 +171,16 @@ def default_path(cuda) -> str:
         return 'triton' if spe_triton.applies(torch.empty((1, 1, 1, 1), device=cuda)) else 'stock'
 
 
+def _compiled_triton() -> str:
+    """How torch.compile sees the Triton kernels: ``'triton_op'`` (traced into inductor's code) or ``'custom_op'``
+    (opaque calls: a torch without ``torch.library.triton_op``, or Triton's interpreter), ``None`` without Triton."""
+    try:
+        from timm_spe import _triton_ops
+    except ImportError:
+        return None
+    return 'triton_op' if _triton_ops.TRACEABLE else 'custom_op'
+
+
 def gpu_slug(name: str) -> str:
     """A GPU's short name for file names: ``'NVIDIA H200'`` -> ``'h200'``, ``'NVIDIA H100 80GB HBM3'`` -> ``'h100'``."""
     import re
@@ -190,16 +201,18 @@ def time_train_steps(cuda, settings=SETTINGS, rounds=3, steps=10, warmup=5, into
     """Median ms per train step of every (model, Triton setting) in ``configs`` per setting, one setting at a time: its
     configurations are built and warmed up (``warmup`` steps, compilation included, the seconds recorded), then run
     interleaved, each round ``steps`` times; and the ratios to the plain model of the same depth in the same setting
-    (``ratio_to_plain``; the goals' in ``ratio_to_resnet164``). A configuration that fails is recorded with its error
-    and left out. ``into`` (a dict) is filled as it goes and ``save`` called after each step of the way, so a run cut
-    short by a time limit still reports what it measured. cuDNN's TF32 is left at PyTorch's default here (on), as a
-    user's training gets it; the correctness cases turn it off."""
+    (``ratio_to_plain``; the goals' in ``ratio_to_resnet164``). In the compiled setting (minutes per configuration)
+    the configurations set up so far are timed after each one from the second on, so a run stopped by a time limit
+    while compiling the next keeps an interleaved measurement of those before it (the last pass is the one kept). A
+    configuration that fails is recorded with its error and left out. ``into`` (a dict) is filled as it goes and
+    ``save`` called after each step of the way. cuDNN's TF32 is left at PyTorch's default here (on), as a user's
+    training gets it; the correctness cases turn it off."""
     res = into if into is not None else {}
     for part in ('ms', 'ratio_to_resnet164', 'ratio_to_plain', 'setup_s', 'compiled_graphs', 'errors'):
         res.setdefault(part, {})
     for setting in settings:
         steps_of = {}
-        for model_name, triton in configs:
+        for i, (model_name, triton) in enumerate(configs):
             key = config_key(model_name, triton, setting)
             t, graphs = time.perf_counter(), _graphs_compiled()
             try:
@@ -215,28 +228,34 @@ def time_train_steps(cuda, settings=SETTINGS, rounds=3, steps=10, warmup=5, into
                 res['compiled_graphs'][key] = _graphs_compiled() - graphs
             print(f'{key}: set up in {res["setup_s"][key]} s{" (failed)" if key in res["errors"] else ""}', flush=True)
             save()
-        times = {key: [] for key in steps_of}
-        for _ in range(rounds):
-            for key, step in steps_of.items():
-                for _ in range(steps):
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    step()
-                    torch.cuda.synchronize()
-                    times[key].append(time.perf_counter() - t)
-        for key, t in times.items():
-            res['ms'][key] = sorted(t)[len(t) // 2] * 1e3
-        for key in times:
-            model_name = key.split('/')[0].split('+')[0]
-            base = res['ms'].get(f'{_plain(model_name)}/{setting}')
-            if base and model_name != _plain(model_name):
-                res['ratio_to_plain'][key] = res['ms'][key] / base
-                if key in GOALS:
-                    res['ratio_to_resnet164'][key] = res['ratio_to_plain'][key]
-        print(setting, json.dumps({k: round(v, 2) for k, v in res['ms'].items() if k.endswith('/' + setting)}),
-              flush=True)
-        save()
+            if i + 1 == len(configs) or (setting == 'compiled' and len(steps_of) > 1):
+                _time_interleaved(steps_of, setting, rounds, steps, res)
+                save()
     return res
+
+
+def _time_interleaved(steps_of, setting, rounds, steps, res):
+    """Run ``steps_of``'s steps interleaved over ``rounds`` and put their medians and ratios in ``res``."""
+    times = {key: [] for key in steps_of}
+    for _ in range(rounds):
+        for key, step in steps_of.items():
+            for _ in range(steps):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                times[key].append(time.perf_counter() - t)
+    for key, t in times.items():
+        res['ms'][key] = sorted(t)[len(t) // 2] * 1e3
+    for key in times:
+        model_name = key.split('/')[0].split('+')[0]
+        base = res['ms'].get(f'{_plain(model_name)}/{setting}')
+        if base and model_name != _plain(model_name):
+            res['ratio_to_plain'][key] = res['ms'][key] / base
+            if key in GOALS:
+                res['ratio_to_resnet164'][key] = res['ratio_to_plain'][key]
+    print(setting, json.dumps({k: round(v, 2) for k, v in res['ms'].items() if k.endswith('/' + setting)}),
+          flush=True)
 
 
 def main():
@@ -272,7 +291,9 @@ def main():
               'timm_spe': timm_spe.__version__, 'gpu': torch.cuda.get_device_name(0),
               'default_path': default_path(cuda),
               'settings': settings if not args.no_timing else [], 'cases_run': not args.no_cases,
-              'compiled_models': [m for m, _ in (COMPILED_SMALL if args.small else COMPILED)],
+              'compiled_models': [config_key(m, t, 'compiled').split('/')[0]
+                                  for m, t in (COMPILED_SMALL if args.small else COMPILED)],
+              'compiled_triton': _compiled_triton(),
               'cases': [], 'failed': 0, 'complete': False}
 
     def save():  # after every case and timing step: a run stopped by a time limit keeps what it measured

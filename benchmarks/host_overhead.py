@@ -65,6 +65,10 @@ class _NoLaunch:
         self.launches += 1
 
 
+def _as_is(kernel):
+    return kernel
+
+
 @contextmanager
 def stubbed_launches():
     """The Triton kernels of ``timm_spe._triton_ops`` replaced by :class:`_NoLaunch` stubs (CPU tensors taken, as under
@@ -72,15 +76,18 @@ def stubbed_launches():
     from timm_spe import _triton_ops
     stubs = {name: _NoLaunch() for name in KERNELS}
     saved = {name: getattr(_triton_ops, name) for name in KERNELS}
+    wrap = _triton_ops.wrap_triton
     interpret = os.environ.get('TRITON_INTERPRET')
     os.environ['TRITON_INTERPRET'] = '1'  # spe_triton.applies takes CPU tensors only under the interpreter
     try:
         for name, stub in stubs.items():
             setattr(_triton_ops, name, stub)
+        _triton_ops.wrap_triton = _as_is  # the launch functions wrap each kernel; a stub stays itself
         yield stubs
     finally:
         for name, kernel in saved.items():
             setattr(_triton_ops, name, kernel)
+        _triton_ops.wrap_triton = wrap
         if interpret is None:
             os.environ.pop('TRITON_INTERPRET')
         else:

@@ -1,11 +1,14 @@
-""" SPE's Triton kernels as launch functions, and as ``torch.ops.timm_spe.*`` ops with fake implementations
+""" SPE's Triton kernels as launch functions, and as ``torch.ops.timm_spe.*`` ops
 
 Each function allocates its outputs and launches one kernel of :mod:`timm_spe._triton_kernels`. They are registered
-as opaque ``torch.library.custom_op``s, so ``torch.compile`` (``fullgraph``) and ``torch.export`` trace each as one
-call and an op counter (``benchmarks/count_ops.py``) sees one op per launch; plain eager code calls the same
-functions directly (:data:`direct`), without the dispatcher (on an H200 one call took 85.1 us of host time through
-the custom op, 46.7 us direct): same arguments, same kernels, same values (:func:`timm_spe.spe_triton.kernels`
-picks). Imported where the kernels run (:func:`timm_spe.spe_triton.applies`,
+as ``torch.library.triton_op``s, so ``torch.compile`` (``fullgraph``) traces each as one call in Dynamo's graph and
+then, in AOTAutograd, into its allocations and its kernel launch, which inductor puts in its own generated code (no
+op dispatch at run time); ``torch.export`` keeps each as one op, and an op counter (``benchmarks/count_ops.py``) sees
+one op per launch. Under Triton's interpreter (``TRITON_INTERPRET=1``: CPU tensors, the tests) the kernels cannot be
+traced, so there they are opaque ``torch.library.custom_op``s with fake implementations, traced as one call each.
+Plain eager code calls the same functions directly (:data:`direct`), without the dispatcher (on an H200 one call
+took 85.1 us of host time through the custom op, 46.7 us direct): same arguments, same kernels, same values
+(:func:`timm_spe.spe_triton.kernels` picks). Imported where the kernels run (:func:`timm_spe.spe_triton.applies`,
 :class:`timm_spe.config.set_triton_kernels`).
 """
 from types import SimpleNamespace
@@ -13,6 +16,16 @@ from types import SimpleNamespace
 import torch
 import triton
 from torch.library import custom_op
+from triton.runtime.jit import JITFunction
+
+try:  # torch 2.6 and newer: ops whose Triton kernels torch.compile sees
+    from torch._library.triton import set_wrap_triton_enabled
+    from torch.library import triton_op, wrap_triton
+except ImportError:
+    triton_op = set_wrap_triton_enabled = None
+
+    def wrap_triton(kernel):
+        return kernel
 
 from ._triton_kernels import (
     _dot_kernel,
@@ -23,7 +36,11 @@ from ._triton_kernels import (
     _tail_kernel,
 )
 
-__all__ = ['direct', 'geometry', 'probe']
+__all__ = ['direct', 'geometry', 'probe', 'TRACEABLE']
+
+# triton_ops where the kernels are compiled ones (JITFunction; under the interpreter they are InterpretedFunctions,
+# which torch.compile cannot trace: custom ops with fake implementations there)
+TRACEABLE = triton_op is not None and set_wrap_triton_enabled is not None and isinstance(_tail_kernel, JITFunction)
 
 # the launch functions by op name, called directly in plain eager code
 direct = SimpleNamespace()
@@ -36,7 +53,10 @@ def geometry(t: torch.Tensor):
     dimension (``None`` where ``t``'s H and W do not merge into one); a dimension of size 1 gets stride 0, so that
     equal strides mean equal addresses."""
     key = (t.shape, t.stride())
-    g = _GEOMETRY.get(key)
+    try:
+        g = _GEOMETRY.get(key)
+    except TypeError:  # symbolic sizes (torch.compile's dynamic shapes) do not hash: computed, not kept
+        key = g = None
     if g is None:
         if len(_GEOMETRY) > 1024:  # shapes that keep changing: start over rather than grow
             _GEOMETRY.clear()
@@ -47,8 +67,10 @@ def geometry(t: torch.Tensor):
             s_hw = None
         block_c = min(triton.next_power_of_2(c), 16)
         block_hw = max(16, min(triton.next_power_of_2(h * w), 4096 // block_c))
-        g = _GEOMETRY[key] = (n, c, h * w, n * c, s_n if n > 1 else 0, s_c if c > 1 else 0, s_hw,
-                              (n, triton.cdiv(c, block_c)), block_c, block_hw)
+        g = (n, c, h * w, n * c, s_n if n > 1 else 0, s_c if c > 1 else 0, s_hw, (n, triton.cdiv(c, block_c)),
+             block_c, block_hw)
+        if key is not None:
+            _GEOMETRY[key] = g
     return g
 
 
@@ -69,10 +91,30 @@ def _merged(grad: torch.Tensor, like: torch.Tensor):
 
 
 def _op(name: str, mutates_args=()):
-    """Register the decorated launch function as ``timm_spe::<name>`` and keep it in :data:`direct`."""
+    """Register the decorated launch function as ``timm_spe::<name>`` (a ``triton_op`` where :data:`TRACEABLE`, else a
+    ``custom_op``) and keep it in :data:`direct`, called there with ``wrap_triton`` passing the kernels through (as
+    the op's own eager call does)."""
     def register(fn):
-        setattr(direct, name, fn)
-        return custom_op(f'timm_spe::{name}', fn, mutates_args=mutates_args)
+        if not TRACEABLE:
+            setattr(direct, name, fn)
+            return custom_op(f'timm_spe::{name}', fn, mutates_args=mutates_args)
+
+        def launch(*args):
+            with set_wrap_triton_enabled(False):
+                return fn(*args)
+        launch.__name__ = launch.__qualname__ = name
+        setattr(direct, name, launch)
+        return triton_op(f'timm_spe::{name}', fn, mutates_args=mutates_args)
+    return register
+
+
+def _fake(op):
+    """Register the decorated function as ``op``'s fake implementation where ``op`` is a custom op (a ``triton_op``
+    traces its own function with fake tensors)."""
+    def register(fn):
+        if not TRACEABLE:
+            op.register_fake(fn)
+        return fn
     return register
 
 
@@ -82,7 +124,7 @@ def _pools_and_gate(y, shortcut, out, p, w_exc, b_exc, w_rew, b_rew, paper):
         shortcut = _in_layout(shortcut, y, g)
     stats = torch.empty((3, n, c), dtype=y.dtype, device=y.device)
     idx = torch.empty((2, n, c), dtype=torch.long, device=y.device)
-    _tail_kernel[grid](
+    wrap_triton(_tail_kernel)[grid](
         y, y if shortcut is None else shortcut, out, p, w_exc, b_exc, w_rew, b_rew, stats, idx, c, hw, nc,
         s_n, s_c, s_hw, PAPER=paper, TAIL=shortcut is not None, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return stats, idx
@@ -115,7 +157,7 @@ def relu_map_sums(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor, mean: 
     out = _in_layout(out, x, g)
     gr = torch.empty_like(x)
     sums = torch.empty((4, n, c), dtype=torch.float32, device=x.device)
-    _sums_kernel[grid](grad, out, x, gr, mean, idx, sums, c, hw, nc, s_n, s_c, s_hw, g_n, g_c, g_hw,
+    wrap_triton(_sums_kernel)[grid](grad, out, x, gr, mean, idx, sums, c, hw, nc, s_n, s_c, s_hw, g_n, g_c, g_hw,
                        BLOCK_C=block_c, BLOCK_HW=block_hw)
     return gr, sums
 
@@ -126,7 +168,8 @@ def map_dot(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     n, c, hw, nc, s_n, s_c, s_hw, grid, block_c, block_hw = geometry(x)
     grad, (_, _, _, _, g_n, g_c, g_hw, _, _, _) = _merged(grad, x)
     out = torch.empty((n, c), dtype=torch.float32, device=x.device)
-    _dot_kernel[grid](grad, x, out, c, hw, s_n, s_c, s_hw, g_n, g_c, g_hw, BLOCK_C=block_c, BLOCK_HW=block_hw)
+    wrap_triton(_dot_kernel)[grid](
+        grad, x, out, c, hw, s_n, s_c, s_hw, g_n, g_c, g_hw, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return out
 
 
@@ -142,7 +185,7 @@ def _gate_backward(sums, stats, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew
     vv = torch.empty((2 * n * c + 2 * num,), dtype=torch.float32, device=stats.device)
     g_we, g_be, g_wr, g_br = (torch.empty((c,), dtype=torch.float32, device=stats.device) for _ in range(4))
     s_dy, s_dyx = (torch.empty((c if bn else 0,), dtype=torch.float32, device=stats.device) for _ in range(2))
-    _gate_backward_kernel[(num,)](
+    wrap_triton(_gate_backward_kernel)[(num,)](
         sums, stats, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew, vv, g_we, g_be, g_wr, g_br, s_dy, s_dyx,
         n, c, PAPER=paper, BN=bn, BLOCK_N=block_n, BLOCK_C=block_c)
     return vv, g_we, g_be, g_wr, g_br, s_dy, s_dyx
@@ -184,7 +227,7 @@ def mix_backward(stats: torch.Tensor, vv: torch.Tensor, p: torch.Tensor, on: tor
     ``on`` (where no input gradient is needed; else the input gradient's op computes it)."""
     g_p = torch.empty_like(p)
     nc, num, block = _mix_geometry(stats, vv)
-    _mix_backward_kernel[(1,)](vv, nc, p, on, g_p, num, eta, BLOCK=block)
+    wrap_triton(_mix_backward_kernel)[(1,)](vv, nc, p, on, g_p, num, eta, BLOCK=block)
     return g_p
 
 
@@ -199,7 +242,7 @@ def bn_input_grad(grad: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, mean
     grad, (_, _, _, _, g_n, g_c, g_hw, _, _, _) = _merged(grad, x)
     _, num, block = _mix_geometry(stats, vv)
     dx, g_p = torch.empty_like(x), torch.empty_like(p)
-    _input_grad_kernel[grid](
+    wrap_triton(_input_grad_kernel)[grid](
         grad, x, dx, stats, mean, invstd, bn_w, s_dy, s_dyx, idx, vv, p, on, g_p, c, hw, nc, float(n * hw), num, eta,
         s_n, s_c, s_hw, g_n, g_c, g_hw, BN=True, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_MIX=block)
     return dx, g_p
@@ -214,7 +257,7 @@ def scale_input_grad(grad: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, i
     grad, (_, _, _, _, g_n, g_c, g_hw, _, _, _) = _merged(grad, x)
     _, num, block = _mix_geometry(stats, vv)
     dx, g_p = torch.empty_like(x, dtype=grad.dtype), torch.empty_like(p)
-    _input_grad_kernel[grid](
+    wrap_triton(_input_grad_kernel)[grid](
         grad, grad, dx, stats, stats, stats, stats, stats, stats, idx, vv, p, on, g_p, c, hw, nc, 1., num, eta,
         s_n, s_c, s_hw, g_n, g_c, g_hw, BN=False, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_MIX=block)
     return dx, g_p
@@ -227,25 +270,26 @@ def probe(device: torch.device) -> None:
     direct.map_dot(x, x)
 
 
-# Fake (meta) implementations: torch.compile and torch.export trace each op as one opaque call.
-@bn_spe_tail_.register_fake
+# Fake (meta) implementations of the custom ops (under the interpreter): torch.compile and torch.export trace each
+# op as one opaque call.
+@_fake(bn_spe_tail_)
 def _(y, shortcut, p, w_exc, b_exc, w_rew, b_rew, paper):
     n, c = y.shape[0], y.shape[1]
     return y.new_empty((3, n, c)), y.new_empty((2, n, c), dtype=torch.long)
 
 
-@spe_scale.register_fake
+@_fake(spe_scale)
 def _(x, p, w_exc, b_exc, w_rew, b_rew, paper):
     n, c = x.shape[0], x.shape[1]
     return torch.empty_like(x), x.new_empty((3, n, c)), x.new_empty((2, n, c), dtype=torch.long)
 
 
-@relu_map_sums.register_fake
+@_fake(relu_map_sums)
 def _(grad, out, x, mean, idx):
     return torch.empty_like(x), x.new_empty((4, x.shape[0], x.shape[1]), dtype=torch.float32)
 
 
-@map_dot.register_fake
+@_fake(map_dot)
 def _(grad, x):
     return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32)
 
@@ -257,27 +301,27 @@ def _fake_gate_grads(stats):
             *(stats.new_empty((c,), dtype=torch.float32) for _ in range(4)))
 
 
-@bn_gate_backward.register_fake
+@_fake(bn_gate_backward)
 def _(sums, stats, mean, invstd, bn_w, bn_b, p, w_exc, b_exc, w_rew, b_rew, paper):
     c = stats.shape[2]
     return (*_fake_gate_grads(stats), *(stats.new_empty((c,), dtype=torch.float32) for _ in range(2)))
 
 
-@gate_backward.register_fake
+@_fake(gate_backward)
 def _(grad_gate, stats, p, w_exc, b_exc, w_rew, b_rew, paper):
     return _fake_gate_grads(stats)
 
 
-@mix_backward.register_fake
+@_fake(mix_backward)
 def _(stats, vv, p, on, eta):
     return torch.empty_like(p)
 
 
-@bn_input_grad.register_fake
+@_fake(bn_input_grad)
 def _(grad, x, stats, mean, invstd, bn_w, s_dy, s_dyx, idx, vv, p, on, eta):
     return torch.empty_like(x), torch.empty_like(p)
 
 
-@scale_input_grad.register_fake
+@_fake(scale_input_grad)
 def _(grad, x, stats, idx, vv, p, on, eta):
     return torch.empty_like(x, dtype=grad.dtype), torch.empty_like(p)

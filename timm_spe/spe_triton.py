@@ -17,8 +17,9 @@ stock-op function runs. Same values as it to float32 rounding (summation order d
 
 Eager code launches the kernels directly (:data:`timm_spe._triton_ops.direct`); where anything traces or watches the
 ops (``torch.compile``, ``torch.export``, ``torch.jit.trace``, a ``TorchDispatchMode`` or ``TorchFunctionMode``,
-``torch.func`` transforms, a tensor subclass) they go through their custom ops ``torch.ops.timm_spe.*`` instead, each
-one call: same kernels, same values (:func:`kernels`).
+``torch.func`` transforms, a tensor subclass) they go through their ops ``torch.ops.timm_spe.*`` instead, each one
+call: same kernels, same values (:func:`kernels`). On a GPU those are ``triton_op``s, which ``torch.compile`` traces
+into kernel launches in inductor's own code.
 """
 import importlib
 import os
@@ -37,7 +38,7 @@ __all__ = ['applies', 'kernels', 'fused_batch_norm_spe_add_relu', 'spe_scale']
 _DTYPES = (torch.float32,) + LOW_PRECISION
 _MIN_CAPABILITY = (8, 0)  # Triton's supported NVIDIA GPUs
 _GPU_RUNS = {}  # torch.device -> whether the default takes the Triton kernels there (checked once)
-_DIRECT_LAUNCHES = True  # eager calls skip the custom ops' dispatch (False: always through them; tests, benchmarks)
+_DIRECT_LAUNCHES = True  # eager calls skip the ops' dispatch (False: always through them; tests, benchmarks)
 _direct = None  # timm_spe._triton_ops.direct once imported
 
 # what can watch or trace ops besides Dynamo (looked up once: eager calls are hot); absent: assume something does
@@ -113,7 +114,7 @@ def applies(x: torch.Tensor) -> bool:
 
 
 def kernels(t: torch.Tensor):
-    """The kernels' launch functions for a call on ``t``: called directly in plain eager code, through their custom ops
+    """The kernels' launch functions for a call on ``t``: called directly in plain eager code, through their ops
     (``torch.ops.timm_spe``) where anything traces or watches the ops, or ``t`` is a tensor subclass."""
     if _compiling():
         return torch.ops.timm_spe

@@ -296,8 +296,8 @@ def test_cuda_tables_and_figures_are_the_committed_h200_runs():
 def _fake_cuda_check(monkeypatch, tmp_path, stop_at=None, args=()):
     """Run cuda_check.py's main without a GPU: CUDA calls stubbed, every train step a fake that advances a fake clock
     by its configuration's cost (resnet164 2, resnet164_spe on the default path 3, on the stock ops 4, resnet164_se
-    3; resnet83 1, resnet83_spe 1.5), the stock configuration failing in fp32, and ``stop_at`` (a configuration key)
-    raising KeyboardInterrupt, as a time limit's signal would stop the run."""
+    3; resnet83 1, resnet83_spe 1.5, on the stock ops 2), the stock configuration failing in fp32, and ``stop_at`` (a
+    configuration key) raising KeyboardInterrupt, as a time limit's signal would stop the run."""
     import types
 
     import torch
@@ -310,7 +310,7 @@ def _fake_cuda_check(monkeypatch, tmp_path, stop_at=None, args=()):
     monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: None)
     monkeypatch.setattr(cuda_check, 'default_path', lambda cuda: 'triton')
     cost = {'resnet164': 2., 'resnet164_spe': 3., 'resnet164_spe+stock': 4., 'resnet164_se': 3., 'resnet83': 1.,
-            'resnet83_spe': 1.5}
+            'resnet83_spe': 1.5, 'resnet83_spe+stock': 2.}
 
     def fake_step(model_name, triton, setting, cuda, batch=128):
         key = cuda_check.config_key(model_name, triton, setting)
@@ -341,16 +341,17 @@ def test_cuda_check_times_each_setting_against_resnet164_and_fails_on_a_configur
     report = json.loads(out.read_text())
     assert report['complete'] and report['failed'] == 0 and report['cases'] == [] and not report['cases_run']
     assert report['settings'] == ['fp32', 'compiled'] and report['default_path'] == 'triton'
-    assert report['compiled_models'] == ['resnet164', 'resnet164_spe']
+    assert report['compiled_models'] == ['resnet164', 'resnet164_spe', 'resnet164_spe+stock']
     timing = report['train_step_b128_channels_last']
     assert timing['errors'] == {'resnet164_spe+stock/fp32': 'RuntimeError: no kernel here'}
     goals = {'resnet164_spe/fp32': 1.5, 'resnet164_se/fp32': 1.5, 'resnet164_spe/compiled': 1.5}
     assert timing['ratio_to_resnet164'] == pytest.approx(goals)
-    assert timing['ratio_to_plain'] == pytest.approx(goals)
+    assert timing['ratio_to_plain'] == pytest.approx({**goals, 'resnet164_spe+stock/compiled': 2.})
     assert timing['ms']['resnet164/fp32'] == pytest.approx(2000.)
-    assert set(timing['compiled_graphs']) == {'resnet164/compiled', 'resnet164_spe/compiled'}
+    compiled = {'resnet164/compiled', 'resnet164_spe/compiled', 'resnet164_spe+stock/compiled'}
+    assert set(timing['compiled_graphs']) == compiled
     assert set(timing['setup_s']) == {'resnet164/fp32', 'resnet164_spe/fp32', 'resnet164_spe+stock/fp32',
-                                      'resnet164_se/fp32', 'resnet164/compiled', 'resnet164_spe/compiled'}
+                                      'resnet164_se/fp32', *compiled}
 
 
 def test_cuda_check_small_compiles_the_resnet83_pair_and_out_dir_names_the_file_by_gpu(monkeypatch, tmp_path):
@@ -362,6 +363,7 @@ def test_cuda_check_small_compiles_the_resnet83_pair_and_out_dir_names_the_file_
     timing = json.loads((tmp_path / 'results' / 'cuda_check_a_stub.json').read_text())['train_step_b128_channels_last']
     assert 'resnet164_spe/compiled' not in timing['ratio_to_resnet164']
     assert timing['ratio_to_plain']['resnet83_spe/compiled'] == pytest.approx(1.5)
+    assert timing['ratio_to_plain']['resnet83_spe+stock/compiled'] == pytest.approx(2.)
 
 
 def test_cuda_check_keeps_what_it_measured_when_a_time_limit_stops_it(monkeypatch, tmp_path):
@@ -375,6 +377,18 @@ def test_cuda_check_keeps_what_it_measured_when_a_time_limit_stops_it(monkeypatc
     timing = report['train_step_b128_channels_last']
     assert timing['ratio_to_resnet164'] == pytest.approx({'resnet164_spe/fp32': 1.5, 'resnet164_se/fp32': 1.5})
     assert 'resnet164/compiled' in timing['setup_s']
+
+
+def test_cuda_check_stopped_while_compiling_the_stock_ops_keeps_the_compiled_goal_measured_before(
+        monkeypatch, tmp_path):
+    """The compiled configurations are timed, interleaved, after each compilation from the second on: stopped while
+    compiling resnet164_spe on the stock ops (the last), the report holds the compiled goal's ratio."""
+    main, out = _fake_cuda_check(monkeypatch, tmp_path, stop_at='resnet164_spe+stock/compiled')
+    with pytest.raises(KeyboardInterrupt):
+        main()
+    timing = json.loads(out.read_text())['train_step_b128_channels_last']
+    assert timing['ratio_to_resnet164']['resnet164_spe/compiled'] == pytest.approx(1.5)
+    assert 'resnet164_spe+stock/compiled' not in timing['ms']
 
 
 def test_host_overhead_quick_run_reports_every_tail_at_every_stage_and_puts_the_kernels_back(tmp_path, capsys):
