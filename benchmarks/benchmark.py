@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--autocast', default=None, choices=('bfloat16', 'float16'),
                         help='with --models: forward passes under CPU autocast to this dtype (as train.py --amp)')
     parser.add_argument('--pool', nargs='+', default=None, metavar='RESULTS.json',
-                        help="only this: issue 17's goals from the per-round ratios of these full runs pooled, with "
+                        help="only this: the CPU speed goals from the per-round ratios of these full runs pooled, with "
                              "a 95 %% interval of the median and a verdict")
     parser.add_argument('--compare', nargs=2, default=None, metavar=('BEFORE.json', 'AFTER.json'),
                         help='only this: print the medians of two result files side by side (e.g. allocator settings)')

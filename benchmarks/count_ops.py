@@ -5,7 +5,7 @@
 Counts, with a ``TorchDispatchMode``, the ops one inner block of each resnet164 stage (at that stage's map size,
 batch 2) dispatches in forward + backward, for resnet164_spe and resnet164_se against resnet164, in float32 and under
 bfloat16 autocast, NCHW and channels_last, with the CPU kernels off: the code CUDA runs (the count does not depend on
-the device or the batch). Issue 32's goal: at most 30 extra ops per SPE block (SE: 24). The last column counts
+the device or the batch). The CUDA goal: at most 30 extra ops per SPE block (SE: 24). The last column counts
 resnet164_spe on the Triton kernels of its block tail (the CUDA default where Triton runs; switched on here,
 ``timm_spe.set_triton_kernels(True)``), run by Triton's interpreter: each of their ops is one kernel launch (the
 counter watches the ops, so they go through their custom ops, as under ``torch.compile``).

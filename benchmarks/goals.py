@@ -1,4 +1,4 @@
-"""Issue 17's goals: the goal tables of benchmarks/README.md (full runs side by side) and ``--pool``'s verdicts from
+"""The CPU speed goals: the goal tables of benchmarks/README.md (full runs side by side) and ``--pool``'s verdicts from
 the per-round ratios of several runs pooled."""
 import argparse
 import json
@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 
 from benchmarks.workloads import CHANNELS_LAST, KERNELS
 
-# issue 17's goals: (row, model, baseline, measurement, goal)
+# the CPU speed goals: (row, model, baseline, measurement, goal)
 ISSUE_17_GOALS = (
     ('default path, NCHW: eval forward', 'resnet164_spe', 'resnet164', 'eval_forward', 1.05),
     ('default path, NCHW: train step', 'resnet164_spe', 'resnet164', 'train_step', 1.10),
@@ -74,7 +74,7 @@ def goals_tables(runs: List[Dict]) -> str:
          lambda r: ratio(r['ratios'][cl], 'train_step', goal[cl, 'train_step'])),
         ('eager: eval forward (no goal)', lambda r: ratio(r['ratios'][cl], 'eval_forward', None)),
     ]
-    lines += ['', 'channels_last (the layout every CPU recipe trains in; issue 17\'s goals):', '',
+    lines += ['', 'channels_last (the layout every CPU recipe trains in; the CPU speed goals):', '',
               '| goal | ' + ' | '.join(day) + ' |', '|---|' + '---|' * len(runs)]
     for label, cell in cl_rows:
         lines.append(f'| {label} | ' + ' | '.join(cell(r) for r in runs) + ' |')
@@ -95,7 +95,7 @@ def median_interval(values: List[float]) -> Tuple[float, float, float]:
 
 
 def pooled_goals_table(runs: List[Dict]) -> str:
-    """Issue 17's goals from the per-round ratios of several runs pooled (each round: a model's time over its
+    """The CPU speed goals from the per-round ratios of several runs pooled (each round: a model's time over its
     resnet164's in the same round), from every run that timed both (full runs, and ``--models`` runs of a few
     pairs): their median, its 95 % interval (:func:`median_interval`) and the verdict it allows: met (the interval
     below the goal), not met (above), not resolved (the goal inside it)."""

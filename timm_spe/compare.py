@@ -36,7 +36,7 @@ PathLike = Union[str, Path]
 ROOT = REPO_ROOT  # the clone (README.md, benchmarks/, hub_cards/) for an editable install
 BEGIN, END = '<!-- spe-comparison:begin -->', '<!-- spe-comparison:end -->'
 RESULTS_DOC = 'docs/results.md'  # the clone's file whose markers --write rewrites (default of --readme)
-# the pair of issue 16: the 30-epoch budget recipes, identical but for the model line
+# the "does SPE help?" pair: the 30-epoch budget recipes, identical but for the model line
 DEFAULT_SPE, DEFAULT_PLAIN = 'hub_cards/resnet164_spe.cifar10_e30', 'hub_cards/resnet164.cifar10_e30'
 
 # The paper's Table 1, CIFAR-10 rows (arXiv 2208.10322; its own 164-epoch schedule on the original CIFAR-10, 4 GPUs).

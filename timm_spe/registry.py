@@ -36,7 +36,7 @@ PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {
     'resnet164_spe.cifar10_e30': {
         'sha256': 'c9f5778091d5907ae23c555e2c55227e44b57e3c9810105089a48ce3979b80ab', 'num_classes': 10,
         'shipped': True},
-    # the plain control of the same recipe (issue 16): `timm-spe compare` sets the two side by side
+    # the plain control of the same recipe: `timm-spe compare` sets the two side by side
     'resnet164.cifar10_e30': {
         'sha256': 'd4b938032b8c2157b3c39ed047890eab256d5263f60cfba4d86e5c9f336f7208', 'num_classes': 10,
         'shipped': True},

@@ -109,7 +109,7 @@ def test_profile_step_blocks_times_one_block_per_stage():
 
 
 def test_readme_pooled_goals_are_the_runs_of_2026_11_30():
-    """The verdicts on issue 17's goals in benchmarks/README.md are `--pool`'s over the three committed runs of 11-30."""
+    """The verdicts on the CPU speed goals in benchmarks/README.md are `--pool`'s over the three committed runs of 11-30."""
     files = [str(RESULTS / f)
              for f in ('results.json', 'results_2026-11-30-0531.json', 'results_cl_kernels_2026-11-30.json')]
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'benchmark.py'), '--pool', *files],

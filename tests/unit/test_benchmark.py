@@ -141,7 +141,7 @@ def test_readme_shows_committed_primitives():
 
 def test_readme_op_count_table_is_the_committed_count():
     """benchmarks/README.md's CUDA op-count table is benchmarks/results/count_ops.json's, and the Triton path's counts
-    in it are within issue 32's 30 per block."""
+    in it are within the CUDA goal's 30 per block."""
     from benchmarks.count_ops import markdown_table
     table = json.loads((RESULTS / 'count_ops.json').read_text())['extra_ops_per_block']
     assert markdown_table(table) in (ROOT / 'benchmarks' / 'README.md').read_text(), \

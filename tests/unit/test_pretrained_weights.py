@@ -54,7 +54,7 @@ def test_readme_quotes_the_card(staged):
 
 def test_readme_says_how_far_from_the_goal_and_what_the_lambdas_chose(card_eval):
     """The prose numbers of docs/results.md come from the staged folder: the shortfall against the 93.0 % goal
-    (issue 12) and the paper, and the per-block choice of the learned lambdas (`timm-spe inspect`)."""
+    and the paper, and the per-block choice of the learned lambdas (`timm-spe inspect`)."""
     import statistics
     readme = ' '.join((ROOT / 'docs' / 'results.md').read_text().split())  # the prose, whatever its line breaks
     top1 = card_eval['top1']

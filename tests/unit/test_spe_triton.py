@@ -1,6 +1,6 @@
 """The Triton block tail (the CUDA default where Triton runs), run here by Triton's interpreter on CPU tensors: it
 computes what the stock-op functions compute, adds the Eq. 8 penalty as they do, and issues at most 30 ATen ops per SPE
-block beyond the plain block's (issue 32's goal; SE adds 24). Eager calls launch the kernels directly and give what
+block beyond the plain block's (the CUDA goal; SE adds 24). Eager calls launch the kernels directly and give what
 the custom ops give, bit for bit; torch.compile traces the custom ops; CPU tensors take the kernels only when switched
 on, CUDA tensors by default where Triton runs on the GPU (checked here with that check's parts stubbed)."""
 import collections
