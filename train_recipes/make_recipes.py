@@ -130,7 +130,7 @@ CPU_HEADER = """\
 
 
 PAPER_RUN_TAG = 'cifar10_e164'
-PAPER_RUN_MODELS = ('resnet164_spe',)  # phase 1 of the paper-level weights; the plain control follows later
+PAPER_RUN_MODELS = ('resnet164_spe', 'resnet164')  # the paper-level weights and their plain control
 
 
 def paper_run_recipe(model: str) -> Dict[str, Any]:
@@ -215,7 +215,8 @@ PAPER_RUN_HEADER = """\
 #
 # Trains exactly as train_recipes/{paper_file} (the paper's schedule: SGD momentum 0.9, lr 0.1, weight decay
 # 1e-4 on every parameter, batch 128, 164 epochs, lr x0.1 before 0-based epochs 81 and 122, no warm-up, pad4 crop
-# + flip, fp32, SPE penalty eta 0.1); tests/unit/test_recipes.py checks that only these keys differ:
+# + flip, fp32, and in SPE models the Eq. 8 penalty, eta 0.1); tests/unit/test_recipes.py checks that only these keys
+# differ, and that the resnet164 and resnet164_spe files differ in the model and the file names alone:
 # - data: the CIFAR-10 JPEG q75 image folder (data/cifar10-jpeg, unpacked by run.sh) instead of torchvision's
 #   download (no lossless copy can be reached from the machines this repo trains on);
 # - how it runs: device cpu (train.py --device cuda moves a relay leg to a GPU), one loader worker, no pinned

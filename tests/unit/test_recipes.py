@@ -125,7 +125,18 @@ def test_the_164_epoch_run_trains_exactly_as_the_paper_recipe_only_data_and_mach
     assert (run['dataset'], run['data_dir'], run['val_split']) == ('', 'data/cifar10-jpeg', 'test')
     assert run['output'] == 'train_runs' and 'experiment' not in run  # run.sh names the run after the file
     assert run['checkpoint_hist'] == 1 and run['recovery_interval'] == 0  # resume state: last.pth.tar only
-    assert [p.name for p in PAPER_RUN_RECIPES] == ['resnet164_spe-cifar10_e164.yaml']
+    assert [p.name for p in PAPER_RUN_RECIPES] == ['resnet164-cifar10_e164.yaml', 'resnet164_spe-cifar10_e164.yaml']
+
+
+def test_the_164_epoch_plain_control_differs_from_the_spe_run_in_the_model_and_its_names_only():
+    """resnet164 vs resnet164_spe at the paper's schedule: the plain control trains the identical recipe; only the
+    model line and the header lines naming the recipe files differ."""
+    plain, spe = (p.read_text().splitlines() for p in PAPER_RUN_RECIPES)
+    assert len(plain) == len(spe)
+    differing = [(a, b) for a, b in zip(plain, spe) if a != b]
+    assert differing[-1] == ('model: resnet164', 'model: resnet164_spe')
+    assert [a for a, _ in differing[:-1]] == [b.replace('resnet164_spe-', 'resnet164-') for _, b in differing[:-1]]
+    assert all(a.startswith('#') for a, _ in differing[:-1]) and len(differing) == 3
 
 
 def test_milestones_match_authors_drops():
