@@ -40,7 +40,7 @@ __all__ = ['direct', 'geometry', 'probe', 'TRACEABLE']
 
 # triton_ops where the kernels are compiled ones (JITFunction; under the interpreter they are InterpretedFunctions,
 # which torch.compile cannot trace: custom ops with fake implementations there)
-TRACEABLE = triton_op is not None and set_wrap_triton_enabled is not None and isinstance(_tail_kernel, JITFunction)
+TRACEABLE = triton_op is not None and isinstance(_tail_kernel, JITFunction)
 
 # the launch functions by op name, called directly in plain eager code
 direct = SimpleNamespace()
